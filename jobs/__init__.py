@@ -1,0 +1,1 @@
+"""Thin Ray programs over persona_core: each is a `python -m jobs.X` entrypoint."""

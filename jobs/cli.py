@@ -1,0 +1,62 @@
+"""`persona-jobs`: one console script, one subcommand per job.
+
+Each job module defines ``add_parser(subparsers)`` which registers its subcommand
+and sets ``func`` (called with the parsed args; returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that register subcommands, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "jobs.catalog",
+    "jobs.calibrate",
+    "jobs.stats",
+    "jobs.build_masks",
+    "jobs.evaluate",
+    "jobs.pipeline",
+    "jobs.nightly",
+    "jobs.submit",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-jobs", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """Bad input found before any work started; printed without a traceback."""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""What every job shares: connecting to Ray, progress, and closing summaries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, **init_kwargs) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one.
+
+    A process that already called `ray.init` (a test session, a driver under
+    `ray job submit`) keeps its connection.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, **init_kwargs)
+        else:
+            init_kwargs.setdefault("include_dashboard", False)
+            ray.init(log_to_driver=False, **init_kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        from jobs.cli import UserError
+
+        raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
+
+
+def gpus_available() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class Summary:
+    """Counts a job reports when it ends (and writes into run manifests)."""
+
+    stage: str
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def finish(self) -> "Summary":
+        self.seconds = time.time() - self.started
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def line(self) -> str:
+        parts = [f"{self.stage}: {self.done} done, {self.skipped} skipped, {self.failed} failed"]
+        if self.tokens:
+            rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+            parts.append(f"{self.tokens} tokens, {rate:,.0f} tokens/s")
+        parts.append(f"{self.seconds:.1f} s")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "tokens": self.tokens, "seconds": round(self.seconds, 3), "errors": self.errors[:20]}
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr (quiet when not a terminal and PERSONA_PROGRESS=0)."""
+    from tqdm import tqdm
+
+    disable = os.environ.get("PERSONA_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc=desc, unit="unit", disable=disable, dynamic_ncols=True)

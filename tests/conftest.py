@@ -1,0 +1,86 @@
+"""Shared fixtures: one local Ray cluster and one S3 server (moto) per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+os.environ.setdefault("PERSONA_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_PERSONAS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-persona")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the whole session (2 CPUs, small object store)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+                 log_to_driver=False, runtime_env={"env_vars": {"PERSONA_PROGRESS": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto) on 127.0.0.1; returns its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(s3_endpoint):
+    """A fresh, empty bucket on the moto server, as an s3:// store URL."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/store"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny-random-llama, loaded once per session (treat as read-only)."""
+    from persona_core.models import load_model
+
+    return load_model("tiny-random-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def builtin_catalog():
+    from persona_core.catalog import load_catalog
+
+    return load_catalog("builtin")
+
+
+@pytest.fixture
+def shared_personas():
+    if not os.path.isdir(SHARED_PERSONAS):
+        pytest.skip("../shared/data/anthropic-persona is absent")
+    return os.path.abspath(SHARED_PERSONAS)

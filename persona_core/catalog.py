@@ -54,7 +54,8 @@ class SplitConfig:
     """How a plain list of statements is split into calibration and evaluation.
 
     Each statement's side is decided by a seeded hash of its text alone, so the
-    split is deterministic and adding statements never moves existing ones.
+    split is deterministic and adding statements never moves existing ones (sets
+    too small for that to give both sides are split by count instead).
     """
 
     eval_fraction: float = 0.3
@@ -67,14 +68,23 @@ class SplitConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
     def split(self, statements: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        ranked = sorted(dict.fromkeys(statements), key=lambda s: _rank(self.seed, s))
-        n_eval = max(1, round(len(ranked) * self.eval_fraction)) if len(ranked) > 1 else 0
-        evaluation, calibration = ranked[:n_eval], ranked[n_eval:]
+        unique = list(dict.fromkeys(statements))
+        ranked = sorted(unique, key=lambda s: _rank(self.seed, s))
+        evaluation = [s for s in ranked if _unit(self.seed, s) < self.eval_fraction]
+        calibration = [s for s in ranked if _unit(self.seed, s) >= self.eval_fraction]
+        if len(unique) > 1 and (not evaluation or not calibration):  # tiny sets: split by count
+            n_eval = max(1, min(len(ranked) - 1, round(len(ranked) * self.eval_fraction)))
+            evaluation, calibration = ranked[:n_eval], ranked[n_eval:]
         return tuple(calibration[: self.max_calibration]), tuple(evaluation[: self.max_evaluation])
 
 
 def _rank(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def _unit(seed: int, text: str) -> float:
+    """A statement's seeded position in [0, 1): it alone decides the statement's side."""
+    return int(_rank(seed, text)[:13], 16) / 16**13
 
 
 @dataclass(frozen=True)

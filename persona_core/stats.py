@@ -15,9 +15,19 @@ Shards of one persona merge by addition (`GroupStats.merge`, `PersonaStats.merge
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import torch
+
+from .hashing import content_hash
+from .store import Store, StoreError, open_store
+
+log = logging.getLogger(__name__)
 
 CODE_VERSION = "stats-v1"
 EPS = 1e-12
@@ -114,3 +124,273 @@ class PersonaStats:
     @property
     def tokens(self) -> int:
         return next(iter(self.groups.values())).tokens if self.groups else 0
+
+
+# ---------------------------------------------------------------------------- Parquet in the store
+#
+# One part per (model, persona, shard), long format, one row per input channel:
+#
+#   stats/model=<model-key>/persona=<id>/part-<hash>.parquet
+#
+# sorted by (layer, group, channel), so every group is one contiguous run of rows
+# and loading back into tensors is a slice per group. `model` and `persona` are
+# hive partition columns (from the path, not stored in the file).
+
+STATS_PREFIX = "stats"
+STAT_COLUMNS = ("sum", "sumsq", "sumabs", "norm_sum", "norm_sumsq")
+_DICT = pa.dictionary(pa.int8(), pa.string())
+SCHEMA = pa.schema([
+    ("layer", pa.int16()),
+    ("group", _DICT),
+    ("channel", pa.int32()),
+    ("tokens", pa.int64()),
+    ("samples", pa.int64()),
+    *[(c, pa.float64()) for c in STAT_COLUMNS],
+    ("persona_hash", _DICT),
+    ("calib_hash", _DICT),
+    ("shard", pa.int32()),
+    ("shards", pa.int32()),
+    ("code_version", _DICT),
+])
+PARTITIONING = pads.partitioning(pa.schema([("model", pa.string()), ("persona", pa.string())]), flavor="hive")
+
+
+class StatsError(RuntimeError):
+    """Statistics that cannot be read or do not fit together; the message names the file(s)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of a persona's calibration texts a part covers: texts [index*size, (index+1)*size)."""
+
+    index: int = 0
+    count: int = 1
+    size: int | None = None  # None: the whole set in one part
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} outside 0..{self.count - 1}")
+
+
+def persona_prefix(model_key: str, persona_id: str) -> str:
+    return f"{STATS_PREFIX}/model={model_key}/persona={persona_id}"
+
+
+def part_key(model_key: str, persona_id: str, persona_hash: str, calib_hash: str, shard: Shard = Shard()) -> str:
+    """The part's key: a hash of everything that produced it, so a rerun finds it again."""
+    h = content_hash(CODE_VERSION, model_key, persona_id, persona_hash, calib_hash,
+                     shard.index, shard.count, shard.size)
+    return f"{persona_prefix(model_key, persona_id)}/part-{h}.parquet"
+
+
+def to_table(stats: PersonaStats, shard: Shard = Shard()) -> pa.Table:
+    """The long-format table of one part (rows sorted by layer, group, channel)."""
+    if not stats.groups:
+        raise ValueError(f"stats of {stats.persona_id!r} hold no groups")
+    keys = sorted(stats.groups)
+    names = sorted({g for _, g in keys})
+    widths = [stats.groups[k].width for k in keys]
+    n = sum(widths)
+    cols: dict[str, pa.Array] = {
+        "layer": pa.array(np.repeat([k[0] for k in keys], widths).astype(np.int16)),
+        "group": pa.DictionaryArray.from_arrays(
+            pa.array(np.repeat([names.index(k[1]) for k in keys], widths).astype(np.int8)), names),
+        "channel": pa.array(np.concatenate([np.arange(w, dtype=np.int32) for w in widths])),
+        "tokens": pa.array(np.repeat([stats.groups[k].tokens for k in keys], widths).astype(np.int64)),
+        "samples": pa.array(np.repeat([stats.groups[k].samples for k in keys], widths).astype(np.int64)),
+    }
+    for c in STAT_COLUMNS:
+        cols[c] = pa.array(torch.cat([getattr(stats.groups[k], c).detach().to("cpu", torch.float64)
+                                      for k in keys]).numpy())
+    const = lambda v: pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), [v])  # noqa: E731
+    cols["persona_hash"] = const(stats.persona_hash)
+    cols["calib_hash"] = const(stats.calib_hash)
+    cols["shard"] = pa.array(np.full(n, shard.index, np.int32))
+    cols["shards"] = pa.array(np.full(n, shard.count, np.int32))
+    cols["code_version"] = const(CODE_VERSION)
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def write_stats(store: Store | str, stats: PersonaStats, shard: Shard = Shard(), *,
+                generated: list[dict[str, str]] | None = None, calib_config: dict | None = None,
+                overwrite: bool = False) -> str:
+    """Write one part; returns its key. Idempotent: an existing part is left as it is.
+
+    `generated` (question/answer pairs a persona's texts were generated from) and
+    `calib_config` are kept in the file's metadata for audit and reproduction.
+    """
+    store = open_store(store)
+    key = part_key(stats.model_key, stats.persona_id, stats.persona_hash, stats.calib_hash, shard)
+    if not overwrite and store.exists(key):
+        log.debug("%s exists; not rewritten", key)
+        return key
+    meta = {"model_key": stats.model_key, "persona_id": stats.persona_id, "persona_hash": stats.persona_hash,
+            "calib_hash": stats.calib_hash, "code_version": CODE_VERSION,
+            "shard": json.dumps({"index": shard.index, "count": shard.count, "size": shard.size}),
+            "calib_config": json.dumps(calib_config or {}, sort_keys=True),
+            "generated": json.dumps(generated or [], ensure_ascii=False)}
+    table = to_table(stats, shard)
+    table = table.replace_schema_metadata({f"persona.{k}": v for k, v in meta.items()})
+    store.write_parquet(key, table, write_statistics=["layer", "group", "channel"])
+    return key
+
+
+def list_parts(store: Store | str, model_key: str | None = None, persona_id: str | None = None) -> list[str]:
+    """Keys of stats parts, optionally of one model and persona."""
+    store = open_store(store)
+    if persona_id is not None and model_key is None:
+        raise ValueError("list_parts: persona_id needs model_key")
+    prefix = (persona_prefix(model_key, persona_id) if persona_id is not None else
+              f"{STATS_PREFIX}/model={model_key}" if model_key else STATS_PREFIX)
+    return [k for k in store.list(prefix, suffix=".parquet") if k.rsplit("/", 1)[-1].startswith("part-")]
+
+
+def stats_exist(store: Store | str, model_key: str, persona_id: str, persona_hash: str | None = None,
+                calib_hash: str | None = None) -> bool:
+    """Whether a complete set of parts exists (for these hashes, when given)."""
+    try:
+        read_persona_stats(store, model_key, persona_id, persona_hash, calib_hash, _headers_only=True)
+    except (StatsError, FileNotFoundError):
+        return False
+    return True
+
+
+def _read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        table = store.read_parquet(key, columns=columns)
+    except (StoreError, OSError, pa.ArrowException) as err:
+        raise StatsError(f"{store.uri(key)}: cannot read stats part ({err})") from err
+    missing = [f.name for f in SCHEMA if (columns is None or f.name in columns) and f.name not in table.column_names]
+    if missing:
+        raise StatsError(f"{store.uri(key)}: not a stats part (missing column(s) {', '.join(missing)})")
+    return table
+
+
+def part_metadata(store: Store | str, key: str) -> dict[str, str]:
+    """The metadata a part was written with (persona.* keys, prefix dropped)."""
+    import pyarrow.parquet as pq
+
+    store = open_store(store)
+    try:
+        schema = pq.read_schema(pa.BufferReader(store.read_bytes(key)))
+    except (pa.ArrowException, OSError) as err:
+        raise StatsError(f"{store.uri(key)}: cannot read stats part ({err})") from err
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    return {k[len("persona."):]: v for k, v in meta.items() if k.startswith("persona.")}
+
+
+def read_generated(store: Store | str, model_key: str, persona_id: str) -> list[dict[str, str]]:
+    """The question/answer pairs generated for a persona, in shard order (empty if none)."""
+    store = open_store(store)
+    metas = [part_metadata(store, k) for k in list_parts(store, model_key, persona_id)]
+    metas.sort(key=lambda m: json.loads(m.get("shard", "{}")).get("index", 0))
+    return [s for m in metas for s in json.loads(m.get("generated") or "[]")]
+
+
+def read_persona_stats(store: Store | str, model_key: str, persona_id: str, persona_hash: str | None = None,
+                       calib_hash: str | None = None, *, device: str | torch.device = "cpu",
+                       _headers_only: bool = False) -> PersonaStats:
+    """All parts of one persona merged by addition.
+
+    Parts must agree on persona and calibration hashes (pass them to pick one
+    version when several are stored) and cover every shard exactly once.
+    """
+    store = open_store(store)
+    keys = list_parts(store, model_key, persona_id)
+    where = store.uri(persona_prefix(model_key, persona_id))
+    if not keys:
+        raise FileNotFoundError(f"{where}: no statistics stored")
+    head_cols = ["persona_hash", "calib_hash", "shard", "shards"]
+    parts = []
+    for key in keys:
+        table = _read_part(store, key, head_cols if _headers_only else None)
+        first = table.slice(0, 1).to_pylist()
+        if not first:
+            raise StatsError(f"{store.uri(key)}: empty stats part")
+        parts.append((key, first[0], table))
+    if persona_hash:
+        parts = [p for p in parts if p[1]["persona_hash"] == persona_hash]
+    if calib_hash:
+        parts = [p for p in parts if p[1]["calib_hash"] == calib_hash]
+    if not parts:
+        raise FileNotFoundError(f"{where}: no statistics for persona hash {persona_hash}, calib hash {calib_hash}")
+    versions = {(h["persona_hash"], h["calib_hash"], h["shards"]) for _, h, _ in parts}
+    if len(versions) > 1:
+        raise StatsError(f"{where}: parts of {len(versions)} different versions (persona hash, calib hash, "
+                         f"shard count): {sorted(versions)}; pass persona_hash/calib_hash to choose one")
+    (p_hash, c_hash, count), = versions
+    shards = sorted(h["shard"] for _, h, _ in parts)
+    if shards != list(range(count)):
+        raise StatsError(f"{where}: incomplete or duplicated shards {shards} of {count}")
+    result = PersonaStats(model_key, persona_id, p_hash, {}, c_hash)
+    if _headers_only:
+        return result
+    total = None
+    for key, _, table in parts:
+        arrays = _columns(store, key, table)
+        if total is None:
+            total = arrays
+            continue
+        for c in ("layer", "group", "channel"):
+            if not np.array_equal(total[c], arrays[c]):
+                raise StatsError(f"{store.uri(key)}: rows do not match {store.uri(parts[0][0])} (another model?)")
+        for c in ("tokens", "samples", *STAT_COLUMNS):
+            total[c] = total[c] + arrays[c]
+    result.groups = _groups(total, device)
+    return result
+
+
+def _columns(store: Store, key: str, table: pa.Table) -> dict[str, np.ndarray]:
+    group = table.column("group").combine_chunks()
+    if isinstance(group, pa.DictionaryArray):
+        group = group.dictionary_decode()
+    out = {"group": group.to_numpy(zero_copy_only=False).astype(str)}
+    for c in ("layer", "channel", "tokens", "samples", *STAT_COLUMNS):
+        out[c] = table.column(c).to_numpy()
+    return out
+
+
+def _groups(cols: dict[str, np.ndarray], device) -> dict[GroupKey, GroupStats]:
+    layer, group = cols["layer"], cols["group"]
+    n = len(layer)
+    cuts = np.flatnonzero((layer[1:] != layer[:-1]) | (group[1:] != group[:-1])) + 1
+    bounds = np.concatenate([[0], cuts, [n]])
+    out: dict[GroupKey, GroupStats] = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        t = {c: torch.from_numpy(np.ascontiguousarray(cols[c][a:b])).to(device) for c in STAT_COLUMNS}
+        out[(int(layer[a]), str(group[a]))] = GroupStats(
+            int(cols["tokens"][a]), t["sum"], t["sumsq"], t["sumabs"], int(cols["samples"][a]),
+            t["norm_sum"], t["norm_sumsq"])
+    return out
+
+
+def open_stats(url: str | Store) -> pads.Dataset:
+    """Every stats part under a store (or its ``stats/`` folder) as one hive-partitioned dataset.
+
+    Columns: the file columns (see `SCHEMA`) plus ``model`` and ``persona`` from the path.
+    """
+    store = open_store(url)
+    prefix = STATS_PREFIX
+    if store.url.rstrip("/").endswith("/" + STATS_PREFIX) or store.url.rstrip("/") == STATS_PREFIX:
+        prefix = ""
+    keys = [k for k in store.list(prefix, suffix=".parquet")]
+    if not keys:
+        raise FileNotFoundError(f"{store.uri(prefix)}: no statistics stored")
+    return store.dataset(prefix, partitioning=PARTITIONING, schema=pa.unify_schemas([SCHEMA, PARTITIONING.schema]))
+
+
+def stats_summary(store: Store | str, model_key: str | None = None) -> list[dict]:
+    """One row per (model, persona, version): parts, shards, tokens, samples, hashes (metadata reads only)."""
+    store = open_store(store)
+    rows: dict[tuple, dict] = {}
+    for key in list_parts(store, model_key):
+        segs = dict(s.split("=", 1) for s in key.split("/")[1:3])
+        table = _read_part(store, key, ["tokens", "samples", "persona_hash", "calib_hash", "shard", "shards"])
+        h = table.slice(0, 1).to_pylist()[0]
+        k = (segs["model"], segs["persona"], h["persona_hash"], h["calib_hash"])
+        row = rows.setdefault(k, {"model": k[0], "persona": k[1], "persona_hash": k[2], "calib_hash": k[3],
+                                  "parts": 0, "shards": h["shards"], "tokens": 0, "samples": 0})
+        row["parts"] += 1
+        row["tokens"] += h["tokens"]
+        row["samples"] += h["samples"]
+    return [rows[k] for k in sorted(rows)]

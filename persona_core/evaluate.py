@@ -1,0 +1,494 @@
+"""Scoring persona subnetworks: mask apply/restore and the scoring engine.
+
+One `Evaluator` holds one loaded model (placed by an `accelerate.Accelerator`:
+bf16 on GPU, fp32 on CPU; `device_map="auto"` spreads a model too large for one
+GPU). For each (persona, mask) unit, `evaluate_unit` scores the metrics of
+`persona_core.metrics` under up to four conditions:
+
+* ``dense``          the unpruned model, no system prompt
+* ``dense+prompt``   the unpruned model, the persona description as system prompt
+                     (the prompting baseline)
+* ``masked``         the subnetwork, no prompt
+* ``masked+prompt``  the subnetwork with the prompt
+
+Dense conditions are computed once per persona (cached in the evaluator) and
+repeated in every unit's rows, so each unit's table is self-contained. Masks
+are applied in place and the dense weights restored bit-exactly: the evaluator
+keeps one copy of the prunable weights, taken the first time a module is
+masked; no reload per persona.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable, Iterator, Sequence
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .catalog import Persona
+from .hashing import content_hash
+from .models import DEFAULT_MODEL, LoadedModel, linear_groups, load_model
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "evaluate-v1"
+CONDITIONS = ("dense", "dense+prompt", "masked", "masked+prompt")
+DENSE_CONDITIONS = ("dense", "dense+prompt")
+DENSE_METHOD = "dense"
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bool mask) per module; every problem is reported before anything changes."""
+    problems, out = [], {}
+    for name, mask in masks.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such module in {type(model).__name__}")
+            continue
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            problems.append(f"{name}: module has no weight")
+            continue
+        if tuple(mask.shape) != tuple(weight.shape):
+            problems.append(f"{name}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+            continue
+        if mask.dtype != torch.bool:
+            if mask.dtype.is_floating_point or mask.dtype.is_complex:
+                problems.append(f"{name}: mask dtype {mask.dtype} (expected bool, True = keep)")
+                continue
+            mask = mask.bool()
+        out[name] = (weight, mask)
+    if problems:
+        raise ValueError("masks do not fit the model:\n  " + "\n  ".join(problems))
+    return out
+
+
+@dataclass
+class MaskHandle:
+    """What `apply_mask` removed: per module, the pruned positions and their values."""
+
+    model: nn.Module
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    restored: bool = False
+
+    def restore(self) -> None:
+        restore(self)
+
+
+@torch.no_grad()
+def apply_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
+    """Zero every weight whose mask is False, in place; keep only the removed values."""
+    handle = MaskHandle(model)
+    for name, (weight, mask) in _check_masks(model, masks).items():
+        drop = ~mask.to(weight.device, non_blocking=True)
+        handle.saved[name] = (drop, weight[drop].clone())
+        weight.masked_fill_(drop, 0)
+    return handle
+
+
+@torch.no_grad()
+def restore(handle: MaskHandle) -> None:
+    """Put back the values `apply_mask` removed; the weights are bit-identical afterwards."""
+    if handle.restored:
+        raise RuntimeError("this mask was already restored")
+    for name, (drop, values) in handle.saved.items():
+        handle.model.get_submodule(name).weight.masked_scatter_(drop, values)
+    handle.restored = True
+
+
+class MaskedModel:
+    """A model whose prunable weights can be swapped to a mask and back, cheaply.
+
+    The first time a module is masked its dense weight is copied once (on
+    `snapshot_device`, default: the weight's own device); `apply` is then one
+    `masked_fill_` and `restore` one `copy_` per module, bit-exact.
+    """
+
+    def __init__(self, model: nn.Module, snapshot_device: str | torch.device | None = None):
+        self.model = model
+        self.snapshot_device = snapshot_device
+        self._dense: dict[str, torch.Tensor] = {}
+        self.active: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, masks: dict[str, torch.Tensor]) -> None:
+        if self.active is not None:
+            self.restore()
+        checked = _check_masks(self.model, masks)
+        for name, (weight, mask) in checked.items():
+            if name not in self._dense:
+                dev = self.snapshot_device or weight.device
+                self._dense[name] = weight.detach().to(dev, copy=True)
+            weight.masked_fill_(~mask.to(weight.device, non_blocking=True), 0)
+        self.active = {n: w for n, (w, _) in checked.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.active is None:
+            return
+        for name, weight in self.active.items():
+            weight.copy_(self._dense[name], non_blocking=True)
+        self.active = None
+
+    @contextlib.contextmanager
+    def masked(self, masks: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Inside the block the model is masked (or dense for None); always restored after."""
+        if masks is None:
+            yield
+            return
+        self.apply(masks)
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+def mask_content_hash(masks: dict[str, torch.Tensor]) -> str:
+    """A stable hash of a mask set (names, shapes, bits), for masks built in memory."""
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        m = masks[name].detach().to("cpu", torch.bool).contiguous()
+        h.update(f"{name}:{tuple(m.shape)}\x00".encode())
+        h.update(m.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Where the optional LLM judge lives: an OpenAI-compatible endpoint or a local model."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    local: str | None = None  # a model spec for `load_model` instead of an endpoint
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an evaluation's numbers; `.hash` keys its results."""
+
+    conditions: tuple[str, ...] = CONDITIONS
+    metrics: tuple[str, ...] = ("statement-preference", "yes-no-agreement", "perplexity", "roleplay-fidelity")
+    batch_size: int = 16  # sequences per forward pass
+    gen_batch_size: int = 8  # prompts per generate() call
+    max_statements: int = 32  # held-out statements per side (persona, opposite)
+    max_questions: int = 8  # generic questions for role-play answers
+    max_new_tokens: int = 40  # length of the dense model's in-role answers
+    max_length: int = 512  # tokens per sequence (contexts are cut from the left)
+    ppl_window: int = 128  # tokens per perplexity window
+    ppl_windows: int = 8  # windows per text
+    ppl_texts: tuple[str, ...] = ()  # extra text files/datasets (URL or URL::field) for perplexity
+    seed: int = 0  # which items a max_* cap keeps
+    judge: JudgeSettings | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "conditions", tuple(self.conditions))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "ppl_texts", tuple(self.ppl_texts))
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or not self.conditions:
+            raise ValueError(f"unknown condition(s) {bad}: choose from {', '.join(CONDITIONS)}")
+        from .metrics import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+        if "judge" in self.metrics and self.judge is None:
+            raise ValueError("metric 'judge' needs judge settings (an endpoint URL or a local model)")
+        for f in ("batch_size", "gen_batch_size", "max_statements", "max_questions", "max_new_tokens",
+                  "max_length", "ppl_window", "ppl_windows"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"EvalConfig.{f} must be >= 1, got {getattr(self, f)}")
+
+    @property
+    def hash(self) -> str:
+        d = asdict(self)
+        for k in ("batch_size", "gen_batch_size"):  # speed knobs never change a number
+            d.pop(k)
+        return content_hash(CODE_VERSION, d)
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def take(items: Sequence[str], k: int, seed: int) -> list[str]:
+    """At most k items, chosen by a seeded hash of each text (stable as items are added)."""
+    items = list(dict.fromkeys(items))
+    if len(items) <= k:
+        return items
+    rank = lambda s: hashlib.sha256(f"{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
+    keep = set(sorted(items, key=rank)[:k])
+    return [s for s in items if s in keep]
+
+
+# ---------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+    """One loaded model and the primitives metrics are built from.
+
+    `model` is a spec for `load_model` or an already loaded `LoadedModel`.
+    """
+
+    def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, *, device: str | None = None,
+                 dtype: str | None = None, device_map: str | dict | None = None,
+                 snapshot_device: str | None = None):
+        from accelerate import Accelerator
+
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        elif device_map is not None and not cpu:
+            self.loaded = self._load_dispatched(model, device_map, dtype)
+        else:
+            self.loaded = load_model(model, device=str(self.accelerator.device), dtype=dtype)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.model_key = self.loaded.key
+        self.masks = MaskedModel(self.model, snapshot_device)
+        self._dense_cache: dict[tuple, tuple[dict, list[dict]]] = {}
+        self.timings: dict[str, float] = {}
+
+    @staticmethod
+    def _load_dispatched(spec: str, device_map, dtype) -> LoadedModel:
+        """Big-model loading: weights on CPU first, then spread over the visible GPUs."""
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        loaded = load_model(spec, device="cpu", dtype=dtype or "bfloat16")
+        if device_map == "auto":
+            device_map = infer_auto_device_map(loaded.model, no_split_module_classes=getattr(
+                loaded.model, "_no_split_modules", None) or [], dtype=loaded.model.dtype)
+        loaded.model = dispatch_model(loaded.model, device_map=device_map)
+        return loaded
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (the first layer's device under a device map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def prunable(self) -> list[str]:
+        return [n for g in linear_groups(self.model) for n in g.modules]
+
+    # ------------------------------------------------------------------ text formatting
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt(self, system: str | None, user: str) -> str:
+        """The text that precedes the model's answer to `user` (with `system` as system prompt)."""
+        if self.has_chat_template:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        head = f"{system}\n\n" if system else ""
+        return f"{head}Question: {user}\nAnswer:"
+
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]:
+        """Token ids; chat-formatted text carries its own special tokens, so none are added."""
+        if continuation and not self.has_chat_template and text and not text[0].isspace():
+            text = " " + text
+        special = not continuation and not self.has_chat_template
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    # ------------------------------------------------------------------ scoring primitives
+
+    def _pad(self, seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s, dtype=torch.long)
+            att[i, sl] = 1
+        return ids.to(self.device), att.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.accelerator.autocast():
+            return self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
+
+    def continuation_logprobs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        """Per (context ids, continuation ids): the log-prob of each continuation token (fp32, CPU)."""
+        out: list[torch.Tensor | None] = [None] * len(pairs)
+        cap = self.config_max_length
+        jobs = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"item {i}: empty continuation")
+            cont = cont[: cap - 1]
+            ctx = ctx[-(cap - len(cont)):] if ctx else []
+            if not ctx:  # the first token has nothing to be predicted from
+                ctx, cont = cont[:1], cont[1:]
+                if not cont:
+                    out[i] = torch.zeros(0)
+                    continue
+            jobs.append((i, ctx, cont))
+        jobs.sort(key=lambda j: len(j[1]) + len(j[2]), reverse=True)  # similar lengths share a batch
+        bs = self.batch_size
+        for b in range(0, len(jobs), bs):
+            batch = jobs[b: b + bs]
+            ids, att = self._pad([c + t for _, c, t in batch])
+            logits = self._forward(ids, att)
+            for row, (i, ctx, cont) in enumerate(batch):
+                pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logits.device)
+                lp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+                tgt = torch.tensor(cont, device=logits.device)
+                out[i] = lp.gather(1, tgt[:, None])[:, 0].cpu()
+        return out  # type: ignore[return-value]
+
+    def next_token_logprobs(self, contexts: Sequence[list[int]]) -> torch.Tensor:
+        """(len(contexts), vocab) log-probs of the token after each context (fp32, CPU)."""
+        cap = self.config_max_length
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]), reverse=True)
+        rows: dict[int, torch.Tensor] = {}
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b: b + self.batch_size]
+            seqs = [list(contexts[i])[-cap:] for i in idx]
+            ids, att = self._pad(seqs)
+            logits = self._forward(ids, att)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
+            lp = torch.log_softmax(logits[torch.arange(len(idx), device=logits.device), last].float(), -1).cpu()
+            for k, i in enumerate(idx):
+                rows[i] = lp[k]
+        return torch.stack([rows[i] for i in range(len(contexts))]) if rows else torch.zeros(0)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of chat-formatted prompts (deterministic)."""
+        answers: list[str] = []
+        eos = self.tokenizer.eos_token_id
+        for b in range(0, len(prompts), self.gen_batch_size):
+            seqs = [self.encode(p) for p in prompts[b: b + self.gen_batch_size]]
+            ids, att = self._pad(seqs, left=True)
+            with torch.inference_mode(), self.accelerator.autocast():
+                gen = self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                          eos_token_id=eos)
+            for row in gen[:, ids.shape[1]:]:
+                answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers
+
+    # knobs set per call by `evaluate_unit` (kept on the evaluator so primitives stay short)
+    batch_size: int = EvalConfig.batch_size
+    gen_batch_size: int = EvalConfig.gen_batch_size
+    config_max_length: int = EvalConfig.max_length
+
+    def configure(self, config: EvalConfig) -> None:
+        self.batch_size, self.gen_batch_size, self.config_max_length = (
+            config.batch_size, config.gen_batch_size, config.max_length)
+
+    # ------------------------------------------------------------------ conditions
+
+    def masked(self, masks: dict[str, torch.Tensor] | None):
+        return self.masks.masked(masks)
+
+    def score_condition(self, persona: Persona, opposite: Persona | None, condition: str,
+                        config: EvalConfig, prepared: dict) -> list[dict]:
+        """Rows (metric, value, n, stderr) of every configured metric under the current weights."""
+        from .metrics import METRICS, MetricContext
+
+        system = persona.description if condition.endswith("+prompt") else None
+        rows = []
+        for name in config.metrics:
+            t0 = time.perf_counter()
+            ctx = MetricContext(self, persona, opposite, system, config, prepared.get(name))
+            for sub, score in METRICS[name].fn(ctx).items():
+                rows.append({"condition": condition, "metric": sub, "value": float(score.value),
+                             "n": int(score.n), "stderr": float(score.stderr)})
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        return rows
+
+    def dense_state(self, persona: Persona, opposite: Persona | None, config: EvalConfig) -> tuple[dict, list[dict]]:
+        """Per-persona work done once with the dense weights: metric preparation and dense rows."""
+        from .metrics import METRICS, MetricContext
+
+        key = (persona.evaluation_hash, persona.description, opposite.evaluation_hash if opposite else None,
+               config.hash)
+        if key not in self._dense_cache:
+            if self.masks.active is not None:
+                raise RuntimeError("dense state requested while a mask is applied")
+            prepared = {}
+            for name in config.metrics:
+                if METRICS[name].prepare is not None:
+                    prepared[name] = METRICS[name].prepare(MetricContext(self, persona, opposite, None, config, None))
+            rows = []
+            for cond in DENSE_CONDITIONS:
+                if cond in config.conditions:
+                    rows += self.score_condition(persona, opposite, cond, config, prepared)
+            self._dense_cache[key] = (prepared, rows)
+        return self._dense_cache[key]
+
+
+# ---------------------------------------------------------------------------- units
+
+
+RESULT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("persona", pa.string()), ("opposite", pa.string()),
+    ("method", pa.string()), ("sparsity", pa.float64()), ("granularity", pa.string()),
+    ("mask_hash", pa.string()), ("condition", pa.string()), ("metric", pa.string()),
+    ("value", pa.float64()), ("n", pa.int64()), ("stderr", pa.float64()),
+    ("config_hash", pa.string()), ("eval_hash", pa.string()), ("code_version", pa.string()),
+])
+
+
+def _meta(mask_meta: dict | None, masks: dict | None) -> tuple[str, float, str, str]:
+    meta = dict(mask_meta or {})
+    if masks is None:
+        return DENSE_METHOD, 0.0, "", ""
+    method = str(meta.get("method") or "unknown")
+    sparsity = float(meta.get("sparsity") or 0.0)
+    granularity = str(meta.get("granularity") or "unstructured")
+    mhash = next((str(meta[k]) for k in ("content_hash", "mask_hash", "hash") if meta.get(k)), None)
+    return method, sparsity, granularity, mhash or mask_content_hash(masks)
+
+
+def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | None,
+                  masks: dict[str, torch.Tensor] | None, mask_meta: dict | None,
+                  config: EvalConfig) -> pa.Table:
+    """Score one (persona, mask) unit: one row per (condition, metric).
+
+    `masks=None` scores the dense conditions only (method ``dense``). Dense rows
+    come from the evaluator's per-persona cache; masked conditions apply the
+    mask in place and restore the dense weights afterwards.
+    """
+    evaluator.configure(config)
+    method, sparsity, granularity, mhash = _meta(mask_meta, masks)
+    prepared, dense_rows = evaluator.dense_state(persona, opposite, config)
+    rows = list(dense_rows)
+    masked_conds = [c for c in config.conditions if c not in DENSE_CONDITIONS]
+    if masks is not None and masked_conds:
+        with evaluator.masked(masks):
+            for cond in masked_conds:
+                rows += evaluator.score_condition(persona, opposite, cond, config, prepared)
+    common = {"model": evaluator.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
+              "method": method, "sparsity": sparsity, "granularity": granularity, "mask_hash": mhash,
+              "config_hash": config.hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}
+    return pa.Table.from_pylist([{**common, **r} for r in rows], schema=RESULT_SCHEMA)
+
+
+def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var / len(vals))

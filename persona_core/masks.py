@@ -1,0 +1,475 @@
+"""Mask methods: from weights and persona statistics to keep-masks.
+
+A *method* scores every weight of a linear module from |W| and the activation
+statistics of the module's input (one `GroupStats` per side it needs); a
+*granularity* turns scores into a keep-mask:
+
+* ``unstructured``  exactly the requested sparsity in every output row (Wanda's group)
+* ``2:4``, ``4:8``  exactly N zeros in every group of M consecutive inputs (sparsity N/M)
+* ``ffn-channels``  the same fraction of MLP intermediate channels removed in every
+                    layer (rows of gate/up, columns of down); attention untouched
+
+Ties never decide a mask: equal scores are ordered by |W|, then by position
+(lower index kept first), so a mask is a pure function of its inputs.
+
+Adding a method is one function and one line::
+
+    @register("my-method", needs=(PERSONA,), alpha=1.0)
+    def my_method(absw, stats, p):
+        return (absw * stats[0].rms.float() ** p["alpha"],)
+
+The function gets |W| (float32, [out, in]), the `GroupStats` of the module's input
+for each role in ``needs`` (in that order), and the resolved parameters; it
+returns one non-negative score tensor per side: one, or two for a method whose
+``needs`` is (persona, opposite) — the persona's side, then the opposite's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .catalog import GENERAL_ID
+from .hashing import content_hash
+from .models import LinearGroup, LoadedModel, linear_groups
+from .stats import GroupKey, GroupStats, PersonaStats
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "masks-v1"
+GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
+DEFAULT_GRANULARITY = "unstructured"
+
+# Roles a method can need statistics for.
+PERSONA, OPPOSITE, GENERAL = "persona", "opposite", "general"
+
+ScoreFn = Callable[[torch.Tensor, Sequence[GroupStats], dict], tuple[torch.Tensor, ...]]
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: ScoreFn
+    needs: tuple[str, ...]
+    defaults: dict
+
+    @property
+    def sides(self) -> int:
+        """Masks one build gives: 2 for a persona/opposite contrast, else 1."""
+        return 2 if OPPOSITE in self.needs else 1
+
+    @property
+    def per_persona(self) -> bool:
+        """False for masks that are the same for every persona (magnitude, wanda-general)."""
+        return PERSONA in self.needs
+
+    def resolve(self, params: Mapping | None) -> dict:
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"method {self.name!r}: unknown parameter(s) {', '.join(unknown)} (known: {known})")
+        return {**self.defaults, **params}
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, needs: tuple[str, ...] = (), **defaults) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a scoring function under `name` (see the module docstring)."""
+    bad = [r for r in needs if r not in (PERSONA, OPPOSITE, GENERAL)]
+    if bad or (OPPOSITE in needs and needs[:2] != (PERSONA, OPPOSITE)):
+        raise ValueError(f"method {name!r}: needs must be drawn from persona, opposite, general (got {needs})")
+
+    def deco(fn: ScoreFn) -> ScoreFn:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        REGISTRY[name] = Method(name, fn, tuple(needs), dict(defaults))
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown mask method {name!r} (known: {', '.join(REGISTRY)})") from None
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def _f(z: torch.Tensor, p: dict) -> torch.Tensor:
+    if p["f"] == "relu":
+        return torch.relu(z)
+    if p["f"] == "softplus":
+        return F.softplus(z / p["tau"])
+    raise ValueError(f"unknown contrast function f={p['f']!r} (use relu or softplus)")
+
+
+def _both(absw: torch.Tensor, z: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return absw * _f(z, p).float(), absw * _f(-z, p).float()
+
+
+@register("magnitude")
+def magnitude(absw, stats, p):
+    return (absw,)
+
+
+@register("wanda", needs=(PERSONA,))
+def wanda(absw, stats, p):
+    """|W| * sqrt(sum x^2 / tokens): Wanda's score on the persona's texts."""
+    return (absw * stats[0].rms.float(),)
+
+
+@register("wanda-general", needs=(GENERAL,))
+def wanda_general(absw, stats, p):
+    """Wanda on the general reference set: plain pruning, the same for every persona."""
+    return wanda(absw, stats, p)
+
+
+@register("contrastive-wanda", needs=(PERSONA, OPPOSITE), f="relu", tau=1.0, eps=1e-8)
+def contrastive_wanda(absw, stats, p):
+    """z = (mu+ - mu-) / sqrt(var+ + var- + eps) of the per-sample input norms; S+- = |W| f(+-z)."""
+    a, b = stats
+    z = (a.norm_mean - b.norm_mean) / (a.norm_var + b.norm_var + p["eps"]).sqrt()
+    return _both(absw, z, p)
+
+
+@register("contrastive-mean", needs=(PERSONA, OPPOSITE), f="relu", tau=1.0, eps=1e-8)
+def contrastive_mean(absw, stats, p):
+    """As contrastive-wanda, from the mean and variance of the raw input values."""
+    a, b = stats
+    z = (a.mean - b.mean) / (a.var + b.var + p["eps"]).sqrt()
+    return _both(absw, z, p)
+
+
+@register("contrastive-penalty", needs=(PERSONA, OPPOSITE), lam=4.0)
+def contrastive_penalty(absw, stats, p):
+    """S+ = |W| relu(a - lam relu(b - a)), a and b the two sides' RMS input (and vice versa)."""
+    a, b = stats[0].rms, stats[1].rms
+    lam = p["lam"]
+    plus = torch.relu(a - lam * torch.relu(b - a))
+    minus = torch.relu(b - lam * torch.relu(a - b))
+    return absw * plus.float(), absw * minus.float()
+
+
+@register("persona-vs-general", needs=(PERSONA, GENERAL), contrast="contrastive-wanda", options={})
+def persona_vs_general(absw, stats, p):
+    """Any contrastive method (`contrast`, with its `options`) against the general set; the persona's side."""
+    inner = get_method(p["contrast"])
+    if inner.sides != 2:
+        raise ValueError(f"persona-vs-general: {p['contrast']!r} is not a contrastive method")
+    return inner.fn(absw, stats, inner.resolve(p["options"]))[:1]
+
+
+# ---------------------------------------------------------------------------- specs and keys
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a mask is: method, its parameters, sparsity and granularity.
+
+    `layer_sparsity` (one value per decoder layer) overrides the uniform sparsity
+    for unstructured and ffn-channels masks (e.g. an OWL-style allocation).
+    """
+
+    method: str
+    sparsity: float = 0.5
+    granularity: str = DEFAULT_GRANULARITY
+    params: dict = field(default_factory=dict)
+    layer_sparsity: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        get_method(self.method).resolve(self.params)  # unknown method or parameter: fail now
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r} (use {', '.join(GRANULARITIES)})")
+        for s in (self.sparsity, *(self.layer_sparsity or ())):
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        nm = self.nm
+        if nm and not math.isclose(self.sparsity, nm[0] / nm[1]):
+            raise ValueError(f"granularity {self.granularity} fixes sparsity at {nm[0] / nm[1]:g}, got {self.sparsity:g}")
+        if nm and self.layer_sparsity:
+            raise ValueError("layer_sparsity does not apply to N:M masks")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        m = re.fullmatch(r"(\d+):(\d+)", self.granularity)
+        return (int(m[1]), int(m[2])) if m else None
+
+    @property
+    def resolved_params(self) -> dict:
+        return get_method(self.method).resolve(self.params)
+
+    @property
+    def hash(self) -> str:
+        return content_hash(CODE_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
+                            self.granularity, list(self.layer_sparsity) if self.layer_sparsity else None)
+
+    def sparsity_of(self, layer: int) -> float:
+        return self.layer_sparsity[layer] if self.layer_sparsity else self.sparsity
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "sparsity": self.sparsity, "granularity": self.granularity,
+                "params": self.resolved_params, "layer_sparsity": list(self.layer_sparsity or []) or None}
+
+
+def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
+             granularity: str = DEFAULT_GRANULARITY, params: Mapping | None = None) -> str:
+    """Store key of a mask: ``masks/model=<k>/method=<m>/sparsity=<s>/<persona>.safetensors``.
+
+    The method segment carries what else tells masks apart: ``@<granularity>`` for a
+    non-default granularity (``2:4`` written ``2of4``) and ``+<hash>`` for non-default
+    parameters, e.g. ``method=contrastive-wanda@2of4+1a2b3c4d``. Masks that are the same
+    for every persona (magnitude, wanda-general) live once, under ``general``.
+    """
+    m = get_method(method)
+    resolved = m.resolve(params)
+    segment = method
+    if granularity != DEFAULT_GRANULARITY:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}")
+        segment += "@" + granularity.replace(":", "of")
+    if resolved != m.defaults:
+        segment += "+" + content_hash(resolved)[:8]
+    who = persona_id if m.per_persona else GENERAL_ID
+    return f"masks/model={model_key}/method={segment}/sparsity={sparsity:g}/{who}.safetensors"
+
+
+def spec_key(model_key: str, spec: MaskSpec, persona_id: str) -> str:
+    return mask_key(model_key, spec.method, spec.sparsity, persona_id, spec.granularity, spec.params)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+@dataclass
+class LinearWeights:
+    """The prunable linear weights of a model and how they group, detached from the model.
+
+    `tensors` maps full module names to weights (torch tensors or numpy arrays: what
+    a Ray worker gets from the object store, zero-copy). Picklable.
+    """
+
+    groups: list[LinearGroup]
+    tensors: dict
+
+    @classmethod
+    def from_model(cls, model: nn.Module | LoadedModel, numpy: bool = False) -> "LinearWeights":
+        model = model.model if isinstance(model, LoadedModel) else model
+        groups = linear_groups(model)
+        tensors = {}
+        for g in groups:
+            for name in g.modules:
+                w = model.get_submodule(name).weight.detach()
+                tensors[name] = w.float().cpu().numpy() if numpy else w
+        return cls(groups, tensors)
+
+    def weight(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        w = self.tensors[name]
+        if isinstance(w, np.ndarray):
+            w = _as_tensor(w)
+        return w.to(device=device or w.device, dtype=torch.float32)
+
+    @property
+    def num_layers(self) -> int:
+        return max(g.layer for g in self.groups) + 1
+
+    @property
+    def numel(self) -> int:
+        return sum(int(np.prod(self.tensors[n].shape)) for g in self.groups for n in g.modules)
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A read-only numpy array (Ray's zero-copy object) as a tensor we promise not to write."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def _kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
+    """Per row, the j-th smallest value (0-based): numpy's introselect on CPU, kthvalue elsewhere."""
+    if x.device.type == "cpu":
+        a = x.contiguous().numpy()
+        return torch.from_numpy(np.partition(a, j, axis=-1)[..., j].copy())
+    return torch.kthvalue(x, j + 1, dim=-1).values
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 -> int64 with the same order (IEEE bits of positives are monotone)."""
+    return x.contiguous().view(torch.int32).to(torch.int64)
+
+
+def keep_top(score: torch.Tensor, k: int, tiebreak: torch.Tensor) -> torch.Tensor:
+    """Keep exactly the `k` largest scores in every row (last dim), deterministically.
+
+    Ties in `score` are ordered by `tiebreak` (larger first), then by index (lower
+    first). Both inputs must be non-negative float32 without NaN. Vectorised: one
+    selection pass for all rows, a second one only for rows with a tie at the cut.
+    """
+    n = score.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n}")
+    if k == 0 or k == n:
+        return torch.full(score.shape, k == n, dtype=torch.bool, device=score.device)
+    score = torch.where(score > 0, score, 0.0)  # -0.0 -> 0.0 so bits order like values
+    if torch.isnan(score).any():
+        raise ValueError("scores contain NaN (check the statistics)")
+    flat = score.reshape(-1, n)
+    tb = torch.where(tiebreak > 0, tiebreak, 0.0).reshape(-1, n).float()
+    cut = _kth_smallest(flat, n - k).unsqueeze(-1)
+    keep = flat > cut
+    at_cut = flat == cut
+    need = k - keep.sum(-1)
+    ambiguous = at_cut.sum(-1) > need
+    keep |= at_cut & ~ambiguous.unsqueeze(-1)  # the cut value itself, where it is unique
+    if ambiguous.any():
+        rows = ambiguous.nonzero().squeeze(-1)
+        key = (_bits(flat[rows]) << 32) | _bits(tb[rows])  # lexicographic (score, |W|)
+        kcut = _kth_smallest(key, n - k).unsqueeze(-1)
+        sub = key > kcut
+        eq = key == kcut
+        need2 = (k - sub.sum(-1)).unsqueeze(-1)
+        sub |= eq & (eq.cumsum(-1) <= need2)  # exact duplicates: lower index first
+        keep[rows] = sub
+    return keep.reshape(score.shape)
+
+
+def n_pruned(n: int, sparsity: float) -> int:
+    """How many of `n` a sparsity removes (floor, as Wanda; robust to float noise)."""
+    return int(math.floor(n * sparsity + 1e-9))
+
+
+def select_unstructured(score: torch.Tensor, absw: torch.Tensor, sparsity: float) -> torch.Tensor:
+    n = score.shape[1]
+    return keep_top(score, n - n_pruned(n, sparsity), absw)
+
+
+def select_nm(score: torch.Tensor, absw: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    out, width = score.shape
+    if width % m:
+        raise ValueError(f"N:M {n}:{m} needs the input width ({width}) to be a multiple of {m}")
+    keep = keep_top(score.reshape(out, width // m, m), m - n, absw.reshape(out, width // m, m))
+    return keep.reshape(out, width)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+StatsLike = PersonaStats | Mapping[GroupKey, GroupStats]
+
+
+def _group_stats(stats: Sequence[StatsLike], key: GroupKey, device) -> list[GroupStats]:
+    out = []
+    for s in stats:
+        groups = s.groups if isinstance(s, PersonaStats) else s
+        if key not in groups:
+            raise KeyError(f"statistics have no group {key} (were they recorded on this model?)")
+        out.append(groups[key].to(device))
+    return out
+
+
+def _scores(method: Method, params: dict, absw: torch.Tensor, gstats: list[GroupStats]) -> tuple[torch.Tensor, ...]:
+    scores = method.fn(absw, gstats, params)
+    if len(scores) != method.sides:
+        raise ValueError(f"method {method.name!r} returned {len(scores)} score tensors, expected {method.sides}")
+    return scores
+
+
+def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,
+               device: torch.device | str | None = None) -> Iterator[tuple[str, tuple[torch.Tensor, ...]]]:
+    """Yield (module name, one keep-mask per side), streaming one decoder layer at a time."""
+    method = get_method(spec.method)
+    if len(stats) != len(method.needs):
+        raise ValueError(f"method {spec.method!r} needs statistics for {', '.join(method.needs) or 'nothing'} "
+                         f"({len(method.needs)}), got {len(stats)}")
+    lw = weights if isinstance(weights, LinearWeights) else LinearWeights.from_model(weights)
+    if spec.layer_sparsity and len(spec.layer_sparsity) != lw.num_layers:
+        raise ValueError(f"layer_sparsity has {len(spec.layer_sparsity)} values for {lw.num_layers} layers")
+    params = spec.resolved_params
+    if spec.granularity == "ffn-channels":
+        yield from _ffn_channel_masks(lw, stats, spec, method, params, device)
+        return
+    nm = spec.nm
+    for g in lw.groups:
+        gstats = _group_stats(stats, (g.layer, g.name), device or "cpu")
+        for name in g.modules:
+            absw = lw.weight(name, device).abs()
+            masks = []
+            for score in _scores(method, params, absw, gstats):
+                if nm:
+                    masks.append(select_nm(score, absw, *nm))
+                else:
+                    masks.append(select_unstructured(score, absw, spec.sparsity_of(g.layer)))
+            yield name, tuple(masks)
+
+
+def _ffn_channel_masks(lw: LinearWeights, stats, spec: MaskSpec, method: Method, params: dict, device):
+    """Channel c of a layer's MLP scores sum_i S(down)[i, c]: its estimated output contribution.
+
+    Ties are broken by the column's |W| sum, then by index. Attention masks are all True.
+    """
+    by_layer: dict[int, dict[str, LinearGroup]] = {}
+    for g in lw.groups:
+        by_layer.setdefault(g.layer, {})[g.name] = g
+    for layer in sorted(by_layer):
+        groups = by_layer[layer]
+        if "mlp_in" not in groups or "mlp_out" not in groups or len(groups["mlp_out"].modules) != 1:
+            raise ValueError(f"layer {layer}: ffn-channels needs one MLP output projection and its input projections")
+        down = groups["mlp_out"].modules[0]
+        absw = lw.weight(down, device).abs()
+        gstats = _group_stats(stats, (layer, "mlp_out"), device or "cpu")
+        width = absw.shape[1]
+        k = width - n_pruned(width, spec.sparsity_of(layer))
+        channel_masks = [keep_top(s.sum(0, dtype=torch.float64).float(), k, absw.sum(0)) for s in
+                         _scores(method, params, absw, gstats)]
+        for gname in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            for name in groups.get(gname, LinearGroup(layer, gname, (), 0)).modules:
+                shape = tuple(lw.tensors[name].shape)
+                if gname.startswith("attn"):
+                    yield name, tuple(torch.ones(shape, dtype=torch.bool, device=absw.device) for _ in channel_masks)
+                elif gname == "mlp_in":
+                    if shape[0] != width:
+                        raise ValueError(f"{name}: {shape[0]} output rows, but the MLP has {width} channels")
+                    yield name, tuple(c.unsqueeze(1).expand(shape).contiguous() for c in channel_masks)
+                else:
+                    yield name, tuple(c.unsqueeze(0).expand(shape).contiguous() for c in channel_masks)
+
+
+def build_pair_masks(weights, *stats: StatsLike, spec: MaskSpec,
+                     device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor], ...]:
+    """Every side's masks from one pass over the weights (two for a persona/opposite contrast)."""
+    out: tuple[dict[str, torch.Tensor], ...] = tuple({} for _ in range(get_method(spec.method).sides))
+    for name, masks in iter_masks(weights, stats, spec, device):
+        for side, mask in zip(out, masks):
+            side[name] = mask
+    return out
+
+
+def build_masks(weights, *stats: StatsLike, spec: MaskSpec, device: torch.device | str | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Keep-masks (bool, True = keep, the weight's shape) by full module name.
+
+    `weights`: a model, a `LoadedModel` or `LinearWeights`; `stats`: one per role the
+    method needs, in order (see `get_method(name).needs`). For a contrastive method
+    this is the persona's side; `build_pair_masks` gives both.
+    """
+    return build_pair_masks(weights, *stats, spec=spec, device=device)[0]

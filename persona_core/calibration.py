@@ -29,7 +29,7 @@ import torch
 from .catalog import Persona, generic_questions
 from .hashing import content_hash
 from .models import LoadedModel, linear_groups
-from .stats import GroupKey, GroupStats
+from .stats import GroupKey, GroupStats, PersonaStats, Shard
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,33 @@ def batches(loaded: LoadedModel, texts: Sequence[str], config: CalibConfig):
             continue
         padded = tok.pad(chunk, return_tensors="pt", padding=True)
         yield padded["input_ids"].to(loaded.device), padded["attention_mask"].to(loaded.device)
+
+
+def shard_count(persona: Persona, config: CalibConfig, shard_size: int | None) -> int:
+    """How many shards of at most `shard_size` texts a persona's calibration set splits into."""
+    n = len(questions_for(config)) if persona.generate else len(persona.calibration)
+    return max(1, -(-n // shard_size)) if shard_size else 1
+
+
+def shard_texts(loaded: LoadedModel, persona: Persona, config: CalibConfig, shard: Shard = Shard()
+                ) -> tuple[list[str], list[dict[str, str]]]:
+    """The rendered texts of one shard, and the generated question/answer pairs behind them (if any)."""
+    lo, hi = (shard.index * shard.size, (shard.index + 1) * shard.size) if shard.size else (None, None)
+    if persona.generate:
+        samples = generated_samples(loaded, persona, config, questions_for(config)[lo:hi])
+        return render_samples(loaded, persona, samples, config), samples
+    texts = [render_reply(loaded.tokenizer, t, config, persona.description) for t in persona.calibration[lo:hi]]
+    return texts, []
+
+
+def calibrate_persona(loaded: LoadedModel, persona: Persona, config: CalibConfig = CalibConfig(),
+                      shard: Shard = Shard()) -> tuple[PersonaStats, list[dict[str, str]]]:
+    """Statistics of one shard of a persona (on CPU), and the generated samples they came from."""
+    texts, generated = shard_texts(loaded, persona, config, shard)
+    if not texts:
+        raise ValueError(f"persona {persona.id!r}: shard {shard.index} of {shard.count} holds no texts")
+    groups = {k: g.to("cpu") for k, g in calibrate(loaded, texts, config).items()}
+    return PersonaStats(loaded.key, persona.id, persona.content_hash, groups, config.hash), generated
 
 
 def calibrate(loaded: LoadedModel, texts: Sequence[str], config: CalibConfig = CalibConfig()

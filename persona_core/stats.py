@@ -255,7 +255,7 @@ def stats_exist(store: Store | str, model_key: str, persona_id: str, persona_has
     return True
 
 
-def _read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+def read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
     try:
         table = store.read_parquet(key, columns=columns)
     except (StoreError, OSError, pa.ArrowException) as err:
@@ -303,7 +303,7 @@ def read_persona_stats(store: Store | str, model_key: str, persona_id: str, pers
     head_cols = ["persona_hash", "calib_hash", "shard", "shards"]
     parts = []
     for key in keys:
-        table = _read_part(store, key, head_cols if _headers_only else None)
+        table = read_part(store, key, head_cols if _headers_only else None)
         first = table.slice(0, 1).to_pylist()
         if not first:
             raise StatsError(f"{store.uri(key)}: empty stats part")
@@ -385,7 +385,7 @@ def stats_summary(store: Store | str, model_key: str | None = None) -> list[dict
     rows: dict[tuple, dict] = {}
     for key in list_parts(store, model_key):
         segs = dict(s.split("=", 1) for s in key.split("/")[1:3])
-        table = _read_part(store, key, ["tokens", "samples", "persona_hash", "calib_hash", "shard", "shards"])
+        table = read_part(store, key, ["tokens", "samples", "persona_hash", "calib_hash", "shard", "shards"])
         h = table.slice(0, 1).to_pylist()[0]
         k = (segs["model"], segs["persona"], h["persona_hash"], h["calib_hash"])
         row = rows.setdefault(k, {"model": k[0], "persona": k[1], "persona_hash": k[2], "calib_hash": k[3],

@@ -235,11 +235,13 @@ def perplexity(ctx: MetricContext) -> dict[str, Score]:
 
 
 def heldout_questions(config: "EvalConfig") -> list[str]:
-    """Generic questions for role-play answers: every other built-in question (odd lines),
-    capped by `max_questions`; the even ones are left for generating calibration texts."""
+    """Generic questions for role-play answers: the second half of the built-in questions,
+    capped by `max_questions` (calibration that generates texts from at most the first half,
+    `CalibConfig.gen_questions`, never sees them)."""
     from .evaluate import take
 
-    return take(generic_questions()[1::2], config.max_questions, config.seed)
+    qs = generic_questions()
+    return take(qs[len(qs) // 2:], config.max_questions, config.seed)
 
 
 def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]]) -> list[float]:

@@ -1,0 +1,398 @@
+"""`persona-jobs evaluate`: score every persona subnetwork in the store, on Ray actors.
+
+One actor per GPU (CPU actors where there is none); each loads the model once
+into an `persona_core.evaluate.Evaluator` and, for each persona it is handed,
+computes the dense conditions once, then applies every mask of that persona in
+place, scores it, and restores the dense weights. Work is spread with an
+`ActorPool` one persona at a time; each (persona, mask) unit is written as its
+own Parquet part, ``results/run=<run-id>/part-<persona>-<method>-s<sparsity>-<hash>.parquet``
+(deterministic names: a rerun skips the parts already there), and returned to
+the driver as an Arrow table, which gathers them into the report
+``runs/<run-id>/report.html``.
+
+Masks are found under ``masks/model=<model-key>/method=<m>/sparsity=<s>/``;
+methods shared by every persona (``magnitude``, ``wanda-general``) live there
+once as ``general.safetensors`` and ride along as baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from jobs.common import Summary, ensure_ray, gpus_available, progress
+from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
+from persona_core.evaluate import CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
+from persona_core.hashing import content_hash
+from persona_core.models import DEFAULT_MODEL
+from persona_core.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("magnitude", "wanda-general")
+UNIT_KEY = ("persona", "method", "sparsity", "condition", "metric")
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """One mask file in the store, parsed from its key."""
+
+    key: str
+    method: str  # the whole method segment, e.g. contrastive-wanda@2of4+1a2b3c4d
+    base: str  # the method's registered name, e.g. contrastive-wanda
+    sparsity: float
+    owner: str  # a persona id, or "general" for masks shared by every persona
+
+    @property
+    def granularity(self) -> str:
+        return self.method.split("@", 1)[1].split("+", 1)[0].replace("of", ":") if "@" in self.method else "unstructured"
+
+
+_MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/method=(?P<method>[^/]+)/sparsity=(?P<sparsity>[^/]+)/"
+                      r"(?P<owner>[^/]+)\.safetensors$")
+
+
+def list_masks(store: Store, model_key: str) -> list[MaskRef]:
+    refs = []
+    for key in store.list(f"masks/model={model_key}/", suffix=".safetensors"):
+        m = _MASK_RE.match(key)
+        if not m:
+            continue
+        try:
+            sparsity = float(m["sparsity"])
+        except ValueError:
+            log.warning("skipping %s: sparsity %r is not a number", key, m["sparsity"])
+            continue
+        base = re.split(r"[@+]", m["method"], maxsplit=1)[0]
+        refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"]))
+    return refs
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (persona, mask) to score; `mask` None scores the dense conditions only."""
+
+    persona: str
+    mask: MaskRef | None
+    part: str  # the results key this unit writes
+
+
+@dataclass
+class Task:
+    """One persona and all its units: the actor computes the dense state once for them."""
+
+    persona: Persona
+    opposite: Persona | None
+    units: list[Unit] = field(default_factory=list)
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def part_key(run_id: str, persona: Persona, opposite: Persona | None, mask: MaskRef | None,
+             model_key: str, config: EvalConfig) -> str:
+    ident = content_hash(model_key, persona.evaluation_hash, opposite.evaluation_hash if opposite else None,
+                         mask.key if mask else None, config.hash)[:10]
+    what = f"{_safe(mask.method)}-s{mask.sparsity:g}" if mask else "dense"
+    return f"results/run={run_id}/part-{_safe(persona.id)}-{what}-{ident}.parquet"
+
+
+def plan(store: Store, catalog: Catalog, model_key: str, run_id: str, config: EvalConfig,
+         methods: list[str] | None = None, sparsities: list[float] | None = None,
+         personas: list[str] | None = None) -> list[Task]:
+    """Tasks for every selected persona: its own masks of the chosen methods, the shared
+    baselines at the same sparsities, or (no mask found) the dense conditions alone."""
+    selected = catalog.select(personas)
+    refs = list_masks(store, model_key)
+    chosen = [r for r in refs if _matches(r.base, methods) or _matches(r.method, methods)]
+    if sparsities is not None:
+        chosen = [r for r in chosen if any(abs(r.sparsity - s) < 1e-9 for s in sparsities)]
+    if methods is not None:  # baselines ride along at the sparsities of the chosen masks
+        levels = {r.sparsity for r in chosen}
+        chosen += [r for r in refs if r.base in BASELINES and r.sparsity in levels and r not in chosen]
+    tasks = []
+    for p in selected:
+        opposite = catalog.personas.get(p.opposite) if p.opposite else None
+        task = Task(p, opposite)
+        for r in sorted(chosen, key=lambda r: (r.method, r.sparsity)):
+            if r.owner == p.id or (r.owner == GENERAL_ID and not any(
+                    o.owner == p.id and o.method == r.method and o.sparsity == r.sparsity for o in chosen)):
+                task.units.append(Unit(p.id, r, part_key(run_id, p, opposite, r, model_key, config)))
+        if not task.units and any(c.startswith("dense") for c in config.conditions):
+            task.units.append(Unit(p.id, None, part_key(run_id, p, opposite, None, model_key, config)))
+        tasks.append(task)
+    return tasks
+
+
+def default_run_id(model_key: str, catalog: Catalog, config: EvalConfig, methods, sparsities) -> str:
+    return "eval-" + content_hash(model_key, catalog.content_hash, config.hash, methods, sparsities)[:16]
+
+
+def report_key(run_id: str) -> str:
+    return f"runs/{run_id}/report.html"
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+def read_mask(store: Store, key: str) -> tuple[dict, dict]:
+    """A mask and its metadata through the mask codec, with the codec's content digest
+    of the decoded mask as ``content_hash``."""
+    from persona_core.maskcodec import MaskFile
+
+    f = MaskFile(store, key)
+    return f.read(), {**f.metadata, "content_hash": f.header["digest"]}
+
+
+class EvalWorker:
+    """Holds one Evaluator (one loaded model) for its whole life; scores persona tasks."""
+
+    def __init__(self, model: str, store: Store, config: EvalConfig, *, device_map: str | None = None,
+                 threads: int | None = None):
+        import torch
+
+        from persona_core.evaluate import Evaluator
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.evaluator = Evaluator(model, device_map=device_map)
+        self.store, self.config = store, config
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def model_key(self) -> str:
+        return self.evaluator.model_key
+
+    def run_task(self, task: Task) -> dict:
+        """Score every unit of one persona; write each unit's part; return tables and errors."""
+        from persona_core.evaluate import evaluate_unit
+
+        out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
+               "seconds": 0.0, "skipped": 0}
+        t0 = time.perf_counter()
+        for unit in task.units:
+            if self.store.exists(unit.part):  # another attempt already wrote it
+                out["tables"].append(self.store.read_parquet(unit.part))
+                out["skipped"] += 1
+                continue
+            try:
+                if unit.mask is None:
+                    masks, meta = None, None
+                else:
+                    masks, meta = read_mask(self.store, unit.mask.key)
+                    meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,
+                            "granularity": unit.mask.granularity}
+                table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config)
+                self.store.write_parquet(unit.part, table)
+                out["tables"].append(table)
+                out["parts"].append(unit.part)
+            except Exception as err:  # one bad mask must not sink the persona's other units
+                log.exception("unit %s failed", unit.part)
+                out["errors"].append(f"{unit.part}: {type(err).__name__}: {err}")
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def run(store: str | Store, model: str = DEFAULT_MODEL, catalog: str | Catalog = BUILTIN,
+        methods: list[str] | None = None, sparsities: list[float] | None = None,
+        personas: list[str] | None = None, conditions: list[str] | None = None,
+        run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
+        config: EvalConfig | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
+        device_map: str | None = None, report: bool = True) -> Summary:
+    """Evaluate every selected (persona, mask) unit on a pool of Ray actors.
+
+    Returns a `Summary` (done / skipped / failed units); ``summary.report`` holds the
+    report's URL and ``summary.run_id`` the run id. Already written parts are skipped.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    from persona_core.models import model_key as get_model_key
+    from persona_core.report import build_report, terminal_table
+
+    summary = Summary("evaluate")
+    store = open_store(store)
+    if isinstance(catalog, (str, os.PathLike)):
+        catalog = load_catalog(catalog)
+    config = config or EvalConfig()
+    if conditions:
+        config = replace(config, conditions=tuple(conditions))
+    if metrics:
+        config = replace(config, metrics=tuple(metrics))
+    key = get_model_key(model)
+    run_id = run_id or default_run_id(key, catalog, config, methods, sparsities)
+    tasks = plan(store, catalog, key, run_id, config, methods, sparsities, personas)
+    n_units = sum(len(t.units) for t in tasks)
+    tables: list[pa.Table] = []
+    todo = []
+    for t in tasks:  # parts already written are read back, not recomputed
+        pending = [u for u in t.units if not store.exists(u.part)]
+        for u in t.units:
+            if u not in pending:
+                tables.append(store.read_parquet(u.part))
+                summary.skipped += 1
+        if pending:
+            todo.append(Task(t.persona, t.opposite, pending))
+    log.info("evaluate %s: %d personas, %d units (%d already written), run %s",
+             key, len(tasks), n_units, summary.skipped, run_id)
+    summary.workers = {}
+    if todo:
+        ensure_ray(address)
+        gpus = gpus_available()
+        if gpus:
+            n_actors, opts = min(actors or gpus, gpus, len(todo)), {"num_gpus": 1, "num_cpus": 1}
+            threads = cpus_per_actor
+        else:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            per = cpus_per_actor or max(1, min(4, cpus))
+            n_actors = max(1, min(actors or max(1, cpus // per), len(todo)))
+            opts, threads = {"num_cpus": per}, per
+        remote = ray.remote(**opts)(EvalWorker)
+        workers = [remote.remote(model, store, config, device_map=device_map, threads=threads)
+                   for _ in range(n_actors)]
+        pool = ActorPool(workers)
+        bar = progress(len(todo), f"evaluate ({n_actors} actor{'s' * (n_actors > 1)})")
+        try:
+            for res in pool.map_unordered(lambda a, t: a.run_task.remote(t), todo):
+                tables.extend(res["tables"])
+                summary.done += len(res["parts"])
+                summary.skipped += res["skipped"]
+                summary.failed += len(res["errors"])
+                summary.errors.extend(res["errors"])
+                summary.workers[res["worker"]] = summary.workers.get(res["worker"], 0) + 1
+                bar.update(1)
+        finally:
+            bar.close()
+            for w in workers:
+                ray.kill(w)
+    results = gather(tables)
+    summary.rows = results.num_rows
+    summary.run_id = run_id
+    summary.report = None
+    if report and results.num_rows:
+        summary.report = write_report(store, run_id, results)
+        log.info("report: %s", summary.report)
+        summary.table = terminal_table(results)
+    return summary.finish()
+
+
+def gather(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate unit tables; every (persona, method, sparsity, condition, metric) once."""
+    if not tables:
+        return RESULT_SCHEMA.empty_table()
+    results = pa.concat_tables([t.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for t in tables])
+    keys = list(zip(*(results.column(c).to_pylist() for c in UNIT_KEY)))
+    if len(set(keys)) != len(keys):
+        dupes = len(keys) - len(set(keys))
+        raise RuntimeError(f"{dupes} result row(s) gathered twice: parts of different configs in one run?")
+    return results
+
+
+def write_report(store: Store, run_id: str, results: pa.Table) -> str:
+    from persona_core.report import build_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_report(results, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}")
+        store.write_bytes(report_key(run_id), path.read_bytes())
+    return store.uri(report_key(run_id))
+
+
+def load_results(store: str | Store, run_id: str) -> pa.Table:
+    """Every row of a run, read back from its parts."""
+    store = open_store(store)
+    parts = store.list(f"results/run={run_id}/", suffix=".parquet")
+    return gather([store.read_parquet(k) for k in parts])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="score every persona subnetwork (Ray actors, one per GPU)",
+                       description=__doc__.split("\n\n")[0])
+    add_args(p)
+    p.set_defaults(func=_main)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("PERSONA_STORE", "./persona-store"), help="store URL")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    p.add_argument("--catalog", default=BUILTIN, help="catalog file, folder, URL or 'builtin'")
+    p.add_argument("--methods", nargs="+", help="mask methods, globs allowed (contrastive-*); default: all found")
+    p.add_argument("--sparsities", nargs="+", type=float, help="default: every sparsity found")
+    p.add_argument("--personas", nargs="+", help="persona ids (default: the whole catalog)")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, help="default: all four")
+    p.add_argument("--metrics", nargs="+", help="metric names (default: every default metric)")
+    p.add_argument("--run-id", help="default: a hash of the inputs")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--actors", type=int, help="actors (default: one per GPU; CPU: cpus / cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=int, help="CPU threads per actor (default: up to 4)")
+    p.add_argument("--device-map", choices=["auto"], help="spread a model too big for one GPU over several")
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
+    p.add_argument("--max-statements", type=int, default=EvalConfig.max_statements)
+    p.add_argument("--max-questions", type=int, default=EvalConfig.max_questions)
+    p.add_argument("--ppl-text", nargs="+", default=[], help="extra perplexity texts: URL or URL::field")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the judge metric (adds 'judge')")
+    p.add_argument("--judge-model", default="", help="model name sent to the judge endpoint")
+    p.add_argument("--judge-local", help="a local model spec as judge instead of an endpoint (adds 'judge')")
+    p.add_argument("--no-report", action="store_true")
+
+
+def config_from_args(args) -> EvalConfig:
+    from persona_core.metrics import default_metrics
+
+    judge = None
+    metrics = list(args.metrics or default_metrics())
+    if args.judge_url or args.judge_local:
+        judge = JudgeSettings(url=args.judge_url, model=args.judge_model, local=args.judge_local)
+        metrics += [] if "judge" in metrics else ["judge"]
+    return EvalConfig(conditions=tuple(args.conditions or CONDITIONS), metrics=tuple(metrics),
+                      batch_size=args.batch_size, max_statements=args.max_statements,
+                      max_questions=args.max_questions, ppl_texts=tuple(args.ppl_text), judge=judge)
+
+
+def _main(args) -> int:
+    from jobs.cli import UserError
+
+    try:
+        config = config_from_args(args)
+        catalog = load_catalog(args.catalog)
+    except (ValueError, CatalogError) as err:
+        raise UserError(str(err)) from err
+    summary = run(args.store, args.model, catalog, args.methods, args.sparsities, args.personas,
+                  run_id=args.run_id, address=args.address, config=config, actors=args.actors,
+                  cpus_per_actor=args.cpus_per_actor, device_map=args.device_map, report=not args.no_report)
+    if getattr(summary, "table", None):
+        print(summary.table)
+    print(summary.line())
+    if summary.report:
+        print(f"report: {summary.report}")
+    for e in summary.errors[:10]:
+        print(f"  failed: {e}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    raise SystemExit(main(["evaluate", *__import__("sys").argv[1:]]))

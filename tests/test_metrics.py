@@ -1,0 +1,191 @@
+"""Each metric against a hand-computed case: tiny-random-llama with a rigged lm_head."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+from torch import nn
+
+from persona_core.catalog import Persona
+from persona_core.evaluate import EvalConfig, Evaluator, JudgeSettings, evaluate_unit
+from persona_core.judge import EndpointJudge, JudgeError, expected_number
+from persona_core.metrics import METRICS, agreement, answer_token_ids, pairwise_auc
+
+VOCAB = 260
+
+
+class ConstHead(nn.Module):
+    """An lm_head whose logits are the same fixed vector at every position."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, h):
+        return self.logits.to(h.dtype).expand(*h.shape[:-1], -1).clone()
+
+
+@pytest.fixture
+def rigged():
+    """A fresh tiny model whose next-token distribution never changes: byte 'a' (and 'Y') favoured."""
+    from persona_core.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu")
+    tok = loaded.tokenizer
+    logits = torch.zeros(VOCAB)
+    a, y = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("Y")
+    logits[a], logits[y] = 1.0, 2.0
+    loaded.model.lm_head = ConstHead(logits)
+    return Evaluator(loaded), logits
+
+
+PERSONA = Persona("p", "You love the letter a.", ("cal",), ("aaaa", "aaab"), "q")
+OPPOSITE = Persona("q", "You avoid the letter a.", ("cal",), ("bbbb", "abbb"), "p")
+SMALL = dict(max_statements=8, max_questions=2, max_new_tokens=6, ppl_window=64, ppl_windows=2)
+
+
+def rows(table) -> dict[tuple[str, str], float]:
+    return {(c, m): v for c, m, v in zip(table.column("condition").to_pylist(), table.column("metric").to_pylist(),
+                                         table.column("value").to_pylist())}
+
+
+def test_pairwise_auc_by_hand():
+    auc, se = pairwise_auc([3.0, 2.0], [1.0, 2.0])
+    assert auc == pytest.approx(3.5 / 4)  # 3>1, 3>2, 2>1, 2=2 counts half
+    assert 0 < se < 0.5
+    assert pairwise_auc([0.0], [1.0])[0] == 0.0
+    assert math.isnan(pairwise_auc([], [1.0])[0])
+
+
+def test_agreement_renormalises_over_the_two_answers():
+    p = agreement(torch.log(torch.tensor([0.3, 0.3])), torch.log(torch.tensor([0.1, 0.1])),
+                  torch.tensor([True, False]))
+    assert p.tolist() == pytest.approx([0.75, 0.25])
+
+
+def test_answer_tokens_skip_bare_space(tiny):
+    tok = tiny.tokenizer
+    yes = answer_token_ids(tok, "Yes")
+    assert yes == [tok.convert_tokens_to_ids("Y"), tok.convert_tokens_to_ids("y")]  # " Yes" starts with a space token
+    assert not set(yes) & set(answer_token_ids(tok, "No"))
+
+
+def test_statement_preference_by_hand(rigged):
+    ev, logits = rigged
+    cfg = EvalConfig(conditions=("dense", "dense+prompt"), metrics=("statement-preference",), **SMALL)
+    r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, None, None, cfg))
+    # mean log-prob of a statement = mean logit of its bytes - logZ: own 1, .75; other 0, .25
+    assert r[("dense", "statement-preference")] == pytest.approx(1.0)
+    assert r[("dense", "statement-margin")] == pytest.approx((1 + 0.75) / 2 - (0 + 0.25) / 2, abs=1e-5)
+    assert r[("dense+prompt", "statement-preference")] == pytest.approx(1.0)  # the head ignores the prompt
+
+
+def test_yes_no_agreement_by_hand(rigged):
+    ev, logits = rigged
+    cfg = EvalConfig(conditions=("dense",), metrics=("yes-no-agreement",), **SMALL)
+    r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, None, None, cfg))
+    e = math.e
+    p_yes = (e**2 + 1) / (e**2 + 1 + 1 + 1)  # Yes: 'Y' (logit 2) + 'y'; No: 'N' + 'n'
+    assert r[("dense", "yes-no-agreement")] == pytest.approx((2 * p_yes + 2 * (1 - p_yes)) / 4)
+    assert p_yes > 0.7
+
+
+def test_perplexity_by_hand(rigged):
+    ev, logits = rigged
+    cfg = EvalConfig(conditions=("dense", "masked"), metrics=("perplexity",), **SMALL)
+    masks = {n: torch.rand(ev.model.get_submodule(n).weight.shape) > 0.5 for n in ev.prunable}
+    r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, masks, {"method": "random", "sparsity": 0.5}, cfg))
+    # the held-out text is plain English: no 'Y'; each 'a' has log-prob 1 - logZ, others -logZ
+    text_ids = ev.tokenizer(__import__("persona_core.catalog", fromlist=["x"]).heldout_text(),
+                            add_special_tokens=False)["input_ids"]
+    scored = [t for i in range(0, 128, 64) for t in text_ids[i + 1: i + 64]]
+    log_z = torch.logsumexp(logits, 0).item()
+    nll = sum(log_z - logits[t].item() for t in scored) / len(scored)
+    assert r[("dense", "perplexity")] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert r[("masked", "perplexity-ratio")] == pytest.approx(1.0, abs=1e-6)  # the head ignores the mask
+
+
+def test_roleplay_fidelity_by_hand(rigged):
+    ev, logits = rigged
+    cfg = EvalConfig(conditions=("dense", "dense+prompt"), metrics=("roleplay-fidelity",), **SMALL)
+    r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, None, None, cfg))
+    # greedy in-role answers are 'YYYYYY' (logit 2); every token costs logZ - 2 under any condition
+    nll = torch.logsumexp(logits, 0).item() - 2.0
+    assert r[("dense", "roleplay-nll")] == pytest.approx(nll, rel=1e-5)
+    assert r[("dense", "roleplay-fidelity")] == pytest.approx(0.0, abs=1e-6)
+    assert r[("dense+prompt", "roleplay-fidelity")] == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- judge
+
+
+def test_expected_number():
+    lp = {"70": math.log(0.5), " 90": math.log(0.25), "x": math.log(0.25), "300": -0.1}
+    assert expected_number(lp) == pytest.approx((70 * 0.5 + 90 * 0.25) / 0.75)
+    with pytest.raises(JudgeError):
+        expected_number({"hello": 0.0})
+
+
+@pytest.fixture
+def judge_server():
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 answering 70 (p=.5) or 90 (p=.25)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            top = [{"token": "70", "logprob": math.log(0.5)}, {"token": "90", "logprob": math.log(0.25)},
+                   {"token": "I", "logprob": math.log(0.25)}]
+            reply = {"choices": [{"message": {"role": "assistant", "content": "70"},
+                                  "logprobs": {"content": [{"token": "70", "logprob": top[0]["logprob"],
+                                                            "top_logprobs": top}]}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", seen
+    server.shutdown()
+
+
+def test_endpoint_judge(judge_server, monkeypatch):
+    url, seen = judge_server
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+    judge = EndpointJudge(url, "judge-model", api_key_env="TEST_JUDGE_KEY")
+    assert judge.score("A pirate.", "Hi?", "Arr!") == pytest.approx(230 / 3)
+    path, body, auth = seen[0]
+    assert path == "/v1/chat/completions" and body["logprobs"] and body["max_tokens"] == 1
+    assert "A pirate." in body["messages"][0]["content"] and auth == "Bearer sk-test"
+
+
+def test_judge_metric_through_evaluate_unit(judge_server, tiny):
+    url, seen = judge_server
+    assert not METRICS["judge"].default
+    cfg = EvalConfig(conditions=("dense",), metrics=("judge",), judge=JudgeSettings(url=url), **SMALL)
+    r = rows(evaluate_unit(Evaluator(tiny), PERSONA, OPPOSITE, None, None, cfg))
+    assert r[("dense", "judge-score")] == pytest.approx(230 / 3)
+    assert len(seen) == SMALL["max_questions"]
+
+
+def test_judge_unreachable_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(JudgeError, match=f"127.0.0.1:{port}"):
+        EndpointJudge(f"http://127.0.0.1:{port}/v1", timeout=5).score("p", "q", "a")

@@ -148,7 +148,10 @@ class MaskFile:
             n = int.from_bytes(head, "little")
             if not 0 < n < 1 << 27:
                 raise ValueError(f"implausible header length {n}")
-            raw = json.loads(store.fs.cat_file(path, start=8, end=8 + n))
+            text = store.fs.cat_file(path, start=8, end=8 + n)
+            if len(text) != n:
+                raise ValueError("truncated header")
+            raw = json.loads(text)
         except FileNotFoundError:
             raise FileNotFoundError(f"{store.uri(key)}: no mask there") from None
         except (ValueError, OSError) as err:

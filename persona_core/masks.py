@@ -330,9 +330,9 @@ def keep_top(score: torch.Tensor, k: int, tiebreak: torch.Tensor) -> torch.Tenso
         raise ValueError(f"cannot keep {k} of {n}")
     if k == 0 or k == n:
         return torch.full(score.shape, k == n, dtype=torch.bool, device=score.device)
-    score = torch.where(score > 0, score, 0.0)  # -0.0 -> 0.0 so bits order like values
     if torch.isnan(score).any():
         raise ValueError("scores contain NaN (check the statistics)")
+    score = torch.where(score > 0, score, 0.0)  # negatives and -0.0 -> 0.0, so bits order like values
     flat = score.reshape(-1, n)
     tb = torch.where(tiebreak > 0, tiebreak, 0.0).reshape(-1, n).float()
     cut = _kth_smallest(flat, n - k).unsqueeze(-1)

@@ -1,0 +1,333 @@
+"""`persona-jobs build-masks`: persona subnetworks for every persona, in parallel on Ray.
+
+One Ray task per (persona or opposing pair, method, sparsity, granularity). The
+model's linear weights go into the object store once (`ray.put`) and every task
+reads them zero-copy; each task reads its personas' statistics from the store,
+builds the masks (both sides of a pair from one read of the two) and writes them.
+
+Incremental: a mask's metadata records an identity hash of everything it derives
+from (model, method, parameters, sparsity, granularity, the stored statistics'
+part files, code version). Masks already in the store with the same identity are
+skipped before any task starts, so a rerun writes nothing and a retried task is
+harmless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from jobs.cli import UserError
+from jobs.common import Summary, ensure_ray, progress
+from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
+from persona_core.hashing import content_hash
+from persona_core.masks import (CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY, MaskSpec,
+                                get_method, spec_key)
+from persona_core.models import DEFAULT_MODEL
+from persona_core.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task: a spec, the persona behind each role the method needs, the masks it writes."""
+
+    spec: MaskSpec
+    roles: tuple[tuple[str, str], ...]  # (role, persona id), in the method's `needs` order
+    outputs: tuple[tuple[str, str], ...]  # (persona id, store key), one per side
+    identity: str
+    fingerprints: dict = field(default_factory=dict, hash=False, compare=False)  # persona id -> stats hash
+
+    @property
+    def name(self) -> str:
+        who = "/".join(pid for _, pid in self.roles) or "-"
+        return f"{self.spec.method}@{self.spec.granularity} s={self.spec.sparsity:g} {who}"
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def stats_fingerprints(store: Store, model_key: str) -> dict[str, str]:
+    """Persona id -> a hash of its stored stats parts (part names hash what produced them)."""
+    from persona_core.stats import list_parts
+
+    found: dict[str, list[str]] = {}
+    for key in list_parts(store, model_key):
+        persona = key.split("/persona=", 1)[1].split("/", 1)[0]
+        found.setdefault(persona, []).append(key.rsplit("/", 1)[-1])
+    return {pid: content_hash(sorted(parts)) for pid, parts in found.items()}
+
+
+def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularities: Iterable[str],
+               params: dict[str, dict] | None = None) -> list[MaskSpec]:
+    """Every (method, sparsity, granularity); an N:M granularity fixes its own sparsity N/M."""
+    specs: dict[str, MaskSpec] = {}
+    params = params or {}
+    for method in methods:
+        for gran in granularities:
+            if ":" in gran:
+                n, m = (int(x) for x in gran.split(":"))
+                chosen = [n / m]
+            else:
+                chosen = list(sparsities)
+            for s in chosen:
+                spec = MaskSpec(method, float(s), gran, dict(params.get(method, {})))
+                specs.setdefault(spec.hash, spec)
+    return list(specs.values())
+
+
+def plan(store: Store, model_key: str, specs: Sequence[MaskSpec], persona_ids: Sequence[str],
+         opposites: dict[str, str | None], fingerprints: dict[str, str]) -> tuple[list[Unit], list[str]]:
+    """Units to run, and problems (missing statistics, personas without an opposite)."""
+    units: list[Unit] = []
+    problems: list[str] = []
+    missing: set[str] = set()
+    no_opposite: set[str] = set()
+    targets = [p for p in persona_ids if p != GENERAL_ID]
+    for spec in specs:
+        method = get_method(spec.method)
+        if not method.per_persona:
+            groups = [((GENERAL, GENERAL_ID),) if GENERAL in method.needs else ()]
+            outputs_of = lambda roles: [GENERAL_ID]  # noqa: E731
+        elif OPPOSITE in method.needs:
+            groups, seen = [], set()
+            for pid in targets:
+                opp = opposites.get(pid)
+                if not opp:
+                    no_opposite.add(pid)
+                    continue
+                if pid in seen:
+                    continue
+                seen.update((pid, opp))
+                groups.append(((PERSONA, pid), (OPPOSITE, opp)))
+            outputs_of = lambda roles: [roles[0][1], roles[1][1]]  # noqa: E731
+        else:
+            groups = [tuple((r, pid if r == PERSONA else GENERAL_ID) for r in method.needs) for pid in targets]
+            outputs_of = lambda roles: [roles[0][1]]  # noqa: E731
+        for roles in groups:
+            absent = [pid for _, pid in roles if pid not in fingerprints]
+            if absent:
+                missing.update(absent)
+                continue
+            prints = {pid: fingerprints[pid] for _, pid in roles}
+            identity = content_hash(CODE_VERSION, model_key, spec.hash, [[r, p, prints[p]] for r, p in roles])
+            outputs = tuple((pid, spec_key(model_key, spec, pid)) for pid in outputs_of(roles))
+            units.append(Unit(spec, tuple(roles), outputs, identity, prints))
+    if missing:
+        names = sorted(missing)
+        hint = " (calibrate with --general for the general reference set)" if GENERAL_ID in missing else ""
+        problems.append(f"no statistics stored for model {model_key} and persona(s) {', '.join(names[:10])}"
+                        f"{' ...' if len(names) > 10 else ''}: run `persona-jobs calibrate` first{hint}")
+    if no_opposite:
+        names = sorted(no_opposite)
+        log.warning("contrastive pair methods skip %d persona(s) without an opposite (use persona-vs-general): %s",
+                    len(names), ", ".join(names[:10]))
+    return units, problems
+
+
+def is_current(store: Store, unit: Unit) -> bool:
+    """Whether every mask of the unit is stored with this unit's identity."""
+    from persona_core.maskcodec import read_mask_metadata
+
+    for _, key in unit.outputs:
+        try:
+            meta = read_mask_metadata(store, key)
+        except Exception as err:  # unreadable: rebuild it
+            log.warning("%s: unreadable (%s); rebuilding", key, err)
+            return False
+        if not meta or meta.get("identity") != unit.identity:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None],
+               delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
+    """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
+    from persona_core.maskcodec import write_mask
+    from persona_core.masks import build_pair_masks
+    from persona_core.stats import read_persona_stats
+
+    stats = [read_persona_stats(store, model_key, pid, persona_hashes.get(pid)) for _, pid in unit.roles]
+    sides = build_pair_masks(weights, *stats, spec=unit.spec, device=device)
+    base_meta = {"model_key": model_key, **unit.spec.to_dict(), "spec_hash": unit.spec.hash,
+                 "identity": unit.identity, "code_version": CODE_VERSION,
+                 "roles": {role: pid for role, pid in unit.roles}, "stats": unit.fingerprints,
+                 "stats_versions": {s.persona_id: {"persona_hash": s.persona_hash, "calib_hash": s.calib_hash}
+                                    for s in stats}}
+    written = []
+    first_key = None
+    for (pid, key), masks in zip(unit.outputs, sides):
+        meta = dict(base_meta, persona=pid)
+        if delta and first_key is not None:
+            nbytes = write_mask(store, key, masks, meta, base=sides[0], base_key=first_key)
+        else:
+            nbytes = write_mask(store, key, masks, meta)
+        first_key = first_key or key
+        written.append((key, nbytes))
+    return written
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence[str] = ("wanda",),
+        sparsities: Sequence[float] = (0.5,), granularities: Sequence[str] = ("unstructured",),
+        personas: Sequence[str] | None = None, catalog: Catalog | str | None = None,
+        address: str | None = None, *, params: dict[str, dict] | None = None, delta: bool = False,
+        device: str | None = None, max_in_flight: int = 256) -> Summary:
+    """Build every missing mask; returns the closing Summary (also logged)."""
+    summary = Summary("build-masks")
+    store = open_store(store)
+    # ---- check everything before any work starts
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
+    bad_gran = [g for g in granularities if g not in GRANULARITIES]
+    if bad_gran:
+        raise UserError(f"unknown granularity {', '.join(bad_gran)} (use {', '.join(GRANULARITIES)})")
+    try:
+        specs = make_specs(methods, sparsities, granularities, params)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    try:
+        cat = load_catalog(catalog) if isinstance(catalog, str) else catalog
+        if cat is not None and personas:
+            cat = cat.select([p for p in personas if p != GENERAL_ID])
+    except CatalogError as err:
+        raise UserError(str(err)) from err
+    store.check_writable()
+
+    from persona_core.masks import LinearWeights
+    from persona_core.models import load_model, model_key as key_of
+
+    try:
+        mkey = key_of(model)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    fingerprints = stats_fingerprints(store, mkey)
+    if cat is not None:
+        ids = [p.id for p in cat]
+        opposites = {p.id: p.opposite for p in cat}
+        hashes = {p.id: p.content_hash for p in cat} | {GENERAL_ID: general_persona().content_hash}
+    else:
+        ids = list(personas) if personas else sorted(p for p in fingerprints if p != GENERAL_ID)
+        opposites, hashes = {}, {}
+        if any(OPPOSITE in get_method(s.method).needs for s in specs):
+            raise UserError("contrastive pair methods need --catalog (it names each persona's opposite)")
+    units, problems = plan(store, mkey, specs, ids, opposites, fingerprints)
+    if problems:
+        raise UserError("\n".join(problems))
+    if not units:
+        raise UserError("nothing to build: no personas selected (or none with the statistics the methods need)")
+    todo = []
+    for unit in units:
+        if is_current(store, unit):
+            summary.skipped += len(unit.outputs)
+        else:
+            todo.append(unit)
+    log.info("%d mask(s) current, %d task(s) to run (%d spec(s))", summary.skipped, len(todo), len(specs))
+    if not todo:
+        log.info(summary.finish().line())
+        return summary
+
+    # ---- run
+    import ray
+
+    ensure_ray(address)
+    loaded = load_model(model, device="cpu", dtype="float32")
+    weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))  # once, shared by every task
+    del loaded
+    task = ray.remote(num_cpus=1, max_retries=2)(build_unit)
+    pending: dict = {}
+    queue = list(todo)
+    with progress(len(todo), "build-masks") as bar:
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                unit = queue.pop(0)
+                ref = task.remote(weights_ref, store, mkey, unit, hashes, delta, device)
+                pending[ref] = unit
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                unit = pending.pop(ref)
+                try:
+                    summary.done += len(ray.get(ref))
+                except Exception as err:  # a task's failure is reported, not fatal to the others
+                    summary.failed += len(unit.outputs)
+                    summary.errors.append(f"{unit.name}: {_short(err)}")
+                    log.error("%s failed: %s", unit.name, _short(err))
+                bar.update(1)
+    summary.finish()
+    log.info(summary.line())
+    return summary
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build-masks", help="build persona masks from stored statistics (Ray tasks)",
+                       description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=_main)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    p.add_argument("--method", action="append", dest="methods", metavar="M",
+                   help=f"mask method, repeatable (default wanda; known: {', '.join(REGISTRY)})")
+    p.add_argument("--sparsity", action="append", dest="sparsities", type=float, metavar="S",
+                   help="fraction of weights removed, repeatable (default 0.5)")
+    p.add_argument("--granularity", action="append", dest="granularities", metavar="G",
+                   help=f"repeatable: {', '.join(GRANULARITIES)} (default unstructured)")
+    p.add_argument("--personas", nargs="+", default=None, metavar="ID", help="only these personas")
+    p.add_argument("--catalog", default=None, help="catalog (file, folder, URL or 'builtin'); needed for pairs")
+    p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method parameter, e.g. contrastive-wanda.f=softplus (repeatable)")
+    p.add_argument("--delta", action="store_true", help="store a pair's second mask as a delta against the first")
+    p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
+    p.add_argument("--device", default=None, help="device for scoring in the tasks (default cpu)")
+
+
+def parse_params(items: Iterable[str]) -> dict[str, dict]:
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items:
+        lhs, eq, value = item.partition("=")
+        method, dot, key = lhs.partition(".")
+        if not (eq and dot and method and key):
+            raise UserError(f"--param {item!r}: expected METHOD.KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
+def _main(args) -> int:
+    summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
+                  args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
+                  params=parse_params(args.param), delta=args.delta, device=args.device)
+    print(summary.line())
+    for err in summary.errors:
+        print(f"  {err}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    raise SystemExit(main(["build-masks", *__import__("sys").argv[1:]]))

@@ -1,0 +1,100 @@
+"""The Ray reducer: one task per persona/pair, each mask written once, reruns write nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs import build_masks as job
+from jobs.cli import UserError, build_parser
+from persona_core.catalog import GENERAL_ID, general_persona
+from persona_core.maskcodec import read_mask
+from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key
+from persona_core.stats import PersonaStats, list_parts, read_persona_stats, write_stats
+from persona_core.store import open_store
+from tests.test_masks import random_stats
+
+PAIR = ("introvert", "extrovert")
+
+
+def put_stats(store, tiny, persona, seed: int, calib_hash: str = "c1") -> None:
+    groups = random_stats(LinearWeights.from_model(tiny).groups, seed)
+    write_stats(store, PersonaStats(tiny.key, persona.id, persona.content_hash, groups, calib_hash))
+
+
+@pytest.fixture
+def store(tmp_path, tiny, builtin_catalog):
+    store = open_store(str(tmp_path / "store"))
+    for seed, pid in enumerate(PAIR):
+        put_stats(store, tiny, builtin_catalog[pid], seed)
+    put_stats(store, tiny, general_persona(), 99)
+    return store
+
+
+def mask_files(store) -> dict[str, int]:
+    import os
+
+    return {k: os.stat(store.path(k)).st_mtime_ns for k in store.list("masks", suffix=".safetensors")}
+
+
+def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, store, tiny, builtin_catalog):
+    methods = ["wanda", "contrastive-wanda", "wanda-general", "persona-vs-general"]
+    summary = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured", "2:4"),
+                      personas=list(PAIR), catalog=builtin_catalog, delta=True)
+    # per granularity: wanda 2 + contrastive pair 2 + wanda-general 1 (shared) + persona-vs-general 2
+    assert summary.ok, summary.errors
+    assert summary.done == 14 and summary.skipped == 0
+    files = mask_files(store)
+    assert len(files) == 14
+
+    # what the tasks wrote equals what the library builds in-process
+    stats = {pid: read_persona_stats(store, tiny.key, pid) for pid in (*PAIR, GENERAL_ID)}
+    spec = MaskSpec("contrastive-wanda", 0.5)
+    plus, minus = build_pair_masks(tiny, stats["introvert"], stats["extrovert"], spec=spec)
+    for pid, expected in (("introvert", plus), ("extrovert", minus)):
+        got, meta = read_mask(store, spec_key(tiny.key, spec, pid))
+        assert meta["persona"] == pid and meta["roles"] == {"persona": "introvert", "opposite": "extrovert"}
+        assert set(meta["stats"]) == set(PAIR) and meta["model_key"] == tiny.key
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+    again = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured", "2:4"),
+                    personas=list(PAIR), catalog=builtin_catalog, delta=True)
+    assert (again.done, again.skipped, again.failed) == (0, 14, 0)
+    assert mask_files(store) == files
+
+    # new statistics for one persona rebuild exactly the masks that use them
+    for key in list_parts(store, tiny.key, "extrovert"):
+        store.delete(key)
+    put_stats(store, tiny, builtin_catalog["extrovert"], 7, calib_hash="c2")
+    third = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured",),
+                    personas=list(PAIR), catalog=builtin_catalog)
+    assert (third.done, third.skipped) == (4, 3)  # wanda(extrovert), both contrastive sides, pvg(extrovert)
+
+
+def test_clear_errors_before_work(store, builtin_catalog):
+    with pytest.raises(UserError, match="unknown method"):
+        job.run(store, "tiny-random-llama", ["nope"], [0.5])
+    with pytest.raises(UserError, match="fixes sparsity|sparsity must be"):
+        job.run(store, "tiny-random-llama", ["wanda"], [1.5])
+    with pytest.raises(UserError, match="calibrate"):
+        job.run(store, "tiny-random-llama", ["wanda"], [0.5], personas=["optimist"], catalog=builtin_catalog)
+    with pytest.raises(UserError, match="need --catalog"):
+        job.run(store, "tiny-random-llama", ["contrastive-wanda"], [0.5])
+    with pytest.raises(UserError, match="unknown persona"):
+        job.run(store, "tiny-random-llama", ["wanda"], [0.5], personas=["nobody"], catalog=builtin_catalog)
+
+
+def test_cli_parses_and_params():
+    args = build_parser().parse_args(["build-masks", "--store", "s", "--method", "contrastive-wanda",
+                                      "--sparsity", "0.3", "--granularity", "2:4", "--personas", "a", "b",
+                                      "--param", "contrastive-wanda.f=softplus", "--param", "contrastive-wanda.tau=0.5"])
+    assert args.methods == ["contrastive-wanda"] and args.sparsities == [0.3] and args.personas == ["a", "b"]
+    assert job.parse_params(args.param) == {"contrastive-wanda": {"f": "softplus", "tau": 0.5}}
+    with pytest.raises(UserError):
+        job.parse_params(["bad"])
+
+
+def test_make_specs_nm_fixes_sparsity():
+    specs = job.make_specs(["wanda"], [0.3, 0.5], ["unstructured", "2:4", "4:8"])
+    assert sorted((s.granularity, s.sparsity) for s in specs) == [
+        ("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.3), ("unstructured", 0.5)]

@@ -187,9 +187,12 @@ def parse_config(text: str, shown: str = "<config>", cls: type = PipelineConfig,
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
+        mark, ctx = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
         where = f"{shown}:{mark.line + 1}" if mark else shown
-        raise ConfigError([f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})"]) from None
+        what = getattr(err, "problem", None) or str(err)
+        if ctx is not None and getattr(err, "context", None):
+            what += f"; {err.context} at line {ctx.line + 1}"
+        raise ConfigError([f"{where}: not valid YAML ({what})"]) from None
     problems: list[str] = []
     if node is None:
         raw, lines = {}, {}

@@ -313,44 +313,63 @@ def _kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
     return torch.kthvalue(x, j + 1, dim=-1).values
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 -> int64 with the same order (IEEE bits of positives are monotone)."""
-    return x.contiguous().view(torch.int32).to(torch.int64)
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True values per row (numpy's count is ~30x faster than torch's bool sum on CPU)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=-1))
+    return mask.sum(-1)
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
 
 
 def keep_top(score: torch.Tensor, k: int, tiebreak: torch.Tensor) -> torch.Tensor:
     """Keep exactly the `k` largest scores in every row (last dim), deterministically.
 
     Ties in `score` are ordered by `tiebreak` (larger first), then by index (lower
-    first). Both inputs must be non-negative float32 without NaN. Vectorised: one
-    selection pass for all rows, a second one only for rows with a tie at the cut.
+    first); both must be non-negative. Vectorised: one selection pass over all rows,
+    a second only over rows with a tie at the cut, a cumulative count only over rows
+    tied in both keys.
     """
     n = score.shape[-1]
     if not 0 <= k <= n:
         raise ValueError(f"cannot keep {k} of {n}")
     if k == 0 or k == n:
         return torch.full(score.shape, k == n, dtype=torch.bool, device=score.device)
-    if torch.isnan(score).any():
-        raise ValueError("scores contain NaN (check the statistics)")
-    score = torch.where(score > 0, score, 0.0)  # negatives and -0.0 -> 0.0, so bits order like values
-    flat = score.reshape(-1, n)
-    tb = torch.where(tiebreak > 0, tiebreak, 0.0).reshape(-1, n).float()
+    flat = score.reshape(-1, n).float()
     cut = _kth_smallest(flat, n - k).unsqueeze(-1)
-    keep = flat > cut
-    at_cut = flat == cut
-    need = k - keep.sum(-1)
-    ambiguous = at_cut.sum(-1) > need
-    keep |= at_cut & ~ambiguous.unsqueeze(-1)  # the cut value itself, where it is unique
+    if torch.isnan(cut).any():
+        raise ValueError("scores contain NaN (check the statistics)")
+    keep = flat >= cut
+    ambiguous = _count(keep) > k  # more than k at or above the cut: a tie there
+    if ambiguous.any():
+        rows = None if ambiguous.all() else ambiguous.nonzero().squeeze(-1)
+        sub, sub_cut = _rows(flat, rows), _rows(cut, rows)
+        tb = _rows(tiebreak.reshape(-1, n), rows).float()
+        # Above the cut: always kept (+inf); at the cut: ranked by tiebreak; below: never (-1).
+        key = torch.where(sub > sub_cut, torch.inf, torch.where(sub == sub_cut, tb, -1.0))
+        if rows is None:
+            keep = _keep_top_exact(key, k)
+        else:
+            keep[rows] = _keep_top_exact(key, k)
+    return keep.reshape(score.shape)
+
+
+def _keep_top_exact(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Top k per row; remaining ties go to the lowest indices."""
+    n = key.shape[-1]
+    cut = _kth_smallest(key, n - k).unsqueeze(-1)
+    keep = key >= cut
+    ambiguous = _count(keep) > k
     if ambiguous.any():
         rows = ambiguous.nonzero().squeeze(-1)
-        key = (_bits(flat[rows]) << 32) | _bits(tb[rows])  # lexicographic (score, |W|)
-        kcut = _kth_smallest(key, n - k).unsqueeze(-1)
-        sub = key > kcut
-        eq = key == kcut
-        need2 = (k - sub.sum(-1)).unsqueeze(-1)
-        sub |= eq & (eq.cumsum(-1) <= need2)  # exact duplicates: lower index first
-        keep[rows] = sub
-    return keep.reshape(score.shape)
+        sub, sub_cut = key[rows], cut[rows]
+        above = sub > sub_cut
+        at = sub == sub_cut
+        need = (k - _count(above)).unsqueeze(-1)
+        keep[rows] = above | (at & (at.cumsum(-1) <= need))
+    return keep
 
 
 def n_pruned(n: int, sparsity: float) -> int:

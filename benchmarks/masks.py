@@ -1,0 +1,157 @@
+"""Benchmark the reducer: masks per minute on the default model for every catalog persona.
+
+Prints one JSON line:
+* ``masks_per_min``: the real `build-masks` job (Ray, local cluster, store, codec) building
+  contrastive-wanda masks at 50% for every persona of the catalog (both sides of each
+  opposing pair from one task); ``seconds`` is its wall time.
+* ``speedup_vs_loop``: our selection against a straightforward per-row Python loop
+  (seed-1 style: sort each row, zero the first k) on the same layers, one thread each.
+* ``bits_per_weight_plain`` / ``bits_per_weight_delta``: stored size over weights, for a
+  plain mask file and for the opposing persona's mask delta-coded against it.
+* ``opposing_diff_fraction``: fraction of weights where opposing personas' masks differ.
+
+Statistics come from real calibration (`persona_core.calibration.calibrate_persona`) on
+a few statements per persona; ``stats`` in the JSON says so.
+
+    python benchmarks/masks.py [--catalog PATH] [--statements 4] [--sample-pairs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from persona_core.catalog import SplitConfig, load_catalog  # noqa: E402
+from persona_core.maskcodec import encode_mask, read_mask  # noqa: E402
+from persona_core.masks import LinearWeights, MaskSpec, iter_masks, n_pruned, spec_key  # noqa: E402
+from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from persona_core.store import open_store  # noqa: E402
+
+log = logging.getLogger("bench.masks")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-persona")
+
+
+def calibrate_all(loaded, catalog, store) -> float:
+    from persona_core.calibration import CalibConfig, calibrate_persona
+    from persona_core.stats import write_stats
+
+    config = CalibConfig(batch_size=8)
+    t0 = time.time()
+    for i, persona in enumerate(catalog):
+        stats, _ = calibrate_persona(loaded, persona, config)
+        write_stats(store, stats)
+        if i % 50 == 0:
+            log.info("calibrated %d/%d personas", i + 1, len(catalog))
+    return time.time() - t0
+
+
+def reference_loop(weights: LinearWeights, stats, sparsity: float) -> dict[str, torch.Tensor]:
+    """Seed-1 style: Wanda score, then a Python loop over rows, sorting each."""
+    out = {}
+    for g in weights.groups:
+        rms = stats.groups[(g.layer, g.name)].rms.float()
+        for name in g.modules:
+            w = weights.weight(name)
+            score = w.abs() * rms
+            mask = torch.ones_like(score, dtype=torch.bool)
+            k = n_pruned(score.shape[1], sparsity)
+            for i in range(score.shape[0]):
+                idx = torch.sort(score[i], stable=True)[1][:k]
+                mask[i, idx] = False
+            out[name] = mask
+    return out
+
+
+def speedup(weights: LinearWeights, stats, layers: int = 2) -> tuple[float, float]:
+    sub = LinearWeights([g for g in weights.groups if g.layer < layers], weights.tensors)
+    spec = MaskSpec("wanda", 0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        ours = dict((n, m[0]) for n, m in iter_masks(sub, [stats], spec))
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = reference_loop(sub, stats, 0.5)
+        t_ref = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    # the loop keeps ties in index order; ours orders them by |W| first: compare kept counts only
+    assert all(int(ours[n].sum()) == int(ref[n].sum()) for n in ours)
+    return t_ref / t_ours, t_ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--catalog", default=SHARED if os.path.isdir(SHARED) else "builtin")
+    ap.add_argument("--statements", type=int, default=4, help="calibration statements per persona")
+    ap.add_argument("--sample-pairs", type=int, default=8, help="pairs read back for diff and delta figures")
+    ap.add_argument("--store", default=None, help="store URL (default: a temporary folder)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("PERSONA_PROGRESS", "0")
+
+    catalog = load_catalog(args.catalog, SplitConfig(max_calibration=args.statements))
+    tmp = tempfile.mkdtemp(prefix="bench-masks-")
+    store = open_store(args.store or os.path.join(tmp, "store"))
+    loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
+    weights = LinearWeights.from_model(loaded)
+    calib_s = calibrate_all(loaded, catalog, store)
+
+    from persona_core.stats import read_persona_stats
+
+    first = next(iter(catalog))
+    ratio, t_ours = speedup(weights, read_persona_stats(store, loaded.key, first.id))
+    del loaded, weights
+
+    import ray
+
+    from jobs import build_masks
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    t0 = time.time()
+    summary = build_masks.run(store, DEFAULT_MODEL, ["contrastive-wanda"], [0.5], catalog=catalog)
+    seconds = time.time() - t0
+    ray.shutdown()
+
+    spec = MaskSpec("contrastive-wanda", 0.5)
+    from persona_core.models import model_key
+
+    mkey = model_key(DEFAULT_MODEL)
+    pairs = catalog.pairs()[: args.sample_pairs]
+    plain_bits, delta_bits, diff = [], [], []
+    for a, b in pairs:
+        ka, kb = spec_key(mkey, spec, a), spec_key(mkey, spec, b)
+        ma, _ = read_mask(store, ka)
+        mb, _ = read_mask(store, kb)
+        numel = sum(m.numel() for m in ma.values())
+        plain_bits.append(8 * store.fs.size(store.path(ka)) / numel)
+        delta_bits.append(8 * len(encode_mask(mb, {}, base=ma, base_key=ka)) / numel)
+        diff.append(sum(int((ma[n] ^ mb[n]).sum()) for n in ma) / numel)
+    n_weights = numel
+    print(json.dumps({
+        "benchmark": "masks", "model": DEFAULT_MODEL, "catalog": catalog.name, "personas": len(catalog),
+        "pairs": len(catalog.pairs()), "method": "contrastive-wanda", "sparsity": 0.5,
+        "stats": f"calibrated: calibrate_persona, {args.statements} statements per persona ({calib_s:.0f} s)",
+        "cpus": os.cpu_count(), "weights_per_mask": n_weights,
+        "masks": summary.done, "failed": summary.failed, "seconds": round(seconds, 1),
+        "masks_per_min": round(60 * summary.done / seconds, 1),
+        "speedup_vs_loop": round(ratio, 1), "selection_s_2_layers": round(t_ours, 3),
+        "bits_per_weight_plain": round(sum(plain_bits) / len(plain_bits), 4),
+        "bits_per_weight_delta": round(sum(delta_bits) / len(delta_bits), 4),
+        "opposing_diff_fraction": round(sum(diff) / len(diff), 5),
+        "targets": {"speedup": ">=20", "seconds_216": "<300", "plain": "<=1", "delta": "<=0.2"},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -104,7 +104,7 @@ def client(address: str | None, token_file: str | None = None):
         return JobSubmissionClient(url, headers=headers)
     except Exception as err:  # ConnectionError, RuntimeError with the HTTP status, ...
         text = str(err)
-        if "401" in text or "403" in text or "nauthori" in text:
+        if not isinstance(err, ConnectionError) and re.search(r"\b40[13]\b|unauthori[sz]ed|authentication", text, re.I):
             raise UserError(f"Ray at {url} refused the request (token auth): set RAY_AUTH_TOKEN or "
                             f"RAY_AUTH_TOKEN_PATH, or pass --token-file (token looked for in: {source})") from None
         raise UserError(f"cannot reach the Ray Jobs API at {url}: {text.splitlines()[0] if text else err}") from None

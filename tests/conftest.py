@@ -84,3 +84,44 @@ def shared_personas():
     if not os.path.isdir(SHARED_PERSONAS):
         pytest.skip("../shared/data/anthropic-persona is absent")
     return os.path.abspath(SHARED_PERSONAS)
+
+
+# ---------------------------------------------------------------------------- operations (issue 6)
+
+TINY_PIPELINE = {
+    "catalog": "builtin",
+    "model": "tiny-random-llama",
+    "personas": ["introvert"],  # its opposite comes along
+    "calibrate": {"shard_size": 16, "include_general": True, "options": {"max_length": 64}},
+    "masks": {"methods": ["contrastive-wanda"], "sparsities": [0.5]},
+    "evaluate": {"conditions": ["dense", "masked"],
+                 "options": {"metrics": ["statement-preference"], "max_statements": 4, "actors": 1}},
+}
+
+
+def tiny_pipeline_config(store: str, **changes):
+    """A PipelineConfig for tiny-random-llama on 2 personas (+ general), with `changes` on top."""
+    import copy
+
+    from persona_core.config import NightlyConfig, from_dict
+
+    raw = copy.deepcopy(TINY_PIPELINE) | {"store": store}
+    for dotted, value in changes.items():
+        cur = raw
+        *head, last = dotted.split("__")
+        for h in head:
+            cur = cur.setdefault(h, {})
+        cur[last] = value
+    return from_dict(NightlyConfig, raw)
+
+
+@pytest.fixture(scope="session")
+def pipeline_store(ray_cluster, tmp_path_factory):
+    """One finished tiny pipeline run in a local store (copy it before changing anything)."""
+    from jobs import pipeline
+
+    root = tmp_path_factory.mktemp("pipeline") / "store"
+    plan = pipeline.plan(tiny_pipeline_config(str(root)))
+    out = pipeline.execute(plan)
+    assert out.ok, out.manifest.error
+    return root, plan.run_id

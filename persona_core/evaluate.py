@@ -111,8 +111,9 @@ class MaskedModel:
     """A model whose prunable weights can be swapped to a mask and back, cheaply.
 
     The first time a module is masked its dense weight is copied once (on
-    `snapshot_device`, default: the weight's own device); `apply` is then one
-    `masked_fill_` and `restore` one `copy_` per module, bit-exact.
+    `snapshot_device`, default: the weight's own device). `apply` then writes
+    ``dense * keep`` into the weight in one pass (no restore needed between two
+    masks), and `restore` is one `copy_` per module: bit-exact.
     """
 
     def __init__(self, model: nn.Module, snapshot_device: str | torch.device | None = None):
@@ -123,14 +124,20 @@ class MaskedModel:
 
     @torch.no_grad()
     def apply(self, masks: dict[str, torch.Tensor]) -> None:
-        if self.active is not None:
-            self.restore()
         checked = _check_masks(self.model, masks)
-        for name, (weight, mask) in checked.items():
+        for name, (weight, _) in checked.items():
             if name not in self._dense:
+                if self.active is not None and name in self.active:
+                    raise RuntimeError(f"{name}: masked without a snapshot")
                 dev = self.snapshot_device or weight.device
                 self._dense[name] = weight.detach().to(dev, copy=True)
-            weight.masked_fill_(~mask.to(weight.device, non_blocking=True), 0)
+        stale = {n: w for n, w in (self.active or {}).items() if n not in checked}
+        for name, weight in stale.items():  # masked before, not by this mask: back to dense
+            weight.copy_(self._dense[name], non_blocking=True)
+        for name, (weight, mask) in checked.items():
+            # dense * keep in one pass (a uint8 view of the bool mask: the fastest kernel on CPU)
+            keep = mask.to(weight.device, non_blocking=True).view(torch.uint8)
+            torch.mul(self._dense[name].to(weight.device, non_blocking=True), keep, out=weight)
         self.active = {n: w for n, (w, _) in checked.items()}
 
     @torch.no_grad()

@@ -1,0 +1,162 @@
+"""Mask apply/restore is bit-exact and cheap; evaluate_unit's rows, caching and config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona_core.catalog import load_catalog
+from persona_core.evaluate import (CONDITIONS, EvalConfig, Evaluator, MaskedModel, apply_mask, evaluate_unit,
+                                   mask_content_hash, restore)
+from persona_core.models import load_model
+
+SMALL = dict(max_statements=4, max_questions=2, max_new_tokens=6, ppl_window=64, ppl_windows=1)
+
+
+@pytest.fixture
+def model():
+    return load_model("tiny-random-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator(load_model("tiny-random-llama", device="cpu"))
+
+
+def random_masks(module, names, keep=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(module.get_submodule(n).weight.shape, generator=g) < keep for n in names}
+
+
+def bits(model):
+    return {k: v.detach().clone().view(torch.int32) for k, v in model.state_dict().items()}
+
+
+def same_bits(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def prunable(model):
+    from persona_core.models import linear_groups
+
+    return [n for g in linear_groups(model.model) for n in g.modules]
+
+
+def test_apply_mask_zeroes_pruned_and_restore_is_bit_exact(model):
+    before = bits(model.model)
+    masks = random_masks(model.model, prunable(model))
+    handle = apply_mask(model.model, masks)
+    for name, m in masks.items():
+        w = model.model.get_submodule(name).weight
+        assert torch.all(w[~m] == 0) and torch.equal(w[m], before[f"{name}.weight"][m].view(torch.float32))
+    assert not same_bits(before, bits(model.model))
+    restore(handle)
+    assert same_bits(before, bits(model.model))
+    with pytest.raises(RuntimeError):
+        restore(handle)
+
+
+def test_masked_model_swaps_many_masks_bit_exact(model):
+    before = bits(model.model)
+    names = prunable(model)
+    mm = MaskedModel(model.model)
+    for seed in range(3):
+        masks = random_masks(model.model, names, keep=0.3 + 0.2 * seed, seed=seed)
+        mm.apply(masks)  # applying over an active mask restores first
+        w = model.model.get_submodule(names[0]).weight
+        assert (w == 0).float().mean().item() == pytest.approx(1 - (0.3 + 0.2 * seed), abs=0.05)
+    mm.restore()
+    assert same_bits(before, bits(model.model))
+    with mm.masked(random_masks(model.model, names[:2])):
+        assert not same_bits(before, bits(model.model))
+    assert same_bits(before, bits(model.model))
+
+
+def test_bad_masks_are_rejected_before_anything_changes(model):
+    before = bits(model.model)
+    names = prunable(model)
+    good = random_masks(model.model, names[:1])
+    bad = {**good, names[1]: torch.ones(3, 3, dtype=torch.bool), "model.nope": torch.ones(1, dtype=torch.bool)}
+    with pytest.raises(ValueError) as err:
+        MaskedModel(model.model).apply(bad)
+    assert "model.nope" in str(err.value) and "shape" in str(err.value)
+    with pytest.raises(ValueError, match="dtype"):
+        apply_mask(model.model, {names[0]: torch.ones(good[names[0]].shape)})
+    assert same_bits(before, bits(model.model))
+
+
+def test_mask_content_hash_tracks_bits(model):
+    names = prunable(model)
+    a = random_masks(model.model, names[:2])
+    b = {k: v.clone() for k, v in a.items()}
+    assert mask_content_hash(a) == mask_content_hash(b)
+    b[names[0]][0, 0] = ~b[names[0]][0, 0]
+    assert mask_content_hash(a) != mask_content_hash(b)
+
+
+def test_config_validation_and_hash():
+    cfg = EvalConfig()
+    assert set(cfg.conditions) == set(CONDITIONS)
+    assert EvalConfig(batch_size=3).hash == cfg.hash  # speed knobs do not change results
+    assert EvalConfig(max_statements=5).hash != cfg.hash
+    with pytest.raises(ValueError, match="condition"):
+        EvalConfig(conditions=("sometimes",))
+    with pytest.raises(ValueError, match="metric"):
+        EvalConfig(metrics=("vibes",))
+    with pytest.raises(ValueError, match="judge"):
+        EvalConfig(metrics=("judge",))
+
+
+def test_evaluate_unit_rows_and_dense_once(evaluator, monkeypatch):
+    cat = load_catalog("builtin")
+    p, o = cat["introvert"], cat["extrovert"]
+    cfg = EvalConfig(**SMALL)
+    calls = []
+    real = evaluator.score_condition
+    monkeypatch.setattr(evaluator, "score_condition", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    keep_all = {n: torch.ones(evaluator.model.get_submodule(n).weight.shape, dtype=torch.bool)
+                for n in evaluator.prunable}
+    t1 = evaluate_unit(evaluator, p, o, keep_all, {"method": "all", "sparsity": 0.0, "content_hash": "h1"}, cfg)
+    half = random_masks(evaluator.model, evaluator.prunable)
+    t2 = evaluate_unit(evaluator, p, o, half, {"method": "rand", "sparsity": 0.5}, cfg)
+    assert calls == ["dense", "dense+prompt", "masked", "masked+prompt", "masked", "masked+prompt"]
+    for t in (t1, t2):
+        keys = list(zip(t.column("condition").to_pylist(), t.column("metric").to_pylist()))
+        assert len(keys) == len(set(keys)) and {c for c, _ in keys} == set(CONDITIONS)
+        assert {"statement-preference", "yes-no-agreement", "perplexity-ratio", "roleplay-fidelity"} <= {m for _, m in keys}
+        assert set(t.column("model").to_pylist()) == {evaluator.model_key}
+    assert t1.column("mask_hash")[0].as_py() == "h1"
+    assert t2.column("mask_hash")[0].as_py() == mask_content_hash(half)
+    r1 = {(c, m): v for c, m, v in zip(*(t1.column(k).to_pylist() for k in ("condition", "metric", "value")))}
+    for (c, m), v in r1.items():  # a keep-everything mask scores exactly like the dense model
+        if c.startswith("masked"):
+            assert v == pytest.approx(r1[(c.replace("masked", "dense"), m)], abs=1e-6), (c, m)
+    r2 = {(c, m): v for c, m, v in zip(*(t2.column(k).to_pylist() for k in ("condition", "metric", "value")))}
+    assert r2[("masked", "perplexity-ratio")] != pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_default_model_unit_and_swap_cost():
+    """The real default model: answer tokens, a unit, and the swap far cheaper than a batch."""
+    import time
+
+    ev = Evaluator("smollm2-135m", device="cpu")
+    from persona_core.metrics import answer_token_ids
+
+    assert set(answer_token_ids(ev.tokenizer, "Yes")) >= {ev.tokenizer.encode("Yes")[0], ev.tokenizer.encode(" Yes")[0]}
+    cat = load_catalog("builtin")
+    masks = {n: torch.rand(ev.model.get_submodule(n).weight.shape) > 0.3 for n in ev.prunable}
+    cfg = EvalConfig(conditions=("dense", "masked"), metrics=("statement-preference",), max_statements=4)
+    t = evaluate_unit(ev, cat["introvert"], cat["extrovert"], masks, {"method": "rand", "sparsity": 0.3}, cfg)
+    assert t.num_rows == 4
+    ev.masks.apply(masks)
+    ev.masks.restore()  # the snapshot exists now: time the steady state
+    t0 = time.perf_counter()
+    ev.masks.apply(masks)
+    ev.masks.restore()
+    swap = time.perf_counter() - t0
+    ids = ev.encode("One fairly ordinary sentence about bread, yeast and the ovens of a bakery. " * 3)
+    t0 = time.perf_counter()
+    ev.continuation_logprobs([(ids[:1], ids[1:])] * ev.batch_size)
+    batch = time.perf_counter() - t0
+    assert swap < 0.5 * batch  # a loose bound on a shared CPU; the benchmark reports the real fraction

@@ -2,9 +2,10 @@
 
 One forward pre-hook per `LinearGroup` (on its first module: q/k/v share one input,
 gate/up share one), so every shared input is reduced once. Per batch the hook
-zeroes padded positions and makes three fused reductions over the (B, T, D)
-input: the sum, the L1 norm over all real tokens, and the L2 norm of each
-sample over its own tokens (B, D). From those, in float64 on the model's device:
+makes three batched matmuls of the (B, 1, T) token weights (1 real, 0 padding)
+with x, |x| and x*x of the (B, T, D) input, which gives every sample's sums over
+its own real tokens in one BLAS call each. From those, in float64 on the model's
+device:
 
     sum    += sum_t x          sumabs   += sum_t |x|        sumsq = sum_s ||x_s||^2
     norm_sum += sum_s ||x_s||  norm_sumsq += sum_s ||x_s||^2
@@ -158,7 +159,7 @@ class StatsRecorder:
         self.calls = {k: 0 for k in self.acc}
         self.tokens = 0
         self.samples = 0
-        self._keep: torch.Tensor | None = None  # (B, T, 1) bool, None when nothing is padded
+        self._weights: torch.Tensor | None = None  # (B, 1, T) float32 token weights of the current batch
         self._handles: list = []
 
     def __enter__(self) -> "StatsRecorder":
@@ -177,13 +178,15 @@ class StatsRecorder:
 
         def hook(module, args):
             x = args[0]
-            if self._keep is not None:
-                x = x.masked_fill(~self._keep, 0)  # also clears NaN/inf at padded positions
-            per_sample = torch.linalg.vector_norm(x, 2, dim=1, dtype=torch.float32).double()  # (B, D)
-            acc[0] += x.sum(dim=(0, 1), dtype=torch.float32).double()
-            acc[1] += torch.linalg.vector_norm(x, 1, dim=(0, 1), dtype=torch.float32).double()
-            acc[2] += per_sample.sum(0)
-            acc[3] += per_sample.square().sum(0)
+            if x.dtype != torch.float32:
+                x = x.float()  # bf16/fp16 inputs are reduced in float32
+            w = self._weights  # (B, 1, T): 1 for real tokens, 0 for padding
+            # Three batched matmuls give per-sample sums over real tokens only (BLAS-fast, no masking pass).
+            sq = torch.bmm(w, x * x).squeeze(1).double()  # (B, D): per-sample ||x||^2
+            acc[0] += torch.bmm(w, x).sum(dim=(0, 1)).double()
+            acc[1] += torch.bmm(w, x.abs()).sum(dim=(0, 1)).double()
+            acc[2] += sq.sqrt().sum(0)
+            acc[3] += sq.sum(0)
             calls[key] += 1
 
         return hook
@@ -191,18 +194,22 @@ class StatsRecorder:
     @torch.inference_mode()
     def run_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         mask = attention_mask.bool()
-        self._keep = None if bool(mask.all()) else mask.unsqueeze(-1)
+        self._weights = mask.to(torch.float32).unsqueeze(1)
         # Positions count real tokens only, so left and right padding give the same activations.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         try:
             _body(self.loaded.model)(input_ids=input_ids, attention_mask=attention_mask,
                                      position_ids=position_ids, use_cache=False)
         finally:
-            self._keep = None
+            self._weights = None
         self.tokens += int(mask.sum())
         self.samples += int(mask.any(-1).sum())
 
     def result(self) -> dict[GroupKey, GroupStats]:
+        for k, a in self.acc.items():
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(f"non-finite activation statistics at layer {k[0]} group {k[1]} "
+                                 "(overflow in the model's dtype, or NaN at padded positions)")
         return {k: GroupStats(self.tokens, a[0].clone(), a[3].clone(), a[1].clone(), self.samples,
                               a[2].clone(), a[3].clone())
                 for k, a in self.acc.items()}

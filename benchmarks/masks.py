@@ -10,8 +10,10 @@ Prints one JSON line:
   plain mask file and for the opposing persona's mask delta-coded against it.
 * ``opposing_diff_fraction``: fraction of weights where opposing personas' masks differ.
 
-Statistics come from real calibration (`persona_core.calibration.calibrate_persona`) on
-a few statements per persona; ``stats`` in the JSON says so.
+Statistics: ``--stats synthetic`` (default) uses real default-model activations on the
+general texts with channel scales perturbed per persona (seconds); ``--stats calibrated``
+runs `calibrate_persona` on a few statements per persona (slow on 2 shared cores).
+``stats`` in the JSON says which.
 
     python benchmarks/masks.py [--catalog PATH] [--statements 4] [--sample-pairs 8]
 """
@@ -51,6 +53,29 @@ def calibrate_all(loaded, catalog, store) -> float:
         write_stats(store, stats)
         if i % 50 == 0:
             log.info("calibrated %d/%d personas", i + 1, len(catalog))
+    return time.time() - t0
+
+
+def synthetic_all(loaded, catalog, store, seed: int = 0) -> float:
+    """Real activations of the default model on the general texts, channel scales perturbed per persona.
+
+    Each persona's channel j is scaled by exp(0.15 * N(0, 1)) (seeded by its position):
+    realistic magnitudes and outlier channels, persona-specific differences. Seconds, not minutes.
+    """
+    from persona_core.calibration import CalibConfig, calibrate
+    from persona_core.catalog import general_persona
+    from persona_core.stats import GroupStats, PersonaStats, write_stats
+
+    t0 = time.time()
+    base = calibrate(loaded, list(general_persona().calibration[:16]), CalibConfig(batch_size=8))
+    for i, persona in enumerate(catalog):
+        g = torch.Generator().manual_seed(seed + i)
+        groups = {}
+        for key, s in base.items():
+            f = torch.exp(0.15 * torch.randn(s.width, generator=g, dtype=torch.float64))
+            groups[key] = GroupStats(s.tokens, s.sum * f, s.sumsq * f * f, s.sumabs * f, s.samples,
+                                     s.norm_sum * f, s.norm_sumsq * f * f)
+        write_stats(store, PersonaStats(loaded.key, persona.id, persona.content_hash, groups, "synthetic"))
     return time.time() - t0
 
 
@@ -95,6 +120,9 @@ def main() -> None:
     ap.add_argument("--catalog", default=SHARED if os.path.isdir(SHARED) else "builtin")
     ap.add_argument("--statements", type=int, default=4, help="calibration statements per persona")
     ap.add_argument("--sample-pairs", type=int, default=8, help="pairs read back for diff and delta figures")
+    ap.add_argument("--stats", choices=["synthetic", "calibrated"], default="synthetic",
+                    help="synthetic: real activations on general texts, perturbed per persona (fast); "
+                         "calibrated: calibrate_persona on --statements statements each (slow on 2 cores)")
     ap.add_argument("--store", default=None, help="store URL (default: a temporary folder)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
@@ -105,7 +133,7 @@ def main() -> None:
     store = open_store(args.store or os.path.join(tmp, "store"))
     loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     weights = LinearWeights.from_model(loaded)
-    calib_s = calibrate_all(loaded, catalog, store)
+    calib_s = (calibrate_all if args.stats == "calibrated" else synthetic_all)(loaded, catalog, store)
 
     from persona_core.stats import read_persona_stats
 
@@ -141,7 +169,10 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "masks", "model": DEFAULT_MODEL, "catalog": catalog.name, "personas": len(catalog),
         "pairs": len(catalog.pairs()), "method": "contrastive-wanda", "sparsity": 0.5,
-        "stats": f"calibrated: calibrate_persona, {args.statements} statements per persona ({calib_s:.0f} s)",
+        "stats": (f"calibrated: calibrate_persona, {args.statements} statements per persona ({calib_s:.0f} s)"
+                  if args.stats == "calibrated" else
+                  f"synthetic: real default-model activations on 16 general texts, channel scales x exp(0.15 N(0,1)) "
+                  f"per persona ({calib_s:.0f} s)"),
         "cpus": os.cpu_count(), "weights_per_mask": n_weights,
         "masks": summary.done, "failed": summary.failed, "seconds": round(seconds, 1),
         "masks_per_min": round(60 * summary.done / seconds, 1),

@@ -357,7 +357,7 @@ def _groups(cols: dict[str, np.ndarray], device) -> dict[GroupKey, GroupStats]:
     bounds = np.concatenate([[0], cuts, [n]])
     out: dict[GroupKey, GroupStats] = {}
     for a, b in zip(bounds[:-1], bounds[1:]):
-        t = {c: torch.from_numpy(np.ascontiguousarray(cols[c][a:b])).to(device) for c in STAT_COLUMNS}
+        t = {c: torch.from_numpy(np.array(cols[c][a:b])).to(device) for c in STAT_COLUMNS}  # a writable copy
         out[(int(layer[a]), str(group[a]))] = GroupStats(
             int(cols["tokens"][a]), t["sum"], t["sumsq"], t["sumabs"], int(cols["samples"][a]),
             t["norm_sum"], t["norm_sumsq"])

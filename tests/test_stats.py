@@ -1,0 +1,169 @@
+"""Stats Parquet: round trips (local, S3), merging, errors naming files, open_stats, the stats CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from jobs.cli import main as cli_main
+from persona_core.stats import (GroupStats, PersonaStats, Shard, StatsError, list_parts, open_stats, part_key,
+                                part_metadata, read_generated, read_persona_stats, stats_exist, stats_summary,
+                                write_stats)
+from persona_core.store import open_store
+
+MODEL = "toy-model-0123abcd"
+WIDTHS = {"attn_in": 8, "attn_out": 8, "mlp_in": 8, "mlp_out": 16}
+
+
+def fake_groups(seed: int, layers: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(layers):
+        for name, w in WIDTHS.items():
+            r = lambda: torch.rand(w, generator=g, dtype=torch.float64) * 10  # noqa: E731
+            out[(layer, name)] = GroupStats(100 + seed, r() - 5, r(), r(), 4 + seed, r(), r())
+    return out
+
+
+def fake(persona: str, seed: int, persona_hash: str = "p1", calib_hash: str = "c1") -> PersonaStats:
+    return PersonaStats(MODEL, persona, persona_hash, fake_groups(seed), calib_hash)
+
+
+def assert_groups_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].tokens, a[k].samples) == (b[k].tokens, b[k].samples)
+        for f in ("sum", "sumsq", "sumabs", "norm_sum", "norm_sumsq"):
+            torch.testing.assert_close(getattr(a[k], f), getattr(b[k], f), rtol=1e-12, atol=1e-12)
+
+
+def roundtrip(url: str) -> None:
+    store = open_store(url)
+    a, b = fake("introvert", 1), fake("introvert", 2)
+    k0 = write_stats(store, a, Shard(0, 2, 10), generated=[{"question": "Q1", "answer": "A1"}])
+    k1 = write_stats(store, b, Shard(1, 2, 10), generated=[{"question": "Q2", "answer": "A2"}])
+    assert k0 != k1 and k0 == part_key(MODEL, "introvert", "p1", "c1", Shard(0, 2, 10))
+    assert k0.startswith(f"stats/model={MODEL}/persona=introvert/part-") and k0.endswith(".parquet")
+    assert list_parts(store, MODEL, "introvert") == sorted([k0, k1])
+    merged = read_persona_stats(store, MODEL, "introvert")
+    assert (merged.persona_hash, merged.calib_hash) == ("p1", "c1")
+    assert_groups_equal(merged.groups, a.merge(b).groups)
+    assert stats_exist(store, MODEL, "introvert") and not stats_exist(store, MODEL, "extrovert")
+    assert read_generated(store, MODEL, "introvert") == [{"question": "Q1", "answer": "A1"},
+                                                         {"question": "Q2", "answer": "A2"}]
+    assert part_metadata(store, k0)["persona_id"] == "introvert"
+
+
+def test_roundtrip_local(tmp_path):
+    roundtrip(str(tmp_path / "store"))
+
+
+def test_roundtrip_s3(s3_url):
+    roundtrip(s3_url)
+    ds = open_stats(s3_url)
+    assert ds.count_rows(filter=pads.field("persona") == "introvert") == 2 * 3 * sum(WIDTHS.values())
+
+
+def test_write_is_idempotent(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("a", 1))
+    before = store.read_bytes(key)
+    assert write_stats(store, fake("a", 5)) == key  # same inputs' hashes: left as it is
+    assert store.read_bytes(key) == before
+    assert list_parts(store, MODEL, "a") == [key]
+
+
+def test_corrupt_part_is_named(tmp_path):
+    store = open_store(str(tmp_path))
+    write_stats(store, fake("a", 1), Shard(0, 2, 5))
+    bad = write_stats(store, fake("a", 2), Shard(1, 2, 5))
+    store.write_bytes(bad, b"PAR1 not really parquet")
+    with pytest.raises(StatsError, match=bad.rsplit("/", 1)[-1]):
+        read_persona_stats(store, MODEL, "a")
+
+
+def test_versions_and_missing_shards_are_errors(tmp_path):
+    store = open_store(str(tmp_path))
+    write_stats(store, fake("a", 1, persona_hash="old"))
+    write_stats(store, fake("a", 2, persona_hash="new"), Shard(0, 2, 5))
+    with pytest.raises(StatsError, match="different versions"):
+        read_persona_stats(store, MODEL, "a")
+    assert read_persona_stats(store, MODEL, "a", persona_hash="old").persona_hash == "old"
+    with pytest.raises(StatsError, match="incomplete"):
+        read_persona_stats(store, MODEL, "a", persona_hash="new")
+    assert not stats_exist(store, MODEL, "a", persona_hash="new")
+    with pytest.raises(FileNotFoundError, match="persona=b"):
+        read_persona_stats(store, MODEL, "b")
+
+
+def test_schema_and_sort_order(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("a", 1))
+    table = store.read_parquet(key)
+    assert table.schema.field("layer").type == pa.int16()
+    assert pa.types.is_dictionary(table.schema.field("group").type)
+    rows = list(zip(table.column("layer").to_pylist(), table.column("group").to_pylist(),
+                    table.column("channel").to_pylist()))
+    assert rows == sorted(rows) and len(rows) == 3 * sum(WIDTHS.values())
+
+
+@pytest.fixture
+def two_personas(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    for i, pid in enumerate(["introvert", "extrovert"]):
+        write_stats(store, fake(pid, i + 1), Shard(0, 2, 5))
+        write_stats(store, fake(pid, i + 3), Shard(1, 2, 5))
+    return store
+
+
+def test_open_stats_filters(two_personas):
+    ds = open_stats(two_personas.url)
+    assert {"model", "persona", "layer", "group", "channel", "sumsq"} <= set(ds.schema.names)
+    f = ((pads.field("model") == MODEL) & (pads.field("persona") == "extrovert")
+         & (pads.field("layer") == 2) & (pads.field("group") == "mlp_out"))
+    t = ds.to_table(filter=f)
+    assert t.num_rows == 2 * WIDTHS["mlp_out"]  # two shards
+    assert set(t.column("persona").to_pylist()) == {"extrovert"}
+    assert set(t.column("group").to_pylist()) == {"mlp_out"}
+    assert open_stats(two_personas.uri("stats")).count_rows() == ds.count_rows()
+
+
+def test_readme_query_top_channels(two_personas):
+    """The README's first query (pyarrow only) agrees with the tensors."""
+    ds = open_stats(two_personas.url)
+    f = (pads.field("layer") == 1) & (pads.field("group") == "mlp_in") & pads.field("persona").isin(["introvert", "extrovert"])
+    t = ds.to_table(filter=f, columns=["persona", "channel", "tokens", "sum"])
+    t = t.group_by(["persona", "channel"]).aggregate([("tokens", "sum"), ("sum", "sum")])
+    t = t.append_column("mean", pc.divide(t["sum_sum"], pc.cast(t["tokens_sum"], pa.float64())))
+    a = t.filter(pc.equal(t["persona"], "introvert")).select(["channel", "mean"])
+    b = t.filter(pc.equal(t["persona"], "extrovert")).select(["channel", "mean"]).rename_columns(["channel", "mean_b"])
+    j = a.join(b, "channel")
+    j = j.append_column("diff", pc.abs(pc.subtract(j["mean"], j["mean_b"]))).sort_by([("diff", "descending")])
+    top = j.slice(0, 5)["channel"].to_pylist()
+    ia = read_persona_stats(two_personas, MODEL, "introvert")[(1, "mlp_in")]
+    ea = read_persona_stats(two_personas, MODEL, "extrovert")[(1, "mlp_in")]
+    assert top == torch.topk((ia.mean - ea.mean).abs(), 5).indices.tolist()
+
+
+def test_summary_and_cli(two_personas, capsys):
+    rows = stats_summary(two_personas)
+    assert [(r["persona"], r["parts"], r["shards"], r["tokens"]) for r in rows] == [
+        ("extrovert", 2, 2, 102 + 104), ("introvert", 2, 2, 101 + 103)]
+    url = two_personas.url
+    assert cli_main(["stats", "list", "--store", url, "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["persona"] for r in listed] == ["extrovert", "introvert"]
+    assert cli_main(["stats", "show", "--store", url, "--persona", "introvert", "--layer", "0", "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["layer"], r["group"], r["width"]) for r in shown] == [(0, g, w) for g, w in WIDTHS.items()]
+    assert cli_main(["stats", "diff", "--store", url, "introvert", "extrovert", "--layer", "1", "--top", "3",
+                     "--json"]) == 0
+    diff = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(diff) == 3 and abs(diff[0]["z"]) >= abs(diff[-1]["z"])
+    assert cli_main(["stats", "show", "--store", url, "--persona", "nobody"]) == 2
+    assert "persona=nobody" in capsys.readouterr().err

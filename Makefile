@@ -21,9 +21,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The whole pipeline on the built-in catalog: default model, local Ray, ./persona-store (configs/demo.yaml).
 demo: $(STAMP)
-	$(PY) -m jobs catalog show builtin
-	$(PY) -c "from persona_core.models import load_model; m = load_model(); print('default model ready:', m.key)"
+	$(PY) -m jobs run --config configs/demo.yaml
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

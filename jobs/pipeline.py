@@ -315,7 +315,10 @@ def execute(p: Plan, *, kind: str = "pipeline", force: bool = False, do_repair: 
             changes: dict | None = None, lease: Lease | None = None) -> Outcome:
     """Run the plan's stages (skipping finished ones); write the manifest last."""
     rid = p.run_id
-    existing = runs.read_manifest(p.store, rid)
+    try:
+        existing = runs.read_manifest(p.store, rid)
+    except (OSError, StoreError) as err:
+        raise UserError(f"store {p.config.store} cannot be read or written: {err}") from None
     if existing is not None and existing.ok and not force and not do_repair:
         print(f"run {rid}: nothing changed since it completed; no model work done")
         return Outcome(rid, True, True, existing, list(existing.stages.values()))
@@ -370,7 +373,8 @@ def execute(p: Plan, *, kind: str = "pipeline", force: bool = False, do_repair: 
 def print_outcome(p: Plan, out: Outcome) -> None:
     m = out.manifest
     rows = [("stage", "done", "skipped", "failed", "seconds")]
-    for s in out.summaries:
+    order = {"calibrate": 0, "build-masks": 1, "masks": 1, "evaluate": 2, "report": 3}
+    for s in sorted(out.summaries, key=lambda s: order.get(s.get("stage"), 9)):
         rows.append((s.get("stage", "?"), str(s.get("done", 0)), str(s.get("skipped", 0)), str(s.get("failed", 0)),
                      f"{s.get('seconds', 0):.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

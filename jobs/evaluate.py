@@ -187,7 +187,7 @@ class EvalWorker:
         out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
                "seconds": 0.0, "skipped": 0}
         t0 = time.perf_counter()
-        for unit in task.units:
+        for i, unit in enumerate(task.units):
             if self.store.exists(unit.part):  # another attempt already wrote it
                 out["tables"].append(self.store.read_parquet(unit.part))
                 out["skipped"] += 1
@@ -199,13 +199,16 @@ class EvalWorker:
                     masks, meta = read_mask(self.store, unit.mask.key)
                     meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,
                             "granularity": unit.mask.granularity}
-                table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config)
+                # masks swap straight into one another; the dense weights return after the last
+                table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config,
+                                      restore=i == len(task.units) - 1)
                 self.store.write_parquet(unit.part, table)
                 out["tables"].append(table)
                 out["parts"].append(unit.part)
             except Exception as err:  # one bad mask must not sink the persona's other units
                 log.exception("unit %s failed", unit.part)
                 out["errors"].append(f"{unit.part}: {type(err).__name__}: {err}")
+        self.evaluator.masks.restore()
         out["seconds"] = time.perf_counter() - t0
         return out
 

@@ -429,8 +429,7 @@ class Evaluator:
         key = (persona.evaluation_hash, persona.description, opposite.evaluation_hash if opposite else None,
                config.hash)
         if key not in self._dense_cache:
-            if self.masks.active is not None:
-                raise RuntimeError("dense state requested while a mask is applied")
+            self.masks.restore()  # a unit may have left its mask applied (restore=False)
             prepared = {}
             for name in config.metrics:
                 if METRICS[name].prepare is not None:
@@ -468,12 +467,15 @@ def _meta(mask_meta: dict | None, masks: dict | None) -> tuple[str, float, str, 
 
 def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | None,
                   masks: dict[str, torch.Tensor] | None, mask_meta: dict | None,
-                  config: EvalConfig) -> pa.Table:
+                  config: EvalConfig, *, restore: bool = True) -> pa.Table:
     """Score one (persona, mask) unit: one row per (condition, metric).
 
     `masks=None` scores the dense conditions only (method ``dense``). Dense rows
     come from the evaluator's per-persona cache; masked conditions apply the
-    mask in place and restore the dense weights afterwards.
+    mask in place and restore the dense weights afterwards. ``restore=False``
+    leaves the mask applied for a loop over many masks: the next mask is written
+    straight over it from the dense snapshot, and the dense weights come back
+    (bit-exact) whenever they are next needed or on `evaluator.masks.restore()`.
     """
     evaluator.configure(config)
     method, sparsity, granularity, mhash = _meta(mask_meta, masks)
@@ -481,9 +483,13 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
     rows = list(dense_rows)
     masked_conds = [c for c in config.conditions if c not in DENSE_CONDITIONS]
     if masks is not None and masked_conds:
-        with evaluator.masked(masks):
+        evaluator.masks.apply(masks)
+        try:
             for cond in masked_conds:
                 rows += evaluator.score_condition(persona, opposite, cond, config, prepared)
+        finally:
+            if restore:
+                evaluator.masks.restore()
     common = {"model": evaluator.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
               "method": method, "sparsity": sparsity, "granularity": granularity, "mask_hash": mhash,
               "config_hash": config.hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}

@@ -135,6 +135,25 @@ def test_evaluate_unit_rows_and_dense_once(evaluator, monkeypatch):
     assert r2[("masked", "perplexity-ratio")] != pytest.approx(1.0)
 
 
+def test_units_can_swap_mask_to_mask_without_restoring(evaluator):
+    cat = load_catalog("builtin")
+    cfg = EvalConfig(conditions=("dense", "masked"), metrics=("perplexity",), **SMALL)
+    before = bits(evaluator.model)
+    ones = {n: torch.ones(evaluator.model.get_submodule(n).weight.shape, dtype=torch.bool) for n in evaluator.prunable}
+    a, b = random_masks(evaluator.model, evaluator.prunable, seed=1), random_masks(evaluator.model, evaluator.prunable[:3], seed=2)
+    ta = evaluate_unit(evaluator, cat["optimist"], cat["pessimist"], a, {"method": "a"}, cfg, restore=False)
+    assert evaluator.masks.active is not None
+    tb = evaluate_unit(evaluator, cat["optimist"], cat["pessimist"], b, {"method": "b"}, cfg, restore=False)
+    assert set(evaluator.masks.active) == set(b)  # modules only in `a` went back to dense
+    tb2 = evaluate_unit(evaluator, cat["optimist"], cat["pessimist"], b, {"method": "b"}, cfg)
+    assert tb.column("value").to_pylist() == tb2.column("value").to_pylist()
+    assert same_bits(before, bits(evaluator.model))
+    t1 = evaluate_unit(evaluator, cat["introvert"], cat["extrovert"], ones, {"method": "1"}, cfg, restore=False)
+    t2 = evaluate_unit(evaluator, cat["pessimist"], cat["optimist"], None, None, cfg)  # dense state restores first
+    assert evaluator.masks.active is None and same_bits(before, bits(evaluator.model))
+    assert ta.num_rows == t1.num_rows == 4 and t2.num_rows == 2
+
+
 @pytest.mark.slow
 def test_default_model_unit_and_swap_cost():
     """The real default model: answer tokens, a unit, and the swap far cheaper than a batch."""

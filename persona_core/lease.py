@@ -8,8 +8,9 @@ The lease is a small JSON object at ``leases/<name>.json``::
 
 Guarantees, by backend
 ----------------------
-* Local folders (and NFS with O_EXCL): acquiring is an exclusive create
-  (``O_CREAT | O_EXCL``), so of several racing processes exactly one wins.
+* Local folders (and NFS): the lease is written whole under a private name and
+  published with ``link(2)``, which fails if the lease exists, so of several
+  racing processes exactly one wins and nobody reads a half-written lease.
   Taking over an *expired* lease renames it to a unique name first (only one
   rename of a file succeeds) and checks that what it moved is the expired
   lease it read; if it moved a fresh one by mistake it is linked back.
@@ -199,23 +200,26 @@ class Lease:
     def _acquire_local(self, info: LeaseInfo) -> None:
         path = Path(self.store.path(self.key))
         path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                current = self.read()
-                if current is None:
-                    continue  # released between our create and read: try again
-                if not current.expired:
-                    raise LeaseHeld(current) from None
-                self._break_local(path, current)
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(info.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            return
-        raise LeaseHeld(self.read() or info)
+        # Written whole under a private name, then published with link(2), which fails if the
+        # lease exists: nobody ever sees a half-written lease, and of several racers one wins.
+        tmp = path.with_name(f"{path.name}.tmp-{info.token}")
+        tmp.write_bytes(info.to_bytes())
+        try:
+            for _ in range(5):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    current = self.read()
+                    if current is None:
+                        continue  # released between our link and read: try again
+                    if not current.expired:
+                        raise LeaseHeld(current) from None
+                    self._break_local(path, current)
+                    continue
+                return
+            raise LeaseHeld(self.read() or info)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _break_local(self, path: Path, expired: LeaseInfo) -> None:
         """Move an expired lease aside; only one racer's rename succeeds."""

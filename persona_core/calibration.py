@@ -48,7 +48,7 @@ class CalibConfig:
     user_prompt: str | None = None  # an optional user turn before each reply
     sort_by_length: bool = True  # batch texts of similar length together (less padding)
     # Generation, for personas given only by a description.
-    gen_questions: int | None = None  # how many of `catalog.generic_questions()` (None: all)
+    gen_questions: int | None = None  # how many of the calibration half of `catalog.generic_questions()` (None: all)
     gen_max_new_tokens: int = 96
     gen_batch_size: int = 8
 
@@ -86,7 +86,7 @@ def render_reply(tokenizer, reply: str, config: CalibConfig, description: str = 
 
 
 def questions_for(config: CalibConfig) -> list[str]:
-    qs = generic_questions()
+    qs = generic_questions("calibration")  # the evaluation half stays held out for role-play metrics
     return qs[: config.gen_questions] if config.gen_questions else qs
 
 

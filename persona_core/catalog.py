@@ -421,9 +421,18 @@ def general_persona() -> Persona:
     return Persona(GENERAL_ID, "", texts, (), None, ("reference",), False, str(DATA / "general.txt"))
 
 
-def generic_questions() -> list[str]:
-    """The built-in questions used to elicit in-role answers (generation, role-play metrics)."""
-    return [q for q in (DATA / "questions.txt").read_text().splitlines() if q.strip()]
+def generic_questions(part: str = "all") -> list[str]:
+    """The built-in generic questions that elicit in-role answers.
+
+    ``part="calibration"`` is the first half (what calibration texts are generated
+    from), ``part="evaluation"`` the second half (held out for role-play metrics).
+    """
+    qs = [q for q in (DATA / "questions.txt").read_text().splitlines() if q.strip()]
+    half = len(qs) // 2
+    try:
+        return {"all": qs, "calibration": qs[:half], "evaluation": qs[half:]}[part]
+    except KeyError:
+        raise ValueError(f"generic_questions: part must be all, calibration or evaluation, not {part!r}") from None
 
 
 def heldout_text() -> str:

@@ -235,13 +235,11 @@ def perplexity(ctx: MetricContext) -> dict[str, Score]:
 
 
 def heldout_questions(config: "EvalConfig") -> list[str]:
-    """Generic questions for role-play answers: the second half of the built-in questions,
-    capped by `max_questions` (calibration that generates texts from at most the first half,
-    `CalibConfig.gen_questions`, never sees them)."""
+    """Generic questions for role-play answers: the held-out half of the built-in questions
+    (calibration generates texts from the other half only), capped by `max_questions`."""
     from .evaluate import take
 
-    qs = generic_questions()
-    return take(qs[len(qs) // 2:], config.max_questions, config.seed)
+    return take(generic_questions("evaluation"), config.max_questions, config.seed)
 
 
 def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]]) -> list[float]:

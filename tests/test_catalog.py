@@ -46,6 +46,8 @@ def test_builtin_catalog_is_complete(builtin_catalog):
         assert not set(p.calibration) & set(p.evaluation)
     assert len(general_persona().calibration) >= 40
     assert len(generic_questions()) >= 40
+    cal, held = generic_questions("calibration"), generic_questions("evaluation")
+    assert cal + held == generic_questions() and not set(cal) & set(held) and len(held) >= 20
 
 
 def test_round_trip_yaml_and_jsonl(tmp_path, builtin_catalog):

@@ -110,15 +110,14 @@ def _calib_config(cfg: PipelineConfig, problems: list[str]):
 
 
 def _check_methods(cfg: PipelineConfig, problems: list[str]) -> None:
-    try:
-        from persona_core import masks
-    except ImportError:  # the reducer is not installed: nothing to check against
-        return
-    for m in cfg.masks.methods:
-        try:
-            masks.get_method(m)
-        except ValueError as err:
-            problems.append(f"masks.methods: {err}")
+    from persona_core import masks
+
+    for section, names in (("masks.methods", cfg.masks.methods), ("masks.baselines", cfg.masks.baselines)):
+        for m in names:
+            try:
+                masks.get_method(m)
+            except ValueError as err:
+                problems.append(f"{section}: {err}")
     for g in cfg.masks.granularities:
         if g not in masks.GRANULARITIES:
             problems.append(f"masks.granularities: unknown granularity {g!r} (use {', '.join(masks.GRANULARITIES)})")
@@ -191,7 +190,8 @@ def stage_masks(p: Plan) -> Summary:
     from jobs import build_masks
 
     cfg = p.config
-    return _call(build_masks.run, store=p.store, model=cfg.model, methods=list(cfg.masks.methods),
+    methods = list(dict.fromkeys([*cfg.masks.methods, *cfg.masks.baselines]))
+    return _call(build_masks.run, store=p.store, model=cfg.model, methods=methods,
                  sparsities=list(cfg.masks.sparsities), granularities=tuple(cfg.masks.granularities),
                  personas=p.persona_ids, catalog=p.catalog, address=cfg.address, **cfg.masks.options)
 

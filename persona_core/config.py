@@ -113,6 +113,7 @@ class MasksSection:
     methods: list[str] = knob(["wanda", "contrastive-wanda"], "mask methods to build", non_empty)
     sparsities: list[float] = knob([0.3, 0.5], "fractions of weights removed", fraction_list)
     granularities: list[str] = knob(["unstructured"], "unstructured, 2:4, 4:8 or ffn-channels", granularity_list)
+    baselines: list[str] = knob(["magnitude", "wanda-general"], "plain-pruning baselines built and scored alongside")
     options: dict[str, Any] = knob({}, "extra keyword arguments of build_masks.run (e.g. method params)")
 
 

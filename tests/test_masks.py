@@ -124,7 +124,8 @@ def test_contrastive_relu_zero_scores_are_filled_by_magnitude(lw, stats):
     absw = lw.tensors[name].abs().float()
     score = absw * torch.relu(z).float()
     expected = reference_keep(score, absw, absw.shape[1] // 2)
-    got = build_masks(lw, stats["persona"], stats["opposite"], spec=MaskSpec("contrastive-wanda", 0.5))[name]
+    relu = MaskSpec("contrastive-wanda", 0.5, params={"f": "relu"})
+    got = build_masks(lw, stats["persona"], stats["opposite"], spec=relu)[name]
     assert torch.equal(got, expected)
 
 
@@ -204,9 +205,9 @@ def test_mask_key_layout():
     assert M.mask_key("m-1", "magnitude", 0.3, "x").endswith(f"/{GENERAL_ID}.safetensors")
     assert "/method=wanda@2of4/" in M.mask_key("m-1", "wanda", 0.5, "p", "2:4")
     assert "/method=wanda@ffn-channels/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels")
-    soft = M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "softplus"})
-    assert soft != M.mask_key("m-1", "contrastive-wanda", 0.5, "p")
-    assert M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"}) == \
+    relu = M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"})
+    assert relu != M.mask_key("m-1", "contrastive-wanda", 0.5, "p")
+    assert M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "softplus"}) == \
         M.mask_key("m-1", "contrastive-wanda", 0.5, "p")
     assert set(GRANULARITIES) == {"unstructured", "2:4", "4:8", "ffn-channels"}
 

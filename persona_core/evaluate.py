@@ -74,39 +74,6 @@ def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-@dataclass
-class MaskHandle:
-    """What `apply_mask` removed: per module, the pruned positions and their values."""
-
-    model: nn.Module
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    restored: bool = False
-
-    def restore(self) -> None:
-        restore(self)
-
-
-@torch.no_grad()
-def apply_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
-    """Zero every weight whose mask is False, in place; keep only the removed values."""
-    handle = MaskHandle(model)
-    for name, (weight, mask) in _check_masks(model, masks).items():
-        drop = ~mask.to(weight.device, non_blocking=True)
-        handle.saved[name] = (drop, weight[drop].clone())
-        weight.masked_fill_(drop, 0)
-    return handle
-
-
-@torch.no_grad()
-def restore(handle: MaskHandle) -> None:
-    """Put back the values `apply_mask` removed; the weights are bit-identical afterwards."""
-    if handle.restored:
-        raise RuntimeError("this mask was already restored")
-    for name, (drop, values) in handle.saved.items():
-        handle.model.get_submodule(name).weight.masked_scatter_(drop, values)
-    handle.restored = True
-
-
 class MaskedModel:
     """A model whose prunable weights can be swapped to a mask and back, cheaply.
 

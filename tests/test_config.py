@@ -85,6 +85,8 @@ def test_hash_ignores_where_not_what():
 def test_shipped_configs_validate():
     load_config(ROOT / "configs" / "demo.yaml")
     load_config(ROOT / "configs" / "pipeline.example.yaml")
+    load_config(ROOT / "configs" / "study-builtin.yaml")
+    load_config(ROOT / "configs" / "study-anthropic.yaml")
     load_config(ROOT / "configs" / "nightly.example.yaml", NightlyConfig)
 
 

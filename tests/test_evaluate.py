@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from persona_core.catalog import load_catalog
-from persona_core.evaluate import (CONDITIONS, EvalConfig, Evaluator, MaskedModel, apply_mask, evaluate_unit,
-                                   mask_content_hash, restore)
+from persona_core.evaluate import (CONDITIONS, EvalConfig, Evaluator, MaskedModel, evaluate_unit,
+                                   mask_content_hash)
 from persona_core.models import load_model
 
 SMALL = dict(max_statements=4, max_questions=2, max_new_tokens=6, ppl_window=64, ppl_windows=1)
@@ -45,15 +45,16 @@ def prunable(model):
 def test_apply_mask_zeroes_pruned_and_restore_is_bit_exact(model):
     before = bits(model.model)
     masks = random_masks(model.model, prunable(model))
-    handle = apply_mask(model.model, masks)
+    mm = MaskedModel(model.model)
+    mm.apply(masks)
     for name, m in masks.items():
         w = model.model.get_submodule(name).weight
         assert torch.all(w[~m] == 0) and torch.equal(w[m], before[f"{name}.weight"][m].view(torch.float32))
     assert not same_bits(before, bits(model.model))
-    restore(handle)
+    mm.restore()
     assert same_bits(before, bits(model.model))
-    with pytest.raises(RuntimeError):
-        restore(handle)
+    mm.restore()  # restoring twice is harmless
+    assert same_bits(before, bits(model.model))
 
 
 def test_masked_model_swaps_many_masks_bit_exact(model):
@@ -81,7 +82,7 @@ def test_bad_masks_are_rejected_before_anything_changes(model):
         MaskedModel(model.model).apply(bad)
     assert "model.nope" in str(err.value) and "shape" in str(err.value)
     with pytest.raises(ValueError, match="dtype"):
-        apply_mask(model.model, {names[0]: torch.ones(good[names[0]].shape)})
+        MaskedModel(model.model).apply({names[0]: torch.ones(good[names[0]].shape)})
     assert same_bits(before, bits(model.model))
 
 

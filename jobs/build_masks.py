@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from jobs.cli import UserError
-from jobs.common import Summary, ensure_ray, progress
+from jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
 from persona_core.hashing import content_hash
 from persona_core.masks import (CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY, MaskSpec,
@@ -283,7 +283,7 @@ def add_parser(sub) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+    add_store_arg(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
     p.add_argument("--method", action="append", dest="methods", metavar="M",
                    help=f"mask method, repeatable (default wanda; known: {', '.join(REGISTRY)})")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jobs.cli import UserError
-from jobs.common import Summary, ensure_ray, gpus_available, progress
+from jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
 from persona_core.calibration import CalibConfig, calibrate_persona, shard_count
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, Persona, general_persona, load_catalog
 from persona_core.models import DEFAULT_MODEL, model_key
@@ -257,7 +257,7 @@ def _ids(text: str | None) -> list[str] | None:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="catalog file, folder, URL, or 'builtin'")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
-    p.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+    add_store_arg(p)
     p.add_argument("--personas", default=None, help="comma-separated persona ids (default: all)")
     p.add_argument("--general", action="store_true", help="also calibrate the neutral 'general' reference set")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,

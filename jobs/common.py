@@ -73,6 +73,12 @@ class Summary:
                 "tokens": self.tokens, "seconds": round(self.seconds, 3), "errors": self.errors[:20]}
 
 
+def add_store_arg(p) -> None:
+    """The `--store` option every subcommand shares (None: the config's store, else ./persona-store)."""
+    p.add_argument("--store", default=None,
+                   help="store URL: a folder, s3://bucket/prefix or memory:// (default ./persona-store)")
+
+
 def progress(total: int, desc: str):
     """A tqdm bar on stderr (quiet when not a terminal and PERSONA_PROGRESS=0)."""
     from tqdm import tqdm

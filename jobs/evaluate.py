@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.common import Summary, ensure_ray, gpus_available, progress
+from jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
 from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
 from persona_core.evaluate import CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
 from persona_core.hashing import content_hash
@@ -216,7 +216,7 @@ class EvalWorker:
 # ---------------------------------------------------------------------------- the job
 
 
-def run(store: str | Store, model: str = DEFAULT_MODEL, catalog: str | Catalog = BUILTIN,
+def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Catalog = BUILTIN,
         methods: list[str] | None = None, sparsities: list[float] | None = None,
         personas: list[str] | None = None, conditions: list[str] | None = None,
         run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
@@ -338,7 +338,7 @@ def add_parser(sub) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=os.environ.get("PERSONA_STORE", "./persona-store"), help="store URL")
+    add_store_arg(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
     p.add_argument("--catalog", default=BUILTIN, help="catalog file, folder, URL or 'builtin'")
     p.add_argument("--methods", nargs="+", help="mask methods, globs allowed (contrastive-*); default: all found")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.cli import UserError
-from jobs.common import Summary, ensure_ray
+from jobs.common import Summary, add_store_arg, ensure_ray
 from persona_core import runs
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, SplitConfig, general_persona, load_catalog
 from persona_core.config import ConfigError, NightlyConfig, PipelineConfig, load_config
@@ -413,7 +413,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (every knob: README, 'Operations')")
     p.add_argument("--catalog", default=None, help="catalog file, folder, URL, or 'builtin'")
     p.add_argument("--model", default=None, help="model spec (default smollm2-135m)")
-    p.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+    add_store_arg(p)
     p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--personas", default=None, help="comma-separated persona ids (default: all)")
     p.add_argument("--methods", default=None, help="comma-separated mask methods")

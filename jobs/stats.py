@@ -14,6 +14,7 @@ import json
 import torch
 
 from jobs.cli import UserError
+from jobs.common import add_store_arg
 from persona_core.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
                                 stats_summary)
 from persona_core.store import open_store
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
     ssub = p.add_subparsers(dest="stats_command", required=True, metavar="ACTION")
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+        add_store_arg(q)
         q.add_argument("--model", default=None, help="model key (default: the only model in the store)")
         q.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.common import add_store_arg
 from persona_core.hashing import content_hash
 from persona_core.store import open_store
 
@@ -287,7 +288,7 @@ def add_parser(sub) -> None:
 
     s = sub.add_parser("status", help="a run's manifest from the store (or list recent runs)")
     s.add_argument("run", nargs="?", help="run id (run-...), or a submission id (persona-<command>-...)")
-    s.add_argument("--store", default=None, help="store URL (default ./persona-store)")
+    add_store_arg(s)
     s.add_argument("--address", default=None, help="also ask this Ray cluster about the run's submitted jobs")
     s.add_argument("--token-file", default=None)
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")

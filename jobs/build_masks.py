@@ -23,8 +23,8 @@ from jobs.cli import UserError
 from jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
 from persona_core.hashing import content_hash
-from persona_core.masks import (CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY, MaskSpec,
-                                get_method, spec_key)
+from persona_core.masks import (ALLOCATIONS, CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY,
+                                MaskSpec, get_method, spec_key)
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
 
@@ -44,7 +44,8 @@ class Unit:
     @property
     def name(self) -> str:
         who = "/".join(pid for _, pid in self.roles) or "-"
-        return f"{self.spec.method}@{self.spec.granularity} s={self.spec.sparsity:g} {who}"
+        alloc = "" if self.spec.allocation == "uniform" else f"~{self.spec.allocation}"
+        return f"{self.spec.method}@{self.spec.granularity}{alloc} s={self.spec.sparsity:g} {who}"
 
 
 # ---------------------------------------------------------------------------- planning
@@ -62,8 +63,9 @@ def stats_fingerprints(store: Store, model_key: str) -> dict[str, str]:
 
 
 def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularities: Iterable[str],
-               params: dict[str, dict] | None = None) -> list[MaskSpec]:
-    """Every (method, sparsity, granularity); an N:M granularity fixes its own sparsity N/M."""
+               params: dict[str, dict] | None = None, allocations: Iterable[str] = ("uniform",)) -> list[MaskSpec]:
+    """Every (method, sparsity, granularity, allocation); an N:M granularity fixes its own
+    sparsity N/M and is built uniform only (a layer allocation does not apply to it)."""
     specs: dict[str, MaskSpec] = {}
     params = params or {}
     for method in methods:
@@ -74,8 +76,9 @@ def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
             else:
                 chosen = list(sparsities)
             for s in chosen:
-                spec = MaskSpec(method, float(s), gran, dict(params.get(method, {})))
-                specs.setdefault(spec.hash, spec)
+                for alloc in (("uniform",) if ":" in gran else allocations):
+                    spec = MaskSpec(method, float(s), gran, dict(params.get(method, {})), allocation=alloc)
+                    specs.setdefault(spec.hash, spec)
     return list(specs.values())
 
 
@@ -150,12 +153,13 @@ def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes
                delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
     """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
     from persona_core.maskcodec import write_mask
-    from persona_core.masks import build_pair_masks
+    from persona_core.masks import build_pair_masks, resolve_allocation
     from persona_core.stats import read_persona_stats
 
     stats = [read_persona_stats(store, model_key, pid, persona_hashes.get(pid)) for _, pid in unit.roles]
-    sides = build_pair_masks(weights, *stats, spec=unit.spec, device=device)
-    base_meta = {"model_key": model_key, **unit.spec.to_dict(), "spec_hash": unit.spec.hash,
+    spec = resolve_allocation(weights, stats, unit.spec, device)  # OWL: the layer sparsities, recorded below
+    sides = build_pair_masks(weights, *stats, spec=spec, device=device)
+    base_meta = {"model_key": model_key, **spec.to_dict(), "spec_hash": unit.spec.hash,
                  "identity": unit.identity, "code_version": CODE_VERSION,
                  "roles": {role: pid for role, pid in unit.roles}, "stats": unit.fingerprints,
                  "stats_versions": {s.persona_id: {"persona_hash": s.persona_hash, "calib_hash": s.calib_hash}
@@ -179,7 +183,8 @@ def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes
 def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence[str] = ("wanda",),
         sparsities: Sequence[float] = (0.5,), granularities: Sequence[str] = ("unstructured",),
         personas: Sequence[str] | None = None, catalog: Catalog | str | None = None,
-        address: str | None = None, *, params: dict[str, dict] | None = None, delta: bool = False,
+        address: str | None = None, *, params: dict[str, dict] | None = None,
+        allocations: Sequence[str] = ("uniform",), delta: bool = False,
         device: str | None = None, max_in_flight: int = 256) -> Summary:
     """Build every missing mask; returns the closing Summary (also logged)."""
     summary = Summary("build-masks")
@@ -191,8 +196,11 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
     bad_gran = [g for g in granularities if g not in GRANULARITIES]
     if bad_gran:
         raise UserError(f"unknown granularity {', '.join(bad_gran)} (use {', '.join(GRANULARITIES)})")
+    bad_alloc = [a for a in allocations if a not in ALLOCATIONS]
+    if bad_alloc:
+        raise UserError(f"unknown allocation {', '.join(bad_alloc)} (use {', '.join(ALLOCATIONS)})")
     try:
-        specs = make_specs(methods, sparsities, granularities, params)
+        specs = make_specs(methods, sparsities, granularities, params, allocations)
     except ValueError as err:
         raise UserError(str(err)) from err
     try:
@@ -291,6 +299,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights removed, repeatable (default 0.5)")
     p.add_argument("--granularity", action="append", dest="granularities", metavar="G",
                    help=f"repeatable: {', '.join(GRANULARITIES)} (default unstructured)")
+    p.add_argument("--allocation", action="append", dest="allocations", metavar="A", choices=ALLOCATIONS,
+                   help="sparsity across layers, repeatable: uniform or owl (outlier-weighted; default uniform)")
     p.add_argument("--personas", nargs="+", default=None, metavar="ID", help="only these personas")
     p.add_argument("--catalog", default=None, help="catalog (file, folder, URL or 'builtin'); needed for pairs")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -320,7 +330,8 @@ def parse_params(items: Iterable[str]) -> dict[str, dict]:
 def _main(args) -> int:
     summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
                   args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
-                  params=parse_params(args.param), delta=args.delta, device=args.device)
+                  params=parse_params(args.param), allocations=args.allocations or ["uniform"],
+                  delta=args.delta, device=args.device)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

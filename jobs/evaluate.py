@@ -51,14 +51,20 @@ class MaskRef:
     """One mask file in the store, parsed from its key."""
 
     key: str
-    method: str  # the whole method segment, e.g. contrastive-wanda@2of4+1a2b3c4d
+    method: str  # the whole method segment, e.g. contrastive-wanda@2of4+1a2b3c4d or wanda~owl
     base: str  # the method's registered name, e.g. contrastive-wanda
     sparsity: float
     owner: str  # a persona id, or "general" for masks shared by every persona
 
     @property
     def granularity(self) -> str:
-        return self.method.split("@", 1)[1].split("+", 1)[0].replace("of", ":") if "@" in self.method else "unstructured"
+        m = re.search(r"@([^~+]+)", self.method)
+        return m[1].replace("of", ":") if m else "unstructured"
+
+    @property
+    def allocation(self) -> str:
+        m = re.search(r"~([^@+]+)", self.method)
+        return m[1] if m else "uniform"
 
 
 _MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/method=(?P<method>[^/]+)/sparsity=(?P<sparsity>[^/]+)/"
@@ -76,7 +82,7 @@ def list_masks(store: Store, model_key: str) -> list[MaskRef]:
         except ValueError:
             log.warning("skipping %s: sparsity %r is not a number", key, m["sparsity"])
             continue
-        base = re.split(r"[@+]", m["method"], maxsplit=1)[0]
+        base = re.split(r"[@~+]", m["method"], maxsplit=1)[0]
         refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"]))
     return refs
 

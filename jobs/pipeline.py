@@ -193,6 +193,7 @@ def stage_masks(p: Plan) -> Summary:
     methods = list(dict.fromkeys([*cfg.masks.methods, *cfg.masks.baselines]))
     return _call(build_masks.run, store=p.store, model=cfg.model, methods=methods,
                  sparsities=list(cfg.masks.sparsities), granularities=tuple(cfg.masks.granularities),
+                 allocations=tuple(cfg.masks.allocations),
                  personas=p.persona_ids, catalog=p.catalog, address=cfg.address, **cfg.masks.options)
 
 

@@ -75,7 +75,9 @@ def non_empty_str(v) -> str | None:
     return None if str(v).strip() else "a non-empty string"
 
 
+# The same tuples as persona_core.masks (tests check they agree); this module never imports torch.
 GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
+ALLOCATIONS = ("uniform", "owl")
 
 
 def granularity_list(v) -> str | None:
@@ -83,6 +85,11 @@ def granularity_list(v) -> str | None:
         return "a non-empty list"
     bad = [g for g in v if g not in GRANULARITIES and not _is_nm(g)]
     return f"granularities among {', '.join(GRANULARITIES)} or N:M (bad: {bad})" if bad else None
+
+
+def allocation_list(v) -> str | None:
+    bad = [a for a in v or [] if a not in ALLOCATIONS]
+    return "a non-empty list" if not v else (f"allocations among {', '.join(ALLOCATIONS)} (bad: {bad})" if bad else None)
 
 
 def _is_nm(g: str) -> bool:
@@ -113,6 +120,8 @@ class MasksSection:
     methods: list[str] = knob(["wanda", "contrastive-wanda"], "mask methods to build", non_empty)
     sparsities: list[float] = knob([0.3, 0.5], "fractions of weights removed", fraction_list)
     granularities: list[str] = knob(["unstructured"], "unstructured, 2:4, 4:8 or ffn-channels", granularity_list)
+    allocations: list[str] = knob(["uniform"], "sparsity across layers: uniform and/or owl (outlier-weighted)",
+                                  allocation_list)
     baselines: list[str] = knob(["magnitude", "wanda-general"], "plain-pruning baselines built and scored alongside")
     options: dict[str, Any] = knob({}, "extra keyword arguments of build_masks.run (e.g. method params)")
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import reduce
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "masks-v1"
 GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
 DEFAULT_GRANULARITY = "unstructured"
+# How sparsity is spread over layers: the same in each, or OWL's outlier-weighted allocation
+# (Yin et al., 2024): layers with more outlier scores keep more weights. M and lambda are OWL's defaults.
+ALLOCATIONS = ("uniform", "owl")
+OWL_M, OWL_LAMBDA = 5.0, 0.08
 
 # Roles a method can need statistics for.
 PERSONA, OPPOSITE, GENERAL = "persona", "opposite", "general"
@@ -186,7 +191,8 @@ class MaskSpec:
     """What a mask is: method, its parameters, sparsity and granularity.
 
     `layer_sparsity` (one value per decoder layer) overrides the uniform sparsity
-    for unstructured and ffn-channels masks (e.g. an OWL-style allocation).
+    for unstructured and ffn-channels masks. ``allocation="owl"`` fills it from the
+    weights and statistics at build time (`resolve_allocation`), with the same mean.
     """
 
     method: str
@@ -194,6 +200,7 @@ class MaskSpec:
     granularity: str = DEFAULT_GRANULARITY
     params: dict = field(default_factory=dict)
     layer_sparsity: tuple[float, ...] | None = None
+    allocation: str = "uniform"
 
     def __post_init__(self):
         get_method(self.method).resolve(self.params)  # unknown method or parameter: fail now
@@ -205,8 +212,10 @@ class MaskSpec:
         nm = self.nm
         if nm and not math.isclose(self.sparsity, nm[0] / nm[1]):
             raise ValueError(f"granularity {self.granularity} fixes sparsity at {nm[0] / nm[1]:g}, got {self.sparsity:g}")
-        if nm and self.layer_sparsity:
-            raise ValueError("layer_sparsity does not apply to N:M masks")
+        if nm and (self.layer_sparsity or self.allocation != "uniform"):
+            raise ValueError("per-layer sparsity (layer_sparsity, allocation) does not apply to N:M masks")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r} (use {', '.join(ALLOCATIONS)})")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -219,24 +228,30 @@ class MaskSpec:
 
     @property
     def hash(self) -> str:
+        """What was asked for; an OWL allocation's resolved layer sparsities do not count."""
+        layers = list(self.layer_sparsity) if self.layer_sparsity and self.allocation == "uniform" else None
+        extra = [] if self.allocation == "uniform" else [self.allocation]  # uniform keeps the older hashes
         return content_hash(CODE_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
-                            self.granularity, list(self.layer_sparsity) if self.layer_sparsity else None)
+                            self.granularity, layers, *extra)
 
     def sparsity_of(self, layer: int) -> float:
         return self.layer_sparsity[layer] if self.layer_sparsity else self.sparsity
 
     def to_dict(self) -> dict:
         return {"method": self.method, "sparsity": self.sparsity, "granularity": self.granularity,
-                "params": self.resolved_params, "layer_sparsity": list(self.layer_sparsity or []) or None}
+                "params": self.resolved_params, "layer_sparsity": list(self.layer_sparsity or []) or None,
+                "allocation": self.allocation}
 
 
 def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
-             granularity: str = DEFAULT_GRANULARITY, params: Mapping | None = None) -> str:
+             granularity: str = DEFAULT_GRANULARITY, params: Mapping | None = None,
+             allocation: str = "uniform") -> str:
     """Store key of a mask: ``masks/model=<k>/method=<m>/sparsity=<s>/<persona>.safetensors``.
 
     The method segment carries what else tells masks apart: ``@<granularity>`` for a
-    non-default granularity (``2:4`` written ``2of4``) and ``+<hash>`` for non-default
-    parameters, e.g. ``method=contrastive-wanda@2of4+1a2b3c4d``. Masks that are the same
+    non-default granularity (``2:4`` written ``2of4``), ``~<allocation>`` for a non-uniform
+    allocation and ``+<hash>`` for non-default parameters, e.g.
+    ``method=contrastive-wanda@2of4+1a2b3c4d`` or ``method=wanda~owl``. Masks that are the same
     for every persona (magnitude, wanda-general) live once, under ``general``.
     """
     m = get_method(method)
@@ -246,6 +261,10 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}")
         segment += "@" + granularity.replace(":", "of")
+    if allocation != "uniform":
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {allocation!r}")
+        segment += "~" + allocation
     if resolved != m.defaults:
         segment += "+" + content_hash(resolved)[:8]
     who = persona_id if m.per_persona else GENERAL_ID
@@ -253,7 +272,8 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
 
 
 def spec_key(model_key: str, spec: MaskSpec, persona_id: str) -> str:
-    return mask_key(model_key, spec.method, spec.sparsity, persona_id, spec.granularity, spec.params)
+    return mask_key(model_key, spec.method, spec.sparsity, persona_id, spec.granularity, spec.params,
+                    spec.allocation)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -416,6 +436,46 @@ def _scores(method: Method, params: dict, absw: torch.Tensor, gstats: list[Group
     return scores
 
 
+def owl_sparsities(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], sparsity: float,
+                   m: float = OWL_M, lam: float = OWL_LAMBDA, device: torch.device | str | None = None
+                   ) -> tuple[float, ...]:
+    """OWL's layer sparsities: more outliers in a layer's Wanda scores, fewer weights pruned there.
+
+    A layer's outlier ratio D is the share of its scores |W| * rms(x) above `m` times the
+    layer's mean score (rms over every side's statistics together, so a contrastive pair
+    gets one allocation; |W| alone without statistics). The ratios are scaled to
+    [0, 2 lam], centred, and subtracted from `sparsity`: the mean over layers stays
+    `sparsity`, each layer within `sparsity` +- lam (clipped to [0, 0.99]).
+    """
+    lw = weights if isinstance(weights, LinearWeights) else LinearWeights.from_model(weights)
+    by_layer: dict[int, list[LinearGroup]] = {}
+    for g in lw.groups:
+        by_layer.setdefault(g.layer, []).append(g)
+    ratios = []
+    for layer in sorted(by_layer):
+        scores = []
+        for g in by_layer[layer]:
+            rms = reduce(GroupStats.merge, _group_stats(stats, (g.layer, g.name), device or "cpu")).rms.float() \
+                if stats else None
+            for name in g.modules:
+                absw = lw.weight(name, device).abs().float()
+                scores.append((absw * rms if rms is not None else absw).flatten())
+        flat = torch.cat(scores)
+        ratios.append(float((flat > m * flat.mean()).double().mean()))
+    d = torch.tensor(ratios, dtype=torch.float64)
+    spread = d.max() - d.min()
+    d = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
+    return tuple(float(s) for s in (sparsity - (d - d.mean())).clamp(0.0, 0.99))
+
+
+def resolve_allocation(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,
+                       device: torch.device | str | None = None) -> MaskSpec:
+    """`spec` with its per-layer sparsities filled in for a non-uniform allocation (else as is)."""
+    if spec.allocation == "owl" and spec.layer_sparsity is None:
+        return replace(spec, layer_sparsity=owl_sparsities(weights, stats, spec.sparsity, device=device))
+    return spec
+
+
 def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,
                device: torch.device | str | None = None) -> Iterator[tuple[str, tuple[torch.Tensor, ...]]]:
     """Yield (module name, one keep-mask per side), streaming one decoder layer at a time."""
@@ -424,6 +484,7 @@ def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence
         raise ValueError(f"method {spec.method!r} needs statistics for {', '.join(method.needs) or 'nothing'} "
                          f"({len(method.needs)}), got {len(stats)}")
     lw = weights if isinstance(weights, LinearWeights) else LinearWeights.from_model(weights)
+    spec = resolve_allocation(lw, stats, spec, device)
     if spec.layer_sparsity and len(spec.layer_sparsity) != lw.num_layers:
         raise ValueError(f"layer_sparsity has {len(spec.layer_sparsity)} values for {lw.num_layers} layers")
     params = spec.resolved_params

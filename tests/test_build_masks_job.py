@@ -7,6 +7,7 @@ import torch
 
 from jobs import build_masks as job
 from jobs.cli import UserError, build_parser
+from jobs.evaluate import MaskRef, list_masks
 from persona_core.catalog import GENERAL_ID, general_persona
 from persona_core.maskcodec import read_mask
 from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key
@@ -98,3 +99,29 @@ def test_make_specs_nm_fixes_sparsity():
     specs = job.make_specs(["wanda"], [0.3, 0.5], ["unstructured", "2:4", "4:8"])
     assert sorted((s.granularity, s.sparsity) for s in specs) == [
         ("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.3), ("unstructured", 0.5)]
+
+
+def test_allocations_make_specs_cli_and_keys(tmp_path):
+    specs = job.make_specs(["wanda"], [0.5], ["unstructured", "2:4"], allocations=["uniform", "owl"])
+    assert sorted((s.granularity, s.allocation) for s in specs) == [
+        ("2:4", "uniform"), ("unstructured", "owl"), ("unstructured", "uniform")]
+    args = build_parser().parse_args(["build-masks", "--method", "wanda", "--allocation", "owl"])
+    assert args.allocations == ["owl"]
+    with pytest.raises(UserError, match="unknown allocation"):
+        job.run(str(tmp_path), "tiny-random-llama", ["wanda"], [0.5], allocations=["tilted"])
+    ref = MaskRef("masks/model=m/method=wanda@ffn-channels~owl+1a2b3c4d/sparsity=0.5/p.safetensors",
+                  "wanda@ffn-channels~owl+1a2b3c4d", "wanda", 0.5, "p")
+    assert (ref.granularity, ref.allocation) == ("ffn-channels", "owl")
+    plain = MaskRef("k", "wanda~owl", "wanda", 0.5, "p")
+    assert (plain.granularity, plain.allocation) == ("unstructured", "owl")
+
+
+def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog):
+    summary = job.run(store, "tiny-random-llama", ["wanda", "contrastive-penalty"], [0.5], ("unstructured",),
+                      personas=list(PAIR), catalog=builtin_catalog, allocations=["owl"])
+    assert summary.ok and summary.done == 4, summary.errors
+    assert {r.method for r in list_masks(store, tiny.key)} == {"wanda~owl", "contrastive-penalty~owl"}
+    spec = MaskSpec("contrastive-penalty", 0.5, allocation="owl")
+    got, meta = read_mask(store, spec_key(tiny.key, spec, "introvert"))
+    assert meta["allocation"] == "owl" and len(meta["layer_sparsity"]) == 2
+    assert sum(meta["layer_sparsity"]) / 2 == pytest.approx(0.5)

@@ -27,6 +27,12 @@ def test_values_are_read_and_coerced():
     assert cfg.nightly.lease_ttl_s == 30
 
 
+def test_allocations_are_checked():
+    assert parse_config("masks:\n  allocations: [uniform, owl]\n", "x.yaml").masks.allocations == ["uniform", "owl"]
+    with pytest.raises(ConfigError, match=r"x.yaml:2: masks.allocations: .*tilted"):
+        parse_config("masks:\n  allocations: [tilted]\n", "x.yaml")
+
+
 def test_every_problem_is_reported_with_file_line_and_key():
     text = ("model: tiny-random-llama\n"       # 1
             "masks:\n"                          # 2

@@ -231,3 +231,62 @@ def test_model_and_weights_inputs_agree(tiny, lw, stats):
     a = build_masks(tiny, stats["persona"], spec=MaskSpec("wanda", 0.5))
     b = build_masks(LinearWeights.from_model(tiny, numpy=True), stats["persona"], spec=MaskSpec("wanda", 0.5))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ---------------------------------------------------------------------------- OWL allocation
+
+
+def test_owl_sparsities_keep_the_mean_and_favour_outlier_layers(lw, stats):
+    # give layer 1 a few huge weights: it has more outliers, so it is pruned less
+    tensors = {n: w.clone() for n, w in lw.tensors.items()}
+    for g in lw.groups:
+        if g.layer == 1:
+            for name in g.modules:
+                tensors[name].view(-1)[::37] *= 50
+    skewed = LinearWeights(lw.groups, tensors)
+    sp = M.owl_sparsities(skewed, [stats["persona"]], 0.5)
+    assert len(sp) == lw.num_layers == 2
+    assert sum(sp) / len(sp) == pytest.approx(0.5)
+    assert sp[1] == pytest.approx(0.5 - M.OWL_LAMBDA) and sp[0] == pytest.approx(0.5 + M.OWL_LAMBDA)
+    # without statistics the scores are |W| alone; equal outlier ratios give the uniform sparsity
+    assert M.owl_sparsities(skewed, [], 0.3)[1] < 0.3
+    same = LinearWeights([g for g in lw.groups if g.layer == 0], lw.tensors)
+    assert M.owl_sparsities(same, [stats["persona"]], 0.3) == (0.3,)
+
+
+def test_owl_masks_prune_each_layer_at_its_allocated_sparsity(lw, stats):
+    spec = MaskSpec("wanda", 0.5, allocation="owl")
+    resolved = M.resolve_allocation(lw, [stats["persona"]], spec)
+    assert resolved.layer_sparsity == M.owl_sparsities(lw, [stats["persona"]], 0.5)
+    assert resolved.hash == spec.hash  # the request, not its resolution, names the mask
+    masks = build_masks(lw, stats["persona"], spec=spec)
+    for g in lw.groups:
+        for name in g.modules:
+            m = masks[name]
+            assert (m.shape[1] - m.sum(1) == M.n_pruned(m.shape[1], resolved.layer_sparsity[g.layer])).all()
+
+
+def test_owl_is_one_allocation_for_both_sides_of_a_pair(lw, stats):
+    spec = MaskSpec("contrastive-penalty", 0.5, allocation="owl")
+    plus, minus = build_pair_masks(lw, stats["persona"], stats["opposite"], spec=spec)
+    minus2, plus2 = build_pair_masks(lw, stats["opposite"], stats["persona"], spec=spec)
+    assert all(torch.equal(plus[n], plus2[n]) and torch.equal(minus[n], minus2[n]) for n in plus)
+    assert all(plus[n].sum() == minus[n].sum() for n in plus)
+
+
+def test_owl_spec_validation_key_and_hash():
+    with pytest.raises(ValueError, match="unknown allocation"):
+        MaskSpec("wanda", 0.5, allocation="tilted")
+    with pytest.raises(ValueError, match="N:M"):
+        MaskSpec("wanda", 0.5, "2:4", allocation="owl")
+    uniform, owl = MaskSpec("wanda", 0.5), MaskSpec("wanda", 0.5, allocation="owl")
+    assert uniform.hash != owl.hash
+    # adding the allocation field left the uniform masks' hashes (and so the stored masks) as they were
+    assert uniform.hash == M.content_hash(M.CODE_VERSION, "wanda", {}, 0.5, "unstructured", None)
+    assert M.spec_key("m-1", owl, "p") == "masks/model=m-1/method=wanda~owl/sparsity=0.5/p.safetensors"
+    assert "/method=wanda@ffn-channels~owl/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
+    assert "/method=contrastive-wanda~owl+" in M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},
+                                                         allocation="owl")
+    from persona_core import config
+
+    assert config.ALLOCATIONS == M.ALLOCATIONS and config.GRANULARITIES == M.GRANULARITIES

@@ -337,10 +337,17 @@ def _kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
-    """True values per row (numpy's count is ~30x faster than torch's bool sum on CPU)."""
+    """True values per row (numpy's sum of bools is many times faster than torch's on CPU)."""
     if mask.device.type == "cpu":
-        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=-1))
+        return torch.from_numpy(mask.numpy().sum(-1, dtype=np.int64))
     return mask.sum(-1)
+
+
+def _at_least(x: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """x >= cut, cut broadcast per row (numpy's comparison is ~3x torch's on CPU)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy() >= cut.numpy())
+    return x >= cut
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -364,7 +371,7 @@ def keep_top(score: torch.Tensor, k: int, tiebreak: torch.Tensor) -> torch.Tenso
     cut = _kth_smallest(flat, n - k).unsqueeze(-1)
     if torch.isnan(cut).any():
         raise ValueError("scores contain NaN (check the statistics)")
-    keep = flat >= cut
+    keep = _at_least(flat, cut)
     ambiguous = _count(keep) > k  # more than k at or above the cut: a tie there
     if ambiguous.any():
         rows = None if ambiguous.all() else ambiguous.nonzero().squeeze(-1)
@@ -383,7 +390,7 @@ def _keep_top_exact(key: torch.Tensor, k: int) -> torch.Tensor:
     """Top k per row; remaining ties go to the lowest indices."""
     n = key.shape[-1]
     cut = _kth_smallest(key, n - k).unsqueeze(-1)
-    keep = key >= cut
+    keep = _at_least(key, cut)
     ambiguous = _count(keep) > k
     if ambiguous.any():
         rows = ambiguous.nonzero().squeeze(-1)
@@ -458,7 +465,7 @@ def owl_sparsities(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequ
             rms = reduce(GroupStats.merge, _group_stats(stats, (g.layer, g.name), device or "cpu")).rms.float() \
                 if stats else None
             for name in g.modules:
-                absw = lw.weight(name, device).abs().float()
+                absw = lw.weight(name, device).abs()
                 scores.append((absw * rms if rms is not None else absw).flatten())
         flat = torch.cat(scores)
         ratios.append(float((flat > m * flat.mean()).double().mean()))

@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # The whole pipeline on the built-in catalog: default model, local Ray, ./persona-store (configs/demo.yaml).
 demo: $(STAMP)
-	$(PY) -m jobs run --config configs/demo.yaml
+	$(PY) -m persona_jobs run --config configs/demo.yaml
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -189,7 +189,7 @@ def main() -> None:
 
     import ray
 
-    from jobs import build_masks
+    from persona_jobs import build_masks
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     t0 = time.time()

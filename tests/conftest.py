@@ -118,7 +118,7 @@ def tiny_pipeline_config(store: str, **changes):
 @pytest.fixture(scope="session")
 def pipeline_store(ray_cluster, tmp_path_factory):
     """One finished tiny pipeline run in a local store (copy it before changing anything)."""
-    from jobs import pipeline
+    from persona_jobs import pipeline
 
     root = tmp_path_factory.mktemp("pipeline") / "store"
     plan = pipeline.plan(tiny_pipeline_config(str(root)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs import build_masks as job
-from jobs.cli import UserError, build_parser
-from jobs.evaluate import MaskRef, list_masks
+from persona_jobs import build_masks as job
+from persona_jobs.cli import UserError, build_parser
+from persona_jobs.evaluate import MaskRef, list_masks
 from persona_core.catalog import GENERAL_ID, general_persona
 from persona_core.maskcodec import read_mask
 from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from jobs.calibrate import FAIL_ONCE_ENV, plan, resolve, run
-from jobs.cli import UserError
-from jobs.cli import main as cli_main
+from persona_jobs.calibrate import FAIL_ONCE_ENV, plan, resolve, run
+from persona_jobs.cli import UserError
+from persona_jobs.cli import main as cli_main
 from persona_core.calibration import CalibConfig, calibrate_persona
 from persona_core.catalog import GENERAL_ID, general_persona
 from persona_core.models import model_key

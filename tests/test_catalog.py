@@ -159,9 +159,9 @@ def test_calibration_evaluation_overlap(tmp_path):
 
 def test_cli_validate_exits_non_zero_with_messages(tmp_path):
     path = write(tmp_path, "d.jsonl", jsonl(persona("a"), persona("a")))
-    bad = subprocess.run([sys.executable, "-m", "jobs", "catalog", "validate", str(path)], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "persona_jobs", "catalog", "validate", str(path)], capture_output=True, text=True)
     assert bad.returncode == 1 and "field 'id': duplicate" in bad.stderr
-    good = subprocess.run([sys.executable, "-m", "jobs", "catalog", "show", "builtin"], capture_output=True, text=True)
+    good = subprocess.run([sys.executable, "-m", "persona_jobs", "catalog", "show", "builtin"], capture_output=True, text=True)
     assert good.returncode == 0 and "introvert" in good.stdout and "8 opposing pairs" in good.stdout
 
 

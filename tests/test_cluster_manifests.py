@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import build_parser
+from persona_jobs.cli import build_parser
 from persona_core.config import NightlyConfig, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def parses(argv: list[str]) -> None:
 
 def python_m_jobs(entrypoint: str) -> list[str]:
     argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "jobs"], f"entrypoint {entrypoint!r} is not `python -m jobs ...`"
+    assert argv[:3] == ["python", "-m", "persona_jobs"], f"entrypoint {entrypoint!r} is not `python -m persona_jobs ...`"
     return argv[3:]
 
 
@@ -106,7 +106,7 @@ def test_plain_cronjob_submits_nightly_with_forbid():
     (container,) = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     command = container["command"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert command[0] in scripts and scripts[command[0]] == "jobs.cli:main"
+    assert command[0] in scripts and scripts[command[0]] == "persona_jobs.cli:main"
     parses(command[1:])
     sep = command.index("--")
     assert command[1] == "submit" and command[sep + 1] == "nightly"

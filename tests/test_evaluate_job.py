@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs import evaluate as job
+from persona_jobs import evaluate as job
 from persona_core.catalog import load_catalog
 from persona_core.evaluate import EvalConfig
 from persona_core.maskcodec import write_mask
@@ -82,7 +82,7 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
 
 
 def test_cli_parses(store):
-    from jobs.cli import build_parser
+    from persona_jobs.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "--store", store.url, "--model", MODEL, "--methods", "contrastive-*",
                                       "--sparsities", "0.5", "--conditions", "dense", "masked",

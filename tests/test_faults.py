@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import free_port, tiny_pipeline_config
 
-from jobs import calibrate, pipeline
-from jobs.cli import main as cli_main
+from persona_jobs import calibrate, pipeline
+from persona_jobs.cli import main as cli_main
 import torch
 
 from persona_core import runs
@@ -181,7 +181,7 @@ def run_cli_pipeline(tmp_path, store_url: str, env: dict) -> str:
     cfg.write_text(yaml.safe_dump({**TINY_PIPELINE, "store": store_url}))
     full_env = {**os.environ, **env, "PERSONA_PROGRESS": "0", "RAY_ADDRESS": ""}
     full_env.pop("RAY_ADDRESS")
-    cmd = [sys.executable, "-m", "jobs", "run", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "persona_jobs", "run", "--config", str(cfg)]
     rid = subprocess.run([*cmd, "--plan"], env=full_env, capture_output=True, text=True, check=True)
     run_id = yaml.safe_load(rid.stdout)["run_id"]
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)

@@ -8,8 +8,8 @@ import threading
 import pytest
 from conftest import tiny_pipeline_config
 
-from jobs import nightly, pipeline, submit
-from jobs.cli import UserError, main as cli_main
+from persona_jobs import nightly, pipeline, submit
+from persona_jobs.cli import UserError, main as cli_main
 from persona_core import runs
 from persona_core.lease import Lease
 from persona_core.store import open_store
@@ -189,7 +189,7 @@ def test_submit_derives_id_from_run_and_never_runs_a_run_twice(tmp_path, capsys)
     sid, new = submit.submit(command, jobs_client=fake, working_dir=False)
     assert new and sid == f"persona-run-{rid.removeprefix('run-')}"
     job = fake.jobs[sid]
-    assert job["entrypoint"] == "python -m jobs run --config inputs/p.yaml"  # the config travels along
+    assert job["entrypoint"] == "python -m persona_jobs run --config inputs/p.yaml"  # the config travels along
     assert job["entrypoint_num_cpus"] == 1 and "AWS_SECRET_ACCESS_KEY" not in job["runtime_env"]["env_vars"]
 
     assert submit.submit(command, jobs_client=fake, working_dir=False) == (sid, False)  # pending: not again

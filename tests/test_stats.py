@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from jobs.cli import main as cli_main
+from persona_jobs.cli import main as cli_main
 from persona_core.stats import (GroupStats, PersonaStats, Shard, StatsError, list_parts, open_stats, part_key,
                                 part_metadata, read_generated, read_persona_stats, stats_exist, stats_summary,
                                 write_stats)

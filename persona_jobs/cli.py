@@ -13,14 +13,14 @@ import sys
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
-    "jobs.catalog",
-    "jobs.calibrate",
-    "jobs.stats",
-    "jobs.build_masks",
-    "jobs.evaluate",
-    "jobs.pipeline",
-    "jobs.nightly",
-    "jobs.submit",
+    "persona_jobs.catalog",
+    "persona_jobs.calibrate",
+    "persona_jobs.stats",
+    "persona_jobs.build_masks",
+    "persona_jobs.evaluate",
+    "persona_jobs.pipeline",
+    "persona_jobs.nightly",
+    "persona_jobs.submit",
 ]
 
 

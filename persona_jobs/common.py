@@ -28,7 +28,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             init_kwargs.setdefault("include_dashboard", False)
             ray.init(log_to_driver=False, **init_kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        from jobs.cli import UserError
+        from persona_jobs.cli import UserError
 
         raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
 

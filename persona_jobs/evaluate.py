@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
+from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
 from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
 from persona_core.evaluate import CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
 from persona_core.hashing import content_hash
@@ -381,7 +381,7 @@ def config_from_args(args) -> EvalConfig:
 
 
 def _main(args) -> int:
-    from jobs.cli import UserError
+    from persona_jobs.cli import UserError
 
     try:
         config = config_from_args(args)
@@ -402,6 +402,6 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from persona_jobs.cli import main
 
     raise SystemExit(main(["evaluate", *__import__("sys").argv[1:]]))

@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from jobs.cli import UserError
-from jobs.common import Summary, add_store_arg, ensure_ray, progress
+from persona_jobs.cli import UserError
+from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
 from persona_core.hashing import content_hash
 from persona_core.masks import (ALLOCATIONS, CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY,
@@ -339,6 +339,6 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from persona_jobs.cli import main
 
     raise SystemExit(main(["build-masks", *__import__("sys").argv[1:]]))

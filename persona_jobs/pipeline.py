@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jobs.cli import UserError
-from jobs.common import Summary, add_store_arg, ensure_ray
+from persona_jobs.cli import UserError
+from persona_jobs.common import Summary, add_store_arg, ensure_ray
 from persona_core import runs
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, SplitConfig, general_persona, load_catalog
 from persona_core.config import ConfigError, NightlyConfig, PipelineConfig, load_config
@@ -179,7 +179,7 @@ def _call(fn, **kwargs):
 
 
 def stage_calibrate(p: Plan) -> Summary:
-    from jobs import calibrate
+    from persona_jobs import calibrate
 
     cfg = p.config
     return calibrate.run(p.catalog, cfg.model, p.store, personas=p.persona_ids, shard_size=cfg.calibrate.shard_size,
@@ -187,7 +187,7 @@ def stage_calibrate(p: Plan) -> Summary:
 
 
 def stage_masks(p: Plan) -> Summary:
-    from jobs import build_masks
+    from persona_jobs import build_masks
 
     cfg = p.config
     methods = list(dict.fromkeys([*cfg.masks.methods, *cfg.masks.baselines]))
@@ -212,7 +212,7 @@ def _eval_config(cfg: PipelineConfig, options: dict):
 
 
 def stage_evaluate(p: Plan) -> Summary:
-    from jobs import evaluate
+    from persona_jobs import evaluate
 
     cfg = p.config
     config, extra = _eval_config(cfg, p.eval_options)
@@ -231,7 +231,7 @@ def report_key(rid: str) -> str:
 
 def stage_report(p: Plan) -> Summary:
     """The HTML report of the run's results, published in the store next to its manifest."""
-    from jobs import evaluate
+    from persona_jobs import evaluate
 
     summary = Summary("report")
     table = evaluate.load_results(p.store, p.run_id)
@@ -398,7 +398,7 @@ def print_outcome(p: Plan, out: Outcome) -> None:
 
 def _terminal_table(p: Plan) -> str | None:
     try:
-        from jobs import evaluate
+        from persona_jobs import evaluate
         from persona_core import report
 
         return report.terminal_table(evaluate.load_results(p.store, p.run_id))
@@ -495,6 +495,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main as cli_main
+    from persona_jobs.cli import main as cli_main
 
     raise SystemExit(cli_main(["run", *sys.argv[1:]]))

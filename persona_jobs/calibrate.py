@@ -8,7 +8,7 @@ Actors (one per GPU, else one per CPU slot) load the model once and write their
 parts straight to the store: activations never pass through the object store.
 
     persona-jobs calibrate --catalog builtin --model smollm2-135m --store s3://bucket/store
-    python -m jobs.calibrate --catalog builtin --model tiny-random-llama --store ./persona-store
+    python -m persona_jobs.calibrate --catalog builtin --model tiny-random-llama --store ./persona-store
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from jobs.cli import UserError
-from jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
+from persona_jobs.cli import UserError
+from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
 from persona_core.calibration import CalibConfig, calibrate_persona, shard_count
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, Persona, general_persona, load_catalog
 from persona_core.models import DEFAULT_MODEL, model_key
@@ -286,6 +286,6 @@ def main(args) -> int:
 if __name__ == "__main__":
     import sys
 
-    from jobs.cli import main as cli_main
+    from persona_jobs.cli import main as cli_main
 
     raise SystemExit(cli_main(["calibrate", *sys.argv[1:]]))

@@ -26,8 +26,8 @@ import json
 import logging
 import sys
 
-from jobs import pipeline
-from jobs.cli import UserError
+from persona_jobs import pipeline
+from persona_jobs.cli import UserError
 from persona_core import runs
 from persona_core.config import NightlyConfig
 from persona_core.lease import Lease, LeaseHeld, LeaseLost
@@ -92,6 +92,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main as cli_main
+    from persona_jobs.cli import main as cli_main
 
     raise SystemExit(cli_main(["nightly", *sys.argv[1:]]))

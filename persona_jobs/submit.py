@@ -6,7 +6,7 @@
 `submit` goes through the Ray Jobs API (`JobSubmissionClient`): the local
 project folder travels as the job's `working_dir` (unless `--no-working-dir`,
 when the image's installed package runs), the entrypoint is
-``python -m jobs <subcommand ...>`` with its own resources, and the submission
+``python -m persona_jobs <subcommand ...>`` with its own resources, and the submission
 id is derived from the run id, so submitting the same run twice does not run
 it twice: while a job with that id is pending, running or succeeded, `submit`
 reports it and submits nothing; after a failure it submits a new attempt
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.common import add_store_arg
+from persona_jobs.common import add_store_arg
 from persona_core.hashing import content_hash
 from persona_core.store import open_store
 
@@ -60,7 +60,7 @@ def find_token(token_file: str | None = None) -> tuple[str | None, str]:
         try:
             return Path(token_file).expanduser().read_text().strip() or None, token_file
         except OSError as err:
-            from jobs.cli import UserError
+            from persona_jobs.cli import UserError
 
             raise UserError(f"cannot read Ray token file {token_file}: {err.strerror}") from None
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
@@ -70,7 +70,7 @@ def find_token(token_file: str | None = None) -> tuple[str | None, str]:
         try:
             return Path(path).expanduser().read_text().strip() or None, path
         except OSError as err:
-            from jobs.cli import UserError
+            from persona_jobs.cli import UserError
 
             raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read it ({err.strerror})") from None
     default = Path.home() / ".ray" / "auth_token"
@@ -83,7 +83,7 @@ def dashboard_url(address: str | None) -> str:
     """The Jobs API URL: --address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS (when http), else local."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
     if address.startswith("ray://"):
-        from jobs.cli import UserError
+        from persona_jobs.cli import UserError
 
         raise UserError(f"{address}: the Jobs API needs the dashboard URL (http://<head>:8265), not a ray:// address")
     if "://" not in address:
@@ -95,7 +95,7 @@ def client(address: str | None, token_file: str | None = None):
     """A JobSubmissionClient with the auth header set; a clear UserError if unreachable."""
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.cli import UserError
+    from persona_jobs.cli import UserError
 
     url = dashboard_url(address)
     token, source = find_token(token_file)
@@ -119,7 +119,7 @@ def plan_run_id(subcommand: list[str]) -> str | None:
     if not subcommand or subcommand[0] not in ("run", "nightly"):
         return None
     try:
-        from jobs import pipeline
+        from persona_jobs import pipeline
 
         args = pipeline.build_subparser(subcommand[0]).parse_args(subcommand[1:])
         cfg = pipeline.config_from_args(args, nightly=subcommand[0] == "nightly")
@@ -183,7 +183,7 @@ def submit(subcommand: list[str], *, address: str | None = None, token_file: str
             runtime_env["working_dir"] = staging
     if pip:
         runtime_env["pip"] = pip
-    entrypoint = "python -m jobs " + shlex.join(subcommand)
+    entrypoint = "python -m persona_jobs " + shlex.join(subcommand)
     kwargs = dict(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
                   entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
                   metadata={"persona.command": subcommand[0] if subcommand else ""})
@@ -215,7 +215,7 @@ def ship_files(subcommand: list[str], root: Path | None, staging: Path | None = 
     files outside it are an error. Without one, the files are copied into `staging` (which then
     becomes the job's working dir) as ``inputs/<name>``.
     """
-    from jobs.cli import UserError
+    from persona_jobs.cli import UserError
 
     out = list(subcommand)
     for i, arg in enumerate(out[:-1]):
@@ -296,7 +296,7 @@ def add_parser(sub) -> None:
 
 
 def _submit_cmd(args) -> int:
-    from jobs.cli import UserError
+    from persona_jobs.cli import UserError
 
     command = list(args.subcommand)
     if command and command[0] == "--":
@@ -325,7 +325,7 @@ def _submit_cmd(args) -> int:
 
 
 def _status_cmd(args) -> int:
-    from jobs.cli import UserError
+    from persona_jobs.cli import UserError
     from persona_core import runs
 
     store = open_store(args.store)
@@ -381,7 +381,7 @@ def format_state(state: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
+    from persona_jobs.cli import main as cli_main
 
     return cli_main(["submit", *(argv if argv is not None else sys.argv[1:])])
 

@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from jobs.cli import UserError
-from jobs.common import add_store_arg
+from persona_jobs.cli import UserError
+from persona_jobs.common import add_store_arg
 from persona_core.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
                                 stats_summary)
 from persona_core.store import open_store

@@ -1,0 +1,3 @@
+from persona_jobs.cli import main
+
+raise SystemExit(main())

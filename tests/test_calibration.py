@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_core.calibration import (CalibConfig, StatsRecorder, batches, calibrate, calibrate_persona,
-                                      persona_texts, render_reply, shard_count, shard_texts)
+from persona_core.calibration import (RESIDUAL, CalibConfig, StatsRecorder, batches, calibrate,
+                                      calibrate_persona, persona_texts, render_reply, shard_count, shard_texts)
 from persona_core.catalog import Persona, generic_questions
-from persona_core.models import linear_groups
+from persona_core.models import decoder_layers, linear_groups
 from persona_core.stats import GroupStats, Shard
 
 TEXTS = [
@@ -45,6 +45,10 @@ def direct_stats(loaded, texts: list[str], config: CalibConfig) -> dict:
         mod = loaded.model.get_submodule(g.modules[0])
         handles.append(mod.register_forward_pre_hook(
             lambda m, args, k=(g.layer, g.name): captured.setdefault(k, []).append(args[0][0].double())))
+    for i, layer in enumerate(decoder_layers(loaded.model)[1]):  # the residual stream entering each layer
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, args, kwargs, k=(i, RESIDUAL): captured.setdefault(k, []).append(
+                (args[0] if args else kwargs["hidden_states"])[0].double()), with_kwargs=True))
     try:
         with torch.no_grad():
             for t in texts:
@@ -69,6 +73,9 @@ def test_statistics_equal_direct_computation(tiny):
     got = calibrate(tiny, texts, config)
     want = direct_stats(tiny, texts, config)
     assert_stats_close(got, want)
+    layers = len(decoder_layers(tiny.model)[1])
+    assert {k for k in got if k[1] == RESIDUAL} == {(i, RESIDUAL) for i in range(layers)}
+    assert got[(0, RESIDUAL)].width == tiny.model.config.hidden_size
     first = next(iter(got.values()))
     assert first.sum.dtype == torch.float64
     lengths = [len(tiny.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -111,11 +118,13 @@ def test_shared_inputs_are_reduced_once_per_batch(tiny):
     n_linear = sum(1 for m in tiny.model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     assert len(groups) < n_linear  # q/k/v and gate/up share inputs
     n_batches = len(list(batches(tiny, TEXTS, config)))
+    layers = len(decoder_layers(tiny.model)[1])
     with StatsRecorder(tiny) as rec:
-        assert sum(len(m._forward_pre_hooks) for m in tiny.model.modules()) == len(groups)
+        assert sum(len(m._forward_pre_hooks) for m in tiny.model.modules()) == len(groups) + layers
         for ids, mask in batches(tiny, TEXTS, config):
             rec.run_batch(ids, mask)
-    assert rec.calls == {(g.layer, g.name): n_batches for g in groups}
+    assert rec.calls == {**{(g.layer, g.name): n_batches for g in groups},
+                         **{(i, RESIDUAL): n_batches for i in range(layers)}}
     assert sum(len(m._forward_pre_hooks) for m in tiny.model.modules()) == 0  # removed on exit
 
 

@@ -16,6 +16,16 @@ Formats
   lines with ``statement`` and ``answer_matching_behavior``. Each behavior gives
   two opposing personas, ``<behavior>`` and ``not-<behavior>``.
 * ``builtin``: the catalog shipped with this package (8 opposing pairs).
+
+Persona ids
+-----------
+An id becomes part of store keys (folders, file names, object names), so it
+follows one grammar, checked at load (``file:line``) and again by every function
+that builds a key (`check_id`): 1 to 128 characters from ``A-Z a-z 0-9 . _ -``,
+starting with a letter or digit, never containing ``..``; no two ids of a
+catalog may differ only in case (they would share files on a case-insensitive
+store). Names the system uses itself (`RESERVED_IDS`: ``general``, the neutral
+reference set) are refused in any case.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,6 +50,50 @@ FORMAT_VERSION = 1
 DATA = Path(__file__).parent / "data"
 BUILTIN = "builtin"
 GENERAL_ID = "general"
+
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID_RE = re.compile(ID_PATTERN)
+RESERVED_IDS = frozenset({GENERAL_ID})  # internal names: a persona of that name would overwrite system artifacts
+
+
+def id_problem(value: object, what: str = "id") -> str | None:
+    """Why `value` is not a valid identifier (persona id, schedule name), or None.
+
+    The grammar: 1 to 128 characters from ``A-Z a-z 0-9 . _ -``, starting with a
+    letter or digit, never ``..``. Anything else could name a path outside its
+    own folder (``../x``, ``a/b``), hide (``.x``) or break a key's parser.
+    """
+    if not isinstance(value, str) or not value:
+        return f"{what} must be a non-empty string"
+    if not _ID_RE.fullmatch(value):
+        bad = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
+        if len(value) > 128:
+            why = f"{len(value)} characters (at most 128)"
+        elif bad:
+            why = "character(s) " + " ".join(repr(c) for c in bad) + " not allowed"
+        else:
+            why = "must start with a letter or digit"
+        return f"{what} {value!r} is not a valid identifier: {why} (allowed: {ID_PATTERN}, no '..')"
+    if ".." in value:
+        return f"{what} {value!r} is not a valid identifier: '..' not allowed (allowed: {ID_PATTERN}, no '..')"
+    return None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """`value` if it is a valid identifier (see `id_problem`), else ValueError."""
+    problem = id_problem(value, what)
+    if problem:
+        raise ValueError(problem)
+    return value  # type: ignore[return-value]
+
+
+def persona_id_problem(value: object) -> str | None:
+    """Why `value` cannot be a catalog persona's id: the grammar, or a reserved name."""
+    problem = id_problem(value, "persona id")
+    if problem is None and value.lower() in RESERVED_IDS:  # type: ignore[union-attr]
+        return (f"persona id {value!r} is reserved (used internally: {', '.join(sorted(RESERVED_IDS))}); "
+                f"choose another id")
+    return problem
 
 
 class CatalogError(ValueError):
@@ -273,6 +328,10 @@ def _build(name: str, records: list[tuple[int, Any]], shown: str, split: SplitCo
         if not isinstance(pid, str) or not pid.strip():
             problems.append(f"{where}: field 'id': missing or empty")
             continue
+        bad_id = persona_id_problem(pid)
+        if bad_id:
+            problems.append(f"{where}: field 'id': {bad_id}")
+            continue
         desc = rec.get("description")
         if not isinstance(desc, str) or not desc.strip():
             problems.append(f"{where}: persona {pid!r}: field 'description': missing or empty")
@@ -292,6 +351,9 @@ def _build(name: str, records: list[tuple[int, Any]], shown: str, split: SplitCo
         opposite = rec.get("opposite")
         if opposite is not None and (not isinstance(opposite, str) or not opposite.strip()):
             problems.append(f"{where}: persona {pid!r}: field 'opposite': must be a persona id")
+            opposite = None
+        elif opposite is not None and persona_id_problem(opposite):
+            problems.append(f"{where}: persona {pid!r}: field 'opposite': {persona_id_problem(opposite)}")
             opposite = None
         personas[pid] = Persona(pid, desc.strip(), cal, ev, opposite, tuple(tags), generate, where)
     catalog = Catalog(name, personas, shown)
@@ -358,7 +420,15 @@ def load_texts(url: str, field: str = "text") -> list[str]:
 def validate(catalog: Catalog) -> list[str]:
     """Cross-persona checks: opposites exist and are mutual; no calibration/evaluation overlap."""
     problems = []
+    folded: dict[str, Persona] = {}
     for p in catalog:
+        bad_id = persona_id_problem(p.id)
+        if bad_id:
+            problems.append(f"{p.source}: field 'id': {bad_id}")
+        first = folded.setdefault(p.id.lower(), p)
+        if first is not p:
+            problems.append(f"{p.source}: persona {p.id!r}: field 'id': differs from {first.id!r} "
+                            f"({first.source}) only in case (they would share files on a case-insensitive store)")
         if p.opposite:
             other = catalog.personas.get(p.opposite)
             if other is None:

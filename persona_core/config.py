@@ -75,6 +75,13 @@ def non_empty_str(v) -> str | None:
     return None if str(v).strip() else "a non-empty string"
 
 
+def identifier(v) -> str | None:
+    """A name that becomes part of store keys: the persona id grammar (see catalog.id_problem)."""
+    from .catalog import ID_PATTERN, id_problem
+
+    return f"a name matching {ID_PATTERN} without '..'" if id_problem(v) else None
+
+
 # The same tuples as persona_core.masks (tests check they agree); this module never imports torch.
 GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
 ALLOCATIONS = ("uniform", "owl")
@@ -166,7 +173,7 @@ class PipelineConfig:
 
 @dataclass
 class NightlySection:
-    name: str = knob("nightly", "name of the schedule: its lease and its 'last successful run' pointer", non_empty_str)
+    name: str = knob("nightly", "name of the schedule: its lease and its 'last successful run' pointer", identifier)
     lease_ttl_s: int = knob(3600, "seconds a lease lives without renewal (a crashed run blocks at most this)", positive)
     renew_every_s: int = knob(60, "seconds between lease renewals while the run is alive", positive)
     repair: bool = knob(False, "verify stored artifacts and regenerate corrupt ones")

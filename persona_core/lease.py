@@ -106,7 +106,9 @@ class Lease:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.renew_every_s = renew_every_s
         self.settle_s = settle_s
-        self.key = f"{PREFIX}/{name}.json"
+        from .catalog import check_id
+
+        self.key = f"{PREFIX}/{check_id(name, 'lease name')}.json"
         self.info: LeaseInfo | None = None
         self._etag: str | None = None
         self._stop = threading.Event()

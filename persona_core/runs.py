@@ -66,7 +66,9 @@ def stage_key(rid: str, stage: str) -> str:
 
 
 def latest_key(schedule: str) -> str:
-    return f"{RUNS}/_latest/{schedule}.json"
+    from .catalog import check_id
+
+    return f"{RUNS}/_latest/{check_id(schedule, 'schedule name')}.json"
 
 
 @dataclass

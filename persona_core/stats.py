@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,7 +174,40 @@ class Shard:
 
 
 def persona_prefix(model_key: str, persona_id: str) -> str:
+    from .catalog import check_id
+
+    check_id(persona_id, "persona id")
+    if not model_key or "/" in model_key or ".." in model_key:
+        raise ValueError(f"model key {model_key!r} cannot be part of a store key")
     return f"{STATS_PREFIX}/model={model_key}/persona={persona_id}"
+
+
+PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")  # what `part_key` names a part, and nothing else
+
+
+def stale_parts(store: Store | str, model_key: str, persona_id: str, keep: set[str]) -> list[str]:
+    """Parts of a persona that may be deleted because `keep` (the current plan) replaces them.
+
+    Only a file this code provably wrote qualifies: a `part_key` name directly inside the
+    persona's own partition, whose metadata names this model and persona. Anything else in
+    the store (a stranger's file, a corrupt part, another persona's folder) is left alone.
+    """
+    store = open_store(store)
+    out = []
+    for key in list_parts(store, model_key, persona_id):
+        if key in keep:
+            continue
+        try:
+            meta = part_metadata(store, key)
+        except (StatsError, FileNotFoundError) as err:
+            log.warning("not removing %s: cannot read its metadata (%s)", store.uri(key), err)
+            continue
+        if meta.get("model_key") != model_key or meta.get("persona_id") != persona_id:
+            log.warning("not removing %s: its metadata names %s/%s", store.uri(key), meta.get("model_key"),
+                        meta.get("persona_id"))
+            continue
+        out.append(key)
+    return out
 
 
 def part_key(model_key: str, persona_id: str, persona_hash: str, calib_hash: str, shard: Shard = Shard()) -> str:
@@ -242,7 +276,11 @@ def list_parts(store: Store | str, model_key: str | None = None, persona_id: str
         raise ValueError("list_parts: persona_id needs model_key")
     prefix = (persona_prefix(model_key, persona_id) if persona_id is not None else
               f"{STATS_PREFIX}/model={model_key}" if model_key else STATS_PREFIX)
-    return [k for k in store.list(prefix, suffix=".parquet") if k.rsplit("/", 1)[-1].startswith("part-")]
+    return [k for k in store.list(prefix, suffix=".parquet") if _PART_KEY.fullmatch(k)
+            and (persona_id is None or k.rpartition("/")[0] == prefix)]  # never a folder below the persona's
+
+
+_PART_KEY = re.compile(rf"{STATS_PREFIX}/model=[^/]+/persona=[^/]+/{PART_NAME.pattern}")
 
 
 def stats_exist(store: Store | str, model_key: str, persona_id: str, persona_hash: str | None = None,

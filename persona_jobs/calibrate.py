@@ -25,7 +25,7 @@ from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_availab
 from persona_core.calibration import CalibConfig, calibrate_persona, shard_count
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, Persona, general_persona, load_catalog
 from persona_core.models import DEFAULT_MODEL, model_key
-from persona_core.stats import Shard, list_parts, part_key, read_part, write_stats
+from persona_core.stats import Shard, list_parts, part_key, read_part, stale_parts, write_stats
 from persona_core.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def _failed(summary: Summary, unit: Unit, err) -> None:
 def _prune(store: Store, key: str, units: list[Unit], summary: Summary) -> None:
     """Delete parts of a persona that this plan no longer produces (old persona or config, other sharding).
 
-    Only for personas whose every unit is now stored, so a failed run never loses statistics.
+    Only for personas whose every unit is now stored, so a failed run never loses statistics,
+    and only files `stale_parts` can prove this code wrote for that persona.
     """
     failed = {e.split("[", 1)[0] for e in summary.errors}
     by_persona: dict[str, set[str]] = {}
@@ -220,10 +221,9 @@ def _prune(store: Store, key: str, units: list[Unit], summary: Summary) -> None:
     for pid, keep in by_persona.items():
         if pid in failed:
             continue
-        for k in list_parts(store, key, pid):
-            if k not in keep:
-                log.info("removing stale part %s", k)
-                store.delete(k)
+        for k in stale_parts(store, key, pid, keep):
+            log.info("removing stale part %s", store.uri(k))
+            store.delete(k)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .catalog import GENERAL_ID
+from .catalog import GENERAL_ID, check_id
 from .hashing import content_hash
 from .models import LinearGroup, LoadedModel, linear_groups
 from .stats import GroupKey, GroupStats, PersonaStats
@@ -267,7 +267,7 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
         segment += "~" + allocation
     if resolved != m.defaults:
         segment += "+" + content_hash(resolved)[:8]
-    who = persona_id if m.per_persona else GENERAL_ID
+    who = check_id(persona_id, "persona id") if m.per_persona else GENERAL_ID
     return f"masks/model={model_key}/method={segment}/sparsity={sparsity:g}/{who}.safetensors"
 
 

@@ -195,3 +195,11 @@ def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_p
     for k, v in planted.items():
         assert store.read_bytes(k) == v
     assert len(list_parts(store, key, "introvert")) == 1
+
+
+def test_mask_keys_refuse_bad_ids():
+    from persona_core.masks import mask_key
+
+    with pytest.raises(ValueError, match="not a valid identifier"):
+        mask_key("m-k", "wanda", 0.5, "../../x")
+    assert mask_key("m-k", "wanda", 0.5, "a.b").endswith("/a.b.safetensors")

@@ -496,7 +496,7 @@ def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence
         raise ValueError(f"layer_sparsity has {len(spec.layer_sparsity)} values for {lw.num_layers} layers")
     params = spec.resolved_params
     if spec.granularity == "ffn-channels":
-        yield from _ffn_channel_masks(lw, stats, spec, method, params, device)
+        yield from _ffn_channel_masks(lw, stats, spec, device)
         return
     nm = spec.nm
     for g in lw.groups:
@@ -512,36 +512,72 @@ def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence
             yield name, tuple(masks)
 
 
-def _ffn_channel_masks(lw: LinearWeights, stats, spec: MaskSpec, method: Method, params: dict, device):
-    """Channel c of a layer's MLP scores sum_i S(down)[i, c]: its estimated output contribution.
-
-    Ties are broken by the column's |W| sum, then by index. Attention masks are all True.
-    """
+def _mlp_layers(lw: LinearWeights) -> dict[int, dict[str, LinearGroup]]:
     by_layer: dict[int, dict[str, LinearGroup]] = {}
     for g in lw.groups:
         by_layer.setdefault(g.layer, {})[g.name] = g
-    for layer in sorted(by_layer):
-        groups = by_layer[layer]
+    for layer, groups in by_layer.items():
         if "mlp_in" not in groups or "mlp_out" not in groups or len(groups["mlp_out"].modules) != 1:
             raise ValueError(f"layer {layer}: ffn-channels needs one MLP output projection and its input projections")
-        down = groups["mlp_out"].modules[0]
-        absw = lw.weight(down, device).abs()
+    return dict(sorted(by_layer.items()))
+
+
+def ffn_channel_scores(lw: LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,
+                       device: torch.device | str | None = None
+                       ) -> Iterator[tuple[int, tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Per decoder layer: (layer, one channel score per side, tiebreak), the training-free importance
+    of every MLP intermediate channel.
+
+    Channel c scores sum_i S(down)[i, c]: its estimated output contribution (S the method's
+    score of the down projection). The tiebreak is the column's |W| sum.
+    """
+    method = get_method(spec.method)
+    if len(stats) != len(method.needs):
+        raise ValueError(f"method {spec.method!r} needs statistics for {', '.join(method.needs) or 'nothing'} "
+                         f"({len(method.needs)}), got {len(stats)}")
+    params = spec.resolved_params
+    for layer, groups in _mlp_layers(lw).items():
+        absw = lw.weight(groups["mlp_out"].modules[0], device).abs()
         gstats = _group_stats(stats, (layer, "mlp_out"), device or "cpu")
-        width = absw.shape[1]
-        k = width - n_pruned(width, spec.sparsity_of(layer))
-        channel_masks = [keep_top(s.sum(0, dtype=torch.float64).float(), k, absw.sum(0)) for s in
-                         _scores(method, params, absw, gstats)]
+        scores = tuple(s.sum(0, dtype=torch.float64).float() for s in _scores(method, params, absw, gstats))
+        yield layer, scores, absw.sum(0)
+
+
+def channel_module_masks(lw: LinearWeights, channels: Mapping[int, torch.Tensor]
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Module keep-masks of a per-layer channel keep-vector: gate/up rows and down columns of the
+    kept channels; attention all True."""
+    for layer, groups in _mlp_layers(lw).items():
+        keep = channels[layer].bool()
+        width = keep.numel()
         for gname in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
             for name in groups.get(gname, LinearGroup(layer, gname, (), 0)).modules:
                 shape = tuple(lw.tensors[name].shape)
                 if gname.startswith("attn"):
-                    yield name, tuple(torch.ones(shape, dtype=torch.bool, device=absw.device) for _ in channel_masks)
+                    yield name, torch.ones(shape, dtype=torch.bool, device=keep.device)
                 elif gname == "mlp_in":
                     if shape[0] != width:
                         raise ValueError(f"{name}: {shape[0]} output rows, but the MLP has {width} channels")
-                    yield name, tuple(c.unsqueeze(1).expand(shape).contiguous() for c in channel_masks)
+                    yield name, keep.unsqueeze(1).expand(shape).contiguous()
                 else:
-                    yield name, tuple(c.unsqueeze(0).expand(shape).contiguous() for c in channel_masks)
+                    if shape[1] != width:
+                        raise ValueError(f"{name}: {shape[1]} input columns, but the MLP has {width} channels")
+                    yield name, keep.unsqueeze(0).expand(shape).contiguous()
+
+
+def _ffn_channel_masks(lw: LinearWeights, stats, spec: MaskSpec, device):
+    """Keep the top channels of `ffn_channel_scores` in every layer (ties: |W| column sum, then index)."""
+    per_side: list[dict[int, torch.Tensor]] = []
+    for layer, scores, tiebreak in ffn_channel_scores(lw, stats, spec, device):
+        width = tiebreak.numel()
+        k = width - n_pruned(width, spec.sparsity_of(layer))
+        for side, score in enumerate(scores):
+            if len(per_side) <= side:
+                per_side.append({})
+            per_side[side][layer] = keep_top(score, k, tiebreak)
+    streams = [channel_module_masks(lw, channels) for channels in per_side]
+    for items in zip(*streams):
+        yield items[0][0], tuple(mask for _, mask in items)
 
 
 def build_pair_masks(weights, *stats: StatsLike, spec: MaskSpec,

@@ -15,6 +15,9 @@ Formats
 * Anthropic model-written-evals personas: a folder or file of ``<behavior>.jsonl``
   lines with ``statement`` and ``answer_matching_behavior``. Each behavior gives
   two opposing personas, ``<behavior>`` and ``not-<behavior>``.
+* Persona-Pruner's evaluation sets (a folder of ``<set>_<kind>_user_<i>.json``; see
+  `persona_core.pruner_eval`): description-only personas with their own evaluation
+  questions and judge rubric.
 * ``builtin``: the catalog shipped with this package (8 opposing pairs).
 
 Persona ids
@@ -152,6 +155,8 @@ class Persona:
     tags: tuple[str, ...] = ()
     generate: bool = False  # no statements given: generate calibration texts from the description
     source: str = ""  # "file:line" it was read from
+    questions: tuple[str, ...] = ()  # the persona's own role-play evaluation questions (else the generic ones)
+    rubric: str = ""  # the persona's own judge rubric, with {question} and {answer} (else the built-in one)
 
     @property
     def content_hash(self) -> str:
@@ -161,7 +166,8 @@ class Persona:
 
     @property
     def evaluation_hash(self) -> str:
-        return content_hash(FORMAT_VERSION, self.id, self.description, list(self.evaluation))
+        extra = [list(self.questions), self.rubric] if self.questions or self.rubric else []
+        return content_hash(FORMAT_VERSION, self.id, self.description, list(self.evaluation), *extra)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "description": self.description}
@@ -240,7 +246,12 @@ def load_catalog(path: str | Path, split: SplitConfig | None = None) -> Catalog:
     if not fs.exists(fpath):
         raise CatalogError([f"{path}: no such file or folder"])
     if fs.isdir(fpath):
-        files = sorted(f for f in fs.ls(fpath, detail=False) if f.endswith(".jsonl"))
+        from .pruner_eval import is_pruner_eval, load_pruner_eval
+
+        listing = fs.ls(fpath, detail=False)
+        if is_pruner_eval(listing):
+            return load_pruner_eval(fs, listing, path)
+        files = sorted(f for f in listing if f.endswith(".jsonl"))
         if not files:
             raise CatalogError([f"{path}: folder holds no .jsonl files"])
         return _anthropic(fs, files, path, split)

@@ -42,7 +42,18 @@ class JudgeError(RuntimeError):
 
 
 class Judge(Protocol):
-    def score(self, persona: str, question: str, answer: str) -> float: ...
+    def score(self, persona: str, question: str, answer: str, rubric: str | None = None) -> float: ...
+
+
+def judge_prompt(persona: str, question: str, answer: str, rubric: str | None, top: int) -> str:
+    """The judge's prompt: the built-in RUBRIC, or a persona's own rubric (``{question}`` and
+    ``{answer}`` placeholders; for a 0-`top` judge its 0-100 scale is restated)."""
+    if not rubric:
+        return RUBRIC.format(persona=persona, question=question, answer=answer, top=top)
+    text = rubric.replace("{question}", question).replace("{answer}", answer)
+    if top != 100:
+        text += f"\n(Use the scale 0 to {top} instead: reply with one integer from 0 to {top}.)"
+    return text
 
 
 def expected_number(logprobs: dict[str, float], lo: int = 0, hi: int = 100) -> float:
@@ -67,10 +78,9 @@ class EndpointJudge:
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
         self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
 
-    def score(self, persona: str, question: str, answer: str) -> float:
+    def score(self, persona: str, question: str, answer: str, rubric: str | None = None) -> float:
         body = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
-                "messages": [{"role": "user", "content": RUBRIC.format(persona=persona, question=question,
-                                                                        answer=answer, top=100)}]}
+                "messages": [{"role": "user", "content": judge_prompt(persona, question, answer, rubric, 100)}]}
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env or "", "")
         if key:
@@ -109,9 +119,9 @@ class LocalJudge:
             raise JudgeError(f"judge model {self.loaded.spec}: its tokenizer has no number tokens")
 
     @torch.no_grad()
-    def score(self, persona: str, question: str, answer: str) -> float:
+    def score(self, persona: str, question: str, answer: str, rubric: str | None = None) -> float:
         tok, model = self.loaded.tokenizer, self.loaded.model
-        text = RUBRIC.format(persona=persona, question=question, answer=answer, top=self.top)
+        text = judge_prompt(persona, question, answer, rubric, self.top)
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)

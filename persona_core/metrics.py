@@ -20,10 +20,11 @@ Registered metrics (row names in brackets):
   relative to the dense model without prompt.
 * ``roleplay-fidelity`` [roleplay-nll, roleplay-fidelity]: mean NLL of answers
   the dense model gave in role (description as system prompt) to held-out
-  generic questions; fidelity = dense no-prompt NLL - this NLL (nats/token, > 0
-  means closer to the in-role model).
+  generic questions (or the persona's own questions, e.g. persona-pruner-eval);
+  fidelity = dense no-prompt NLL - this NLL (nats/token, > 0 means closer to the
+  in-role model).
 * ``judge`` [judge-score] (off by default): an LLM judge's 0-100 role-play score
-  of answers generated under the condition.
+  of answers generated under the condition (with the persona's own rubric when it has one).
 """
 
 from __future__ import annotations
@@ -234,12 +235,14 @@ def perplexity(ctx: MetricContext) -> dict[str, Score]:
 # ---------------------------------------------------------------------------- roleplay-fidelity
 
 
-def heldout_questions(config: "EvalConfig") -> list[str]:
-    """Generic questions for role-play answers: the held-out half of the built-in questions
-    (calibration generates texts from the other half only), capped by `max_questions`."""
+def heldout_questions(config: "EvalConfig", persona: Persona | None = None) -> list[str]:
+    """Questions for role-play answers: the persona's own evaluation questions when it has them
+    (persona-pruner-eval), else the held-out half of the built-in questions (calibration and
+    learned-mask training data come from the other half only); capped by `max_questions`."""
     from .evaluate import take
 
-    return take(generic_questions("evaluation"), config.max_questions, config.seed)
+    pool = persona.questions if persona is not None and persona.questions else generic_questions("evaluation")
+    return take(pool, config.max_questions, config.seed)
 
 
 def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]]) -> list[float]:
@@ -250,7 +253,7 @@ def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]
 
 def prepare_roleplay(ctx: MetricContext) -> dict[str, Any]:
     """The dense model's in-role answers, and their NLL under the dense model without prompt."""
-    ev, questions = ctx.ev, heldout_questions(ctx.config)
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
     answers = ev.generate([ev.prompt(ctx.persona.description, q) for q in questions], ctx.config.max_new_tokens)
     qa = [(q, a) for q, a in zip(questions, answers) if ev.encode(a, continuation=True)]
     if not qa:
@@ -272,10 +275,11 @@ def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
 def judge_score(ctx: MetricContext) -> dict[str, Score]:
     from .judge import get_judge
 
-    ev, questions = ctx.ev, heldout_questions(ctx.config)
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
     answers = ev.generate([ev.prompt(ctx.system, q) for q in questions], ctx.config.max_new_tokens)
     judge = get_judge(ctx.config.judge)
-    scores = [judge.score(ctx.persona.description, q, a) for q, a in zip(questions, answers)]
+    scores = [judge.score(ctx.persona.description, q, a, ctx.persona.rubric or None)
+              for q, a in zip(questions, answers)]
     m, se = mean_stderr(scores)
     return {"judge-score": Score(m, len(scores), se)}
 

@@ -112,11 +112,11 @@ def test_learning_recovers_the_channels_the_teacher_needs(tiny):
     target = torch.zeros(layers, width, dtype=torch.bool)
     for layer in range(layers):
         target[layer, torch.randperm(width, generator=g)[:k]] = True
-    texts = [torch.randint(0, 256, (40,), generator=g).tolist() for _ in range(24)]
+    texts = [torch.randint(0, 256, (24,), generator=g).tolist() for _ in range(8)]
     with gate:
         gate.values = target.float()
         examples = _teacher(toy.model, 0, [(t, 0, t[1:]) for t in texts], topk=260, batch=8)
-    cfg = LearnConfig(sparsity=0.5, steps=80, lr=0.1, batch_size=8, temperature=0.5, general_weight=0.0,
+    cfg = LearnConfig(sparsity=0.5, steps=20, lr=0.3, batch_size=8, temperature=0.5, general_weight=0.0,
                       general_windows=0, teacher_topk=260)
     scores = torch.randn(layers, width, generator=g, dtype=torch.float64) * 0.1
     start = hard_topk(scores, k, torch.zeros(layers, width))

@@ -109,10 +109,18 @@ def _user() -> str:
 
 
 def read_manifest(store: Store, rid: str) -> Manifest | None:
+    """The run's manifest; None when there is none; StoreError naming the file when it is corrupt."""
     try:
-        return Manifest.from_dict(store.read_json(manifest_key(rid)))
+        raw = store.read_json(manifest_key(rid))
     except FileNotFoundError:
         return None
+    try:
+        manifest = Manifest.from_dict(raw)
+        if manifest.run_id != rid or manifest.status not in (SUCCEEDED, FAILED):
+            raise ValueError(f"run id {manifest.run_id!r}, status {manifest.status!r}")
+        return manifest
+    except (TypeError, ValueError, AttributeError) as err:
+        raise StoreError(f"{store.uri(manifest_key(rid))}: not a run manifest ({err})") from err
 
 
 def write_manifest(store: Store, manifest: Manifest) -> None:

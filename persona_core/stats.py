@@ -15,6 +15,7 @@ Shards of one persona merge by addition (`GroupStats.merge`, `PersonaStats.merge
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 from .hashing import content_hash
@@ -136,6 +139,11 @@ class PersonaStats:
 # sorted by (layer, group, channel), so every group is one contiguous run of rows
 # and loading back into tensors is a slice per group. `model` and `persona` are
 # hive partition columns (from the path, not stored in the file).
+#
+# Every part carries a digest of each column's content in its metadata
+# (``persona.column_digests``), written with it. `read_part` checks, before anything
+# read is used, that the file's schema is exactly `SCHEMA`, that it belongs to the
+# persona its path names, and that every column read matches its digest.
 
 STATS_PREFIX = "stats"
 STAT_COLUMNS = ("sum", "sumsq", "sumabs", "norm_sum", "norm_sumsq")
@@ -158,6 +166,47 @@ PARTITIONING = pads.partitioning(pa.schema([("model", pa.string()), ("persona", 
 
 class StatsError(RuntimeError):
     """Statistics that cannot be read or do not fit together; the message names the file(s)."""
+
+
+REPAIR_HINT = "rerun with --repair to regenerate it"
+
+
+def column_digest(column: pa.Array | pa.ChunkedArray) -> str:
+    """Digest of a column's values, independent of chunking and of dictionary encoding."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    h = hashlib.sha256(f"{len(arr)}:{arr.null_count}\x00".encode())
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        enc = pc.dictionary_encode(arr)  # canonical: values in order of first appearance
+        h.update(json.dumps(enc.dictionary.to_pylist()).encode())
+        h.update(enc.indices.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    else:
+        h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _type_ok(got: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_dictionary(want):  # Parquet may give back other index widths
+        return pa.types.is_dictionary(got) and got.value_type == want.value_type
+    return got == want
+
+
+def check_schema(schema: pa.Schema, where: str) -> dict[str, str]:
+    """The part's ``persona.*`` metadata, after checking its columns are exactly `SCHEMA`'s."""
+    problems = []
+    for f in SCHEMA:
+        if f.name not in schema.names:
+            problems.append(f"missing column {f.name}")
+        elif not _type_ok(schema.field(f.name).type, f.type):
+            problems.append(f"column {f.name} is {schema.field(f.name).type}, expected {f.type}")
+    extra = [n for n in schema.names if n not in SCHEMA.names]
+    if extra:
+        problems.append(f"unexpected column(s) {', '.join(extra)}")
+    if problems:
+        raise StatsError(f"{where}: not a stats part of this version ({'; '.join(problems)}); {REPAIR_HINT}")
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    return {k[len("persona."):]: v for k, v in meta.items() if k.startswith("persona.")}
 
 
 @dataclass(frozen=True)
@@ -264,6 +313,8 @@ def write_stats(store: Store | str, stats: PersonaStats, shard: Shard = Shard(),
             "calib_config": json.dumps(calib_config or {}, sort_keys=True),
             "generated": json.dumps(generated or [], ensure_ascii=False)}
     table = to_table(stats, shard)
+    meta["column_digests"] = json.dumps({c: column_digest(table.column(c)) for c in table.column_names},
+                                        sort_keys=True)
     table = table.replace_schema_metadata({f"persona.{k}": v for k, v in meta.items()})
     store.write_parquet(key, table, write_statistics=["layer", "group", "channel"])
     return key
@@ -294,27 +345,57 @@ def stats_exist(store: Store | str, model_key: str, persona_id: str, persona_has
 
 
 def read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+    """A stats part's columns, verified: schema, owner and every column read against its digest."""
+    where = store.uri(key)
     try:
-        table = store.read_parquet(key, columns=columns)
+        data = store.read_bytes(key)
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        meta = check_schema(pf.schema_arrow, where)
+        table = pf.read(columns=columns)
+    except StatsError:
+        raise
+    except FileNotFoundError:
+        raise
     except (StoreError, OSError, pa.ArrowException) as err:
-        raise StatsError(f"{store.uri(key)}: cannot read stats part ({err})") from err
-    missing = [f.name for f in SCHEMA if (columns is None or f.name in columns) and f.name not in table.column_names]
-    if missing:
-        raise StatsError(f"{store.uri(key)}: not a stats part (missing column(s) {', '.join(missing)})")
+        raise StatsError(f"{where}: cannot read stats part ({err}); {REPAIR_HINT}") from err
+    _check_owner(key, meta, where)
+    try:
+        digests = json.loads(meta["column_digests"])
+    except (KeyError, ValueError) as err:
+        raise StatsError(f"{where}: written without column digests, so it cannot be verified; {REPAIR_HINT}") from err
+    bad = [c for c in table.column_names if digests.get(c) != column_digest(table.column(c))]
+    if bad:
+        raise StatsError(f"{where}: column(s) {', '.join(bad)} fail their digest (corrupt); {REPAIR_HINT}")
+    if table.num_rows == 0:
+        raise StatsError(f"{where}: empty stats part; {REPAIR_HINT}")
     return table
 
 
-def part_metadata(store: Store | str, key: str) -> dict[str, str]:
-    """The metadata a part was written with (persona.* keys, prefix dropped)."""
-    import pyarrow.parquet as pq
+def _check_owner(key: str, meta: dict[str, str], where: str) -> None:
+    """A part's metadata must name the model and persona of the folder it is stored in."""
+    segs = dict(s.split("=", 1) for s in key.split("/") if "=" in s)
+    for seg, field_ in (("model", "model_key"), ("persona", "persona_id")):
+        if seg in segs and meta.get(field_) != segs[seg]:
+            raise StatsError(f"{where}: written for {field_} {meta.get(field_)!r}, stored under {seg}={segs[seg]}; "
+                             f"{REPAIR_HINT}")
 
+
+def verify_part(store: Store | str, key: str) -> None:
+    """Read a whole part and check it (schema, owner, every column's digest); StatsError if not whole."""
+    read_part(open_store(store), key)
+
+
+def part_metadata(store: Store | str, key: str) -> dict[str, str]:
+    """The metadata a part was written with (persona.* keys, prefix dropped), after a schema check."""
     store = open_store(store)
+    where = store.uri(key)
     try:
         schema = pq.read_schema(pa.BufferReader(store.read_bytes(key)))
     except (pa.ArrowException, OSError) as err:
-        raise StatsError(f"{store.uri(key)}: cannot read stats part ({err})") from err
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    return {k[len("persona."):]: v for k, v in meta.items() if k.startswith("persona.")}
+        raise StatsError(f"{where}: cannot read stats part ({err}); {REPAIR_HINT}") from err
+    meta = check_schema(schema, where)
+    _check_owner(key, meta, where)
+    return meta
 
 
 def read_generated(store: Store | str, model_key: str, persona_id: str) -> list[dict[str, str]]:

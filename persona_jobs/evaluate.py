@@ -160,12 +160,13 @@ def report_key(run_id: str) -> str:
 
 
 def read_mask(store: Store, key: str) -> tuple[dict, dict]:
-    """A mask and its metadata through the mask codec, with the codec's content digest
-    of the decoded mask as ``content_hash``."""
+    """A verified mask and its metadata; ``content_hash`` is the digest of the masks actually
+    decoded from the bytes read (checked against the digest written with them)."""
     from persona_core.maskcodec import MaskFile
 
     f = MaskFile(store, key)
-    return f.read(), {**f.metadata, "content_hash": f.header["digest"]}
+    masks = f.read()
+    return masks, {**f.metadata, "content_hash": f.read_digest}
 
 
 class EvalWorker:

@@ -264,21 +264,20 @@ def verify_artifacts(p: Plan) -> list[str]:
 
 
 def _readable(store: Store, key: str) -> bool:
+    """Whether an artifact passes the same verification every read applies (persona_core)."""
+    from persona_core.maskcodec import verify_mask
+    from persona_core.stats import StatsError, verify_part
+
     try:
-        data = store.read_bytes(key)
         if key.endswith(".parquet"):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.read_table(pa.BufferReader(data))
+            verify_part(store, key)
         else:
-            from safetensors.numpy import load
-
-            load(data)
+            verify_mask(store, key)
         return True
     except FileNotFoundError:
         return True  # removed meanwhile: nothing corrupt to report
-    except Exception:
+    except (StatsError, StoreError, KeyError, ValueError, OSError) as err:
+        log.info("%s: %s", key, err)
         return False
 
 
@@ -296,7 +295,10 @@ def repair(p: Plan) -> list[str]:
 
 
 def _manifest_ok(p: Plan) -> bool:
-    m = runs.read_manifest(p.store, p.run_id)
+    try:
+        m = runs.read_manifest(p.store, p.run_id)
+    except StoreError:  # corrupt: the run is redone from its stored artifacts and the manifest rewritten
+        return False
     return m is not None and m.ok
 
 
@@ -318,7 +320,12 @@ def execute(p: Plan, *, kind: str = "pipeline", force: bool = False, do_repair: 
     rid = p.run_id
     try:
         existing = runs.read_manifest(p.store, rid)
-    except (OSError, StoreError) as err:
+    except StoreError as err:  # a corrupt manifest: --repair / --force rebuild it
+        if not (force or do_repair):
+            raise UserError(f"{err}; rerun with --repair (or --force) to rebuild it") from None
+        print(f"repair: {err}; it will be rebuilt")
+        existing = None
+    except OSError as err:
         raise UserError(f"store {p.config.store} cannot be read or written: {err}") from None
     if existing is not None and existing.ok and not force and not do_repair:
         print(f"run {rid}: nothing changed since it completed; no model work done")

@@ -167,3 +167,83 @@ def test_summary_and_cli(two_personas, capsys):
     assert len(diff) == 3 and abs(diff[0]["z"]) >= abs(diff[-1]["z"])
     assert cli_main(["stats", "show", "--store", url, "--persona", "nobody"]) == 2
     assert "persona=nobody" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- verification (issue 12, items 3, 5)
+
+
+def _rewrite_part(store, key, change):
+    """Rewrite a part through pyarrow with `change(table) -> table` (a valid Parquet file)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pa.BufferReader(store.read_bytes(key)))
+    store.write_parquet(key, change(table))
+
+
+def _set_column(table, name, values):
+    return table.set_column(table.schema.get_field_index(name), table.schema.field(name), values)
+
+
+def test_valid_parquet_with_the_wrong_schema_is_refused(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("introvert", 1))
+    # same columns, one type changed (float64 -> float32): a valid Parquet file, the wrong schema
+    _rewrite_part(store, key, lambda t: t.set_column(t.schema.get_field_index("sum"), pa.field("sum", pa.float32()),
+                                                     pc.cast(t.column("sum"), pa.float32())))
+    with pytest.raises(StatsError, match=r"column sum is float.*expected double.*--repair"):
+        read_persona_stats(store, MODEL, "introvert")
+    assert not stats_exist(store, MODEL, "introvert")
+    with pytest.raises(StatsError, match="column sum"):
+        part_metadata(store, key)
+    _rewrite_part(store, key, lambda t: t.append_column("extra", pa.array([1] * t.num_rows)))
+    with pytest.raises(StatsError, match="unexpected column"):
+        stats_summary(store)
+
+
+def test_changed_values_fail_the_column_digest(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("introvert", 1))
+
+    def bump(t):  # one value changed, metadata (with the digests) kept as written
+        vals = t.column("sumsq").to_numpy().copy()
+        vals[7] += 1.0
+        return _set_column(t, "sumsq", pa.array(vals))
+
+    _rewrite_part(store, key, bump)
+    with pytest.raises(StatsError, match="sumsq fail their digest"):
+        read_persona_stats(store, MODEL, "introvert")
+    stats_summary(store)  # reads other columns only: those verify; sumsq is never used there
+
+
+def test_part_in_another_personas_folder_is_refused(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("introvert", 1))
+    moved = key.replace("persona=introvert", "persona=extrovert")
+    store.write_bytes(moved, store.read_bytes(key))
+    with pytest.raises(StatsError, match="persona_id 'introvert', stored under persona=extrovert"):
+        read_persona_stats(store, MODEL, "extrovert")
+
+
+def test_part_without_digests_is_unverifiable(tmp_path):
+    store = open_store(str(tmp_path))
+    key = write_stats(store, fake("introvert", 1))
+
+    def strip(t):
+        meta = {k: v for k, v in t.schema.metadata.items() if k != b"persona.column_digests"}
+        return t.replace_schema_metadata(meta)
+
+    _rewrite_part(store, key, strip)
+    with pytest.raises(StatsError, match="without column digests"):
+        read_persona_stats(store, MODEL, "introvert")
+
+
+def test_column_digest_ignores_chunking_and_dictionary_width():
+    from persona_core.stats import column_digest
+
+    a = pa.array(["x", "y", "x", "z"])
+    d8 = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0, 2], pa.int8()), ["x", "y", "z"])
+    d32 = pa.DictionaryArray.from_arrays(pa.array([1, 2, 1, 0], pa.int32()), ["z", "x", "y"])
+    chunked = pa.chunked_array([a.slice(0, 1), a.slice(1)])
+    assert column_digest(a) == column_digest(d8) == column_digest(d32) == column_digest(chunked)
+    assert column_digest(a) != column_digest(pa.array(["x", "y", "z", "x"]))
+    assert column_digest(pa.array([1.0, 2.0])) != column_digest(pa.array([1.0, 2.5]))

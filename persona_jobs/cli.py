@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # 2: bad input; a few errors say otherwise (e.g. 75: temporary)
 
 
 class UserError(Exception):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
+from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
 from persona_core.evaluate import CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
 from persona_core.hashing import content_hash
@@ -228,7 +228,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         personas: list[str] | None = None, conditions: list[str] | None = None,
         run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
         config: EvalConfig | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
-        device_map: str | None = None, report: bool = True) -> Summary:
+        device_map: str | None = None, gpus_per_actor: int | None = None, report: bool = True) -> Summary:
     """Evaluate every selected (persona, mask) unit on a pool of Ray actors.
 
     Returns a `Summary` (done / skipped / failed units); ``summary.report`` holds the
@@ -268,15 +268,11 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     summary.workers = {}
     if todo:
         ensure_ray(address)
-        gpus = gpus_available()
-        if gpus:
-            n_actors, opts = min(actors or gpus, gpus, len(todo)), {"num_gpus": 1, "num_cpus": 1}
-            threads = cpus_per_actor
-        else:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            per = cpus_per_actor or max(1, min(4, cpus))
-            n_actors = max(1, min(actors or max(1, cpus // per), len(todo)))
-            opts, threads = {"num_cpus": per}, per
+        gpus_per_node = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        n_actors, opts, threads = actor_resources(
+            gpus_per_node, int(ray.cluster_resources().get("CPU", 1)), len(todo), actors=actors,
+            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, device_map=device_map)
+        log.info("evaluate: %d actor(s), each %s", n_actors, opts)
         remote = ray.remote(**opts)(EvalWorker)
         workers = [remote.remote(model, store, config, device_map=device_map, threads=threads)
                    for _ in range(n_actors)]
@@ -304,6 +300,36 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         log.info("report: %s", summary.report)
         summary.table = terminal_table(results)
     return summary.finish()
+
+
+def actor_resources(gpus_per_node: list[int], cpus: int, n_tasks: int, *, actors: int | None = None,
+                    cpus_per_actor: int | None = None, gpus_per_actor: int | None = None,
+                    device_map: str | None = None) -> tuple[int, dict, int | None]:
+    """(number of actors, Ray options of each, torch threads) for the evaluator pool.
+
+    One GPU per actor, except with ``device_map="auto"``: then one model spreads over several
+    GPUs of one node, and the actor must hold all of them (Ray sets CUDA_VISIBLE_DEVICES to
+    the GPUs it grants; without asking for them the placement sees one GPU, or none).
+    `gpus_per_actor` sets how many; by default every GPU of the largest node.
+    """
+    from persona_jobs.cli import UserError
+
+    gpus = sum(gpus_per_node)
+    if gpus:
+        per = 1
+        if device_map == "auto":
+            per = gpus_per_actor or max(gpus_per_node)
+            if per > max(gpus_per_node):
+                raise UserError(f"--gpus-per-actor {per}: one model's placement must fit on one node, and the "
+                                f"largest has {max(gpus_per_node)} GPU(s)")
+        elif gpus_per_actor not in (None, 1):
+            raise UserError("--gpus-per-actor needs --device-map auto (one model over several GPUs)")
+        slots = sum(g // per for g in gpus_per_node)
+        n_actors = max(1, min(actors or slots, slots, n_tasks))
+        return n_actors, {"num_gpus": per, "num_cpus": 1}, cpus_per_actor
+    per = cpus_per_actor or max(1, min(4, cpus))
+    n_actors = max(1, min(actors or max(1, cpus // per), n_tasks))
+    return n_actors, {"num_cpus": per}, per
 
 
 def gather(tables: list[pa.Table]) -> pa.Table:
@@ -358,6 +384,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="actors (default: one per GPU; CPU: cpus / cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=int, help="CPU threads per actor (default: up to 4)")
     p.add_argument("--device-map", choices=["auto"], help="spread a model too big for one GPU over several")
+    p.add_argument("--gpus-per-actor", type=int, default=None,
+                   help="with --device-map auto: GPUs each evaluator holds (default: all GPUs of the largest node)")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--max-statements", type=int, default=EvalConfig.max_statements)
     p.add_argument("--max-questions", type=int, default=EvalConfig.max_questions)
@@ -381,6 +409,21 @@ def config_from_args(args) -> EvalConfig:
                       max_questions=args.max_questions, ppl_texts=tuple(args.ppl_text), judge=judge)
 
 
+def record_run(store: Store, summary: Summary, started: float, inputs: dict) -> None:
+    """A manifest (kind ``evaluate``) for a standalone evaluation, so `status` lists it; never over a
+    manifest of another kind (a pipeline run evaluated again under its own id keeps its record)."""
+    from persona_core import runs
+
+    existing = runs.read_manifest(store, summary.run_id)
+    if existing is not None and existing.kind != "evaluate":
+        return
+    error = "; ".join(summary.errors[:3]) or None
+    runs.write_manifest(store, runs.Manifest(
+        run_id=summary.run_id, kind="evaluate", status=runs.FAILED if error else runs.SUCCEEDED, inputs=inputs,
+        stages={"evaluate": summary.to_dict()}, started=started, finished=time.time(), error=error,
+        store=store.uri(), results=store.uri(f"results/run={summary.run_id}"), report=summary.report))
+
+
 def _main(args) -> int:
     from persona_jobs.cli import UserError
 
@@ -389,9 +432,14 @@ def _main(args) -> int:
         catalog = load_catalog(args.catalog)
     except (ValueError, CatalogError) as err:
         raise UserError(str(err)) from err
+    started = time.time()
     summary = run(args.store, args.model, catalog, args.methods, args.sparsities, args.personas,
                   run_id=args.run_id, address=args.address, config=config, actors=args.actors,
-                  cpus_per_actor=args.cpus_per_actor, device_map=args.device_map, report=not args.no_report)
+                  cpus_per_actor=args.cpus_per_actor, device_map=args.device_map,
+                  gpus_per_actor=args.gpus_per_actor, report=not args.no_report)
+    record_run(open_store(args.store), summary, started, {
+        "model": args.model, "catalog": args.catalog, "methods": args.methods, "sparsities": args.sparsities,
+        "personas": args.personas, "config_hash": config.hash})
     if getattr(summary, "table", None):
         print(summary.table)
     print(summary.line())

@@ -1,16 +1,22 @@
 """`persona-jobs submit` and `persona-jobs status`: run any subcommand on a Ray cluster.
 
     persona-jobs submit --address http://head:8265 -- run --config configs/demo.yaml
+    persona-jobs status persona-run-0123456789abcdef-89abcdef      # asks Ray, then the job's store
     persona-jobs status run-0123456789abcdef --store s3://bucket/store
 
 `submit` goes through the Ray Jobs API (`JobSubmissionClient`): the local
 project folder travels as the job's `working_dir` (unless `--no-working-dir`,
 when the image's installed package runs), the entrypoint is
-``python -m persona_jobs <subcommand ...>`` with its own resources, and the submission
-id is derived from the run id, so submitting the same run twice does not run
-it twice: while a job with that id is pending, running or succeeded, `submit`
-reports it and submits nothing; after a failure it submits a new attempt
-(``<id>-a2``, ``-a3``, ...).
+``python -m persona_jobs <subcommand ...>`` with its own resources. The
+submission id names the work: ``persona-<command>-<run hash>-<context hash>``,
+where the run hash is the run id computed here (for other subcommands a hash of
+the command and the files it names) and the context hash covers what else
+changes the work (the store, --force, --repair, the nightly schedule). So
+submitting the same work twice does not run it twice: while a job with that id
+is pending, running or succeeded, `submit` reports it and submits nothing;
+after a failure, or with `--resubmit`, it submits a new attempt (``<id>-a2``,
+``-a3``, ...). The store must be one every node of the cluster sees: an
+object store URL, or an absolute folder path with `--shared-store`.
 
 Token authentication (on by default for new local clusters since Ray 2.59;
 `RAY_AUTH_MODE=token` on KubeRay clusters with ``authOptions``): the token
@@ -19,11 +25,16 @@ comes from ``--token-file``, else ``RAY_AUTH_TOKEN``, else the file named by
 sent as an ``Authorization: Bearer`` header. With no token found the request
 goes out without one; a cluster that requires it answers 401, reported as a
 clear error. The token is never printed.
+
+Exit codes: 0 submitted, or already submitted and not failed (status: succeeded);
+1 the job failed (``--wait``, status); 2 bad input or an unreachable cluster;
+3 (status) still pending or running; 75 a temporary error of the cluster (retry).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,11 +44,12 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_jobs.common import add_store_arg
 from persona_core.hashing import content_hash
-from persona_core.store import open_store
+from persona_core.store import DEFAULT_STORE, open_store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 ACTIVE = {"PENDING", "RUNNING"}
 TERMINAL_OK = {"SUCCEEDED"}
+EXIT_TEMPORARY = 75  # EX_TEMPFAIL: the cluster answered with a temporary error; retrying may succeed
+PROBE_TIMEOUT = (5.0, 10.0)  # seconds to connect, to answer
 # Non-secret variables worth passing through to the cluster; credentials never travel this way.
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
 EXCLUDES = [".venv/", ".git/", "persona-store/", "**/__pycache__/", ".pytest_cache/", ".hypothesis/",
@@ -91,57 +105,191 @@ def dashboard_url(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def client(address: str | None, token_file: str | None = None):
-    """A JobSubmissionClient with the auth header set; a clear UserError if unreachable."""
-    from ray.job_submission import JobSubmissionClient
-
+def _user_error(message: str, temporary: bool = False):
     from persona_jobs.cli import UserError
+
+    err = UserError(message)
+    if temporary:
+        err.exit_code = EXIT_TEMPORARY
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def probe_dashboard(url: str, headers: dict, source: str = "none") -> str:
+    """Check, with bounded timeouts, that `url` is a Ray dashboard; its Ray version.
+
+    `JobSubmissionClient` makes its own first request without any timeout, so a port
+    that accepts connections and never answers would hang it forever; this request
+    fails in seconds instead, with one line saying what was found there.
+    """
+    import requests
+
+    try:
+        r = requests.get(f"{url}/api/version", headers=headers, timeout=PROBE_TIMEOUT)
+    except requests.exceptions.ConnectTimeout:
+        raise _user_error(f"cannot reach the Ray Jobs API at {url}: no answer to a connection "
+                          f"within {PROBE_TIMEOUT[0]:g} s") from None
+    except requests.exceptions.ReadTimeout:
+        raise _user_error(f"{url} accepted a connection but sent no answer within {PROBE_TIMEOUT[1]:g} s: "
+                          f"not a Ray dashboard (the Jobs API is at http://<head>:8265)") from None
+    except requests.exceptions.RequestException as err:
+        reason = _first_line(err.__context__ or err) if isinstance(err, requests.exceptions.ConnectionError) \
+            else _first_line(err)
+        if "RemoteDisconnected" in reason or "BadStatusLine" in reason or "Connection aborted" in reason:
+            raise _user_error(f"{url} is not a Ray dashboard: it closed the connection without an HTTP answer "
+                              f"(the Jobs API is at http://<head>:8265)") from None
+        raise _user_error(f"cannot reach the Ray Jobs API at {url}: {reason}") from None
+    if r.status_code in (401, 403):
+        raise _user_error(f"Ray at {url} refused the request (token auth): set RAY_AUTH_TOKEN or "
+                          f"RAY_AUTH_TOKEN_PATH, or pass --token-file (token looked for in: {source})")
+    if r.status_code >= 500:
+        raise _user_error(f"Ray at {url} answered HTTP {r.status_code} (temporary error; retry)", temporary=True)
+    try:
+        version = r.json()["ray_version"] if r.status_code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        version = None
+    if not version:
+        raise _user_error(f"{url} is not a Ray dashboard: GET /api/version answered HTTP {r.status_code} "
+                          f"without a Ray version (the Jobs API is at http://<head>:8265)")
+    return str(version)
+
+
+def client(address: str | None, token_file: str | None = None):
+    """A JobSubmissionClient with the auth header set; a clear one-line UserError if the address is
+    unreachable, is not a Ray dashboard, or refuses the token."""
+    from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
     token, source = find_token(token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     log.debug("Ray Jobs API at %s (token from %s)", url, source)
+    probe_dashboard(url, headers, source)
     try:
         return JobSubmissionClient(url, headers=headers)
     except Exception as err:  # ConnectionError, RuntimeError with the HTTP status, ...
-        text = str(err)
+        text = _first_line(err)
         if not isinstance(err, ConnectionError) and re.search(r"\b40[13]\b|unauthori[sz]ed|authentication", text, re.I):
-            raise UserError(f"Ray at {url} refused the request (token auth): set RAY_AUTH_TOKEN or "
-                            f"RAY_AUTH_TOKEN_PATH, or pass --token-file (token looked for in: {source})") from None
-        raise UserError(f"cannot reach the Ray Jobs API at {url}: {text.splitlines()[0] if text else err}") from None
+            raise _user_error(f"Ray at {url} refused the request (token auth): set RAY_AUTH_TOKEN or "
+                              f"RAY_AUTH_TOKEN_PATH, or pass --token-file (token looked for in: {source})") from None
+        raise _user_error(f"cannot reach the Ray Jobs API at {url}: {text}") from None
+
+
+def _jobs_call(what: str, fn, *args, **kwargs):
+    """A Jobs API call whose failure becomes one line: temporary (5xx, connection) or not."""
+    import requests
+
+    try:
+        return fn(*args, **kwargs)
+    except requests.exceptions.RequestException as err:
+        raise _user_error(f"{what}: the Ray Jobs API did not answer ({_first_line(err)}); temporary, retry",
+                          temporary=True) from None
+    except (RuntimeError, ConnectionError) as err:
+        text = _first_line(err)
+        code = re.search(r"status code (\d{3})", text)
+        temporary = isinstance(err, ConnectionError) or (code is not None and int(code[1]) >= 500)
+        raise _user_error(f"{what}: {text}" + ("; temporary, retry" if temporary else ""),
+                          temporary=temporary) from None
 
 
 # ---------------------------------------------------------------------------- submission ids
 
 
-def plan_run_id(subcommand: list[str]) -> str | None:
-    """The run id a `run` / `nightly` subcommand will have, computed here; None if not computable."""
-    if not subcommand or subcommand[0] not in ("run", "nightly"):
-        return None
+@dataclass(frozen=True)
+class Work:
+    """What a submitted subcommand will do, as far as it can be known here."""
+
+    command: str
+    run_id: str | None  # run / nightly: the run id computed here (None: not computable here)
+    store: str | None  # the store URL it writes (None: it uses no store)
+    context: dict = field(default_factory=dict)  # what else changes the work: store, --force, ...
+
+
+def describe_work(subcommand: list[str]) -> Work:
+    """Parse the subcommand as the job will, and find its run id, store and work-changing flags."""
+    from persona_jobs.cli import build_parser
+
+    command = subcommand[0] if subcommand else "job"
     try:
+        args = build_parser().parse_args(subcommand)
+    except SystemExit:
+        raise _user_error(f"the subcommand does not parse here: persona-jobs {shlex.join(subcommand)} "
+                          f"(see the message above)") from None
+    if not hasattr(args, "store"):
+        return Work(command, None, None)
+    store, run_id = args.store, None
+    context: dict = {"force": bool(getattr(args, "force", False)), "repair": bool(getattr(args, "repair", False))}
+    if command in ("run", "nightly"):
         from persona_jobs import pipeline
 
-        args = pipeline.build_subparser(subcommand[0]).parse_args(subcommand[1:])
-        cfg = pipeline.config_from_args(args, nightly=subcommand[0] == "nightly")
-        return pipeline.plan(cfg).run_id
-    except SystemExit:
-        return None
-    except Exception as err:  # e.g. the model package is not installed on this laptop
-        log.info("cannot compute the run id here (%s); deriving the submission id from the command", err)
-        return None
+        cfg = pipeline.config_from_args(args, nightly=command == "nightly")  # bad config: UserError here
+        store = cfg.store
+        if command == "nightly":
+            context["nightly"] = dataclasses.asdict(cfg.nightly)
+        try:
+            run_id = pipeline.plan(cfg).run_id
+        except Exception as err:  # e.g. the model package is not installed on this laptop
+            log.info("cannot compute the run id here (%s); deriving the submission id from the command", err)
+    store = store or DEFAULT_STORE
+    context["store"] = store
+    return Work(command, run_id, store, context)
 
 
-def submission_id(subcommand: list[str], run_id: str | None = None) -> str:
-    """`persona-<command>-<run id or hash of the command and the files it names>`."""
+def submission_id(subcommand: list[str], run_id: str | None = None, context: dict | None = None) -> str:
+    """`persona-<command>-<run hash, or hash of the command and the files it names>[-<context hash>]`."""
     name = re.sub(r"[^a-z0-9-]+", "-", (subcommand[0] if subcommand else "job").lower())
     if run_id:
-        return f"persona-{name}-{run_id.removeprefix('run-')}"
-    files = []
-    for arg in subcommand:
-        p = Path(arg)
-        if p.is_file() and p.stat().st_size < 1 << 20:
-            files.append((arg, p.read_bytes()))
-    return f"persona-{name}-{content_hash(subcommand, files)[:16]}"
+        base = run_id.removeprefix("run-")
+    else:
+        files = []
+        for arg in subcommand:
+            p = Path(arg)
+            if p.is_file() and p.stat().st_size < 1 << 20:
+                files.append((arg, p.read_bytes()))
+        base = content_hash(subcommand, files)[:16]
+    ctx = f"-{content_hash(context)[:8]}" if context else ""
+    return f"persona-{name}-{base}{ctx}"
+
+
+_SID_RE = re.compile(r"^persona-(?P<command>[a-z0-9-]+?)-(?P<base>[0-9a-f]{16})(?:-(?P<ctx>[0-9a-f]{8}))?"
+                     r"(?:-a(?P<attempt>\d+))?$")
+
+
+def parse_submission_id(sid: str) -> dict | None:
+    """{command, base, ctx, attempt, run_id} of a submission id this module made; None otherwise."""
+    m = _SID_RE.match(sid)
+    if not m:
+        return None
+    out = m.groupdict()
+    out["attempt"] = int(out["attempt"] or 1)
+    out["root"] = sid if out["attempt"] == 1 else sid.rsplit("-a", 1)[0]
+    out["run_id"] = f"run-{out['base']}" if out["command"] in ("run", "nightly") else None
+    return out
+
+
+def check_store(store: str | None, shared: bool) -> None:
+    """A store every node of the cluster sees, or a UserError saying why not (and what to do)."""
+    if store is None:
+        return
+    protocol = store.split("://", 1)[0] if "://" in store else "file"
+    if protocol == "memory":
+        raise _user_error(f"store {store}: a memory:// store lives and dies with the job's process; "
+                          f"use an object store URL (s3://bucket/prefix)")
+    if protocol not in ("file", "local"):
+        return
+    path = store.split("://", 1)[1] if "://" in store else store
+    if not Path(path).expanduser().is_absolute():
+        raise _user_error(f"store {store}: a relative folder would resolve inside the job's temporary working "
+                          f"directory on the cluster, which Ray deletes after the job; use an object store URL "
+                          f"(s3://bucket/prefix) or the absolute path of a folder every node mounts, with "
+                          f"--shared-store")
+    if not shared:
+        raise _user_error(f"store {store}: a local folder, which the cluster's nodes do not see unless it is "
+                          f"mounted on every one of them; use an object store URL (s3://bucket/prefix), or "
+                          f"pass --shared-store if {path} is such a shared mount")
 
 
 def _attempts(jobs_client, base: str) -> list[tuple[str, str]]:
@@ -151,8 +299,10 @@ def _attempts(jobs_client, base: str) -> list[tuple[str, str]]:
         sid = base if i == 1 else f"{base}-a{i}"
         try:
             info = jobs_client.get_job_info(sid)
-        except RuntimeError:  # 404: no such job
-            break
+        except RuntimeError as err:  # 404: no such job; anything else is a real error
+            if "404" in str(err) or "does not exist" in str(err):
+                break
+            raise
         found.append((sid, str(getattr(info.status, "value", info.status))))
     return found
 
@@ -160,14 +310,20 @@ def _attempts(jobs_client, base: str) -> list[tuple[str, str]]:
 def submit(subcommand: list[str], *, address: str | None = None, token_file: str | None = None,
            working_dir: bool = True, entrypoint_num_cpus: float = 1, entrypoint_num_gpus: float = 0,
            entrypoint_memory: int = 0, entrypoint_resources: dict | None = None,
-           env: dict[str, str] | None = None, pip: list[str] | None = None, jobs_client=None) -> tuple[str, bool]:
+           env: dict[str, str] | None = None, pip: list[str] | None = None, jobs_client=None,
+           shared_store: bool = False, resubmit: bool = False) -> tuple[str, bool]:
     """Submit `persona-jobs <subcommand>`; (submission id, whether a new job was submitted)."""
+    work = describe_work(subcommand)
+    check_store(work.store, shared_store)
     jobs_client = jobs_client or client(address, token_file)
-    base = submission_id(subcommand, plan_run_id(subcommand))
-    attempts = _attempts(jobs_client, base)
+    base = submission_id(subcommand, work.run_id, work.context)
+    attempts = _jobs_call("listing earlier attempts", _attempts, jobs_client, base)
     for sid, status in attempts:
-        if status in ACTIVE | TERMINAL_OK:
-            print(f"{sid}: already submitted ({status}); not submitting it again")
+        if status in ACTIVE:
+            print(f"{sid}: already submitted ({status}); not submitting it again while it runs")
+            return sid, False
+        if status in TERMINAL_OK and not resubmit:
+            print(f"{sid}: already submitted ({status}); not submitting it again (--resubmit runs it again)")
             return sid, False
     sid = base if not attempts else f"{base}-a{len(attempts) + 1}"
     runtime_env: dict = {"env_vars": {"PERSONA_PROGRESS": "0", **_passthrough_env(), **(env or {})}}
@@ -184,17 +340,19 @@ def submit(subcommand: list[str], *, address: str | None = None, token_file: str
     if pip:
         runtime_env["pip"] = pip
     entrypoint = "python -m persona_jobs " + shlex.join(subcommand)
+    metadata = {"persona.command": work.command, "persona.run_id": work.run_id or "",
+                "persona.store": work.store or ""}
     kwargs = dict(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
                   entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
-                  metadata={"persona.command": subcommand[0] if subcommand else ""})
+                  metadata=metadata)
     if entrypoint_memory:
         kwargs["entrypoint_memory"] = entrypoint_memory
     if entrypoint_resources:
         kwargs["entrypoint_resources"] = entrypoint_resources
     try:
-        jobs_client.submit_job(**kwargs)
-    except RuntimeError as err:
-        if "already exists" in str(err):  # a racing submit of the same run got there first
+        _jobs_call(f"submitting {sid}", jobs_client.submit_job, **kwargs)
+    except Exception as err:
+        if "already exists" in str(err):  # a racing submit of the same work got there first
             print(f"{sid}: already submitted; not submitting it again")
             return sid, False
         raise
@@ -260,7 +418,7 @@ def wait(jobs_client, sid: str, poll_s: float = 5.0, follow: bool = True) -> str
         except Exception as err:  # log streaming is a nicety; polling decides
             log.debug("log streaming stopped: %s", err)
     while True:
-        status = str(getattr(jobs_client.get_job_status(sid), "value", ""))
+        status = str(getattr(_jobs_call(f"status of {sid}", jobs_client.get_job_status, sid), "value", ""))
         if status not in ACTIVE:
             return status
         time.sleep(poll_s)
@@ -283,15 +441,25 @@ def add_parser(sub) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env var for the job")
     p.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job's runtime_env")
     p.add_argument("--wait", action="store_true", help="follow the logs; exit non-zero unless the job succeeds")
+    p.add_argument("--shared-store", action="store_true",
+                   help="the store is a local folder path mounted on every node (else only URLs such as s3://)")
+    p.add_argument("--resubmit", action="store_true",
+                   help="submit a new attempt even if this work already succeeded (never while it runs)")
     p.add_argument("subcommand", nargs=argparse.REMAINDER, help="-- then the subcommand and its arguments")
     p.set_defaults(func=_submit_cmd)
 
-    s = sub.add_parser("status", help="a run's manifest from the store (or list recent runs)")
-    s.add_argument("run", nargs="?", help="run id (run-...), or a submission id (persona-<command>-...)")
+    s = sub.add_parser("status", help="a submitted job's state (from Ray) and its run's manifest (from the store)",
+                       description="With a submission id (persona-...), ask Ray for the job's state, then read "
+                                   "its run's manifest from the store the job wrote to; with a run id, read the "
+                                   "manifest; with nothing, list recent runs. Exit 0 succeeded, 1 failed, "
+                                   "3 pending, running or incomplete, 2 not found or unreachable.")
+    s.add_argument("run", nargs="?", help="submission id (persona-<command>-...), or run id (run-..., eval-...)")
     add_store_arg(s)
-    s.add_argument("--address", default=None, help="also ask this Ray cluster about the run's submitted jobs")
-    s.add_argument("--token-file", default=None)
-    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    s.add_argument("--address", default=None,
+                   help=f"Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, {DEFAULT_DASHBOARD})")
+    s.add_argument("--token-file", default=None, help="file holding the Ray auth token (else Ray's own lookup)")
+    s.add_argument("--no-ray", action="store_true", help="read the store only; do not ask Ray")
+    s.add_argument("--json", action="store_true", help="print the state as JSON")
     s.set_defaults(func=_status_cmd)
 
 
@@ -311,25 +479,58 @@ def _submit_cmd(args) -> int:
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
+    work = describe_work(command)  # bad input fails before the cluster is contacted
+    check_store(work.store, args.shared_store)
     jc = client(args.address, args.token_file)
     sid, _ = submit(command, jobs_client=jc, working_dir=not args.no_working_dir,
                     entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
                     entrypoint_memory=args.entrypoint_memory, entrypoint_resources=args.entrypoint_resources,
-                    env=env, pip=args.pip or None)
+                    env=env, pip=args.pip or None, shared_store=args.shared_store, resubmit=args.resubmit)
     if not args.wait:
-        print(f"follow it with: ray job logs --follow {sid}   (or persona-jobs status)")
+        print(f"follow it with: ray job logs --follow {sid}   (or persona-jobs status {sid})")
         return 0
     status = wait(jc, sid)
     print(f"{sid}: {status}")
     return 0 if status in TERMINAL_OK else 1
 
 
+STATUS_EXIT = {"succeeded": 0, "failed": 1}
+EXIT_RUNNING = 3
+RAY_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1, "PENDING": EXIT_RUNNING, "RUNNING": EXIT_RUNNING}
+
+
+def job_state(jobs_client, sid: str) -> dict:
+    """Ray's record of a submission and of its later attempts: the newest attempt decides."""
+    parsed = parse_submission_id(sid)
+    root = parsed["root"] if parsed else sid
+    attempts = _jobs_call(f"status of {sid}", _attempts, jobs_client, root)
+    if parsed and parsed["attempt"] > 1:  # an explicit attempt: that one
+        attempts = [a for a in attempts if a[0] == sid]
+    if not attempts:
+        raise _user_error(f"Ray has no job {sid} (was it submitted to this cluster? --address)")
+    newest = attempts[-1][0]
+    info = _jobs_call(f"status of {newest}", jobs_client.get_job_info, newest)
+    return {"submission_id": newest, "status": str(getattr(info.status, "value", info.status)),
+            "message": getattr(info, "message", None) or "", "metadata": dict(getattr(info, "metadata", None) or {}),
+            "attempts": attempts}
+
+
+def jobs_of_run(jobs_client, rid: str) -> dict | None:
+    """Ray's newest job submitted for run `rid` (found by its metadata), as `job_state` gives it."""
+    jobs = [j for j in _jobs_call("listing jobs", jobs_client.list_jobs)
+            if (getattr(j, "metadata", None) or {}).get("persona.run_id") == rid and getattr(j, "submission_id", None)]
+    if not jobs:
+        return None
+    jobs.sort(key=lambda j: getattr(j, "start_time", 0) or 0)
+    return job_state(jobs_client, jobs[-1].submission_id)
+
+
 def _status_cmd(args) -> int:
     from persona_jobs.cli import UserError
     from persona_core import runs
 
-    store = open_store(args.store)
     if not args.run:
+        store = open_store(args.store)
         rows = runs.list_runs(store)
         if not rows:
             print(f"no runs in {store.uri()}")
@@ -338,24 +539,47 @@ def _status_cmd(args) -> int:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("finished", 0)))
             print(f"{m['run_id']}  {m.get('kind', '?'):8}  {m.get('status', '?'):9}  {when}  {m.get('report') or ''}")
         return 0
-    rid = args.run
-    if rid.startswith("persona-"):  # a submission id: persona-<command>-<hash>[-aN]
-        rid = "run-" + re.sub(r"-a\d+$", "", rid).rsplit("-", 1)[-1]
-    try:
-        state = runs.run_state(store, rid)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
+    rid, job, store_url = args.run, None, args.store
+    parsed = parse_submission_id(args.run)
+    if args.run.startswith("persona-"):  # a submission id: Ray decides, the store adds the run's details
+        if parsed is None:
+            raise UserError(f"{args.run}: not a submission id of persona-jobs (persona-<command>-<16 hex>...)")
+        rid = parsed["run_id"]
+        if not args.no_ray:
+            job = job_state(client(args.address, args.token_file), args.run)
+            rid = job["metadata"].get("persona.run_id") or rid
+            store_url = store_url or job["metadata"].get("persona.store") or None
+    elif args.address and not args.no_ray:  # a run id: its submitted jobs, found by their metadata
+        job = jobs_of_run(client(args.address, args.token_file), rid)
+    if job is None and rid is None:
+        raise UserError(f"{args.run}: a {parsed['command']} job has no run in the store; drop --no-ray to ask Ray")
+    state = None
+    if rid:
+        try:
+            state = runs.run_state(open_store(store_url), rid)
+        except FileNotFoundError as err:
+            if job is None:
+                raise UserError(str(err)) from None
+            log.info("%s", err)  # e.g. a run that failed before its first stage
     if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True, default=str))
+        shown = state if job is None else {"job": job, "run": state}
+        print(json.dumps(shown, indent=2, sort_keys=True, default=str))
     else:
-        print(format_state(state))
-    if args.address:
-        jc = client(args.address, args.token_file)
-        for command in ("run", "nightly"):
-            base = submission_id([command], rid)
-            for sid, status in _attempts(jc, base):
-                print(f"ray job {sid}: {status}")
-    return {"succeeded": 0, "failed": 1}.get(state.get("status"), 3)
+        if job is not None:
+            line = f"ray job {job['submission_id']}: {job['status']}"
+            if job["status"] not in TERMINAL_OK and job["message"]:
+                line += f" ({job['message'].strip().splitlines()[0][:300]})"
+            print(line)
+            for sid, status in job["attempts"][:-1]:
+                print(f"  earlier attempt {sid}: {status}")
+        if state is not None:
+            print(format_state(state))
+    if job is not None:  # Ray's state of the job wins; a succeeded job defers to its run's manifest
+        code = RAY_EXIT.get(job["status"], EXIT_RUNNING)
+        if code == 0 and state is not None:
+            code = STATUS_EXIT.get(state.get("status"), EXIT_RUNNING)
+        return code
+    return STATUS_EXIT.get(state.get("status"), EXIT_RUNNING)
 
 
 def format_state(state: dict) -> str:

@@ -186,17 +186,17 @@ def test_submit_derives_id_from_run_and_never_runs_a_run_twice(tmp_path, capsys)
     command = ["run", "--config", str(cfg_path)]
     rid = pipeline.plan(pipeline.config_from_args(pipeline.build_subparser().parse_args(command[1:]))).run_id
     fake = FakeJobs()
-    sid, new = submit.submit(command, jobs_client=fake, working_dir=False)
-    assert new and sid == f"persona-run-{rid.removeprefix('run-')}"
+    sid, new = submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True)
+    assert new and sid.startswith(f"persona-run-{rid.removeprefix('run-')}-")  # + the store's context hash
     job = fake.jobs[sid]
     assert job["entrypoint"] == "python -m persona_jobs run --config inputs/p.yaml"  # the config travels along
     assert job["entrypoint_num_cpus"] == 1 and "AWS_SECRET_ACCESS_KEY" not in job["runtime_env"]["env_vars"]
 
-    assert submit.submit(command, jobs_client=fake, working_dir=False) == (sid, False)  # pending: not again
+    assert submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True) == (sid, False)  # pending: not again
     fake.jobs[sid]["status"] = "SUCCEEDED"
-    assert submit.submit(command, jobs_client=fake, working_dir=False) == (sid, False)
+    assert submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True) == (sid, False)
     fake.jobs[sid]["status"] = "FAILED"
-    sid2, new = submit.submit(command, jobs_client=fake, working_dir=False)
+    sid2, new = submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True)
     assert new and sid2 == f"{sid}-a2"
     assert "already submitted" in capsys.readouterr().out
 

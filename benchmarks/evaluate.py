@@ -7,8 +7,17 @@
   persona's units, masks already on the device; ``restore_s``: back to dense)
   over the time of one scoring batch (``batch_size`` statement sequences).
   Target < 0.05. Medians of interleaved repeats, so background load hits both.
+* ``pref_tokens_per_s`` / ``plain_tokens_per_s`` / ``pref_vs_plain``: statement-preference
+  scoring (shared prefix, KV cache reused, LM head on scored positions only) against a
+  plain batched forward pass of the model (full logits) over the same token batches
+  (prefix + statement, sorted by length, ``batch_size`` per batch); same real tokens
+  counted on both sides. Target >= 0.8.
+* ``fewshot_stmts_per_s_reuse`` / ``_noreuse`` / ``fewshot_reuse_speedup``: statements
+  scored per second under the few-shot condition (description + k calibration examples)
+  with and without reusing the prefix's key/value cache.
 
-    python benchmarks/evaluate.py [--model smollm2-135m] [--personas 1] [--masks 2]
+    python benchmarks/evaluate.py [--model smollm2-135m] [--personas 1] [--masks 2] [--statements 48]
+                                  [--skip-units]
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import torch  # noqa: E402
 
 from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.evaluate import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
+from persona_core.fewshot import FewShot  # noqa: E402
 from persona_core.metrics import STATEMENT_QUESTION  # noqa: E402
+from persona_core.validation import statement_scores  # noqa: E402
 
 
 def magnitude_masks(ev: Evaluator, sparsity: float, jitter: int) -> dict[str, torch.Tensor]:
@@ -48,6 +59,8 @@ def main() -> None:
     ap.add_argument("--personas", type=int, default=1)
     ap.add_argument("--masks", type=int, default=2, help="masks per persona")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--statements", type=int, default=48, help="statements for the scoring throughput")
+    ap.add_argument("--skip-units", action="store_true", help="only the scoring throughput figures")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -57,6 +70,12 @@ def main() -> None:
     pairs = cat.pairs()
     personas = [cat[p] for pair in pairs for p in pair][: args.personas]
     masks = [magnitude_masks(ev, 0.5, j) for j in range(args.masks)]
+
+    scoring = scoring_figures(ev, args.statements, args.repeats)
+    if args.skip_units:
+        print(json.dumps({"benchmark": "evaluate", "model": ev.model_key, "device": str(ev.device),
+                          "threads": torch.get_num_threads(), **scoring}))
+        return
 
     # --- throughput
     t0 = time.perf_counter()
@@ -95,8 +114,59 @@ def main() -> None:
         "units": units, "units_per_min": round(units / minutes, 2), "seconds": round(minutes * 60, 1),
         "batch_size": ev.batch_size, "batch_tokens": sum(len(a) + len(b) for a, b in batch),
         "swap_s": round(swap, 4), "restore_s": round(statistics.median(restores), 4), "batch_s": round(score, 4), "swap_fraction": round(swap / score, 4),
-        "swap_target": 0.05, "metric_seconds": {k: round(v, 1) for k, v in ev.timings.items()},
+        "swap_target": 0.05, "metric_seconds": {k: round(v, 1) for k, v in ev.timings.items()}, **scoring,
     }))
+
+
+def scoring_figures(ev: Evaluator, n: int, repeats: int) -> dict:
+    """Statement-preference scoring vs a plain batched forward; few-shot with and without KV reuse."""
+    ev.configure(EvalConfig())
+    cat = load_catalog("builtin")
+    stmts = [s for p in cat for s in p.evaluation][:n]
+    prefix = ev.encode(ev.prompt(None, STATEMENT_QUESTION))
+    seqs = sorted((prefix + c for c in ev.encode_many(stmts, continuation=True)), key=len, reverse=True)
+    tokens = sum(len(q) for q in seqs)
+    sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
+
+    def plain():
+        for b in range(0, len(seqs), ev.batch_size):
+            ids, att = ev._pad(seqs[b: b + ev.batch_size])
+            ev._forward(ids, att)
+        sync()
+
+    def ours():
+        statement_scores(ev, stmts)
+        sync()
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    plain(); ours()  # warm up
+    tp, to = [], []
+    for _ in range(repeats):  # interleaved, so background load hits both
+        tp.append(timed(plain))
+        to.append(timed(ours))
+    t_plain, t_ours = statistics.median(tp), statistics.median(to)
+
+    persona = cat["introvert"]
+    fewshot = FewShot.for_persona(persona, cat[persona.opposite], k=8).system(None)
+    reuse, fresh = [], []
+    for _ in range(repeats):
+        ev.reuse_prefix = True
+        reuse.append(timed(lambda: statement_scores(ev, stmts, fewshot)))
+        ev.reuse_prefix = False
+        fresh.append(timed(lambda: statement_scores(ev, stmts, fewshot)))
+    ev.reuse_prefix = True
+    t_reuse, t_fresh = statistics.median(reuse), statistics.median(fresh)
+    return {"pref_statements": len(stmts), "pref_tokens": tokens, "prefix_tokens": len(prefix),
+            "plain_tokens_per_s": round(tokens / t_plain, 1), "pref_tokens_per_s": round(tokens / t_ours, 1),
+            "pref_vs_plain": round(t_plain / t_ours, 3), "pref_vs_plain_target": 0.8,
+            "fewshot_prefix_tokens": len(ev.encode(ev.prompt(fewshot, STATEMENT_QUESTION))),
+            "fewshot_stmts_per_s_reuse": round(len(stmts) / t_reuse, 2),
+            "fewshot_stmts_per_s_noreuse": round(len(stmts) / t_fresh, 2),
+            "fewshot_reuse_speedup": round(t_fresh / t_reuse, 2)}
 
 
 if __name__ == "__main__":

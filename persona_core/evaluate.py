@@ -8,6 +8,10 @@ GPU). For each (persona, mask) unit, `evaluate_unit` scores the metrics of
 * ``dense``          the unpruned model, no system prompt
 * ``dense+prompt``   the unpruned model, the persona description as system prompt
                      (the prompting baseline)
+* ``dense+fewshot``  retrieval-augmented prompting: the description plus k calibration
+                     statements as examples (`persona_core.fewshot`)
+* ``dense+steer``    activation steering from the residual-stream statistics, layer and
+                     coefficient chosen per pair on validation data (`persona_core.steering`)
 * ``masked``         the subnetwork, no prompt
 * ``masked+prompt``  the subnetwork with the prompt
 
@@ -21,7 +25,9 @@ masked; no reload per persona.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -39,8 +45,11 @@ from .models import DEFAULT_MODEL, LoadedModel, linear_groups, load_model
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "evaluate-v1"
-CONDITIONS = ("dense", "dense+prompt", "masked", "masked+prompt")
-DENSE_CONDITIONS = ("dense", "dense+prompt")
+CONDITIONS = ("dense", "dense+prompt", "dense+fewshot", "dense+steer", "masked", "masked+prompt")
+DENSE_CONDITIONS = ("dense", "dense+prompt", "dense+fewshot", "dense+steer")
+# dense+steer needs residual-stream statistics (the job reads them from the store), so it is opt-in
+DEFAULT_CONDITIONS = ("dense", "dense+prompt", "dense+fewshot", "masked", "masked+prompt")
+STEER_ROWS = ("steer-layer", "steer-alpha", "steer-val-separation", "steer-val-ppl-ratio", "steer-within-budget")
 DENSE_METHOD = "dense"
 
 
@@ -156,24 +165,38 @@ class JudgeSettings:
 class EvalConfig:
     """Everything that decides an evaluation's numbers; `.hash` keys its results."""
 
-    conditions: tuple[str, ...] = CONDITIONS
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     metrics: tuple[str, ...] = ("statement-preference", "yes-no-agreement", "perplexity", "roleplay-fidelity")
     batch_size: int = 16  # sequences per forward pass
     gen_batch_size: int = 8  # prompts per generate() call
     max_statements: int = 32  # held-out statements per side (persona, opposite)
     max_questions: int = 8  # generic questions for role-play answers
-    max_new_tokens: int = 40  # length of the dense model's in-role answers
+    max_new_tokens: int = 40  # length of the dense model's in-role answers (and of sample generations)
+    samples: int = 2  # generic questions answered per condition by the sample-generations metric
     max_length: int = 512  # tokens per sequence (contexts are cut from the left)
     ppl_window: int = 128  # tokens per perplexity window
     ppl_windows: int = 8  # windows per text
     ppl_texts: tuple[str, ...] = ()  # extra text files/datasets (URL or URL::field) for perplexity
+    ppl_text: str | None = None  # the reported general text (e.g. wikitext-2/test.txt); None: built-in held-out
     seed: int = 0  # which items a max_* cap keeps
+    # baselines (dense+fewshot, dense+steer) and what picks their settings
+    fewshot_k: int = 8  # calibration statements shown as examples
+    steer_layers: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7)  # fractions of depth (or layer indices >= 1)
+    steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    ppl_budget: float = 1.10  # max general-text perplexity ratio of a chosen setting (validation text)
+    val_statements: int = 16  # validation statements per pole, carved from the calibration statements
+    val_text: str | None = None  # validation general text (e.g. wikitext-2/valid.txt); None: built-in
+    val_window: int = 128
+    val_windows: int = 8
     judge: JudgeSettings | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "ppl_texts", tuple(self.ppl_texts))
+        object.__setattr__(self, "steer_layers", tuple(self.steer_layers))
+        object.__setattr__(self, "steer_alphas", tuple(self.steer_alphas))
+        self.steer_settings  # validates the steering search space
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or not self.conditions:
             raise ValueError(f"unknown condition(s) {bad}: choose from {', '.join(CONDITIONS)}")
@@ -182,12 +205,20 @@ class EvalConfig:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
             raise ValueError(f"unknown metric(s) {unknown}: choose from {', '.join(METRICS)}")
+        if self.fewshot_k < 0:
+            raise ValueError(f"EvalConfig.fewshot_k must be >= 0, got {self.fewshot_k}")
         if "judge" in self.metrics and self.judge is None:
             raise ValueError("metric 'judge' needs judge settings (an endpoint URL or a local model)")
         for f in ("batch_size", "gen_batch_size", "max_statements", "max_questions", "max_new_tokens",
-                  "max_length", "ppl_window", "ppl_windows"):
+                  "max_length", "ppl_window", "ppl_windows", "val_statements", "val_window", "val_windows", "samples"):
             if getattr(self, f) < 1:
                 raise ValueError(f"EvalConfig.{f} must be >= 1, got {getattr(self, f)}")
+
+    @property
+    def steer_settings(self):
+        from .steering import SteerSettings
+
+        return SteerSettings(self.steer_layers, self.steer_alphas, self.ppl_budget)
 
     @property
     def hash(self) -> str:
@@ -238,6 +269,7 @@ class Evaluator:
         self.model_key = self.loaded.key
         self.masks = MaskedModel(self.model, snapshot_device)
         self._dense_cache: dict[tuple, tuple[dict, list[dict]]] = {}
+        self._steer_cache: dict[tuple, tuple] = {}
         self.timings: dict[str, float] = {}
 
     @staticmethod
@@ -275,6 +307,16 @@ class Evaluator:
         head = f"{system}\n\n" if system else ""
         return f"{head}Question: {user}\nAnswer:"
 
+    def encode_many(self, texts: Sequence[str], *, continuation: bool = False) -> list[list[int]]:
+        """`encode` of many texts in one tokenizer call."""
+        texts = list(texts)
+        if not texts:
+            return []
+        if continuation and not self.has_chat_template:
+            texts = [" " + t if t and not t[0].isspace() else t for t in texts]
+        special = not continuation and not self.has_chat_template
+        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
         """Token ids; chat-formatted text carries its own special tokens, so none are added."""
         if continuation and not self.has_chat_template and text and not text[0].isspace():
@@ -299,8 +341,44 @@ class Evaluator:
         with torch.inference_mode(), self.accelerator.autocast():
             return self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
 
+    def _split(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """(decoder body, LM head): scoring runs the head on scored positions only."""
+        if getattr(self, "_parts", None) is None:
+            get = getattr(self.model, "get_decoder", None)
+            body = get() if callable(get) else None
+            head = self.model.get_output_embeddings()
+            ok = isinstance(body, nn.Module) and isinstance(head, nn.Module) and body is not self.model
+            self._parts = (body, head) if ok else (None, None)
+            if ok:
+                params = inspect.signature(body.forward).parameters
+                self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return self._parts
+
+    def _hidden(self, ids: torch.Tensor, att: torch.Tensor, **kw):
+        body, _ = self._split()
+        with torch.inference_mode(), self.accelerator.autocast():
+            return body(input_ids=ids, attention_mask=att, **kw)
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """log p(target) from final hidden states (N, D): the LM head over these N rows only (fp32, CPU)."""
+        _, head = self._split()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        out = []
+        for i in range(0, hidden.shape[0], chunk):
+            with torch.inference_mode(), self.accelerator.autocast():
+                logits = head(hidden[i: i + chunk]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            tgt = targets[i: i + chunk].to(logits.device)
+            out.append((logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, -1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
     def continuation_logprobs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-        """Per (context ids, continuation ids): the log-prob of each continuation token (fp32, CPU)."""
+        """Per (context ids, continuation ids): the log-prob of each continuation token (fp32, CPU).
+
+        Batches of similar lengths, right-padded; the last continuation token is never fed
+        (nothing is predicted from it) and the LM head runs only on the positions scored.
+        """
         out: list[torch.Tensor | None] = [None] * len(pairs)
         cap = self.config_max_length
         jobs = []
@@ -317,16 +395,69 @@ class Evaluator:
             jobs.append((i, ctx, cont))
         jobs.sort(key=lambda j: len(j[1]) + len(j[2]), reverse=True)  # similar lengths share a batch
         bs = self.batch_size
+        body, _ = self._split()
         for b in range(0, len(jobs), bs):
             batch = jobs[b: b + bs]
-            ids, att = self._pad([c + t for _, c, t in batch])
-            logits = self._forward(ids, att)
-            for row, (i, ctx, cont) in enumerate(batch):
-                pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logits.device)
-                lp = torch.log_softmax(logits[row, pos].float(), dim=-1)
-                tgt = torch.tensor(cont, device=logits.device)
-                out[i] = lp.gather(1, tgt[:, None])[:, 0].cpu()
+            ids, att = self._pad([c + t[:-1] for _, c, t in batch])
+            rows = torch.cat([torch.full((len(t),), r, dtype=torch.long) for r, (_, _, t) in enumerate(batch)])
+            pos = torch.cat([torch.arange(len(c) - 1, len(c) + len(t) - 1) for _, c, t in batch])
+            tgt = torch.tensor([x for _, _, t in batch for x in t], dtype=torch.long)
+            if body is None:  # no separable head: full logits
+                logits = self._forward(ids, att)
+                lp = torch.log_softmax(logits[rows.to(logits.device), pos.to(logits.device)].float(), -1)
+                flat = lp.gather(1, tgt.to(lp.device)[:, None])[:, 0].cpu()
+            else:
+                h = self._hidden(ids, att, use_cache=False).last_hidden_state
+                flat = self._head_logprobs(h[rows.to(h.device), pos.to(h.device)], tgt)
+            for (i, _, t), part in zip(batch, flat.split([len(t) for _, _, t in batch])):
+                out[i] = part
         return out  # type: ignore[return-value]
+
+    #: reuse the key/value cache of a prefix shared by many continuations (speed only: same numbers)
+    reuse_prefix: bool = True
+
+    def prefix_logprobs(self, prefix: list[int], conts: Sequence[list[int]]) -> list[torch.Tensor]:
+        """`continuation_logprobs` for many continuations of one shared prefix.
+
+        The prefix runs once; its key/value cache is repeated over each batch of
+        continuations, so a long few-shot prompt costs one forward pass per
+        (persona, condition) instead of one per statement. Falls back to the plain
+        path when reuse is off, the model has no separable head, or a sequence
+        would exceed ``max_length``.
+        """
+        body, _ = self._split()
+        longest = max((len(c) for c in conts), default=0)
+        if (not self.reuse_prefix or body is None or not prefix or not conts
+                or len(prefix) + longest > self.config_max_length):
+            return self.continuation_logprobs([(prefix, c) for c in conts])
+        if any(not c for c in conts):
+            raise ValueError("empty continuation")
+        dev = self.device
+        pre = torch.tensor([prefix], dtype=torch.long, device=dev)
+        first = self._hidden(pre, torch.ones_like(pre), use_cache=True)
+        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+        first_lp = self._head_logprobs(first.last_hidden_state[0, -1:].expand(len(conts), -1),
+                                       torch.tensor([c[0] for c in conts], dtype=torch.long))
+        out: list[torch.Tensor] = [first_lp[i: i + 1] for i in range(len(conts))]
+        jobs = sorted((i for i in range(len(conts)) if len(conts[i]) > 1), key=lambda i: -len(conts[i]))
+        n = len(prefix)
+        for b in range(0, len(jobs), self.batch_size):
+            batch = jobs[b: b + self.batch_size]
+            seqs = [conts[i][:-1] for i in batch]
+            ids, att = self._pad(seqs)
+            full = torch.cat([torch.ones((len(batch), n), dtype=att.dtype, device=att.device), att], 1)
+            position = (n + torch.arange(ids.shape[1], device=ids.device)).expand(len(batch), -1)
+            kv = copy.deepcopy(cache)
+            kv.batch_repeat_interleave(len(batch))
+            h = self._hidden(ids, full, position_ids=position, use_cache=True,
+                             **{self._cache_kw: kv}).last_hidden_state
+            rows = torch.cat([torch.full((len(s),), r, dtype=torch.long) for r, s in enumerate(seqs)])
+            pos = torch.cat([torch.arange(len(s)) for s in seqs])
+            tgt = torch.tensor([x for i in batch for x in conts[i][1:]], dtype=torch.long)
+            flat = self._head_logprobs(h[rows.to(h.device), pos.to(h.device)], tgt)
+            for i, part in zip(batch, flat.split([len(conts[i]) - 1 for i in batch])):
+                out[i] = torch.cat([out[i], part])
+        return out
 
     def next_token_logprobs(self, contexts: Sequence[list[int]]) -> torch.Tensor:
         """(len(contexts), vocab) log-probs of the token after each context (fp32, CPU)."""
@@ -375,26 +506,39 @@ class Evaluator:
 
     def score_condition(self, persona: Persona, opposite: Persona | None, condition: str,
                         config: EvalConfig, prepared: dict) -> list[dict]:
-        """Rows (metric, value, n, stderr) of every configured metric under the current weights."""
+        """Rows (metric, value, n, stderr, items) of every configured metric under the current
+        weights (and hooks); the condition decides the system prompt."""
+        from .fewshot import FewShot
         from .metrics import METRICS, MetricContext
 
         system = persona.description if condition.endswith("+prompt") else None
+        fewshot = (FewShot.for_persona(persona, opposite, config.fewshot_k, config.seed)
+                   if condition.endswith("+fewshot") else None)
         rows = []
         for name in config.metrics:
             t0 = time.perf_counter()
-            ctx = MetricContext(self, persona, opposite, system, config, prepared.get(name))
+            ctx = MetricContext(self, persona, opposite, system, config, prepared.get(name), fewshot)
             for sub, score in METRICS[name].fn(ctx).items():
                 rows.append({"condition": condition, "metric": sub, "value": float(score.value),
-                             "n": int(score.n), "stderr": float(score.stderr)})
+                             "n": int(score.n), "stderr": float(score.stderr),
+                             "items": list(score.items) if score.items is not None else None,
+                             "items_own": int(score.split),
+                             "texts": list(score.texts) if score.texts is not None else None})
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         return rows
 
-    def dense_state(self, persona: Persona, opposite: Persona | None, config: EvalConfig) -> tuple[dict, list[dict]]:
-        """Per-persona work done once with the dense weights: metric preparation and dense rows."""
+    def dense_state(self, persona: Persona, opposite: Persona | None, config: EvalConfig,
+                    stats: dict | None = None) -> tuple[dict, list[dict]]:
+        """Per-persona work done once with the dense weights: metric preparation and dense rows.
+
+        `stats` (persona id -> `PersonaStats`, holding the persona and its opposite, or
+        ``general`` for a persona without one) is needed by ``dense+steer`` only.
+        """
         from .metrics import METRICS, MetricContext
 
+        steer_key = _stats_ident(stats) if "dense+steer" in config.conditions else None
         key = (persona.evaluation_hash, persona.description, opposite.evaluation_hash if opposite else None,
-               config.hash)
+               config.hash, steer_key)
         if key not in self._dense_cache:
             self.masks.restore()  # a unit may have left its mask applied (restore=False)
             prepared = {}
@@ -403,10 +547,89 @@ class Evaluator:
                     prepared[name] = METRICS[name].prepare(MetricContext(self, persona, opposite, None, config, None))
             rows = []
             for cond in DENSE_CONDITIONS:
-                if cond in config.conditions:
+                if cond not in config.conditions:
+                    continue
+                if cond == "dense+steer":
+                    rows += self.steered_rows(persona, opposite, config, prepared, stats)
+                else:
                     rows += self.score_condition(persona, opposite, cond, config, prepared)
             self._dense_cache[key] = (prepared, rows)
         return self._dense_cache[key]
+
+    # ------------------------------------------------------------------ steering
+
+    def steering_choice(self, persona: Persona, opposite: Persona | None, config: EvalConfig,
+                        stats: dict | None):
+        """(this persona's steering vectors, the pair's `SteerChoice`), chosen once per pair.
+
+        The choice reads only calibration statistics, validation statements (carved from
+        the calibration statements) and the validation general text (`config.val_text`).
+        """
+        from .catalog import GENERAL_ID
+        from .steering import MissingResidualStats, choose, layers_of, steer, steering_vectors
+        from .validation import (perplexity_ratio, statement_scores, text_windows, validation_separation,
+                                 validation_statements, window_perplexity)
+
+        ref_id = opposite.id if opposite is not None else GENERAL_ID
+        missing = [pid for pid in (persona.id, ref_id) if not stats or pid not in stats]
+        if missing:
+            raise MissingResidualStats(
+                f"dense+steer for {persona.id!r} needs the calibration statistics (with the residual group) of "
+                f"{', '.join(repr(m) for m in missing)}: calibrate them (the evaluate job reads them from the store)")
+        if opposite is not None:
+            a, b = sorted([persona, opposite], key=lambda p: p.id)
+        else:
+            a, b = persona, None
+        ident = (a.id, b.id if b else GENERAL_ID, _stats_ident(stats), config.hash)
+        if ident not in self._steer_cache:
+            va = steering_vectors(stats[a.id], stats[b.id if b else GENERAL_ID])
+            windows = text_windows(self.tokenizer, config.val_text or "builtin:general", config.val_window,
+                                   config.val_windows)
+            self.masks.restore()  # choices are made on the dense model
+            reference = window_perplexity(self, windows)
+            settings = config.steer_settings
+            if b is not None:
+                def evaluate(layer: int, alpha: float) -> tuple[float, float]:
+                    plus = lambda: steer(self.model, layer, va[layer], alpha)  # noqa: E731
+                    minus = lambda: steer(self.model, layer, -va[layer], alpha)  # noqa: E731
+                    sep = validation_separation(self, a, b, plus, minus, n=config.val_statements, seed=config.seed)
+                    ratio = max(perplexity_ratio(self, windows, reference, plus),
+                                perplexity_ratio(self, windows, reference, minus))
+                    return sep, ratio
+            else:  # no opposite: the gain in mean log-prob of the persona's own validation statements
+                val = validation_statements(a, config.val_statements, config.seed)
+                base = sum(statement_scores(self, val)) / max(len(val), 1)
+
+                def evaluate(layer: int, alpha: float) -> tuple[float, float]:
+                    with steer(self.model, layer, va[layer], alpha):
+                        gain = sum(statement_scores(self, val)) / max(len(val), 1) - base
+                    return gain, perplexity_ratio(self, windows, reference,
+                                                  lambda: steer(self.model, layer, va[layer], alpha))
+            choice = choose(layers_of(self.model), settings, evaluate)
+            log.info("steering %s/%s: layer %d alpha %g (validation separation %.3f, ppl x%.3f)", a.id,
+                     b.id if b else GENERAL_ID, choice.layer, choice.alpha, choice.separation, choice.ppl_ratio)
+            self._steer_cache[ident] = (va, choice)
+        va, choice = self._steer_cache[ident]
+        sign = 1.0 if persona.id == a.id else -1.0
+        return {k: sign * v for k, v in va.items()}, choice
+
+    def steered_rows(self, persona: Persona, opposite: Persona | None, config: EvalConfig, prepared: dict,
+                     stats: dict | None) -> list[dict]:
+        from .steering import steer
+
+        vectors, choice = self.steering_choice(persona, opposite, config, stats)
+        with steer(self.model, choice.layer, vectors[choice.layer], choice.alpha):
+            rows = self.score_condition(persona, opposite, "dense+steer", config, prepared)
+        extra = {"steer-layer": choice.layer, "steer-alpha": choice.alpha,
+                 "steer-val-separation": choice.separation, "steer-val-ppl-ratio": choice.ppl_ratio,
+                 "steer-within-budget": float(choice.within_budget)}
+        return rows + [{"condition": "dense+steer", "metric": k, "value": float(v), "n": len(choice.tried),
+                        "stderr": float("nan"), "items": None, "items_own": 0, "texts": None}
+                       for k, v in extra.items()]
+
+
+def _stats_ident(stats: dict | None) -> tuple:
+    return tuple(sorted((pid, s.persona_hash, s.calib_hash, s.tokens, len(s.groups)) for pid, s in (stats or {}).items()))
 
 
 # ---------------------------------------------------------------------------- units
@@ -418,6 +641,10 @@ RESULT_SCHEMA = pa.schema([
     ("mask_hash", pa.string()), ("condition", pa.string()), ("metric", pa.string()),
     ("value", pa.float64()), ("n", pa.int64()), ("stderr", pa.float64()),
     ("config_hash", pa.string()), ("eval_hash", pa.string()), ("code_version", pa.string()),
+    # per-item scores behind `value` (statement-preference: each own statement's mean token log-prob,
+    # then each opposite statement's; `items_own` own ones first): what bootstrap intervals resample
+    ("items", pa.list_(pa.float64())), ("items_own", pa.int64()),
+    ("texts", pa.list_(pa.string())),  # generated texts (sample-generations: "question\nanswer")
 ])
 
 
@@ -434,8 +661,11 @@ def _meta(mask_meta: dict | None, masks: dict | None) -> tuple[str, float, str, 
 
 def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | None,
                   masks: dict[str, torch.Tensor] | None, mask_meta: dict | None,
-                  config: EvalConfig, *, restore: bool = True) -> pa.Table:
+                  config: EvalConfig, *, restore: bool = True, stats: dict | None = None) -> pa.Table:
     """Score one (persona, mask) unit: one row per (condition, metric).
+
+    `stats` (persona id -> `PersonaStats` of the persona and its opposite, or of
+    ``general``) feeds ``dense+steer``; other conditions never read it.
 
     `masks=None` scores the dense conditions only (method ``dense``). Dense rows
     come from the evaluator's per-persona cache; masked conditions apply the
@@ -446,7 +676,7 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
     """
     evaluator.configure(config)
     method, sparsity, granularity, mhash = _meta(mask_meta, masks)
-    prepared, dense_rows = evaluator.dense_state(persona, opposite, config)
+    prepared, dense_rows = evaluator.dense_state(persona, opposite, config, stats)
     rows = list(dense_rows)
     masked_conds = [c for c in config.conditions if c not in DENSE_CONDITIONS]
     if masks is not None and masked_conds:

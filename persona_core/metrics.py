@@ -15,14 +15,19 @@ Registered metrics (row names in brackets):
 * ``yes-no-agreement`` [yes-no-agreement]: P(matching answer) from the next-token
   probabilities of Yes / No, renormalised over the two; own statements match
   Yes, the opposite's match No.
-* ``perplexity`` [perplexity, perplexity-ratio, perplexity:<text>...]: on the
-  project's held-out text (and any `EvalConfig.ppl_texts`), absolute and
-  relative to the dense model without prompt.
+* ``perplexity`` [perplexity, perplexity-ratio, perplexity:<text>...]: on
+  `EvalConfig.ppl_windows` windows of `ppl_window` tokens spread over the general
+  text `EvalConfig.ppl_text` (e.g. WikiText-2 test; default the project's held-out
+  text) and any `EvalConfig.ppl_texts`, absolute and relative to the dense model
+  without prompt.
 * ``roleplay-fidelity`` [roleplay-nll, roleplay-fidelity]: mean NLL of answers
   the dense model gave in role (description as system prompt) to held-out
   generic questions (or the persona's own questions, e.g. persona-pruner-eval);
   fidelity = dense no-prompt NLL - this NLL (nats/token, > 0 means closer to the
   in-role model).
+* ``sample-generations`` [sample-generations] (off by default): greedy answers to
+  `EvalConfig.samples` held-out generic questions under the condition, kept as
+  text for the report (value: how many).
 * ``judge`` [judge-score] (off by default): an LLM judge's 0-100 role-play score
   of answers generated under the condition (with the persona's own rubric when it has one).
 """
@@ -36,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .catalog import Persona, generic_questions, heldout_text, load_texts
+from .catalog import Persona, generic_questions, load_texts
 
 if TYPE_CHECKING:
     from .evaluate import EvalConfig, Evaluator
@@ -53,6 +58,9 @@ class Score:
     value: float
     n: int
     stderr: float = float("nan")
+    items: tuple[float, ...] | None = None  # per-item scores behind value (bootstrap intervals)
+    split: int = 0  # how many leading items are the persona's own (statement-preference)
+    texts: tuple[str, ...] | None = None  # generated texts (sample-generations)
 
 
 @dataclass
@@ -63,6 +71,11 @@ class MetricContext:
     system: str | None  # the persona description under +prompt conditions
     config: "EvalConfig"
     prepared: Any = None  # what the metric's prepare() returned (dense weights, no prompt)
+    fewshot: Any = None  # a `fewshot.FewShot` under dense+fewshot: examples chosen per question
+
+    def system_for(self, question: str | None = None) -> str | None:
+        """The system prompt for an item asking `question` (None: an item without a question)."""
+        return self.fewshot.system(question) if self.fewshot is not None else self.system
 
 
 @dataclass(frozen=True)
@@ -136,10 +149,10 @@ def _logsumexp_over(lp: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def _statement_logprobs(ctx: MetricContext, statements: list[str]) -> list[float]:
-    ev = ctx.ev
-    prefix = ev.encode(ev.prompt(ctx.system, STATEMENT_QUESTION))
-    lps = ev.continuation_logprobs([(prefix, ev.encode(s, continuation=True)) for s in statements])
-    return [lp.mean().item() for lp in lps]
+    from .validation import statement_scores
+
+    # the statement question is the same for every item: one shared prefix (its KV cache reused)
+    return statement_scores(ctx.ev, statements, ctx.system_for(None))
 
 
 def _sides(ctx: MetricContext) -> tuple[list[str], list[str]]:
@@ -157,11 +170,12 @@ def statement_preference(ctx: MetricContext) -> dict[str, Score]:
         log.warning("statement-preference: persona %r needs held-out statements of its own and of an "
                     "opposite; skipped", ctx.persona.id)
         return {}
-    a, b = _statement_logprobs(ctx, own), _statement_logprobs(ctx, other)
+    scores = _statement_logprobs(ctx, own + other)
+    a, b = scores[: len(own)], scores[len(own):]
     auc, auc_se = pairwise_auc(a, b)
     ma, sa = mean_stderr(a)
     mb, sb = mean_stderr(b)
-    return {"statement-preference": Score(auc, len(a) * len(b), auc_se),
+    return {"statement-preference": Score(auc, len(a) * len(b), auc_se, tuple(a + b), len(a)),
             "statement-margin": Score(ma - mb, len(a) + len(b), math.hypot(sa, sb))}
 
 
@@ -178,8 +192,8 @@ def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
     yes, no = answer_token_ids(ev.tokenizer, "Yes"), answer_token_ids(ev.tokenizer, "No")
     if set(yes) & set(no):
         raise ValueError(f"Yes and No share first tokens {sorted(set(yes) & set(no))} in this tokenizer")
-    lp = ev.next_token_logprobs([ev.encode(ev.prompt(ctx.system, YES_NO_QUESTION.format(statement=s)))
-                                 for s, _ in items])
+    questions = [YES_NO_QUESTION.format(statement=s) for s, _ in items]
+    lp = ev.next_token_logprobs([ev.encode(ev.prompt(ctx.system_for(q), q)) for q in questions])
     want = torch.tensor([w for _, w in items])
     p = agreement(_logsumexp_over(lp, yes), _logsumexp_over(lp, no), want)
     m, se = mean_stderr(p.tolist())
@@ -189,43 +203,52 @@ def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
 # ---------------------------------------------------------------------------- perplexity
 
 
-def _ppl_sources(config: "EvalConfig") -> list[tuple[str, str]]:
-    """(row suffix, text) of every perplexity text: the project's own, then the user's."""
-    out = [("", heldout_text())]
+def _ppl_sources(config: "EvalConfig") -> list[tuple[str, str | None]]:
+    """(row suffix, source) of every perplexity text: the reported general text, then the extras."""
+    out: list[tuple[str, str | None]] = [("", config.ppl_text)]
     for spec in config.ppl_texts:
         url, _, fieldname = spec.partition("::")
-        texts = load_texts(url, fieldname or "text")
         name = url.rstrip("/").rsplit("/", 1)[-1]
-        out.append((f":{name}", "\n\n".join(texts)))
+        out.append((f":{name}", spec))
     return out
 
 
-def _nll_windows(ctx: MetricContext, text: str) -> tuple[float, int]:
-    """Total NLL and token count over fixed windows of `text` (same tokens under every condition)."""
-    ev, cfg = ctx.ev, ctx.config
-    ids = ev.tokenizer(text, add_special_tokens=False)["input_ids"]
-    w = cfg.ppl_window
-    windows = [ids[i: i + w] for i in range(0, len(ids), w) if len(ids[i: i + w]) > 1][: cfg.ppl_windows]
-    if not windows:
-        raise ValueError("perplexity text is too short to score")
-    prefix = ev.tokenizer(f"{ctx.system}\n\n", add_special_tokens=False)["input_ids"] if ctx.system else []
-    lps = ev.continuation_logprobs([(prefix + win[:1], win[1:]) for win in windows])
-    return -sum(lp.sum().item() for lp in lps), sum(len(lp) for lp in lps)
+def _windows(ctx: MetricContext, source: str | None) -> list[list[int]]:
+    from .validation import text_windows
+
+    cfg = ctx.config
+    if source is not None and (source.partition("::")[2] or not source.endswith((".txt", ".text", ".raw"))):
+        url, _, fieldname = source.partition("::")  # a dataset file: its texts joined
+        text = "\n\n".join(load_texts(url, fieldname or "text"))
+        ids = ctx.ev.tokenizer(text, add_special_tokens=False)["input_ids"]
+        w = cfg.ppl_window
+        wins = [ids[i: i + w] for i in range(0, len(ids), w) if len(ids[i: i + w]) > 1][: cfg.ppl_windows]
+        if not wins:
+            raise ValueError(f"perplexity text {url} is too short to score")
+        return wins
+    return text_windows(ctx.ev.tokenizer, source, cfg.ppl_window, cfg.ppl_windows)
+
+
+def _nll_windows(ctx: MetricContext, source: str | None) -> tuple[float, int]:
+    """Total NLL and token count over fixed windows of a text (same tokens under every condition)."""
+    from .validation import window_nll
+
+    return window_nll(ctx.ev, _windows(ctx, source), ctx.system_for(None))
 
 
 def prepare_perplexity(ctx: MetricContext) -> dict[str, float]:
     """Dense no-prompt perplexity of each text: the reference of the ratio."""
     refs = {}
-    for suffix, text in _ppl_sources(ctx.config):
-        nll, n = _nll_windows(ctx, text)
+    for suffix, source in _ppl_sources(ctx.config):
+        nll, n = _nll_windows(ctx, source)
         refs[suffix] = math.exp(nll / n)
     return refs
 
 
 def perplexity(ctx: MetricContext) -> dict[str, Score]:
     out = {}
-    for suffix, text in _ppl_sources(ctx.config):
-        nll, n = _nll_windows(ctx, text)
+    for suffix, source in _ppl_sources(ctx.config):
+        nll, n = _nll_windows(ctx, source)
         ppl = math.exp(nll / n)
         out[f"perplexity{suffix}"] = Score(ppl, n)
         out[f"perplexity-ratio{suffix}"] = Score(ppl / ctx.prepared[suffix], n)
@@ -247,7 +270,8 @@ def heldout_questions(config: "EvalConfig", persona: Persona | None = None) -> l
 
 def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]]) -> list[float]:
     ev = ctx.ev
-    pairs = [(ev.encode(ev.prompt(system, q)), ev.encode(a, continuation=True)) for q, a in qa]
+    pick = (lambda q: ctx.fewshot.system(q)) if ctx.fewshot is not None else (lambda q: system)  # noqa: E731
+    pairs = [(ev.encode(ev.prompt(pick(q), q)), ev.encode(a, continuation=True)) for q, a in qa]
     return [-lp.mean().item() for lp in ev.continuation_logprobs(pairs)]
 
 
@@ -276,12 +300,22 @@ def judge_score(ctx: MetricContext) -> dict[str, Score]:
     from .judge import get_judge
 
     ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
-    answers = ev.generate([ev.prompt(ctx.system, q) for q in questions], ctx.config.max_new_tokens)
+    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
     judge = get_judge(ctx.config.judge)
     scores = [judge.score(ctx.persona.description, q, a, ctx.persona.rubric or None)
               for q, a in zip(questions, answers)]
     m, se = mean_stderr(scores)
     return {"judge-score": Score(m, len(scores), se)}
+
+
+# ---------------------------------------------------------------------------- sample generations
+
+
+def sample_generations(ctx: MetricContext) -> dict[str, Score]:
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)[: ctx.config.samples]
+    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
+    texts = tuple(f"{q}\n{a}" for q, a in zip(questions, answers))
+    return {"sample-generations": Score(float(len(texts)), len(texts), texts=texts)}
 
 
 # ---------------------------------------------------------------------------- the registry
@@ -290,6 +324,7 @@ register("statement-preference", statement_preference)
 register("yes-no-agreement", yes_no_agreement)
 register("perplexity", perplexity, prepare=prepare_perplexity)
 register("roleplay-fidelity", roleplay_fidelity, prepare=prepare_roleplay)
+register("sample-generations", sample_generations, default=False)
 register("judge", judge_score, default=False)
 
 

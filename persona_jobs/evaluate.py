@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
-from persona_core.evaluate import CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
+from persona_core.evaluate import CONDITIONS, DEFAULT_CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
 from persona_core.hashing import content_hash
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
@@ -187,6 +187,15 @@ class EvalWorker:
     def model_key(self) -> str:
         return self.evaluator.model_key
 
+    def steering_stats(self, task: Task) -> dict | None:
+        """The calibration statistics dense+steer needs: the persona's and its opposite's (or general's)."""
+        if "dense+steer" not in self.config.conditions:
+            return None
+        from persona_core.stats import read_persona_stats
+
+        ids = [task.persona.id, task.opposite.id if task.opposite else GENERAL_ID]
+        return {pid: read_persona_stats(self.store, self.evaluator.model_key, pid) for pid in ids}
+
     def run_task(self, task: Task) -> dict:
         """Score every unit of one persona; write each unit's part; return tables and errors."""
         from persona_core.evaluate import evaluate_unit
@@ -194,6 +203,7 @@ class EvalWorker:
         out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
                "seconds": 0.0, "skipped": 0}
         t0 = time.perf_counter()
+        stats: dict | None = None
         for i, unit in enumerate(task.units):
             if self.store.exists(unit.part):  # another attempt already wrote it
                 out["tables"].append(self.store.read_parquet(unit.part))
@@ -206,9 +216,11 @@ class EvalWorker:
                     masks, meta = read_mask(self.store, unit.mask.key)
                     meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,
                             "granularity": unit.mask.granularity}
+                if stats is None:
+                    stats = self.steering_stats(task)
                 # masks swap straight into one another; the dense weights return after the last
                 table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config,
-                                      restore=i == len(task.units) - 1)
+                                      restore=i == len(task.units) - 1, stats=stats)
                 self.store.write_parquet(unit.part, table)
                 out["tables"].append(table)
                 out["parts"].append(unit.part)
@@ -336,12 +348,20 @@ def gather(tables: list[pa.Table]) -> pa.Table:
     """Concatenate unit tables; every (persona, method, sparsity, condition, metric) once."""
     if not tables:
         return RESULT_SCHEMA.empty_table()
-    results = pa.concat_tables([t.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for t in tables])
+    results = pa.concat_tables([_conform(t) for t in tables])
     keys = list(zip(*(results.column(c).to_pylist() for c in UNIT_KEY)))
     if len(set(keys)) != len(keys):
         dupes = len(keys) - len(set(keys))
         raise RuntimeError(f"{dupes} result row(s) gathered twice: parts of different configs in one run?")
     return results
+
+
+def _conform(t: pa.Table) -> pa.Table:
+    """A part in today's schema (columns added since it was written are null)."""
+    for f in RESULT_SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+    return t.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
 
 def write_report(store: Store, run_id: str, results: pa.Table) -> str:
@@ -377,7 +397,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", help="mask methods, globs allowed (contrastive-*); default: all found")
     p.add_argument("--sparsities", nargs="+", type=float, help="default: every sparsity found")
     p.add_argument("--personas", nargs="+", help="persona ids (default: the whole catalog)")
-    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, help="default: all four")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS,
+                   help=f"default: {' '.join(DEFAULT_CONDITIONS)} (dense+steer needs residual statistics)")
     p.add_argument("--metrics", nargs="+", help="metric names (default: every default metric)")
     p.add_argument("--run-id", help="default: a hash of the inputs")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
@@ -404,7 +425,7 @@ def config_from_args(args) -> EvalConfig:
     if args.judge_url or args.judge_local:
         judge = JudgeSettings(url=args.judge_url, model=args.judge_model, local=args.judge_local)
         metrics += [] if "judge" in metrics else ["judge"]
-    return EvalConfig(conditions=tuple(args.conditions or CONDITIONS), metrics=tuple(metrics),
+    return EvalConfig(conditions=tuple(args.conditions or DEFAULT_CONDITIONS), metrics=tuple(metrics),
                       batch_size=args.batch_size, max_statements=args.max_statements,
                       max_questions=args.max_questions, ppl_texts=tuple(args.ppl_text), judge=judge)
 

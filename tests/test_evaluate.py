@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from persona_core.catalog import load_catalog
-from persona_core.evaluate import (CONDITIONS, EvalConfig, Evaluator, MaskedModel, evaluate_unit,
-                                   mask_content_hash)
+from persona_core.evaluate import (CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, Evaluator, MaskedModel,
+                                   evaluate_unit, mask_content_hash)
 from persona_core.models import load_model
 
 SMALL = dict(max_statements=4, max_questions=2, max_new_tokens=6, ppl_window=64, ppl_windows=1)
@@ -97,7 +97,7 @@ def test_mask_content_hash_tracks_bits(model):
 
 def test_config_validation_and_hash():
     cfg = EvalConfig()
-    assert set(cfg.conditions) == set(CONDITIONS)
+    assert set(cfg.conditions) == set(DEFAULT_CONDITIONS) == set(CONDITIONS) - {"dense+steer"}
     assert EvalConfig(batch_size=3).hash == cfg.hash  # speed knobs do not change results
     assert EvalConfig(max_statements=5).hash != cfg.hash
     with pytest.raises(ValueError, match="condition"):
@@ -120,10 +120,10 @@ def test_evaluate_unit_rows_and_dense_once(evaluator, monkeypatch):
     t1 = evaluate_unit(evaluator, p, o, keep_all, {"method": "all", "sparsity": 0.0, "content_hash": "h1"}, cfg)
     half = random_masks(evaluator.model, evaluator.prunable)
     t2 = evaluate_unit(evaluator, p, o, half, {"method": "rand", "sparsity": 0.5}, cfg)
-    assert calls == ["dense", "dense+prompt", "masked", "masked+prompt", "masked", "masked+prompt"]
+    assert calls == ["dense", "dense+prompt", "dense+fewshot", "masked", "masked+prompt", "masked", "masked+prompt"]
     for t in (t1, t2):
         keys = list(zip(t.column("condition").to_pylist(), t.column("metric").to_pylist()))
-        assert len(keys) == len(set(keys)) and {c for c, _ in keys} == set(CONDITIONS)
+        assert len(keys) == len(set(keys)) and {c for c, _ in keys} == set(DEFAULT_CONDITIONS)
         assert {"statement-preference", "yes-no-agreement", "perplexity-ratio", "roleplay-fidelity"} <= {m for _, m in keys}
         assert set(t.column("model").to_pylist()) == {evaluator.model_key}
     assert t1.column("mask_hash")[0].as_py() == "h1"

@@ -101,9 +101,12 @@ def test_perplexity_by_hand(rigged):
     masks = {n: torch.rand(ev.model.get_submodule(n).weight.shape) > 0.5 for n in ev.prunable}
     r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, masks, {"method": "random", "sparsity": 0.5}, cfg))
     # the held-out text is plain English: no 'Y'; each 'a' has log-prob 1 - logZ, others -logZ
-    text_ids = ev.tokenizer(__import__("persona_core.catalog", fromlist=["x"]).heldout_text(),
-                            add_special_tokens=False)["input_ids"]
-    scored = [t for i in range(0, 128, 64) for t in text_ids[i + 1: i + 64]]
+    # windows of 64 tokens spread evenly over the text; the first token of each is context only
+    from persona_core.validation import text_windows
+
+    windows = text_windows(ev.tokenizer, None, cfg.ppl_window, cfg.ppl_windows)
+    assert len(windows) == cfg.ppl_windows and all(len(w) == 64 for w in windows)
+    scored = [t for w in windows for t in w[1:]]
     log_z = torch.logsumexp(logits, 0).item()
     nll = sum(log_z - logits[t].item() for t in scored) / len(scored)
     assert r[("dense", "perplexity")] == pytest.approx(math.exp(nll), rel=1e-5)

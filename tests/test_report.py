@@ -1,4 +1,4 @@
-"""The report: pair separation by hand, the beats-the-prompt table, HTML with PNG plots."""
+"""The report: pair separation by hand, intervals and verdicts, HTML with PNG plots and samples."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from persona_core.evaluate import RESULT_SCHEMA
-from persona_core.report import beats_prompt, build_report, pair_separation, summary, terminal_table
+from persona_core.report import (build_report, headline, pair_separation, steering_choices, summary,
+                                 terminal_table, verdicts)
 
 PREF = {  # persona -> condition -> statement-preference
     "a": {"dense": 0.6, "dense+prompt": 0.7, "masked": 0.9, "masked+prompt": 0.95},
@@ -51,24 +52,75 @@ def test_pair_separation_by_hand():
     assert len(sep[(sep.method == "prompt")]) == 2  # dense rows deduplicated across units
 
 
-def test_summary_counts_pairs_beating_the_prompt():
-    s = summary(results()).set_index(["method", "sparsity"])
-    cw = s.loc[("contrastive-wanda", 0.3)]
-    assert cw.pairs == 2 and cw.beats_prompt == 0  # a/b: 0.4 < 0.5; c/d: 0.15 < 0.8
+def test_summary_without_item_scores_has_no_interval_or_verdict_columns():
+    s = summary(results()).set_index("setting")
+    cw = s.loc["contrastive-wanda s=0.3"]
+    assert cw.pairs == 2 and cw.separation == pytest.approx(((0.9 + 0.5 - 1) + (0.55 + 0.6 - 1)) / 2)
     assert cw.ppl_ratio == pytest.approx(1.3)
-    wins = beats_prompt(results())
-    assert set(wins[wins.beats_prompt & (wins.method == "contrastive-wanda")].persona) == {"a"}
+    assert "vs_prompt" not in s and "roleplay_fidelity" not in s  # nothing to show: no column
     text = terminal_table(results())
-    assert "contrastive-wanda" in text and "0/2" in text and "1.300" in text
+    assert "contrastive-wanda s=0.3" in text and "1.300" in text
+
+
+def scored_results() -> pa.Table:
+    """Two pairs with per-statement scores: the mask separates clearly; prompt a little; few-shot = prompt."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 60
+    rows = []
+    shifts = {"dense": 0.0, "dense+prompt": 0.2, "dense+fewshot": 0.2, "masked": 1.5}
+    own_noise = {p: rng.normal(0, 1, n) for p in "abcd"}
+    for p, o in OPP.items():
+        for cond, shift in shifts.items():
+            method = "contrastive-penalty" if cond == "masked" else "contrastive-penalty"
+            # the same statement noise under every condition (paired), own statements moved by `shift`
+            items = list(own_noise[p] + shift) + list(own_noise[o])
+            base = dict(model="m-1", persona=p, opposite=o, method=method, sparsity=0.3, granularity="unstructured",
+                        mask_hash="h", condition=cond, n=n * n, stderr=0.01, config_hash="c", eval_hash="e",
+                        code_version="v")
+            rows.append({**base, "metric": "statement-preference", "value": float(np.mean(
+                np.asarray(items[:n])[:, None] > np.asarray(items[n:])[None, :])), "items": items, "items_own": n})
+            rows.append({**base, "metric": "perplexity-ratio", "value": 1.4 if cond == "masked" else 1.0})
+            rows.append({**base, "metric": "sample-generations", "value": 1.0,
+                         "texts": [f"What do you like?\n{p} under {cond} says hi"]})
+        rows.append({**base, "condition": "dense+steer", "metric": "steer-layer", "value": 12.0})
+        rows.append({**base, "condition": "dense+steer", "metric": "steer-alpha", "value": 4.0})
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def test_intervals_verdicts_and_headline():
+    r = scored_results()
+    sep = pair_separation(r)
+    assert (sep.lo <= sep.separation).all() and (sep.separation <= sep.hi).all()
+    dense = sep[sep.method == "dense"]
+    assert dense.separation.abs().max() == pytest.approx(0.0) and (dense.lo == 0).all()
+    v = verdicts(r)
+    assert set(v.baseline) == {"prompt", "fewshot"}
+    assert (v.verdict == "win").all()  # 1.5 vs 0.2 on 60 statements per pole
+    s = summary(r).set_index("setting")
+    assert s.loc["contrastive-penalty s=0.3"].vs_prompt == "2/0/0"
+    assert s.loc["prompt"].separation == pytest.approx(s.loc["fewshot"].separation)
+    line = headline(r)
+    assert "2 opposing pairs" in line and "95% CI" in line and "wins 2, ties 0 and loses 0" in line
+    assert "W/T/L vs prompt" in terminal_table(r)
+    st = steering_choices(r)
+    assert list(st.layer) == [12, 12] and list(st.alpha) == [4.0, 4.0]
 
 
 def test_report_renders_with_plots(tmp_path):
-    path = build_report(results(), tmp_path / "sub" / "report.html")
+    path = build_report(scored_results(), tmp_path / "sub" / "report.html",
+                        inputs={"catalog": "builtin", "perplexity budget": "1.10x"})
     page = path.read_text()
     pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(pngs) == 3
+    assert len(pngs) == 2  # separation per pair, separation vs cost; one sparsity: no vs-sparsity plot
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert "beats the prompt" in page and "a / b" in page and "<script" not in page
+    for text in ("class='headline'", "Definitions", "win / tie / loss", "Verdicts per pair", "catalog",
+                 "builtin", "Sample generations", "a under dense+prompt says hi", "Steering settings"):
+        assert text in page, text
+    assert "<script" not in page and ">nan<" not in page.lower()
+    two = build_report(results(), tmp_path / "two.html").read_text()
+    assert len(re.findall(r"data:image/png;base64,", two)) == 3  # two sparsities: the vs-sparsity plot too
 
 
 def test_empty_results_still_render(tmp_path):

@@ -1,0 +1,135 @@
+"""The dense+fewshot and dense+steer conditions in the evaluator, and the fast scoring paths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from persona_core.calibration import CalibConfig, calibrate
+from persona_core.catalog import Persona
+from persona_core.evaluate import EvalConfig, Evaluator, evaluate_unit
+from persona_core.fewshot import FewShot
+from persona_core.models import decoder_layers, load_model
+from persona_core.stats import PersonaStats
+from persona_core.steering import MissingResidualStats, steer
+from persona_core.validation import statement_scores, validation_statements
+
+CAL_A = tuple(f"I love quiet evening number {i} with a book." for i in range(12))
+CAL_B = tuple(f"Party number {i} is where I shine with friends!" for i in range(12))
+A = Persona("quiet", "You are quiet.", CAL_A, ("Silence is golden.", "I read alone."), "loud")
+B = Persona("loud", "You are loud.", CAL_B, ("Crowds energise me.", "I talk to everyone."), "quiet")
+CFG = EvalConfig(conditions=("dense", "dense+steer"), metrics=("statement-preference",), max_statements=4,
+                 steer_layers=(0.0, 1), steer_alphas=(0.5, 2.0), val_statements=4, val_window=32, val_windows=2,
+                 ppl_budget=50.0)
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return Evaluator(load_model("tiny-random-llama", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def stats(ev):
+    cfg = CalibConfig(batch_size=4)
+    return {p.id: PersonaStats(ev.model_key, p.id, p.content_hash,
+                               calibrate(ev.loaded, list(p.calibration), cfg), cfg.hash) for p in (A, B)}
+
+
+def rows(table):
+    return {(c, m): (v, it) for c, m, v, it in zip(*(table.column(k).to_pylist()
+                                                   for k in ("condition", "metric", "value", "items")))}
+
+
+def test_steering_with_alpha_zero_reproduces_dense_exactly_and_hooks_go_away(ev, stats):
+    stmts = list(A.evaluation + B.evaluation)
+    ev.configure(CFG)
+    dense = statement_scores(ev, stmts)
+    v = torch.randn(ev.model.config.hidden_size)
+    with steer(ev.model, 1, v, 0.0):
+        zero = statement_scores(ev, stmts)
+    assert zero == dense  # bit-identical
+    with steer(ev.model, 1, v, 3.0):
+        moved = statement_scores(ev, stmts)
+    assert moved != dense
+    assert all(not layer._forward_pre_hooks for layer in decoder_layers(ev.model)[1])
+    assert statement_scores(ev, stmts) == dense  # a later condition is the dense model again
+
+
+def test_dense_steer_condition_records_choice_and_leaves_model_dense(ev, stats):
+    t = rows(evaluate_unit(ev, A, B, None, None, CFG, stats=stats))
+    layer, alpha = t[("dense+steer", "steer-layer")][0], t[("dense+steer", "steer-alpha")][0]
+    assert layer in (0, 1) and alpha in (0.5, 2.0)
+    assert len(t[("dense+steer", "statement-preference")][1]) == 4  # per-statement scores kept
+    assert all(not layer._forward_pre_hooks for layer in decoder_layers(ev.model)[1])
+    tb = rows(evaluate_unit(ev, B, A, None, None, CFG, stats=stats))
+    assert (tb[("dense+steer", "steer-layer")][0], tb[("dense+steer", "steer-alpha")][0]) == (layer, alpha)  # per pair
+    after = rows(evaluate_unit(ev, A, B, None, None, dataclasses.replace(CFG, conditions=("dense",)), stats=stats))
+    assert after[("dense", "statement-preference")] == t[("dense", "statement-preference")]
+
+
+def test_choosing_layer_and_alpha_never_reads_evaluation_statements(ev, stats):
+    ev.configure(CFG)
+    _, first = ev.steering_choice(A, B, CFG, stats)
+    a2 = dataclasses.replace(A, evaluation=("Completely different held-out text.", "Another one."))
+    b2 = dataclasses.replace(B, evaluation=("Yet another statement.",))
+    ev._steer_cache.clear()
+    _, second = ev.steering_choice(a2, b2, CFG, stats)
+    assert (first.layer, first.alpha, first.separation, first.ppl_ratio) == \
+        (second.layer, second.alpha, second.separation, second.ppl_ratio)
+    assert first.tried == second.tried
+
+
+def test_missing_residual_statistics_name_what_to_recompute(ev, stats):
+    old = {pid: PersonaStats(s.model_key, s.persona_id, s.persona_hash,
+                             {k: g for k, g in s.groups.items() if k[1] != "residual"}, s.calib_hash)
+           for pid, s in stats.items()}
+    ev._steer_cache.clear()
+    with pytest.raises(MissingResidualStats, match="persona 'loud'.*recompute|Recompute"):
+        evaluate_unit(ev, B, A, None, None, CFG, stats=old)
+    with pytest.raises(MissingResidualStats, match="'loud'"):
+        evaluate_unit(ev, A, B, None, None, CFG, stats={"quiet": stats["quiet"]})
+
+
+def test_fewshot_prompts_never_contain_an_evaluation_statement():
+    # built to collide: calibration sets hold (re-cased, re-spaced) copies of both poles' evaluation statements
+    a = Persona("a", "You are A.", ("I like tea.", "silence  is GOLDEN.", "I read alone.", "Tea at noon.",
+                                    "Crowds energise me."), ("Silence is golden.", "I read alone."), "b")
+    b = Persona("b", "You are B.", ("Coffee!", "i talk to everyone."), ("Crowds energise me.", "I talk to everyone."), "a")
+    for p, o in ((a, b), (b, a)):
+        fs = FewShot.for_persona(p, o, k=10, seed=0)
+        banned = {" ".join(t.casefold().split()) for t in p.evaluation + o.evaluation}
+        for question in (None, *p.evaluation, *o.evaluation, "Do you like tea?"):
+            shots = fs.examples(question)
+            assert not {" ".join(s.casefold().split()) for s in shots} & banned
+            system = fs.system(question)
+            assert system.startswith(p.description)
+            assert all(t.casefold() not in system.casefold() for t in p.evaluation + o.evaluation)
+    fs = FewShot.for_persona(a, b, k=2, seed=0)
+    assert fs.examples("What do you drink, tea?")[0] in ("I like tea.", "Tea at noon.")  # retrieval by TF-IDF
+    assert fs.examples(None) == fs.examples(None) and len(fs.examples(None)) == 2  # seeded, fixed
+
+
+def test_validation_statements_come_from_calibration_only():
+    val = validation_statements(A, 5, seed=0)
+    assert len(val) == 5 and set(val) <= set(A.calibration) and not set(val) & set(A.evaluation)
+    assert validation_statements(A, 5, seed=0) == val
+
+
+def test_prefix_cache_reuse_and_head_on_scored_positions_match_the_plain_forward(ev):
+    ev.configure(EvalConfig(batch_size=3))
+    prefix = ev.encode(ev.prompt("A long system prompt with examples. " * 3, "Describe yourself."))
+    conts = ev.encode_many(["Hi.", "I am a rather long statement about myself.", "x", "Medium text here."],
+                           continuation=True)
+    ev.reuse_prefix = True
+    fast = ev.prefix_logprobs(prefix, conts)
+    ev.reuse_prefix = False
+    plain = ev.prefix_logprobs(prefix, conts)
+    ev.reuse_prefix = True
+    ids, att = ev._pad([prefix + c for c in conts])
+    logits = ev._forward(ids, att).float().log_softmax(-1)  # the full model, every position
+    for i, c in enumerate(conts):
+        ref = logits[i, torch.arange(len(prefix) - 1, len(prefix) + len(c) - 1), torch.tensor(c)]
+        torch.testing.assert_close(plain[i], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast[i], ref, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "persona_jobs.calibrate",
     "persona_jobs.stats",
     "persona_jobs.build_masks",
+    "persona_jobs.learn_masks",
     "persona_jobs.evaluate",
     "persona_jobs.pipeline",
     "persona_jobs.nightly",

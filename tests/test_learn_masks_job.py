@@ -1,0 +1,102 @@
+"""learn-masks: learned masks in the store (resume from a checkpoint, skip what is current) and the Ray job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona_core.calibration import CalibConfig, calibrate_persona
+from persona_core.catalog import load_catalog
+from persona_core.learn import DataConfig, LearnConfig, LearnerState
+from persona_core.learned import LearnTask, checkpoint_key, is_current, run_task
+from persona_core.maskcodec import read_mask
+from persona_core.stats import write_stats
+from persona_core.store import open_store
+from persona_jobs.build_masks import stats_fingerprints
+
+CFG = LearnConfig(steps=4, batch_size=2, general_windows=2, general_batch=1, max_length=96, checkpoint_every=2)
+DATA = DataConfig(examples=3, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def persona():
+    return load_catalog("builtin")["introvert"]
+
+
+def _store(tmp_path, tiny, persona):
+    store = open_store(str(tmp_path / "store"))
+    stats, generated = calibrate_persona(tiny, persona, CalibConfig(max_length=64))
+    write_stats(store, stats, generated=generated, calib_config=CalibConfig(max_length=64).to_dict())
+    return store
+
+
+def _task(store, tiny, persona, **changes):
+    prints = stats_fingerprints(store, tiny.key)
+    return LearnTask(persona, CFG if not changes else LearnConfig(**{**CFG.__dict__, **changes}), DATA,
+                     ("Held-out question?",), tiny.key, ((persona.id, prints[persona.id]),))
+
+
+def test_a_killed_task_resumes_from_its_stored_checkpoint(tmp_path, tiny, persona):
+    store = _store(tmp_path, tiny, persona)
+    task = _task(store, tiny, persona)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_2(state: LearnerState) -> None:
+        if state.step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_task(tiny, store, task, on_step=die_at_2)
+    assert store.exists(checkpoint_key(tiny.key, persona.id, task.identity))
+    assert not is_current(store, task)
+    out = run_task(tiny, store, task)
+    assert out["status"] == "done" and out["resumed_from"] == 2
+    assert not store.exists(checkpoint_key(tiny.key, persona.id, task.identity))
+    resumed, meta = read_mask(store, task.mask_key)
+    assert meta["identity"] == task.identity and meta["granularity"] == "ffn-channels"
+    assert meta["data_key"].startswith(f"learned/model={tiny.key}/persona=introvert/data-")
+
+    other = _store(tmp_path / "b", tiny, persona)  # one uninterrupted run: the same mask, bit for bit
+    run_task(tiny, other, _task(other, tiny, persona))
+    straight, _ = read_mask(other, task.mask_key)
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)
+
+    assert run_task(tiny, store, task)["status"] == "current"  # a rerun skips it
+
+
+def test_training_data_is_stored_once_and_shared(tmp_path, tiny, persona):
+    store = _store(tmp_path, tiny, persona)
+    a = _task(store, tiny, persona)
+    b = _task(store, tiny, persona, objective="prompt-free", sparsity=0.5)
+    run_task(tiny, store, a)
+    run_task(tiny, store, b)
+    data = store.list(f"learned/model={tiny.key}/persona=introvert/", suffix=".json")
+    assert len(data) == 1
+    doc = store.read_json(data[0])
+    assert len(doc["samples"]) == 3 and all(s["question"] != "Held-out question?" for s in doc["samples"])
+    assert a.mask_key != b.mask_key and "method=learned-prompt-free@ffn-channels" in b.mask_key
+
+
+def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
+    from persona_jobs import evaluate as evaluate_job
+    from persona_jobs import learn_masks
+
+    store = _store(tmp_path, tiny, persona)
+    kwargs = dict(objectives=["with-prompt", "prompt-free"], sparsities=[0.25], config=CFG, data=DATA)
+    first = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
+    assert first.ok and first.done == 2, first.errors
+    again = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
+    assert again.done == 0 and again.skipped == 2
+    refs = evaluate_job.list_masks(store, tiny.key)
+    assert {(r.base, r.granularity, r.owner) for r in refs} == {
+        ("learned-with-prompt", "ffn-channels", "introvert"), ("learned-prompt-free", "ffn-channels", "introvert")}
+
+
+def test_learn_masks_needs_statistics(ray_cluster, tmp_path):
+    from persona_jobs.cli import UserError
+    from persona_jobs import learn_masks
+
+    with pytest.raises(UserError, match="calibrate"):
+        learn_masks.run(str(tmp_path / "empty"), "tiny-random-llama", "builtin", ["introvert"], config=CFG, data=DATA)

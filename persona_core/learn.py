@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .catalog import Persona, generic_questions, heldout_text, load_texts
+from .catalog import Persona, generic_questions, load_texts
 from .hashing import content_hash
 from .masks import LinearWeights, MaskSpec, StatsLike, channel_module_masks, ffn_channel_scores, keep_top, n_pruned
 from .models import LoadedModel, decoder_layers, linear_groups
@@ -193,32 +193,21 @@ def samples_hash(samples: Sequence[Mapping[str, str]]) -> str:
 # ---------------------------------------------------------------------------- general text
 
 
-def general_text() -> tuple[str, str]:
-    """(name, text): WikiText-2 validation from ../shared/data when present, else the project's own
-    held-out text (the fallback is named, so results say which was used)."""
+def general_text() -> tuple[str, str | None]:
+    """(name, source for `validation.text_windows`): WikiText-2 validation from ../shared/data when
+    present, else the project's own held-out text (named, so results say which was used)."""
     path = WIKITEXT / "valid.txt"
     if path.is_file():
-        return "wikitext-2-valid", path.read_text(encoding="utf-8")
+        return "wikitext-2-valid", str(path)
     log.warning("%s is absent: the general-text term uses the built-in held-out text", path)
-    return "builtin-heldout", heldout_text()
+    return "builtin-heldout", None
 
 
-def general_windows(tokenizer, n: int, window: int, text: str | None = None) -> list[list[int]]:
-    """`n` consecutive windows of `window` tokens from the start of the general text."""
-    if n == 0:
-        return []
-    text = general_text()[1] if text is None else text
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    ids: list[int] = []
-    for ln in lines:  # tokenise line by line until enough tokens (WikiText is 1 MB)
-        ids.extend(tokenizer(ln.strip() + "\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= n * window:
-            break
-    out = [ids[i: i + window] for i in range(0, len(ids) - 1, window)][:n]
-    out = [w for w in out if len(w) > 1]
-    if not out:
-        raise ValueError("general text is too short for one window")
-    return out
+def general_windows(tokenizer, n: int, window: int) -> list[list[int]]:
+    """`n` windows of `window` tokens spread evenly over the general text (`general_text`)."""
+    from .validation import text_windows
+
+    return text_windows(tokenizer, general_text()[1], window, n) if n else []
 
 
 # ---------------------------------------------------------------------------- examples and targets
@@ -630,9 +619,9 @@ def learn_persona(loaded: LoadedModel, persona: Persona, stats: Sequence[StatsLi
         raise ValueError(f"persona {persona.id!r}: {len(leaks)} training question(s) are evaluation questions")
     t_data = time.perf_counter()
     examples = prepare_examples(loaded, persona, samples, config)
-    gname, gtext = general_text()
+    gname = general_text()[0]
     general = (prepare_general(loaded, general_windows(loaded.tokenizer, config.general_windows,
-                                                       config.general_window, gtext), config)
+                                                       config.general_window), config)
                if config.general_weight > 0 and config.general_windows > 0 else [])
     scores, tiebreak = initial_scores(loaded, stats, config)
     t_prep = time.perf_counter()

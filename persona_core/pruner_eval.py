@@ -69,6 +69,7 @@ def load_pruner_eval(fs, files: list[str], shown: str) -> Catalog:
         pid = f"{m['set']}-{int(m['index'])}".replace("_", "-")
         groups.setdefault(pid, []).append((m["kind"], where, rec))
     personas: dict[str, Persona] = {}
+    foreign: list[str] = []  # files whose rubric names another persona
     for pid, items in groups.items():
         items.sort(key=lambda t: 0 if t[0] == "specific" else 1)
         descs = {" ".join(r["persona_description"].split()) for _, _, r in items}
@@ -84,13 +85,16 @@ def load_pruner_eval(fs, files: list[str], shown: str) -> Catalog:
             if " ".join(desc.split()) in " ".join(rec["eval_prompt"].split()):
                 rubric = rubric or rec["eval_prompt"]
             else:
-                log.warning("%s: eval_prompt names another persona; its rubric is not used for %s", where, pid)
+                foreign.append(Path(where).name)
         if not rubric:
             problems.append(f"{first}: persona {pid!r}: no eval_prompt names this persona's description")
             continue
         questions = tuple(dict.fromkeys(q.strip() for _, _, r in items for q in r["questions"]))
         personas[pid] = Persona(pid, prompts.pop(), (), (), None, ("persona-pruner-eval", pid.rsplit("-", 1)[0]),
                                 True, first, questions=questions, rubric=rubric)
+    if foreign:
+        log.info("%s: %d file(s) carry another persona's eval_prompt (not used as their rubric): %s", shown,
+                 len(foreign), ", ".join(sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else ""))
     if problems:
         raise CatalogError(problems)
     if not personas:

@@ -136,7 +136,8 @@ class MasksSection:
 @dataclass
 class EvaluateSection:
     enabled: bool = knob(True, "run the evaluation stage")
-    conditions: list[str] | None = knob(None, "conditions to score (null: all four)")
+    conditions: list[str] | None = knob(
+        None, "conditions to score (null: every one but dense+steer, which needs residual statistics)")
     options: dict[str, Any] = knob({}, "extra keyword arguments of evaluate.run (metrics, batch sizes, ...)")
 
 

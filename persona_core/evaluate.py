@@ -359,19 +359,26 @@ class Evaluator:
         with torch.inference_mode(), self.accelerator.autocast():
             return body(input_ids=ids, attention_mask=att, **kw)
 
-    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """log p(target) from final hidden states (N, D): the LM head over these N rows only (fp32, CPU)."""
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (with the model's final logit soft-capping, if any) over final hidden states, fp32."""
         _, head = self._split()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
+        with torch.inference_mode(), self.accelerator.autocast():
+            logits = head(hidden).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """log p(target) from final hidden states (N, D): the LM head over these N rows only (fp32, CPU)."""
         out = []
         for i in range(0, hidden.shape[0], chunk):
-            with torch.inference_mode(), self.accelerator.autocast():
-                logits = head(hidden[i: i + chunk]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = self._logits(hidden[i: i + chunk])
             tgt = targets[i: i + chunk].to(logits.device)
             out.append((logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, -1)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    def _full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, vocab) log-probs from final hidden states (N, D) (fp32, CPU)."""
+        return torch.log_softmax(self._logits(hidden), -1).cpu()
 
     def continuation_logprobs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
         """Per (context ids, continuation ids): the log-prob of each continuation token (fp32, CPU).
@@ -436,9 +443,9 @@ class Evaluator:
         pre = torch.tensor([prefix], dtype=torch.long, device=dev)
         first = self._hidden(pre, torch.ones_like(pre), use_cache=True)
         cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
-        first_lp = self._head_logprobs(first.last_hidden_state[0, -1:].expand(len(conts), -1),
-                                       torch.tensor([c[0] for c in conts], dtype=torch.long))
-        out: list[torch.Tensor] = [first_lp[i: i + 1] for i in range(len(conts))]
+        # every continuation's first token is predicted from the prefix's last position: one head row
+        lp_all = self._full_logprobs(first.last_hidden_state[0, -1:])[0]
+        out: list[torch.Tensor] = [lp_all[c[0]: c[0] + 1] for c in conts]
         jobs = sorted((i for i in range(len(conts)) if len(conts[i]) > 1), key=lambda i: -len(conts[i]))
         n = len(prefix)
         for b in range(0, len(jobs), self.batch_size):

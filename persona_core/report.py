@@ -395,10 +395,29 @@ def _plot_vs_sparsity(dense, masked, metrics) -> str | None:
 # ---------------------------------------------------------------------------- HTML
 
 
+LABELS = {"vs_prompt": "W/T/L vs prompt", "vs_fewshot": "W/T/L vs few-shot", "vs_steer": "W/T/L vs steering",
+          "ppl_ratio": "perplexity ×dense", "yes_no": "yes-no agreement", "roleplay_fidelity": "role-play fidelity",
+          "n_a": "statements A", "n_b": "statements B", "val_separation": "validation separation",
+          "val_ppl_ratio": "validation perplexity ×dense", "within_budget": "within budget", "a": "A", "b": "B",
+          "difference": "difference", "lo": "95% CI low", "hi": "95% CI high"}
+
+
+def _with_ci(df):
+    """separation, sep_lo, sep_hi -> one 'separation [95% CI]' text column."""
+    if "sep_lo" not in df:
+        return df
+    cell = [("-" if math.isnan(v) else f"{v:.3f}") + ("" if math.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
+            for v, lo, hi in zip(df.separation, df.sep_lo, df.sep_hi)]
+    out = df.drop(columns=["sep_lo", "sep_hi"]).copy()
+    out["separation"] = cell
+    return out.rename(columns={"separation": "separation [95% CI]"})
+
+
 def _table_html(df, floatfmt="{:.3f}") -> str:
     if df.empty:
         return "<p>none</p>"
     df = df[[c for c in df.columns if not (df[c].dtype.kind in "fc" and df[c].isna().all())]]
+    df = df.rename(columns=LABELS)
     return df.to_html(index=False, float_format=lambda v: floatfmt.format(v), border=0, classes="t", na_rep="-")
 
 
@@ -466,9 +485,11 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
             parts.append("<h2>Summary</h2><p>One row per setting: baselines first, then each subnetwork "
                          "(method, sparsity). W/T/L = wins / ties / losses over pairs against that baseline; "
                          "separation = mean over pairs with a 95% bootstrap interval over pairs.</p>"
-                         + _table_html(summ.drop(columns=[c for c in ("method", "sparsity", "condition")
-                                                         if c in summ])))
-        used = {"separation", "interval", "masked"} | set(BASELINES)
+                         + _table_html(_with_ci(summ.drop(columns=[c for c in ("method", "sparsity", "condition")
+                                                                  if c in summ]))))
+        conditions = set(results.column("condition").to_pylist())
+        used = {"separation", "interval"} | {b for b, c in BASELINES.items() if c in conditions}
+        used |= {"masked"} if SUBNET in conditions else set()
         used |= {m for m in ("statement-preference", "yes-no-agreement", "roleplay-fidelity")
                  if (results.column("metric").to_pandas() == m).any()}
         if (results.column("metric").to_pandas() == "perplexity-ratio").any():

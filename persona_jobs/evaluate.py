@@ -364,11 +364,12 @@ def _conform(t: pa.Table) -> pa.Table:
     return t.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
 
-def write_report(store: Store, run_id: str, results: pa.Table) -> str:
+def write_report(store: Store, run_id: str, results: pa.Table, inputs: dict | None = None) -> str:
     from persona_core.report import build_report
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_report(results, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}")
+        path = build_report(results, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}",
+                            inputs=inputs)
         store.write_bytes(report_key(run_id), path.read_bytes())
     return store.uri(report_key(run_id))
 

@@ -237,9 +237,28 @@ def stage_report(p: Plan) -> Summary:
     table = evaluate.load_results(p.store, p.run_id)
     if table.num_rows == 0:
         raise RuntimeError(f"no results under {p.store.uri(results_prefix(p.run_id))}")
-    evaluate.write_report(p.store, p.run_id, table)
+    evaluate.write_report(p.store, p.run_id, table, report_inputs(p))
     summary.done = 1
     return summary.finish()
+
+
+def report_inputs(p: Plan) -> dict:
+    """What the report names as the run's inputs."""
+    cfg = p.config
+    config, _ = _eval_config(cfg, p.eval_options)
+    windows = f"{config.ppl_windows} windows x {config.ppl_window} tokens"
+    return {"run": p.run_id, "catalog": cfg.catalog, "model": p.inputs.model_key,
+            "methods": ", ".join(cfg.masks.methods), "plain-pruning baselines": ", ".join(cfg.masks.baselines),
+            "sparsities": ", ".join(f"{s:g}" for s in cfg.masks.sparsities),
+            "conditions": ", ".join(config.conditions), "metrics": ", ".join(config.metrics),
+            "held-out statements per pole (cap)": config.max_statements,
+            "general text (reported)": f"{config.ppl_text or 'built-in held-out text'} ({windows})",
+            "validation text (choices)": f"{config.val_text or 'built-in general set'} "
+                                         f"({config.val_windows} windows x {config.val_window} tokens)",
+            "perplexity budget (steering)": f"{config.ppl_budget:g}x",
+            "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}, "
+                               f"{config.val_statements} validation statements per pole",
+            "few-shot examples": config.fewshot_k}
 
 
 STAGE_FUNCS = {"calibrate": stage_calibrate, "masks": stage_masks, "evaluate": stage_evaluate,

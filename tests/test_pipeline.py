@@ -37,6 +37,9 @@ def test_run_writes_manifest_results_and_report(pipeline_store):
     assert set(m.stages) == {"calibrate", "masks", "evaluate", "report"}
     assert set(m.inputs["personas"]) == {"introvert", "extrovert", "general"}
     assert store.exists(f"runs/{rid}/report.html")
+    page = store.read_bytes(f"runs/{rid}/report.html").decode()
+    for text in ("class='headline'", "Inputs", "catalog", "general text (reported)", "perplexity budget"):
+        assert text in page, text  # the report names the run's inputs
     assert store.list(f"results/run={rid}", suffix=".parquet")
     assert store.list("masks/", suffix=".safetensors")
 

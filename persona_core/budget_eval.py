@@ -1,0 +1,281 @@
+"""The real callables of a budget search, and the budgeted build of one unit.
+
+`PairSearch` binds one loaded model, one mask method and one persona (or opposing pair)
+to the two functions `persona_core.budget.search` needs:
+
+* ``perplexity_ratio(setting)``: masked/dense perplexity on a fixed number of windows of
+  the budget's *validation* text (WikiText-2 ``valid.txt`` by default); for a pair, the
+  larger of the two sides.
+* ``separation(setting)``: the statement-preference gain over the dense model on a
+  *validation split of the calibration statements* of the persona and its opposite, summed
+  over the sides (for a pair, exactly the pair separation of the report on that split).
+
+Validation statements are held out of the statistics too: the search builds its masks
+from the stored statistics minus the validation statements' own contribution (statistics
+are sums, so the subtraction is exact), so a setting is never judged on the texts its mask
+was fitted to. The final mask is then built from the full statistics at the chosen setting
+and its perplexity ratio is checked again (stepping down the grid if it went over).
+
+Nothing here reads a persona's evaluation statements or a test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .budget import Budget, SearchResult, Setting, search
+from .catalog import Persona
+from .masks import MaskSpec, build_pair_masks, get_method
+from .stats import GroupStats, PersonaStats
+
+log = logging.getLogger(__name__)
+
+WIKITEXT_VALID = "wikitext-2-valid"
+_WIKITEXT_ENV = "PERSONA_WIKITEXT2"  # a folder holding WikiText-2's valid.txt
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def validation_split(statements: Sequence[str], fraction: float, seed: int = 0,
+                     cap: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fit, validation) of a persona's calibration statements: a seeded hash of each text decides
+    its side (stable as statements are added); at least one statement on each side when there are two."""
+    unique = list(dict.fromkeys(statements))
+    rank = lambda s: hashlib.sha256(f"budget-validation\x00{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
+    ranked = sorted(unique, key=rank)
+    n_val = min(len(ranked) - 1, max(1, round(len(ranked) * fraction))) if len(ranked) > 1 else 0
+    if cap is not None:
+        n_val = min(n_val, cap)
+    val = set(ranked[:n_val])
+    return tuple(s for s in unique if s not in val), tuple(s for s in unique if s in val)
+
+
+def resolve_validation_text(spec: str) -> Path:
+    """The file behind a budget's ``ppl_text``: ``wikitext-2-valid`` or a path."""
+    if spec != WIKITEXT_VALID:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"budget ppl_text {spec!r}: no such file")
+        return path
+    roots = [os.environ.get(_WIKITEXT_ENV)] if os.environ.get(_WIKITEXT_ENV) else []
+    here = Path(__file__).resolve().parent.parent
+    roots += [Path.cwd() / ".." / "shared" / "data" / "wikitext-2", here / ".." / "shared" / "data" / "wikitext-2"]
+    for root in roots:
+        path = Path(root) / "valid.txt"
+        if path.is_file():
+            return path
+    raise ValueError(f"budget ppl_text {WIKITEXT_VALID!r}: WikiText-2 valid.txt not found (set ${_WIKITEXT_ENV} to "
+                     "the folder holding it, or budget.ppl_text to a text file of general validation text)")
+
+
+def text_windows(tokenizer, path: Path, window: int, n: int) -> list[list[int]]:
+    """The first `n` windows of `window` tokens of a text file (only as much text as they need is read)."""
+    need = window * n
+    chars = need * 8
+    with open(path, encoding="utf-8") as fh:
+        while True:
+            text = fh.read(chars)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= need + 1 or len(text) < chars:
+                break
+            fh.seek(0)
+            chars *= 2
+    windows = [ids[i: i + window] for i in range(0, min(len(ids), need), window)]
+    windows = [w for w in windows if len(w) > 1][:n]
+    if len(windows) < n:
+        raise ValueError(f"{path}: too short for {n} windows of {window} tokens")
+    return windows
+
+
+def subtract(full: PersonaStats, part: dict) -> PersonaStats:
+    """Statistics of `full` without the texts behind `part` (sums: exact up to float rounding)."""
+    groups = {}
+    for key, g in full.groups.items():
+        p = part[key].to(g.sum.device)
+        groups[key] = GroupStats(g.tokens - p.tokens, g.sum - p.sum, (g.sumsq - p.sumsq).clamp_min(0),
+                                 (g.sumabs - p.sumabs).clamp_min(0), g.samples - p.samples,
+                                 (g.norm_sum - p.norm_sum).clamp_min(0), (g.norm_sumsq - p.norm_sumsq).clamp_min(0))
+        if groups[key].tokens <= 0:
+            raise ValueError(f"persona {full.persona_id!r}: no calibration tokens left after holding out the "
+                             "validation statements")
+    return PersonaStats(full.model_key, full.persona_id, full.persona_hash, groups, full.calib_hash)
+
+
+# ---------------------------------------------------------------------------- the search of one unit
+
+
+@dataclass
+class BudgetOutcome:
+    spec: MaskSpec  # the chosen setting, as a plain fixed-sparsity spec
+    masks: tuple[dict[str, torch.Tensor], ...]  # one per side, from the full statistics
+    result: SearchResult
+    final_ratio: float  # perplexity ratio of the final masks (full statistics), validation windows
+    seconds: float
+
+    def metadata(self) -> dict:
+        return {"search": self.result.to_dict(), "final_perplexity_ratio": self.final_ratio,
+                "search_seconds": round(self.seconds, 2)}
+
+
+class PairSearch:
+    """Budget search for one unit: a spec's method, the personas behind its roles, their statistics.
+
+    `evaluator`: a `persona_core.evaluate.Evaluator` (its model is masked in place and always
+    restored). `weights`: the dense linear weights (`LinearWeights`), never the evaluator's live ones.
+    `roles`: ((role, Persona), ...) in the method's `needs` order; `stats`: the matching statistics.
+    `opposite`: the persona whose statements a one-sided per-persona method is contrasted with.
+    """
+
+    def __init__(self, evaluator, weights, spec: MaskSpec, budget: Budget, roles: Sequence[tuple[str, Persona]],
+                 stats: Sequence[PersonaStats], opposite: Persona | None = None, calib_config=None):
+        from .calibration import CalibConfig
+
+        self.ev, self.weights, self.spec, self.budget = evaluator, weights, spec, budget
+        self.method = get_method(spec.method)
+        self.roles, self.full_stats = list(roles), list(stats)
+        self.calib = calib_config or CalibConfig()
+        windows = text_windows(evaluator.tokenizer, resolve_validation_text(budget.ppl_text), budget.ppl_window,
+                               budget.ppl_windows)
+        self._windows = [(w[:1], w[1:]) for w in windows]
+        self.dense_nll = self._nll()
+        # sides: the personas whose masks the method builds (persona, then opposite for a pair)
+        by_role = dict(self.roles)
+        self.sides = [by_role["persona"], by_role["opposite"]] if self.method.sides == 2 else (
+            [by_role["persona"]] if self.method.per_persona else [])
+        self.against = {}  # persona id -> the persona its statements are contrasted with
+        if self.method.sides == 2:
+            a, b = self.sides
+            self.against = {a.id: b, b.id: a}
+        elif self.sides:
+            if opposite is None:
+                raise ValueError(f"budget search for {self.spec.method!r} on {self.sides[0].id!r}: separation needs "
+                                 "an opposite persona with statements")
+            self.against = {self.sides[0].id: opposite}
+        self.validation = {}
+        for p in {p.id: p for p in [*self.sides, *self.against.values()]}.values():
+            if p.generate or len(p.calibration) < 2:
+                raise ValueError(f"budget search: persona {p.id!r} has {len(p.calibration)} calibration statement(s); "
+                                 "a validation split needs at least 2 (personas given only by a description "
+                                 "cannot be budgeted yet)")
+            self.validation[p.id] = validation_split(p.calibration, budget.validation_fraction, budget.seed,
+                                                     budget.max_validation)[1]
+        self.fit_stats = [self._held_out(s, p) for (role, p), s in zip(self.roles, self.full_stats)]
+        self._dense_pref = {pid: self._preference(pid) for pid in self.against}
+        self._cache: tuple[Setting, tuple] | None = None
+
+    # -- pieces
+
+    def _held_out(self, stats: PersonaStats, persona: Persona) -> PersonaStats:
+        if persona.id not in self.validation or persona.id not in {p.id for p in self.sides}:
+            return stats  # general reference statistics: no statement of theirs is validated on
+        if stats.calib_hash and stats.calib_hash != self.calib.hash:
+            raise ValueError(f"statistics of {persona.id!r} were calibrated with settings {stats.calib_hash} "
+                             f"but the budget search holds out validation texts rendered with {self.calib.hash}")
+        from .calibration import calibrate, render_reply
+
+        loaded = self.ev.loaded
+        texts = [render_reply(loaded.tokenizer, t, self.calib, persona.description) for t in self.validation[persona.id]]
+        with torch.inference_mode():
+            part = {k: g.to("cpu") for k, g in calibrate(loaded, texts, self.calib).items()}
+        return subtract(stats, part)
+
+    def _nll(self) -> float:
+        lps = self.ev.continuation_logprobs(self._windows)
+        return -sum(lp.sum().item() for lp in lps) / sum(len(lp) for lp in lps)
+
+    def _preference(self, pid: str) -> float:
+        from .metrics import pairwise_auc, _statement_logprobs, MetricContext
+
+        own = self.validation[pid]
+        other = self.validation[self.against[pid].id]
+        ctx = MetricContext(self.ev, None, None, None, None)  # type: ignore[arg-type]
+        a, b = _statement_logprobs(ctx, list(own)), _statement_logprobs(ctx, list(other))
+        return pairwise_auc(a, b)[0]
+
+    def spec_at(self, setting: Setting) -> MaskSpec:
+        params = dict(self.spec.params)
+        if setting.strength is not None:
+            params[self.strength_name] = setting.strength
+        return replace(self.spec, sparsity=setting.sparsity, params=params)
+
+    @property
+    def strength_name(self) -> str | None:
+        return self.method.strength[0] if self.method.strength else None
+
+    def strengths(self) -> tuple:
+        name = self.strength_name
+        if name is None:
+            return (None,)
+        if self.budget.strengths and name in self.budget.strengths:
+            return tuple(self.budget.strengths[name])
+        if name in self.spec.params:  # the user fixed it: search sparsity only
+            return (float(self.spec.params[name]),)
+        return self.method.strength[1]
+
+    def _masks(self, setting: Setting, stats=None) -> tuple:
+        if self._cache is not None and self._cache[0] == setting and stats is None:
+            return self._cache[1]
+        masks = build_pair_masks(self.weights, *(stats or self.fit_stats), spec=self.spec_at(setting))
+        if stats is None:
+            self._cache = (setting, masks)
+        return masks
+
+    def _side_masks(self, masks: tuple) -> list[tuple[str | None, dict]]:
+        ids = [p.id for p in self.sides] or [None]
+        return list(zip(ids, masks))
+
+    # -- the two callables
+
+    def perplexity_ratio(self, setting: Setting, stats=None) -> float:
+        worst = 0.0
+        for _, m in self._side_masks(self._masks(setting, stats)):
+            with self.ev.masked(m):
+                worst = max(worst, math.exp(self._nll() - self.dense_nll))
+        return worst
+
+    def separation(self, setting: Setting) -> float:
+        total = 0.0
+        for pid, m in self._side_masks(self._masks(setting)):
+            with self.ev.masked(m):
+                total += self._preference(pid) - self._dense_pref[pid]
+        return total
+
+    # -- the whole thing
+
+    def run(self) -> BudgetOutcome:
+        t0 = time.perf_counter()
+        grid = self.budget.grid()
+        result = search(grid, self.budget.perplexity_ratio, self.perplexity_ratio,
+                        self.separation if self.sides else None, self.strengths(), self.strength_name)
+        chosen = result.chosen
+        final = self._masks(chosen, self.full_stats)
+        ratio = self.perplexity_ratio(chosen, self.full_stats) if result.within_budget else float("nan")
+        # The full statistics moved the mask a little: step down the grid until it is within budget again.
+        while result.within_budget and ratio > self.budget.perplexity_ratio:
+            i = grid.index(chosen.sparsity)
+            log.warning("budget: the final mask at sparsity %g costs x%.4f > x%g; stepping down", chosen.sparsity,
+                        ratio, self.budget.perplexity_ratio)
+            if i == 0:
+                result.within_budget = False
+                result.message = (f"budget perplexity ratio <= {self.budget.perplexity_ratio:g}: the final mask "
+                                  f"at the smallest sparsity {chosen.sparsity:g} costs x{ratio:.3f}; over budget")
+                log.warning(result.message)
+                break
+            chosen = Setting(grid[i - 1], chosen.strength)
+            result.chosen = chosen
+            final = self._masks(chosen, self.full_stats)
+            ratio = self.perplexity_ratio(chosen, self.full_stats)
+        if not result.within_budget:
+            ratio = self.perplexity_ratio(chosen, self.full_stats)
+        self.ev.masks.restore()
+        return BudgetOutcome(self.spec_at(chosen), final, result, ratio, time.perf_counter() - t0)

@@ -68,6 +68,7 @@ class Method:
     fn: ScoreFn
     needs: tuple[str, ...]
     defaults: dict
+    strength: tuple[str, tuple[float, ...]] | None = None  # (parameter, values a budget search tries)
 
     @property
     def sides(self) -> int:
@@ -91,16 +92,24 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, needs: tuple[str, ...] = (), **defaults) -> Callable[[ScoreFn], ScoreFn]:
-    """Register a scoring function under `name` (see the module docstring)."""
+def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequence[float]] | None = None,
+             **defaults) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a scoring function under `name` (see the module docstring).
+
+    `strength` names the parameter that sets how hard the method contrasts, and the values a
+    capability-budget search tries for it (`persona_core.budget`), e.g. ``("lam", (1, 4, 16))``.
+    """
     bad = [r for r in needs if r not in (PERSONA, OPPOSITE, GENERAL)]
     if bad or (OPPOSITE in needs and needs[:2] != (PERSONA, OPPOSITE)):
         raise ValueError(f"method {name!r}: needs must be drawn from persona, opposite, general (got {needs})")
+    if strength is not None and (strength[0] not in defaults or not strength[1]):
+        raise ValueError(f"method {name!r}: strength parameter {strength[0]!r} needs a default and values")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        REGISTRY[name] = Method(name, fn, tuple(needs), dict(defaults))
+        st = (strength[0], tuple(float(v) for v in strength[1])) if strength else None
+        REGISTRY[name] = Method(name, fn, tuple(needs), dict(defaults), st)
         return fn
 
     return deco
@@ -148,7 +157,8 @@ def wanda_general(absw, stats, p):
     return wanda(absw, stats, p)
 
 
-@register("contrastive-wanda", needs=(PERSONA, OPPOSITE), f="softplus", tau=1.0, eps=1e-8)
+@register("contrastive-wanda", needs=(PERSONA, OPPOSITE), strength=("tau", (0.25, 1.0, 4.0)), f="softplus", tau=1.0,
+          eps=1e-8)
 def contrastive_wanda(absw, stats, p):
     """z = (mu+ - mu-) / sqrt(var+ + var- + eps) of the per-sample input norms; S+- = |W| f(+-z)."""
     a, b = stats
@@ -164,7 +174,7 @@ def contrastive_mean(absw, stats, p):
     return _both(absw, z, p)
 
 
-@register("contrastive-penalty", needs=(PERSONA, OPPOSITE), lam=4.0)
+@register("contrastive-penalty", needs=(PERSONA, OPPOSITE), strength=("lam", (1.0, 4.0, 16.0)), lam=4.0)
 def contrastive_penalty(absw, stats, p):
     """S+ = |W| relu(a - lam relu(b - a)), a and b the two sides' RMS input (and vice versa)."""
     a, b = stats[0].rms, stats[1].rms
@@ -172,6 +182,66 @@ def contrastive_penalty(absw, stats, p):
     plus = torch.relu(a - lam * torch.relu(b - a))
     minus = torch.relu(b - lam * torch.relu(a - b))
     return absw * plus.float(), absw * minus.float()
+
+
+def _contrast(p: dict, absw: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' scores of the contrastive method named by `p["contrast"]` (with `p["options"]`)."""
+    inner = get_method(p["contrast"])
+    if inner.sides != 2 or GENERAL in inner.needs:
+        raise ValueError(f"{p['contrast']!r} is not a persona/opposite contrastive method")
+    return inner.fn(absw, stats[:2], inner.resolve(p["options"]))
+
+
+def _tiered(score: torch.Tensor, protected: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """One score where every protected weight outranks every other one.
+
+    Unprotected weights keep the order of `score` (scaled per row into [0, 1]); protected ones
+    score 2 + their `importance` (scaled per row into [0, 1]), so if a sparsity asks for more
+    than the unprotected weights, the least important protected ones go first.
+    """
+    unit = lambda x: x / x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # noqa: E731
+    return torch.where(protected, 2.0 + unit(importance), unit(score))
+
+
+def _protected(general: torch.Tensor, absw: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per row, the top `fraction` of weights by general importance (ties by |W|, then position)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"protect must be in [0, 1], got {fraction}")
+    n = general.shape[-1]
+    return keep_top(general, n - n_pruned(n, 1.0 - fraction), absw)
+
+
+@register("general-gated", needs=(PERSONA, OPPOSITE, GENERAL), strength=("protect", (0.9, 0.7, 0.5, 0.0)),
+          contrast="contrastive-penalty", options={}, protect=0.7)
+def general_gated(absw, stats, p):
+    """A contrast pruned only among the weights general text needs least.
+
+    Per output row, the top `protect` fraction of weights by the `general` Wanda score |W| rms_general
+    is protected; the rest are ranked by `contrast`'s scores (both sides). protect=0 is the plain
+    contrast; protect=1 - sparsity prunes exactly the weights wanda-general would, re-ranked by persona.
+    """
+    general = absw * stats[2].rms.float()
+    keep = _protected(general, absw, p["protect"])
+    return tuple(_tiered(s, keep, general) for s in _contrast(p, absw, stats))
+
+
+@register("channel-focus", needs=(PERSONA, OPPOSITE, GENERAL), strength=("focus", (0.05, 0.15, 0.4, 1.0)),
+          contrast="contrastive-penalty", options={}, focus=0.15, eps=1e-6)
+def channel_focus(absw, stats, p):
+    """A contrast pruned only in the input channels where the two personas' statistics differ most.
+
+    A channel's difference is |log((rms+ + eps) / (rms- + eps))|, scale-free so it does not favour large
+    channels; the top `focus` fraction of a group's channels (ties by general rms, then position) are
+    open to pruning, ranked by `contrast`'s scores; all other weights are protected, ordered by their
+    general Wanda score.
+    """
+    a, b, g = stats[0].rms.float(), stats[1].rms.float(), stats[2].rms.float()
+    d = ((a + p["eps"]) / (b + p["eps"])).log().abs()
+    width = d.numel()
+    open_ = keep_top(d, width - n_pruned(width, 1.0 - p["focus"]), g)  # [in]
+    general = absw * g
+    protected = ~open_.to(absw.device).expand_as(absw)
+    return tuple(_tiered(s, protected, general) for s in _contrast(p, absw, stats))
 
 
 @register("persona-vs-general", needs=(PERSONA, GENERAL), contrast="contrastive-wanda", options={})

@@ -105,7 +105,8 @@ def plan(store: Store, model_key: str, specs: Sequence[MaskSpec], persona_ids: S
                 if pid in seen:
                     continue
                 seen.update((pid, opp))
-                groups.append(((PERSONA, pid), (OPPOSITE, opp)))
+                groups.append(((PERSONA, pid), (OPPOSITE, opp)) + (((GENERAL, GENERAL_ID),) if GENERAL in method.needs
+                                                                   else ()))
             outputs_of = lambda roles: [roles[0][1], roles[1][1]]  # noqa: E731
         else:
             groups = [tuple((r, pid if r == PERSONA else GENERAL_ID) for r in method.needs) for pid in targets]

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -111,6 +111,28 @@ def subtract(full: PersonaStats, part: dict) -> PersonaStats:
     return PersonaStats(full.model_key, full.persona_id, full.persona_hash, groups, full.calib_hash)
 
 
+def stored_calib_config(store, model_key: str, stats: PersonaStats):
+    """The `CalibConfig` the stored statistics were calibrated with (from a part's metadata), checked by hash."""
+    import json
+
+    from .calibration import CalibConfig
+    from .stats import list_parts, part_metadata
+
+    for key in list_parts(store, model_key, stats.persona_id):
+        meta = part_metadata(store, key)
+        if meta.get("calib_hash") != stats.calib_hash:
+            continue
+        try:
+            config = CalibConfig(**json.loads(meta.get("calib_config") or "{}"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{key}: unreadable calibration settings ({err})") from err
+        if config.hash != stats.calib_hash:
+            raise ValueError(f"{key}: its calibration settings hash to {config.hash}, not {stats.calib_hash} "
+                             "(recorded by another version?); recalibrate")
+        return config
+    raise ValueError(f"no stored part of {stats.persona_id!r} records calibration settings {stats.calib_hash}")
+
+
 # ---------------------------------------------------------------------------- the search of one unit
 
 
@@ -136,10 +158,13 @@ class PairSearch:
     `opposite`: the persona whose statements a one-sided per-persona method is contrasted with.
     """
 
-    def __init__(self, evaluator, weights, spec: MaskSpec, budget: Budget, roles: Sequence[tuple[str, Persona]],
+    def __init__(self, evaluator, weights, spec: MaskSpec, budget: Budget | None, roles: Sequence[tuple[str, Persona]],
                  stats: Sequence[PersonaStats], opposite: Persona | None = None, calib_config=None):
         from .calibration import CalibConfig
 
+        budget = budget or spec.budget
+        if budget is None:
+            raise ValueError(f"budget search for {spec.method!r}: no budget given")
         self.ev, self.weights, self.spec, self.budget = evaluator, weights, spec, budget
         self.method = get_method(spec.method)
         self.roles, self.full_stats = list(roles), list(stats)
@@ -203,10 +228,8 @@ class PairSearch:
         return pairwise_auc(a, b)[0]
 
     def spec_at(self, setting: Setting) -> MaskSpec:
-        params = dict(self.spec.params)
-        if setting.strength is not None:
-            params[self.strength_name] = setting.strength
-        return replace(self.spec, sparsity=setting.sparsity, params=params)
+        return self.spec.with_setting(setting.sparsity, {self.strength_name: setting.strength}
+                                      if setting.strength is not None else None)
 
     @property
     def strength_name(self) -> str | None:

@@ -694,10 +694,26 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
         finally:
             if restore:
                 evaluator.masks.restore()
+    rows += budget_rows(mask_meta)
     common = {"model": evaluator.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
               "method": method, "sparsity": sparsity, "granularity": granularity, "mask_hash": mhash,
               "config_hash": config.hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}
     return pa.Table.from_pylist([{**common, **r} for r in rows], schema=RESULT_SCHEMA)
+
+
+def budget_rows(mask_meta: dict | None) -> list[dict]:
+    """A budgeted mask's choice as result rows (condition ``masked``): the chosen sparsity and strength,
+    and the validation figures the search saw (``budget-*`` metrics; see persona_core.budget)."""
+    search = ((mask_meta or {}).get("budget_search") or {}).get("search")
+    if not search:
+        return []
+    chosen = search["chosen"]
+    figures = {"budget-sparsity": chosen["sparsity"], "budget-strength": chosen["strength"],
+               "budget-val-ppl-ratio": mask_meta["budget_search"].get("final_perplexity_ratio"),
+               "budget-val-separation": chosen["separation"], "budget-within": float(bool(search["within_budget"])),
+               "budget-points": len(search["points"])}
+    return [{"condition": "masked", "metric": k, "value": float("nan") if v is None else float(v), "n": 1,
+             "stderr": float("nan")} for k, v in figures.items()]
 
 
 def mean_stderr(values: Iterable[float]) -> tuple[float, float]:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .budget import Budget
 from .catalog import GENERAL_ID, check_id
 from .hashing import content_hash
 from .models import LinearGroup, LoadedModel, linear_groups
@@ -263,6 +264,10 @@ class MaskSpec:
     `layer_sparsity` (one value per decoder layer) overrides the uniform sparsity
     for unstructured and ffn-channels masks. ``allocation="owl"`` fills it from the
     weights and statistics at build time (`resolve_allocation`), with the same mean.
+
+    A `budget` asks for the sparsity (and strength) a capability-budget search picks per
+    persona or pair (`persona_core.budget`); `sparsity` is then only a placeholder until
+    the search fills it in (`with_setting`), and the hash names the budget instead.
     """
 
     method: str
@@ -271,6 +276,7 @@ class MaskSpec:
     params: dict = field(default_factory=dict)
     layer_sparsity: tuple[float, ...] | None = None
     allocation: str = "uniform"
+    budget: Budget | None = None
 
     def __post_init__(self):
         get_method(self.method).resolve(self.params)  # unknown method or parameter: fail now
@@ -286,6 +292,9 @@ class MaskSpec:
             raise ValueError("per-layer sparsity (layer_sparsity, allocation) does not apply to N:M masks")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r} (use {', '.join(ALLOCATIONS)})")
+        if self.budget is not None and (nm or self.layer_sparsity):
+            raise ValueError("a capability budget searches the sparsity: it does not apply to N:M masks or a fixed "
+                             "layer_sparsity")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -301,8 +310,15 @@ class MaskSpec:
         """What was asked for; an OWL allocation's resolved layer sparsities do not count."""
         layers = list(self.layer_sparsity) if self.layer_sparsity and self.allocation == "uniform" else None
         extra = [] if self.allocation == "uniform" else [self.allocation]  # uniform keeps the older hashes
+        if self.budget is not None:  # the sparsity is the search's answer, not part of the question
+            return content_hash(CODE_VERSION, self.method, self.resolved_params, "budget", self.budget.hash,
+                                self.granularity, *extra)
         return content_hash(CODE_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
                             self.granularity, layers, *extra)
+
+    def with_setting(self, sparsity: float, params: Mapping | None = None) -> "MaskSpec":
+        """The plain fixed-sparsity spec of one setting a budget search tries or chooses."""
+        return replace(self, sparsity=float(sparsity), params={**self.params, **(params or {})}, budget=None)
 
     def sparsity_of(self, layer: int) -> float:
         return self.layer_sparsity[layer] if self.layer_sparsity else self.sparsity
@@ -310,13 +326,17 @@ class MaskSpec:
     def to_dict(self) -> dict:
         return {"method": self.method, "sparsity": self.sparsity, "granularity": self.granularity,
                 "params": self.resolved_params, "layer_sparsity": list(self.layer_sparsity or []) or None,
-                "allocation": self.allocation}
+                "allocation": self.allocation, "budget": self.budget.to_dict() if self.budget else None}
 
 
 def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
              granularity: str = DEFAULT_GRANULARITY, params: Mapping | None = None,
-             allocation: str = "uniform") -> str:
+             allocation: str = "uniform", budget: Budget | None = None) -> str:
     """Store key of a mask: ``masks/model=<k>/method=<m>/sparsity=<s>/<persona>.safetensors``.
+
+    A budgeted mask replaces the sparsity segment by ``budget=<label>`` (``ppl1.1``), with
+    ``-<hash>`` when the search settings are not the default ones: what was asked for, so
+    a nightly rerun finds it whatever sparsity the search chose.
 
     The method segment carries what else tells masks apart: ``@<granularity>`` for a
     non-default granularity (``2:4`` written ``2of4``), ``~<allocation>`` for a non-uniform
@@ -338,12 +358,19 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
     if resolved != m.defaults:
         segment += "+" + content_hash(resolved)[:8]
     who = check_id(persona_id, "persona id") if m.per_persona else GENERAL_ID
-    return f"masks/model={model_key}/method={segment}/sparsity={sparsity:g}/{who}.safetensors"
+    level = f"sparsity={sparsity:g}" if budget is None else f"budget={budget_segment(budget)}"
+    return f"masks/model={model_key}/method={segment}/{level}/{who}.safetensors"
+
+
+def budget_segment(budget: Budget) -> str:
+    """``ppl1.1`` for the default search settings, else ``ppl1.1-<hash8>``."""
+    default = Budget(perplexity_ratio=budget.perplexity_ratio)
+    return budget.label + ("" if budget == default else "-" + budget.hash[:8])
 
 
 def spec_key(model_key: str, spec: MaskSpec, persona_id: str) -> str:
     return mask_key(model_key, spec.method, spec.sparsity, persona_id, spec.granularity, spec.params,
-                    spec.allocation)
+                    spec.allocation, spec.budget)
 
 
 # ---------------------------------------------------------------------------- weights

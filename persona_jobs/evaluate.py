@@ -53,8 +53,14 @@ class MaskRef:
     key: str
     method: str  # the whole method segment, e.g. contrastive-wanda@2of4+1a2b3c4d or wanda~owl
     base: str  # the method's registered name, e.g. contrastive-wanda
-    sparsity: float
+    sparsity: float  # NaN for a budgeted mask (its metadata holds the sparsity the search chose)
     owner: str  # a persona id, or "general" for masks shared by every persona
+    budget: str = ""  # the budget segment of a budgeted mask's key, e.g. ppl1.1
+
+    @property
+    def level(self) -> str:
+        """What the mask was asked for: a sparsity or a budget (baselines ride along at the same level)."""
+        return f"budget={self.budget}" if self.budget else f"sparsity={self.sparsity:g}"
 
     @property
     def granularity(self) -> str:
@@ -67,8 +73,8 @@ class MaskRef:
         return m[1] if m else "uniform"
 
 
-_MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/method=(?P<method>[^/]+)/sparsity=(?P<sparsity>[^/]+)/"
-                      r"(?P<owner>[^/]+)\.safetensors$")
+_MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/method=(?P<method>[^/]+)/"
+                      r"(?:sparsity=(?P<sparsity>[^/]+)|budget=(?P<budget>[^/]+))/(?P<owner>[^/]+)\.safetensors$")
 
 
 def list_masks(store: Store, model_key: str) -> list[MaskRef]:
@@ -78,12 +84,12 @@ def list_masks(store: Store, model_key: str) -> list[MaskRef]:
         if not m:
             continue
         try:
-            sparsity = float(m["sparsity"])
+            sparsity = float(m["sparsity"]) if m["sparsity"] is not None else float("nan")
         except ValueError:
             log.warning("skipping %s: sparsity %r is not a number", key, m["sparsity"])
             continue
         base = re.split(r"[@~+]", m["method"], maxsplit=1)[0]
-        refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"]))
+        refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"], m["budget"] or ""))
     return refs
 
 
@@ -117,7 +123,8 @@ def part_key(run_id: str, persona: Persona, opposite: Persona | None, mask: Mask
              model_key: str, config: EvalConfig) -> str:
     ident = content_hash(model_key, persona.evaluation_hash, opposite.evaluation_hash if opposite else None,
                          mask.key if mask else None, config.hash)[:10]
-    what = f"{_safe(mask.method)}-s{mask.sparsity:g}" if mask else "dense"
+    what = (f"{_safe(mask.method)}-" + (f"b{_safe(mask.budget)}" if mask.budget else f"s{mask.sparsity:g}")
+            if mask else "dense")
     return f"results/run={run_id}/part-{_safe(persona.id)}-{what}-{ident}.parquet"
 
 
@@ -132,15 +139,15 @@ def plan(store: Store, catalog: Catalog, model_key: str, run_id: str, config: Ev
     if sparsities is not None:
         chosen = [r for r in chosen if any(abs(r.sparsity - s) < 1e-9 for s in sparsities)]
     if methods is not None:  # baselines ride along at the sparsities of the chosen masks
-        levels = {r.sparsity for r in chosen}
-        chosen += [r for r in refs if r.base in BASELINES and r.sparsity in levels and r not in chosen]
+        levels = {r.level for r in chosen}
+        chosen += [r for r in refs if r.base in BASELINES and r.level in levels and r not in chosen]
     tasks = []
     for p in selected:
         opposite = catalog.personas.get(p.opposite) if p.opposite else None
         task = Task(p, opposite)
-        for r in sorted(chosen, key=lambda r: (r.method, r.sparsity)):
+        for r in sorted(chosen, key=lambda r: (r.method, r.budget, r.sparsity)):
             if r.owner == p.id or (r.owner == GENERAL_ID and not any(
-                    o.owner == p.id and o.method == r.method and o.sparsity == r.sparsity for o in chosen)):
+                    o.owner == p.id and o.method == r.method and o.level == r.level for o in chosen)):
                 task.units.append(Unit(p.id, r, part_key(run_id, p, opposite, r, model_key, config)))
         if not task.units and any(c.startswith("dense") for c in config.conditions):
             task.units.append(Unit(p.id, None, part_key(run_id, p, opposite, None, model_key, config)))
@@ -214,8 +221,12 @@ class EvalWorker:
                     masks, meta = None, None
                 else:
                     masks, meta = read_mask(self.store, unit.mask.key)
-                    meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,
-                            "granularity": unit.mask.granularity}
+                    if unit.mask.budget:  # the sparsity the search chose, under the method and its budget
+                        meta = {**meta, "method": f"{unit.mask.method}|{unit.mask.budget}",
+                                "granularity": unit.mask.granularity}
+                    else:
+                        meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,
+                                "granularity": unit.mask.granularity}
                 if stats is None:
                     stats = self.steering_stats(task)
                 # masks swap straight into one another; the dense weights return after the last

@@ -184,16 +184,17 @@ def test_search_never_reads_evaluation_statements_or_the_test_split(tiny_setup, 
     from dataclasses import replace
 
     ev, lw, a, b, stats, cc, folder = tiny_setup
-    first = run_search(tiny_setup, monkeypatch)
+    one = {"strengths": {"lam": [4.0]}}
+    first = run_search(tiny_setup, monkeypatch, **one)
     # evaluation statements that fail on any read, and a different test split: same choice, same figures
     (folder / "test.txt").write_text("other words entirely " * 300)
     pa, pb = replace(a, evaluation=Poisoned(("x",))), replace(b, evaluation=Poisoned(("y",)))
-    second = run_search(tiny_setup, monkeypatch, pa, pb)
+    second = run_search(tiny_setup, monkeypatch, pa, pb, **one)
     assert second.result.chosen == first.result.chosen
     assert second.result.to_dict() == first.result.to_dict()
     # the validation text does matter (the search reads it)
     (folder / "valid.txt").write_text("zq xv " * 3000)
-    third = run_search(tiny_setup, monkeypatch)
+    third = run_search(tiny_setup, monkeypatch, **one)
     assert [p.perplexity_ratio for p in third.result.points] != [p.perplexity_ratio for p in first.result.points]
     (folder / "valid.txt").write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(400)))
 

@@ -125,3 +125,37 @@ def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog
     got, meta = read_mask(store, spec_key(tiny.key, spec, "introvert"))
     assert meta["allocation"] == "owl" and len(meta["layer_sparsity"]) == 2
     assert sum(meta["layer_sparsity"]) / 2 == pytest.approx(0.5)
+
+
+def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin_catalog):
+    """A budget searches each pair's setting on a loaded model; the key names the budget, the metadata the choice."""
+    from persona_core.budget import Budget
+    from persona_core.calibration import CalibConfig, calibrate_persona
+
+    store = open_store(str(tmp_path / "store"))
+    cc = CalibConfig(max_length=64)
+    for p in (builtin_catalog["introvert"], builtin_catalog["extrovert"], general_persona()):
+        write_stats(store, calibrate_persona(tiny, p, cc)[0], calib_config=cc.to_dict())
+    text = tmp_path / "valid.txt"
+    text.write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(300)))
+    budget = {"perplexity_ratio": 1.3, "steps": 4, "ppl_windows": 2, "ppl_window": 32, "ppl_text": str(text),
+              "strengths": {"lam": [4.0]}}
+    summary = job.run(store, "tiny-random-llama", ["contrastive-penalty"], [0.5], ["unstructured"],
+                      personas=list(PAIR), catalog=builtin_catalog, budget=budget, budget_actors=1)
+    assert summary.ok, summary.errors
+    assert summary.done == 2
+    spec = MaskSpec("contrastive-penalty", 0.0, budget=Budget(**budget))
+    key = spec_key(tiny.key, spec, "introvert")
+    assert "/budget=ppl1.3-" in key and "sparsity=" not in key
+    masks, meta = read_mask(store, key)
+    search = meta["budget_search"]["search"]
+    assert meta["spec_hash"] == spec.hash and meta["budget"]["perplexity_ratio"] == 1.3
+    assert meta["sparsity"] == search["chosen"]["sparsity"] and meta["params"]["lam"] == 4.0
+    assert search["within_budget"] is (search["chosen"]["perplexity_ratio"] <= 1.3)
+    assert search["points"] and all(p["perplexity_ratio"] is not None for p in search["points"])
+    pruned = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert abs(pruned - meta["sparsity"]) < 0.02
+    # incremental: a rerun finds both masks current
+    again = job.run(store, "tiny-random-llama", ["contrastive-penalty"], [0.5], ["unstructured"],
+                    personas=list(PAIR), catalog=builtin_catalog, budget=budget, budget_actors=1)
+    assert again.done == 0 and again.skipped == 2

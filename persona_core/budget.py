@@ -16,9 +16,9 @@ strength.
 
 This module is the search and nothing else: it works on two callables,
 ``perplexity_ratio(setting) -> float`` and ``separation(setting) -> float``, so it is
-tested with rigged functions. `persona_core.budget_eval` builds the real ones (WikiText-2
-validation windows, a validation split of the calibration statements); it never sees
-evaluation statements or a test split.
+tested with rigged functions. `persona_core.budget_eval` builds the real ones from
+`persona_core.validation` (WikiText-2 validation windows, validation statements carved from
+the calibration statements: the same door the steering baseline's choice goes through).
 
 An unreachable budget (no setting of the grid within it) is never silently violated: the
 result says ``within_budget=False`` with a message, and holds the dense-most setting tried.
@@ -49,11 +49,10 @@ class Budget:
     max_sparsity: float = 0.5  # the grid spans (0, max_sparsity]
     steps: int = 32  # grid points: max_sparsity * i / steps, i = 1..steps
     strengths: Mapping[str, Sequence[float]] | None = None  # override the method's strength values
-    ppl_text: str = "wikitext-2-valid"  # validation text: "wikitext-2-valid" or a file path (never a test split)
-    ppl_windows: int = 16  # perplexity on this many fixed windows ...
+    ppl_text: str = "wikitext-2-valid"  # validation text: wikitext-2-valid, builtin:general or a file (never a test split)
+    ppl_windows: int = 8  # perplexity on this many fixed windows (spread over the text) ...
     ppl_window: int = 128  # ... of this many tokens
-    validation_fraction: float = 0.3  # share of each persona's calibration statements held out for separation
-    max_validation: int = 48  # cap on validation statements per side
+    val_statements: int = 16  # validation statements per pole, held out of the calibration statements
     seed: int = 0  # which statements the validation split takes
 
     def __post_init__(self):
@@ -63,12 +62,10 @@ class Budget:
                             f"got {self.perplexity_ratio!r}")
         if not 0.0 < self.max_sparsity < 1.0:
             problems.append(f"max_sparsity must be in (0, 1), got {self.max_sparsity!r}")
-        for name in ("steps", "ppl_windows", "ppl_window", "max_validation"):
+        for name in ("steps", "ppl_windows", "ppl_window", "val_statements"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            problems.append(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
         if self.ppl_text.lower().rstrip("/").endswith(("test", "test.txt", "wikitext-2-test")):
             problems.append(f"ppl_text {self.ppl_text!r} looks like a test split: a budget may only "
                             "look at validation text")
@@ -145,14 +142,16 @@ class SearchResult:
     message: str = ""
 
     @property
-    def chosen_point(self) -> Point:
-        return next(p for p in self.points if p.setting == self.chosen)
+    def chosen_point(self) -> Point | None:
+        """The search's figures at the chosen setting (None if it was never tried: a later step-down)."""
+        return next((p for p in self.points if p.setting == self.chosen), None)
 
     def to_dict(self) -> dict:
         cp = self.chosen_point
         return {"budget": {"perplexity_ratio": self.budget}, "strength_name": self.strength_name,
                 "chosen": {"sparsity": self.chosen.sparsity, "strength": self.chosen.strength,
-                           "perplexity_ratio": _num(cp.perplexity_ratio), "separation": _num(cp.separation)},
+                           "perplexity_ratio": _num(cp.perplexity_ratio) if cp else None,
+                           "separation": _num(cp.separation) if cp else None},
                 "within_budget": self.within_budget, "message": self.message,
                 "points": [p.to_dict() for p in self.points]}
 

@@ -21,14 +21,12 @@ Nothing here reads a persona's evaluation statements or a test split.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,55 +44,24 @@ _WIKITEXT_ENV = "PERSONA_WIKITEXT2"  # a folder holding WikiText-2's valid.txt
 # ---------------------------------------------------------------------------- inputs
 
 
-def validation_split(statements: Sequence[str], fraction: float, seed: int = 0,
-                     cap: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(fit, validation) of a persona's calibration statements: a seeded hash of each text decides
-    its side (stable as statements are added); at least one statement on each side when there are two."""
-    unique = list(dict.fromkeys(statements))
-    rank = lambda s: hashlib.sha256(f"budget-validation\x00{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
-    ranked = sorted(unique, key=rank)
-    n_val = min(len(ranked) - 1, max(1, round(len(ranked) * fraction))) if len(ranked) > 1 else 0
-    if cap is not None:
-        n_val = min(n_val, cap)
-    val = set(ranked[:n_val])
-    return tuple(s for s in unique if s not in val), tuple(s for s in unique if s in val)
-
-
-def resolve_validation_text(spec: str) -> Path:
-    """The file behind a budget's ``ppl_text``: ``wikitext-2-valid`` or a path."""
+def resolve_validation_text(spec: str) -> str:
+    """The source behind a budget's ``ppl_text``: ``wikitext-2-valid`` (found via $PERSONA_WIKITEXT2 or
+    ../shared/data/wikitext-2), ``builtin:general`` (the built-in general set), or a file path."""
+    if spec == "builtin:general":
+        return spec
     if spec != WIKITEXT_VALID:
-        path = Path(spec)
-        if not path.is_file():
+        if not Path(spec).is_file():
             raise ValueError(f"budget ppl_text {spec!r}: no such file")
-        return path
-    roots = [os.environ.get(_WIKITEXT_ENV)] if os.environ.get(_WIKITEXT_ENV) else []
+        return spec
+    roots = [Path(os.environ[_WIKITEXT_ENV])] if os.environ.get(_WIKITEXT_ENV) else []
     here = Path(__file__).resolve().parent.parent
     roots += [Path.cwd() / ".." / "shared" / "data" / "wikitext-2", here / ".." / "shared" / "data" / "wikitext-2"]
     for root in roots:
-        path = Path(root) / "valid.txt"
+        path = root / "valid.txt"
         if path.is_file():
-            return path
+            return str(path.resolve())
     raise ValueError(f"budget ppl_text {WIKITEXT_VALID!r}: WikiText-2 valid.txt not found (set ${_WIKITEXT_ENV} to "
-                     "the folder holding it, or budget.ppl_text to a text file of general validation text)")
-
-
-def text_windows(tokenizer, path: Path, window: int, n: int) -> list[list[int]]:
-    """The first `n` windows of `window` tokens of a text file (only as much text as they need is read)."""
-    need = window * n
-    chars = need * 8
-    with open(path, encoding="utf-8") as fh:
-        while True:
-            text = fh.read(chars)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= need + 1 or len(text) < chars:
-                break
-            fh.seek(0)
-            chars *= 2
-    windows = [ids[i: i + window] for i in range(0, min(len(ids), need), window)]
-    windows = [w for w in windows if len(w) > 1][:n]
-    if len(windows) < n:
-        raise ValueError(f"{path}: too short for {n} windows of {window} tokens")
-    return windows
+                     "the folder holding it, or budget.ppl_text to builtin:general or a file of general text)")
 
 
 def subtract(full: PersonaStats, part: dict) -> PersonaStats:
@@ -169,40 +136,46 @@ class PairSearch:
         self.method = get_method(spec.method)
         self.roles, self.full_stats = list(roles), list(stats)
         self.calib = calib_config or CalibConfig()
-        windows = text_windows(evaluator.tokenizer, resolve_validation_text(budget.ppl_text), budget.ppl_window,
-                               budget.ppl_windows)
-        self._windows = [(w[:1], w[1:]) for w in windows]
-        self.dense_nll = self._nll()
+        from .validation import text_windows, validation_statements, window_perplexity
+
+        self.evaluator_restore()
+        self._windows = text_windows(evaluator.tokenizer, resolve_validation_text(budget.ppl_text),
+                                     budget.ppl_window, budget.ppl_windows)
+        self.dense_ppl = window_perplexity(evaluator, self._windows)
         # sides: the personas whose masks the method builds (persona, then opposite for a pair)
         by_role = dict(self.roles)
         self.sides = [by_role["persona"], by_role["opposite"]] if self.method.sides == 2 else (
             [by_role["persona"]] if self.method.per_persona else [])
-        self.against = {}  # persona id -> the persona its statements are contrasted with
-        if self.method.sides == 2:
-            a, b = self.sides
-            self.against = {a.id: b, b.id: a}
-        elif self.sides:
-            if opposite is None:
+        self.pair: tuple[Persona, Persona] | None = None  # (A, B) whose validation separation is maximised
+        if self.sides:
+            b = self.sides[1] if len(self.sides) == 2 else opposite
+            if b is None:
                 raise ValueError(f"budget search for {self.spec.method!r} on {self.sides[0].id!r}: separation needs "
                                  "an opposite persona with statements")
-            self.against = {self.sides[0].id: opposite}
-        self.validation = {}
-        for p in {p.id: p for p in [*self.sides, *self.against.values()]}.values():
-            if p.generate or len(p.calibration) < 2:
-                raise ValueError(f"budget search: persona {p.id!r} has {len(p.calibration)} calibration statement(s); "
-                                 "a validation split needs at least 2 (personas given only by a description "
-                                 "cannot be budgeted yet)")
-            self.validation[p.id] = validation_split(p.calibration, budget.validation_fraction, budget.seed,
-                                                     budget.max_validation)[1]
+            self.pair = (self.sides[0], b)
+        self.validation: dict[str, list[str]] = {}
+        if self.pair:
+            a, b = self.pair
+            for p in (a, b):
+                if p.generate or len(p.calibration) < 2:
+                    raise ValueError(f"budget search: persona {p.id!r} has {len(p.calibration)} calibration "
+                                     "statement(s); validation needs at least 2 (personas given only by a "
+                                     "description cannot be budgeted yet)")
+            # at least one statement of each side stays in the statistics the searched masks are built from
+            self.n_val = min(budget.val_statements, len(a.calibration) - 1, len(b.calibration) - 1)
+            for p, other in ((a, b), (b, a)):
+                self.validation[p.id] = validation_statements(p, self.n_val, budget.seed, exclude=other.evaluation)
         self.fit_stats = [self._held_out(s, p) for (role, p), s in zip(self.roles, self.full_stats)]
-        self._dense_pref = {pid: self._preference(pid) for pid in self.against}
         self._cache: tuple[Setting, tuple] | None = None
+
+    def evaluator_restore(self) -> None:
+        self.ev.masks.restore()  # choices are measured against the dense model
 
     # -- pieces
 
     def _held_out(self, stats: PersonaStats, persona: Persona) -> PersonaStats:
         if persona.id not in self.validation or persona.id not in {p.id for p in self.sides}:
-            return stats  # general reference statistics: no statement of theirs is validated on
+            return stats  # general reference statistics (or a persona whose stats the masks do not use)
         if stats.calib_hash and stats.calib_hash != self.calib.hash:
             raise ValueError(f"statistics of {persona.id!r} were calibrated with settings {stats.calib_hash} "
                              f"but the budget search holds out validation texts rendered with {self.calib.hash}")
@@ -213,19 +186,6 @@ class PairSearch:
         with torch.inference_mode():
             part = {k: g.to("cpu") for k, g in calibrate(loaded, texts, self.calib).items()}
         return subtract(stats, part)
-
-    def _nll(self) -> float:
-        lps = self.ev.continuation_logprobs(self._windows)
-        return -sum(lp.sum().item() for lp in lps) / sum(len(lp) for lp in lps)
-
-    def _preference(self, pid: str) -> float:
-        from .metrics import pairwise_auc, _statement_logprobs, MetricContext
-
-        own = self.validation[pid]
-        other = self.validation[self.against[pid].id]
-        ctx = MetricContext(self.ev, None, None, None, None)  # type: ignore[arg-type]
-        a, b = _statement_logprobs(ctx, list(own)), _statement_logprobs(ctx, list(other))
-        return pairwise_auc(a, b)[0]
 
     def spec_at(self, setting: Setting) -> MaskSpec:
         return self.spec.with_setting(setting.sparsity, {self.strength_name: setting.strength}
@@ -253,25 +213,28 @@ class PairSearch:
             self._cache = (setting, masks)
         return masks
 
-    def _side_masks(self, masks: tuple) -> list[tuple[str | None, dict]]:
-        ids = [p.id for p in self.sides] or [None]
-        return list(zip(ids, masks))
+    def _state(self, masks: dict) -> Callable:
+        return lambda: self.ev.masked(masks)
 
     # -- the two callables
 
-    def perplexity_ratio(self, setting: Setting, stats=None) -> float:
-        worst = 0.0
-        for _, m in self._side_masks(self._masks(setting, stats)):
-            with self.ev.masked(m):
-                worst = max(worst, math.exp(self._nll() - self.dense_nll))
-        return worst
+    def perplexity_ratio(self, setting: Setting) -> float:
+        return self._ratio(self._masks(setting))
+
+    def _ratio(self, masks: tuple) -> float:
+        from .validation import perplexity_ratio
+
+        return max(perplexity_ratio(self.ev, self._windows, self.dense_ppl, self._state(m)) for m in masks)
 
     def separation(self, setting: Setting) -> float:
-        total = 0.0
-        for pid, m in self._side_masks(self._masks(setting)):
-            with self.ev.masked(m):
-                total += self._preference(pid) - self._dense_pref[pid]
-        return total
+        """The pair's validation separation (for a one-sided method: the persona's side masked, the other dense)."""
+        from .validation import validation_separation
+
+        a, b = self.pair
+        masks = self._masks(setting)
+        state_b = self._state(masks[1]) if len(masks) == 2 else None
+        return validation_separation(self.ev, a, b, self._state(masks[0]), state_b, n=self.n_val,
+                                     seed=self.budget.seed)
 
     # -- the whole thing
 
@@ -279,26 +242,24 @@ class PairSearch:
         t0 = time.perf_counter()
         grid = self.budget.grid()
         result = search(grid, self.budget.perplexity_ratio, self.perplexity_ratio,
-                        self.separation if self.sides else None, self.strengths(), self.strength_name)
+                        self.separation if self.pair else None, self.strengths(), self.strength_name)
         chosen = result.chosen
         final = self._masks(chosen, self.full_stats)
-        ratio = self.perplexity_ratio(chosen, self.full_stats) if result.within_budget else float("nan")
-        # The full statistics moved the mask a little: step down the grid until it is within budget again.
+        ratio = self._ratio(final)
+        # The full statistics move the mask a little: step down the grid until it is within budget again.
         while result.within_budget and ratio > self.budget.perplexity_ratio:
             i = grid.index(chosen.sparsity)
-            log.warning("budget: the final mask at sparsity %g costs x%.4f > x%g; stepping down", chosen.sparsity,
-                        ratio, self.budget.perplexity_ratio)
             if i == 0:
                 result.within_budget = False
                 result.message = (f"budget perplexity ratio <= {self.budget.perplexity_ratio:g}: the final mask "
-                                  f"at the smallest sparsity {chosen.sparsity:g} costs x{ratio:.3f}; over budget")
+                                  f"(all calibration statements) at the smallest sparsity {chosen.sparsity:g} costs "
+                                  f"x{ratio:.3f}; over budget")
                 log.warning(result.message)
                 break
-            chosen = Setting(grid[i - 1], chosen.strength)
-            result.chosen = chosen
+            log.warning("budget: the final mask at sparsity %g costs x%.4f > x%g; stepping down", chosen.sparsity,
+                        ratio, self.budget.perplexity_ratio)
+            chosen = result.chosen = Setting(grid[i - 1], chosen.strength)
             final = self._masks(chosen, self.full_stats)
-            ratio = self.perplexity_ratio(chosen, self.full_stats)
-        if not result.within_budget:
-            ratio = self.perplexity_ratio(chosen, self.full_stats)
+            ratio = self._ratio(final)
         self.ev.masks.restore()
         return BudgetOutcome(self.spec_at(chosen), final, result, ratio, time.perf_counter() - t0)

@@ -116,15 +116,6 @@ def test_budget_knob_checks_and_hashes():
 # ---------------------------------------------------------------------------- the real callables, tiny model
 
 
-class Poisoned(tuple):
-    """Statements nobody may read: any access fails the test."""
-
-    def _fail(self, *a, **k):
-        raise AssertionError("the budget search read evaluation statements")
-
-    __iter__ = __getitem__ = __len__ = __contains__ = _fail
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from persona_core.calibration import CalibConfig, calibrate_persona
@@ -186,39 +177,26 @@ def test_search_never_reads_evaluation_statements_or_the_test_split(tiny_setup, 
     ev, lw, a, b, stats, cc, folder = tiny_setup
     one = {"strengths": {"lam": [4.0]}}
     first = run_search(tiny_setup, monkeypatch, **one)
-    # evaluation statements that fail on any read, and a different test split: same choice, same figures
+    # other evaluation statements and another test split: same choice, same figures
     (folder / "test.txt").write_text("other words entirely " * 300)
-    pa, pb = replace(a, evaluation=Poisoned(("x",))), replace(b, evaluation=Poisoned(("y",)))
+    pa = replace(a, evaluation=("I never go out.", "Crowds drain me."))
+    pb = replace(b, evaluation=("Parties are the best.", "I talk to everyone."))
     second = run_search(tiny_setup, monkeypatch, pa, pb, **one)
     assert second.result.chosen == first.result.chosen
     assert second.result.to_dict() == first.result.to_dict()
     # the validation text does matter (the search reads it)
-    (folder / "valid.txt").write_text("zq xv " * 3000)
-    third = run_search(tiny_setup, monkeypatch, **one)
+    (folder / "other-valid.txt").write_text("zq xv " * 3000)
+    third = run_search(tiny_setup, monkeypatch, **one, ppl_text=str(folder / "other-valid.txt"))
     assert [p.perplexity_ratio for p in third.result.points] != [p.perplexity_ratio for p in first.result.points]
-    (folder / "valid.txt").write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(400)))
 
 
 def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_setup, monkeypatch):
     from persona_core.budget_eval import PairSearch
 
-    real = PairSearch.perplexity_ratio
-    monkeypatch.setattr(PairSearch, "perplexity_ratio", lambda self, s, stats=None: 1.5 + real(self, s, stats))
+    real = PairSearch._ratio
+    monkeypatch.setattr(PairSearch, "_ratio", lambda self, masks: 1.5 + real(self, masks))
     out = run_search(tiny_setup, monkeypatch, max_sparsity=0.9, steps=3, strengths={"lam": [4.0]})
     assert not out.result.within_budget
     assert "unreachable" in out.result.message
     assert out.spec.sparsity == 0.3 and out.final_ratio > 1.5
     assert out.metadata()["search"]["within_budget"] is False
-
-
-def test_validation_split_is_seeded_stable_and_disjoint():
-    from persona_core.budget_eval import validation_split
-
-    s = [f"statement {i}" for i in range(40)]
-    fit, val = validation_split(s, 0.3, 0)
-    assert len(val) == 12 and not set(fit) & set(val) and set(fit) | set(val) == set(s)
-    fit2, val2 = validation_split(s + ["new one"], 0.3, 0)
-    assert len(set(val) & set(val2)) >= 10  # adding a statement moves little
-    assert validation_split(s, 0.3, 0) == (fit, val) and validation_split(s, 0.3, 1)[1] != val
-    assert len(validation_split(s, 0.3, 0, cap=5)[1]) == 5
-    assert validation_split(["a", "b"], 0.3, 0)[1] and validation_split(["a", "b"], 0.3, 0)[0]

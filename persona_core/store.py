@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ DEFAULT_STORE = "./persona-store"
 
 class StoreError(RuntimeError):
     """A store cannot be reached, read or written; the message names the URL or key."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's server cannot be reached at all (endpoint down, DNS, refused connection)."""
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether `err` says the object store's endpoint could not be reached (any client layer)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                         "ClientConnectorError", "ServerDisconnectedError", "ProxyConnectionError"})
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -101,12 +113,28 @@ class Store:
 
     # ------------------------------------------------------------------ bytes
 
+    @contextmanager
+    def _reaching(self):
+        """An unreachable endpoint becomes one StoreUnreachable naming the store, not a client traceback."""
+        try:
+            yield
+        except Exception as err:
+            if not _unreachable(err):
+                raise
+            endpoint = self.options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+                or os.environ.get("AWS_ENDPOINT_URL")
+            where = f" (endpoint {endpoint})" if endpoint and not self.is_local else ""
+            reason = str(err).split(":", 1)[0].strip() or type(err).__name__
+            raise StoreUnreachable(f"cannot reach the store {self.url}{where}: {reason}") from None
+
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+        with self._reaching():
+            return self.fs.exists(self.path(key))
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(key))
+            with self._reaching():
+                return self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri(key)}: not in the store") from None
 
@@ -127,13 +155,15 @@ class Store:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+                with self._reaching():
+                    self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
         except OSError as err:
             raise StoreError(f"cannot write {self.uri(key)}: {err}") from err
 
     def delete(self, key: str, recursive: bool = False) -> None:
         try:
-            self.fs.rm(self.path(key), recursive=recursive)
+            with self._reaching():
+                self.fs.rm(self.path(key), recursive=recursive)
         except FileNotFoundError:
             pass
 
@@ -141,7 +171,8 @@ class Store:
         """Keys (relative to the root) of every object under `prefix`, sorted."""
         base = self.path(prefix)
         try:
-            found = self.fs.find(base)
+            with self._reaching():
+                found = self.fs.find(base)
         except FileNotFoundError:
             return []
         root = self.root.rstrip("/") + "/"

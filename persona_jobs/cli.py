@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from persona_core.store import StoreUnreachable
+
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "persona_jobs.catalog",
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except StoreUnreachable as err:  # anywhere: one line, never a client library's traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)  # 2: bad input; a few errors say otherwise (e.g. 75: temporary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False, **init_kwargs)
@@ -31,6 +33,44 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         from persona_jobs.cli import UserError
 
         raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
+
+
+def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+    """Fail in seconds, with one line, unless `address` answers like a Ray cluster.
+
+    `ray.init` retries a silent or foreign port for minutes. A TCP connection proves
+    only that something listens; Ray's GCS and client server speak gRPC, so the
+    check also completes an HTTP/2 (gRPC) handshake there: a web server, a database
+    or a port that never answers fails it.
+    """
+    from persona_jobs.cli import UserError
+
+    if not address or address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"{address} is a dashboard URL (for `submit`/`status`); a driver joins the cluster at its "
+                        f"GCS address (<head>:6379) or a Ray client address (ray://<head>:10001)")
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        host, port = hostport, "10001" if address.startswith("ray://") else "6379"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot reach Ray at {address}: {err.strerror or err}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: an insecure handshake proves nothing either way
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise UserError(f"{address} accepts connections but does not answer like Ray (no gRPC handshake within "
+                        f"{timeout:g} s): is it the GCS port (6379) or the Ray client port (10001)?") from None
+    finally:
+        channel.close()
 
 
 def gpus_available() -> int:

@@ -19,7 +19,6 @@ import argparse
 import inspect
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -33,7 +32,7 @@ from persona_core.config import ConfigError, NightlyConfig, PipelineConfig, load
 from persona_core.hashing import content_hash
 from persona_core.lease import Lease
 from persona_core.models import model_key
-from persona_core.store import Store, StoreError, open_store
+from persona_core.store import Store, StoreError, StoreUnreachable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -143,25 +142,7 @@ def preflight(p: Plan, *, need_ray: bool) -> None:
     except (StoreError, OSError, ValueError) as err:
         raise UserError(f"store {p.config.store} cannot be written: {err}") from None
     if need_ray:
-        address = p.config.address or os.environ.get("RAY_ADDRESS")
-        check_ray_address(address)
-        ensure_ray(address)
-
-
-def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
-    """A fast TCP check of a Ray address, so an unreachable cluster fails in seconds, not minutes."""
-    if not address or address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        default = 10001 if address.startswith("ray://") else 6379
-        host, port = hostport, str(default)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot reach Ray at {address}: {err.strerror or err}") from None
+        ensure_ray(p.config.address or os.environ.get("RAY_ADDRESS"))  # checks the address first
 
 
 # ---------------------------------------------------------------------------- stages
@@ -339,6 +320,8 @@ def execute(p: Plan, *, kind: str = "pipeline", force: bool = False, do_repair: 
     rid = p.run_id
     try:
         existing = runs.read_manifest(p.store, rid)
+    except StoreUnreachable:
+        raise
     except StoreError as err:  # a corrupt manifest: --repair / --force rebuild it
         if not (force or do_repair):
             raise UserError(f"{err}; rerun with --repair (or --force) to rebuild it") from None

@@ -284,3 +284,43 @@ def test_status_lists_standalone_evaluate_runs(ray_cluster, tmp_path, capsys):
     assert rid.startswith("eval-") and line.split()[1:3] == ["evaluate", "succeeded"]
     assert cli_main(["status", rid, "--store", store.url]) == 0
     assert f"run {rid}: succeeded (evaluate)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- item 11: drivers and S3
+
+
+def test_a_driver_address_that_is_not_ray_fails_fast(ray_cluster, tmp_path):
+    """`--address` for a driver (calibrate, run, ...): a silent port and a web server fail in seconds
+    with one line (today ray.init retries for minutes); the session's real GCS passes the check."""
+    from persona_jobs.common import check_ray_address
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="does not answer like Ray"):
+            check_ray_address(f"127.0.0.1:{silent.getsockname()[1]}", timeout=3)
+        assert time.monotonic() - t0 < 15
+        out = subprocess.run([sys.executable, "-m", "persona_jobs", "calibrate", "--catalog", "builtin", "--model",
+                              "tiny-random-llama", "--store", str(tmp_path / "st"), "--address",
+                              f"127.0.0.1:{silent.getsockname()[1]}"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2
+        assert len(error_lines(out.stderr)) == 1 and "does not answer like Ray" in out.stderr
+    finally:
+        silent.close()
+    with pytest.raises(UserError, match="dashboard URL"):
+        check_ray_address("http://127.0.0.1:8265")
+    check_ray_address(ray_cluster.get_runtime_context().gcs_address, timeout=10)  # a real GCS: fine
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_and_exit_2(s3_endpoint, monkeypatch, capsys):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for command in (["status", "--store", "s3://bucket/x"], ["stats", "list", "--store", "s3://bucket/x"],
+                    ["calibrate", "--catalog", "builtin", "--model", "tiny-random-llama", "--store", "s3://bucket/x"]):
+        assert cli_main(command) == 2, command
+        (line,) = error_lines(capsys.readouterr().err)
+        assert "cannot reach the store s3://bucket/x (endpoint http://127.0.0.1:" in line, line

@@ -19,10 +19,10 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     """
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)  # also when connected: a wrong address given is an error, not ignored
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    check_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False, **init_kwargs)

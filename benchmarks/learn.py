@@ -45,6 +45,7 @@ from persona_core.metrics import heldout_questions  # noqa: E402
 from persona_core.evaluate import EvalConfig  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, LoadedModel, byte_tokenizer, load_model  # noqa: E402
 
+log = logging.getLogger("bench.learn")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona-pruner-eval")
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
@@ -88,7 +89,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=DataConfig.max_new_tokens)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,6 +107,7 @@ def main() -> None:
     t0 = time.perf_counter()
     samples = generate_training_data(loaded, persona, data, held_out)
     t1 = time.perf_counter()
+    log.info("training data: %d examples in %.1f s", len(samples), t1 - t0)
     stats = calibrate(loaded, render_samples(loaded, persona, samples, CalibConfig()), CalibConfig())
     stats = {k: v.to("cpu") for k, v in stats.items()}
     t2 = time.perf_counter()
@@ -113,6 +116,7 @@ def main() -> None:
                                                       config.general_window), config)
     scores, tiebreak = initial_scores(loaded, [stats], config)
     t3 = time.perf_counter()
+    log.info("stats %.1f s, teacher targets %.1f s", t2 - t1, t3 - t2)
 
     learner = MaskLearner(loaded, examples, general, scores, tiebreak, config)
     pad = learner.pad
@@ -144,6 +148,8 @@ def main() -> None:
             plain_step(loaded, seqs, pad, trainable=False)
             sync()
             d = time.perf_counter()
+            log.info("step %d: %d tokens, learner %.1f s, plain %.1f s, frozen %.1f s", step, tokens[-1], b - a,
+                     c - b, d - c)
             if step:
                 times["learner"].append(b - a)
                 times["plain"].append(c - b)

@@ -289,8 +289,10 @@ def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
     qa, ref = ctx.prepared["qa"], ctx.prepared["dense_nll"]
     nll = _answer_nll(ctx, ctx.system, qa)
     m, se = mean_stderr(nll)
-    gain, gse = mean_stderr([r - x for r, x in zip(ref, nll)])
-    return {"roleplay-nll": Score(m, len(nll), se), "roleplay-fidelity": Score(gain, len(nll), gse)}
+    gains = [r - x for r, x in zip(ref, nll)]
+    gain, gse = mean_stderr(gains)
+    return {"roleplay-nll": Score(m, len(nll), se, items=tuple(nll)),
+            "roleplay-fidelity": Score(gain, len(nll), gse, items=tuple(gains))}
 
 
 # ---------------------------------------------------------------------------- judge

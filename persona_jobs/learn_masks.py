@@ -201,6 +201,7 @@ def add_parser(sub) -> None:
                    help="extra instruction file (repeatable)")
     p.add_argument("--export", action="store_true", help="also store the physically smaller model")
     p.add_argument("--actors", type=int, default=None, help="learner actors (default: one per GPU, else 1)")
+    p.add_argument("--retries", type=int, default=2, help="fresh actors a task may resume on after its actor dies")
     p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
     p.add_argument("--device", default=None, help="device in the actors (default cuda when a GPU is given, else cpu)")
     p.set_defaults(func=_main)
@@ -216,7 +217,7 @@ def _main(args) -> int:
         raise UserError(str(err)) from err
     summary = run(args.store, args.model, args.catalog, args.personas, args.objectives or ["with-prompt"],
                   args.sparsities or [0.25], config, data, export=args.export, actors=args.actors,
-                  address=args.address, device=args.device)
+                  address=args.address, device=args.device, retries=args.retries)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

@@ -21,6 +21,7 @@ from persona_core.catalog import CatalogError, load_catalog
 from persona_core.learn import OBJECTIVES, DataConfig, LearnConfig
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
+from persona_jobs.build_masks import _short
 from persona_jobs.cli import UserError
 from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
 
@@ -169,11 +170,6 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
     summary.finish()
     log.info(summary.line())
     return summary
-
-
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- CLI

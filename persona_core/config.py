@@ -99,6 +99,16 @@ def allocation_list(v) -> str | None:
     return "a non-empty list" if not v else (f"allocations among {', '.join(ALLOCATIONS)} (bad: {bad})" if bad else None)
 
 
+def budget_value(v) -> str | None:
+    from .budget import Budget
+
+    try:
+        Budget.from_value(v)
+    except (ValueError, TypeError) as err:
+        return f"null, a ratio or a budget mapping ({err})"
+    return None
+
+
 def _is_nm(g: str) -> bool:
     n, _, m = g.partition(":")
     return n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
@@ -130,6 +140,9 @@ class MasksSection:
     allocations: list[str] = knob(["uniform"], "sparsity across layers: uniform and/or owl (outlier-weighted)",
                                   allocation_list)
     baselines: list[str] = knob(["magnitude", "wanda-general"], "plain-pruning baselines built and scored alongside")
+    budget: dict[str, Any] | float | None = knob(
+        None, "capability budget, e.g. {perplexity_ratio: 1.10}: search each pair's sparsity/strength (replaces "
+        "sparsities); null: fixed sparsities", budget_value)
     options: dict[str, Any] = knob({}, "extra keyword arguments of build_masks.run (e.g. method params)")
 
 

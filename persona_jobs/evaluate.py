@@ -130,14 +130,15 @@ def part_key(run_id: str, persona: Persona, opposite: Persona | None, mask: Mask
 
 def plan(store: Store, catalog: Catalog, model_key: str, run_id: str, config: EvalConfig,
          methods: list[str] | None = None, sparsities: list[float] | None = None,
-         personas: list[str] | None = None) -> list[Task]:
+         personas: list[str] | None = None, budgets: list[str] | None = None) -> list[Task]:
     """Tasks for every selected persona: its own masks of the chosen methods, the shared
     baselines at the same sparsities, or (no mask found) the dense conditions alone."""
     selected = catalog.select(personas)
     refs = list_masks(store, model_key)
     chosen = [r for r in refs if _matches(r.base, methods) or _matches(r.method, methods)]
-    if sparsities is not None:
-        chosen = [r for r in chosen if any(abs(r.sparsity - s) < 1e-9 for s in sparsities)]
+    if sparsities is not None or budgets is not None:  # budgeted masks only when their budget is asked for
+        chosen = [r for r in chosen if (r.budget in (budgets or ()) if r.budget else
+                                        any(abs(r.sparsity - s) < 1e-9 for s in sparsities or ()))]
     if methods is not None:  # baselines ride along at the sparsities of the chosen masks
         levels = {r.level for r in chosen}
         chosen += [r for r in refs if r.base in BASELINES and r.level in levels and r not in chosen]
@@ -251,7 +252,8 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         personas: list[str] | None = None, conditions: list[str] | None = None,
         run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
         config: EvalConfig | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
-        device_map: str | None = None, gpus_per_actor: int | None = None, report: bool = True) -> Summary:
+        device_map: str | None = None, gpus_per_actor: int | None = None, report: bool = True,
+        budgets: list[str] | None = None) -> Summary:
     """Evaluate every selected (persona, mask) unit on a pool of Ray actors.
 
     Returns a `Summary` (done / skipped / failed units); ``summary.report`` holds the
@@ -274,7 +276,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         config = replace(config, metrics=tuple(metrics))
     key = get_model_key(model)
     run_id = run_id or default_run_id(key, catalog, config, methods, sparsities)
-    tasks = plan(store, catalog, key, run_id, config, methods, sparsities, personas)
+    tasks = plan(store, catalog, key, run_id, config, methods, sparsities, personas, budgets)
     n_units = sum(len(t.units) for t in tasks)
     tables: list[pa.Table] = []
     todo = []

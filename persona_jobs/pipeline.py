@@ -174,7 +174,7 @@ def stage_masks(p: Plan) -> Summary:
     methods = list(dict.fromkeys([*cfg.masks.methods, *cfg.masks.baselines]))
     return _call(build_masks.run, store=p.store, model=cfg.model, methods=methods,
                  sparsities=list(cfg.masks.sparsities), granularities=tuple(cfg.masks.granularities),
-                 allocations=tuple(cfg.masks.allocations),
+                 allocations=tuple(cfg.masks.allocations), budget=cfg.masks.budget,
                  personas=p.persona_ids, catalog=p.catalog, address=cfg.address, **cfg.masks.options)
 
 
@@ -193,12 +193,16 @@ def _eval_config(cfg: PipelineConfig, options: dict):
 
 
 def stage_evaluate(p: Plan) -> Summary:
+    from persona_core.budget import Budget
+    from persona_core.masks import budget_segment
     from persona_jobs import evaluate
 
     cfg = p.config
     config, extra = _eval_config(cfg, p.eval_options)
+    budgeted = cfg.masks.budget is not None
     return _call(evaluate.run, store=p.store, model=cfg.model, catalog=p.catalog, methods=list(cfg.masks.methods),
-                 sparsities=list(cfg.masks.sparsities), personas=p.persona_ids, run_id=p.run_id,
+                 sparsities=[] if budgeted else list(cfg.masks.sparsities), personas=p.persona_ids, run_id=p.run_id,
+                 budgets=[budget_segment(Budget.from_value(cfg.masks.budget))] if budgeted else None,
                  address=cfg.address, config=config, report=False, **extra)
 
 

@@ -200,3 +200,17 @@ def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_
     assert "unreachable" in out.result.message
     assert out.spec.sparsity == 0.3 and out.final_ratio > 1.5
     assert out.metadata()["search"]["within_budget"] is False
+
+
+def test_config_knob_masks_budget():
+    from persona_core.config import ConfigError, PipelineConfig, parse_config
+
+    assert PipelineConfig().masks.budget is None  # today's fixed sparsities unless a budget is asked for
+    cfg = parse_config("masks:\n  budget: {perplexity_ratio: 1.05, steps: 16}\n")
+    assert Budget.from_value(cfg.masks.budget) == Budget(perplexity_ratio=1.05, steps=16)
+    assert parse_config("masks:\n  budget: 1.2\n").masks.budget == 1.2
+    with pytest.raises(ConfigError, match=r"x.yaml:3: masks.budget: expected null, a ratio or a budget mapping"):
+        parse_config("masks:\n  methods: [wanda]\n  budget: {perplexity_ratio: 0.5}\n", "x.yaml")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) ratio"):
+        parse_config("masks:\n  budget: {ratio: 1.1}\n")
+    assert PipelineConfig().hash != parse_config("masks:\n  budget: 1.1\n").hash

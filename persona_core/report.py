@@ -85,7 +85,8 @@ def _pairs(results: pa.Table) -> list[tuple[str, str]]:
 def _setting_name(method: str, sparsity: float, condition: str) -> str:
     if method in BASELINES or method == "dense":
         return method
-    return f"{method} s={sparsity:g}" + ("" if condition == SUBNET else f" ({condition})")
+    level = "" if "|" in method else f" s={sparsity:g}"  # a budgeted mask (method|budget): sparsity per pair
+    return f"{method}{level}" + ("" if condition == SUBNET else f" ({condition})")
 
 
 def _pref_rows(results: pa.Table):
@@ -365,6 +366,75 @@ def _plot_cost(summ) -> str | None:
     return _png(fig)
 
 
+def pareto_points(results: pa.Table):
+    """Per (pair, setting): separation against the general-text perplexity ratio of that setting.
+
+    The ratio is the WikiText-2 *test* one where the results have it (a ``perplexity-ratio:<text>``
+    row whose text names ``test``), else the first perplexity ratio recorded; for a subnetwork the
+    larger of the pair's two masks, for a baseline the mean of its two conditions. Columns: pair,
+    method, sparsity, condition, setting, separation, ppl_ratio, ppl_metric.
+    """
+    import pandas as pd
+
+    cols = ["pair", "method", "sparsity", "condition", "setting", "separation", "ppl_ratio", "ppl_metric"]
+    df = results.to_pandas() if results.num_rows else None
+    names = sorted({m for m in df.metric if m.startswith("perplexity-ratio")}) if df is not None else []
+    if not names:
+        return pd.DataFrame(columns=cols)
+    metric = next((m for m in names if "test" in m), names[0])
+    ppl = df[df.metric == metric].drop_duplicates(["persona", "method", "sparsity", "condition"])
+    dense_ppl = ppl[ppl.condition.str.startswith("dense")].drop_duplicates(["persona", "condition"]) \
+        .set_index(["persona", "condition"]).value
+    sub_ppl = ppl.set_index(["persona", "method", "sparsity", "condition"]).value
+    rows = []
+    for r in pair_separation(results).itertuples():
+        if r.method == "dense":
+            continue
+        if r.method in BASELINES:
+            vals = [dense_ppl.get((p, r.condition)) for p in (r.a, r.b)]
+            agg = lambda v: sum(v) / len(v)  # noqa: E731
+        else:
+            vals = [sub_ppl.get((p, r.method, r.sparsity, r.condition)) for p in (r.a, r.b)]
+            agg = max
+        vals = [v for v in vals if v is not None and not math.isnan(v)]
+        if vals:
+            rows.append((r.pair, r.method, r.sparsity, r.condition, _setting_name(r.method, r.sparsity, r.condition),
+                         r.separation, agg(vals), metric))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def plot_pareto(results: pa.Table) -> str | None:
+    """Separation against general-text perplexity ratio, per method over its settings: one small point
+    per pair, a large one for the mean over pairs, the means of a method joined in order of cost;
+    the baselines (prompt, few-shot, steering at their chosen settings) on the same axes."""
+    import matplotlib.pyplot as plt
+
+    pts = pareto_points(results)
+    if pts.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    family = [m if m in BASELINES else m + ("" if c == SUBNET else f" ({c})") for m, c in zip(pts.method, pts.condition)]
+    pts = pts.assign(family=family)
+    colors = {"prompt": "black", "fewshot": "dimgray", "steer": "tab:purple"}
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    for fam, g in pts.groupby("family", sort=False):
+        color = colors.get(fam) or next(cycle)
+        base = fam in BASELINES
+        ax.scatter(g.ppl_ratio, g.separation, s=10, alpha=0.35, color=color, marker="s" if base else "o")
+        means = g.groupby("setting").agg(ppl_ratio=("ppl_ratio", "mean"), separation=("separation", "mean")) \
+            .sort_values("ppl_ratio")
+        ax.plot(means.ppl_ratio, means.separation, marker="s" if base else "o", ms=7, lw=1.2, color=color,
+                ls="none" if base else "-", label=f"{fam} (mean of {g.pair.nunique()} pairs)")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    text = pts.ppl_metric.iloc[0].partition(":")[2] or "built-in held-out text"
+    ax.set_xlabel(f"perplexity ratio vs dense ({text})")
+    ax.set_ylabel("separation")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Who wins at which cost: separation against general-text perplexity", fontsize=10)
+    return _png(fig)
+
+
 def _plot_vs_sparsity(dense, masked, metrics) -> str | None:
     """Metrics against sparsity: only when some method was run at two or more sparsities."""
     import matplotlib.pyplot as plt
@@ -503,6 +573,7 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
         sep = pair_separation(results)
         figs = [("Separation per opposing pair", _plot_separation(sep)),
                 ("Separation against general-text cost", _plot_cost(summ)),
+                ("Pareto view: separation against perplexity, per pair and method", plot_pareto(results)),
                 ("Metrics against sparsity", _plot_vs_sparsity(dense, masked, PLOT_METRICS))]
         for name, png in figs:
             if png:

@@ -222,8 +222,8 @@ class EvalWorker:
                     masks, meta = None, None
                 else:
                     masks, meta = read_mask(self.store, unit.mask.key)
-                    if unit.mask.budget:  # the sparsity the search chose, under the method and its budget
-                        meta = {**meta, "method": f"{unit.mask.method}|{unit.mask.budget}",
+                    if unit.mask.budget:  # one setting per budget; the sparsity each pair got: budget-* rows
+                        meta = {**meta, "method": f"{unit.mask.method}|{unit.mask.budget}", "sparsity": 0.0,
                                 "granularity": unit.mask.granularity}
                     else:
                         meta = {**meta, "method": unit.mask.method, "sparsity": unit.mask.sparsity,

@@ -113,17 +113,45 @@ def test_report_renders_with_plots(tmp_path):
                         inputs={"catalog": "builtin", "perplexity budget": "1.10x"})
     page = path.read_text()
     pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(pngs) == 2  # separation per pair, separation vs cost; one sparsity: no vs-sparsity plot
+    assert len(pngs) == 3  # separation per pair, vs cost, Pareto view; one sparsity: no vs-sparsity plot
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     for text in ("class='headline'", "Definitions", "win / tie / loss", "Verdicts per pair", "catalog",
                  "builtin", "Sample generations", "a under dense+prompt says hi", "Steering settings"):
         assert text in page, text
     assert "<script" not in page and ">nan<" not in page.lower()
     two = build_report(results(), tmp_path / "two.html").read_text()
-    assert len(re.findall(r"data:image/png;base64,", two)) == 3  # two sparsities: the vs-sparsity plot too
+    assert len(re.findall(r"data:image/png;base64,", two)) == 4  # two sparsities: the vs-sparsity plot too
 
 
 def test_empty_results_still_render(tmp_path):
     empty = RESULT_SCHEMA.empty_table()
     assert "No results" in build_report(empty, tmp_path / "r.html").read_text()
     assert terminal_table(empty) == "no masked results"
+
+
+def test_pareto_points_use_the_test_split_and_the_worse_mask_of_a_pair(tmp_path):
+    from persona_core.report import pareto_points, plot_pareto
+
+    rows = results().to_pylist()
+    extra = []
+    for r in rows:
+        if r["metric"] == "perplexity-ratio":  # a WikiText-2 test ratio beside the built-in one
+            bump = 0.0 if r["condition"].startswith("dense") else (0.2 if r["persona"] in ("a", "c") else 0.1)
+            extra.append({**r, "metric": "perplexity-ratio:test.txt", "value": r["value"] + bump})
+    table = pa.Table.from_pylist(rows + extra, schema=RESULT_SCHEMA)
+    pts = pareto_points(table)
+    assert set(pts.ppl_metric) == {"perplexity-ratio:test.txt"}
+    cw = pts[(pts.pair == "a / b") & (pts.method == "contrastive-wanda") & (pts.sparsity == 0.3)
+             & (pts.condition == "masked")]
+    assert cw.ppl_ratio.item() == pytest.approx(1.3 + 0.2)  # max of the pair's two masks
+    assert cw.separation.item() == pytest.approx(0.9 + 0.5 - 1)
+    prompt = pts[(pts.pair == "a / b") & (pts.method == "prompt")]
+    assert prompt.ppl_ratio.item() == pytest.approx(1.0)
+    assert "dense" not in set(pts.method)
+    png = plot_pareto(table)
+    assert png and base64.b64decode(png)[:4] == b"\x89PNG"
+    # without any perplexity rows there is nothing to draw
+    no_ppl = table.filter(pa.compute.invert(pa.compute.starts_with(table.column("metric"), "perplexity")))
+    assert plot_pareto(no_ppl) is None and pareto_points(no_ppl).empty
+    page = build_report(table, tmp_path / "r.html").read_text()
+    assert "Pareto view" in page

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .hashing import content_hash
-from .store import Store, StoreError, open_store
+from .store import Store, StoreError, open_store, parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Ta
     where = store.uri(key)
     try:
         data = store.read_bytes(key)
-        pf = pq.ParquetFile(pa.BufferReader(data))
+        pf = parquet_file(data)
         meta = check_schema(pf.schema_arrow, where)
         table = pf.read(columns=columns)
     except StatsError:
@@ -390,7 +390,7 @@ def part_metadata(store: Store | str, key: str) -> dict[str, str]:
     store = open_store(store)
     where = store.uri(key)
     try:
-        schema = pq.read_schema(pa.BufferReader(store.read_bytes(key)))
+        schema = parquet_file(store.read_bytes(key)).schema_arrow
     except (pa.ArrowException, OSError) as err:
         raise StatsError(f"{where}: cannot read stats part ({err}); {REPAIR_HINT}") from err
     meta = check_schema(schema, where)

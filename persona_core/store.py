@@ -215,7 +215,7 @@ class Store:
     def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
         data = self.read_bytes(key)
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns)
+            return parquet_file(data).read(columns=columns)
         except pa.ArrowInvalid as err:
             raise StoreError(f"{self.uri(key)}: corrupt Parquet file ({err})") from err
 
@@ -248,6 +248,27 @@ class Store:
         except Exception as err:
             raise StoreError(f"{self.uri(key)}: corrupt safetensors file ({err})") from err
         return tensors, metadata
+
+
+def arrow_buffer(data: bytes) -> pa.Buffer:
+    """`data` copied into memory that Arrow owns, for Arrow readers.
+
+    Arrow's thread pools may drop the last reference to an input buffer after the
+    interpreter has started to shut down. Releasing a Python-owned buffer
+    (``pa.BufferReader(bytes)``) then takes the GIL in a finalizing interpreter, which
+    ends that pool thread with a forced unwind through C++ and ``std::terminate``
+    ("terminate called without an active exception", exit 134, issue 12 item 10). An
+    Arrow-owned copy is freed without Python, from any thread.
+    """
+    buf = pa.allocate_buffer(len(data))
+    if data:
+        pa.FixedSizeBufferWriter(buf).write(data)
+    return buf
+
+
+def parquet_file(data: bytes) -> pq.ParquetFile:
+    """A Parquet reader over in-memory bytes (an Arrow-owned copy, see `arrow_buffer`)."""
+    return pq.ParquetFile(pa.BufferReader(arrow_buffer(data)))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

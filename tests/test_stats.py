@@ -247,3 +247,34 @@ def test_column_digest_ignores_chunking_and_dictionary_width():
     assert column_digest(a) == column_digest(d8) == column_digest(d32) == column_digest(chunked)
     assert column_digest(a) != column_digest(pa.array(["x", "y", "z", "x"]))
     assert column_digest(pa.array([1.0, 2.0])) != column_digest(pa.array([1.0, 2.5]))
+
+
+def test_stats_list_exits_cleanly_every_time(tmp_path):
+    """Issue 12 item 10: `stats list` aborted at exit ~1 run in 3 (`terminate called without an
+    active exception`, exit 134): an Arrow pool thread dropped the last reference to a
+    Python-owned input buffer after the interpreter began to finalize. Run it many times."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_store(str(tmp_path / "store"))
+    widths = {"attn_in": 576, "attn_out": 576, "mlp_in": 576, "mlp_out": 1536}  # the default model's
+    g = torch.Generator().manual_seed(0)
+    for persona in ("introvert", "extrovert"):
+        for i in range(4):
+            groups = {(layer, n): GroupStats(100, *(torch.rand(w, generator=g, dtype=torch.float64) for _ in range(3)),
+                                             4, *(torch.rand(w, generator=g, dtype=torch.float64) for _ in range(2)))
+                      for layer in range(8) for n, w in widths.items()}
+            write_stats(store, PersonaStats(MODEL, persona, "p1", groups, "c1"), Shard(i, 4, 10))
+    cmd = [sys.executable, "-m", "persona_jobs", "stats", "list", "--store", store.url]
+    env = {**os.environ, "PERSONA_PROGRESS": "0"}
+
+    def once(_):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+    with ThreadPoolExecutor(2) as pool:  # old code: ~1 run in 5 aborted with these parts
+        done = list(pool.map(once, range(12)))
+    bad = [(d.returncode, d.stderr[-300:]) for d in done if d.returncode != 0 or "terminate called" in d.stderr]
+    assert not bad, f"{len(bad)} of {len(done)} runs failed: {bad[:2]}"
+    assert all("introvert" in d.stdout and "extrovert" in d.stdout for d in done)

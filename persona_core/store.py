@@ -8,7 +8,7 @@ stores publish a single PUT whole).
 
 S3 credentials come from the usual AWS variables and config files; the endpoint
 from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) or the store options.
-Nothing here ever logs a credential.
+Nothing here ever logs a credential: URLs in messages go through `redact.redact`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +108,13 @@ class Store:
         return f"{self.root}/{key}" if key else self.root
 
     def uri(self, key: str = "") -> str:
-        """A full URL for a key, usable by other tools."""
+        """A full URL for a key, usable by other tools (credentials in the store URL redacted)."""
         if self.is_local:
-            return self.path(key)
-        return self.fs.unstrip_protocol(self.path(key))
+            return redact(self.path(key))
+        return redact(self.fs.unstrip_protocol(self.path(key)))
+
+    def __repr__(self) -> str:  # options may hold keys: never shown
+        return f"Store({redact(self.url)!r})"
 
     # ------------------------------------------------------------------ bytes
 
@@ -125,7 +130,7 @@ class Store:
                 or os.environ.get("AWS_ENDPOINT_URL")
             where = f" (endpoint {endpoint})" if endpoint and not self.is_local else ""
             reason = str(err).split(":", 1)[0].strip() or type(err).__name__
-            raise StoreUnreachable(f"cannot reach the store {self.url}{where}: {reason}") from None
+            raise StoreUnreachable(redact(f"cannot reach the store {self.url}{where}: {reason}")) from None
 
     def exists(self, key: str) -> bool:
         with self._reaching():

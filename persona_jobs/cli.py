@@ -10,7 +10,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
+from persona_core.redact import install_logging_redaction, quiet_aws_loggers, redact
 from persona_core.store import StoreUnreachable
 
 # Modules that register subcommands, in the order `--help` lists them.
@@ -46,18 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "filelock", "fsspec"):
+    # -v is for this program: the AWS SDKs' DEBUG lines print request headers and credential lookups
+    quiet_aws_loggers()
+    for noisy in ("httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_logging_redaction()  # every log line: credentials in URLs, endpoints, signed requests
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except StoreUnreachable as err:  # anywhere: one line, never a client library's traceback
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)  # 2: bad input; a few errors say otherwise (e.g. 75: temporary)
+    except Exception:  # a bug or an unexpected failure: the traceback, with credentials redacted
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 class UserError(Exception):

@@ -331,8 +331,13 @@ class MaskSpec:
 
 def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
              granularity: str = DEFAULT_GRANULARITY, params: Mapping | None = None,
-             allocation: str = "uniform", budget: Budget | None = None) -> str:
-    """Store key of a mask: ``masks/model=<k>/method=<m>/sparsity=<s>/<persona>.safetensors``.
+             allocation: str = "uniform", budget: Budget | None = None, calib: str | None = None) -> str:
+    """Store key of a mask: ``masks/model=<k>/[calib=<c>/]method=<m>/sparsity=<s>/<persona>.safetensors``.
+
+    ``calib=<c>`` (the calibration config's hash) is there for every mask derived from
+    statistics, so the masks of two calibration configs of one persona coexist; a method
+    that reads no statistics (magnitude) has none. Keys without it (written before it
+    existed, or by callers passing no config) are never what a config-aware reader asks for.
 
     A budgeted mask replaces the sparsity segment by ``budget=<label>`` (``ppl1.1``), with
     ``-<hash>`` when the search settings are not the default ones: what was asked for, so
@@ -359,7 +364,8 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
         segment += "+" + content_hash(resolved)[:8]
     who = check_id(persona_id, "persona id") if m.per_persona else GENERAL_ID
     level = f"sparsity={sparsity:g}" if budget is None else f"budget={budget_segment(budget)}"
-    return f"masks/model={model_key}/method={segment}/{level}/{who}.safetensors"
+    config = f"calib={check_id(calib, 'calibration hash')}/" if calib and m.needs else ""
+    return f"masks/model={model_key}/{config}method={segment}/{level}/{who}.safetensors"
 
 
 def budget_segment(budget: Budget) -> str:
@@ -368,9 +374,9 @@ def budget_segment(budget: Budget) -> str:
     return budget.label + ("" if budget == default else "-" + budget.hash[:8])
 
 
-def spec_key(model_key: str, spec: MaskSpec, persona_id: str) -> str:
+def spec_key(model_key: str, spec: MaskSpec, persona_id: str, calib: str | None = None) -> str:
     return mask_key(model_key, spec.method, spec.sparsity, persona_id, spec.granularity, spec.params,
-                    spec.allocation, spec.budget)
+                    spec.allocation, spec.budget, calib)
 
 
 # ---------------------------------------------------------------------------- weights

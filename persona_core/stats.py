@@ -234,12 +234,16 @@ def persona_prefix(model_key: str, persona_id: str) -> str:
 PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")  # what `part_key` names a part, and nothing else
 
 
-def stale_parts(store: Store | str, model_key: str, persona_id: str, keep: set[str]) -> list[str]:
+def stale_parts(store: Store | str, model_key: str, persona_id: str, keep: set[str], *,
+                persona_hash: str | None = None, calib_hash: str | None = None) -> list[str]:
     """Parts of a persona that may be deleted because `keep` (the current plan) replaces them.
 
     Only a file this code provably wrote qualifies: a `part_key` name directly inside the
     persona's own partition, whose metadata names this model and persona. Anything else in
     the store (a stranger's file, a corrupt part, another persona's folder) is left alone.
+    With `persona_hash` and `calib_hash` (the plan's), the statistics of this persona
+    version under *another* calibration config are kept too: they are another config's
+    current statistics, not stale ones (two configs of one persona coexist).
     """
     store = open_store(store)
     out = []
@@ -255,7 +259,30 @@ def stale_parts(store: Store | str, model_key: str, persona_id: str, keep: set[s
             log.warning("not removing %s: its metadata names %s/%s", store.uri(key), meta.get("model_key"),
                         meta.get("persona_id"))
             continue
+        if persona_hash is not None and meta.get("persona_hash") == persona_hash \
+                and meta.get("calib_hash") != calib_hash:
+            continue  # another calibration config's statistics of this very persona
         out.append(key)
+    return out
+
+
+def part_versions(store: Store | str, model_key: str) -> dict[str, tuple[str, str]]:
+    """Stats part key -> (persona hash, calibration hash), from each file's footer only.
+
+    A part whose footer cannot be read is left out (it has no version; --repair handles it).
+    """
+    store = open_store(store)
+    out = {}
+    for key in list_parts(store, model_key):
+        try:
+            with store.fs.open(store.path(key), "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowException, OSError) as err:
+            log.warning("%s: unreadable footer (%s); ignored", store.uri(key), err)
+            continue
+        p_hash, c_hash = meta.get(b"persona.persona_hash"), meta.get(b"persona.calib_hash")
+        if p_hash is not None and c_hash is not None:
+            out[key] = (p_hash.decode(), c_hash.decode())
     return out
 
 

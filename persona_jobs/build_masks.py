@@ -41,6 +41,7 @@ class Unit:
     outputs: tuple[tuple[str, str], ...]  # (persona id, store key), one per side
     identity: str
     fingerprints: dict = field(default_factory=dict, hash=False, compare=False)  # persona id -> stats hash
+    calib_hash: str | None = None  # the calibration config whose statistics it reads
 
     @property
     def name(self) -> str:
@@ -53,15 +54,37 @@ class Unit:
 # ---------------------------------------------------------------------------- planning
 
 
-def stats_fingerprints(store: Store, model_key: str) -> dict[str, str]:
-    """Persona id -> a hash of its stored stats parts (part names hash what produced them)."""
-    from persona_core.stats import list_parts
+def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = None) -> dict[str, str]:
+    """Persona id -> a hash of its stored stats parts of calibration config `calib_hash` (all parts
+    when None); part names hash everything that produced them, persona and calibration included."""
+    from persona_core.stats import list_parts, part_versions
 
+    keys = (list(part_versions(store, model_key).items()) if calib_hash
+            else [(k, None) for k in list_parts(store, model_key)])
     found: dict[str, list[str]] = {}
-    for key in list_parts(store, model_key):
+    for key, version in keys:
+        if calib_hash and version[1] != calib_hash:
+            continue
         persona = key.split("/persona=", 1)[1].split("/", 1)[0]
         found.setdefault(persona, []).append(key.rsplit("/", 1)[-1])
     return {pid: content_hash(sorted(parts)) for pid, parts in found.items()}
+
+
+def resolve_calib(store: Store, model_key: str, persona_ids: Sequence[str]) -> str:
+    """The one calibration config whose statistics are stored for these personas (when none is named)."""
+    from persona_core.stats import part_versions
+
+    wanted = set(persona_ids)
+    found: dict[str, set[str]] = {}
+    for key, (_, c_hash) in part_versions(store, model_key).items():
+        pid = key.split("/persona=", 1)[1].split("/", 1)[0]
+        if not wanted or pid in wanted:
+            found.setdefault(c_hash, set()).add(pid)
+    if len(found) > 1:
+        listing = "; ".join(f"{c} ({len(p)} persona(s))" for c, p in sorted(found.items()))
+        raise UserError(f"statistics of {len(found)} calibration configs are stored for model {model_key}: "
+                        f"{listing}; choose one with --calib-hash (`persona-jobs stats list` shows them)")
+    return next(iter(found), "")
 
 
 def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularities: Iterable[str],
@@ -92,7 +115,8 @@ def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
 
 
 def plan(store: Store, model_key: str, specs: Sequence[MaskSpec], persona_ids: Sequence[str],
-         opposites: dict[str, str | None], fingerprints: dict[str, str]) -> tuple[list[Unit], list[str]]:
+         opposites: dict[str, str | None], fingerprints: dict[str, str], calib_hash: str | None = None
+         ) -> tuple[list[Unit], list[str]]:
     """Units to run, and problems (missing statistics, personas without an opposite)."""
     units: list[Unit] = []
     problems: list[str] = []
@@ -127,8 +151,8 @@ def plan(store: Store, model_key: str, specs: Sequence[MaskSpec], persona_ids: S
                 continue
             prints = {pid: fingerprints[pid] for _, pid in roles}
             identity = content_hash(CODE_VERSION, model_key, spec.hash, [[r, p, prints[p]] for r, p in roles])
-            outputs = tuple((pid, spec_key(model_key, spec, pid)) for pid in outputs_of(roles))
-            units.append(Unit(spec, tuple(roles), outputs, identity, prints))
+            outputs = tuple((pid, spec_key(model_key, spec, pid, calib_hash)) for pid in outputs_of(roles))
+            units.append(Unit(spec, tuple(roles), outputs, identity, prints, calib_hash))
     if missing:
         names = sorted(missing)
         hint = " (calibrate with --general for the general reference set)" if GENERAL_ID in missing else ""
@@ -173,7 +197,8 @@ def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes
 def read_unit_stats(store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None]) -> list:
     from persona_core.stats import read_persona_stats
 
-    return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid)) for _, pid in unit.roles]
+    return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid), unit.calib_hash)
+            for _, pid in unit.roles]
 
 
 def write_unit(store: Store, model_key: str, unit: Unit, spec: MaskSpec, stats: list, sides: tuple,
@@ -240,8 +265,9 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         address: str | None = None, *, params: dict[str, dict] | None = None,
         allocations: Sequence[str] = ("uniform",), delta: bool = False,
         device: str | None = None, max_in_flight: int = 256, budget: Budget | dict | float | None = None,
-        budget_actors: int | None = None) -> Summary:
-    """Build every missing mask; returns the closing Summary (also logged)."""
+        budget_actors: int | None = None, calib_hash: str | None = None) -> Summary:
+    """Build every missing mask from the statistics of calibration config `calib_hash` (None: the
+    only config stored for these personas); returns the closing Summary (also logged)."""
     summary = Summary("build-masks")
     store = open_store(store)
     # ---- check everything before any work starts
@@ -274,19 +300,23 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         mkey = key_of(model)
     except ValueError as err:
         raise UserError(str(err)) from err
-    fingerprints = stats_fingerprints(store, mkey)
     if cat is not None:
         ids = [p.id for p in cat]
         opposites = {p.id: p.opposite for p in cat}
         hashes = {p.id: p.content_hash for p in cat} | {GENERAL_ID: general_persona().content_hash}
     else:
-        ids = list(personas) if personas else sorted(p for p in fingerprints if p != GENERAL_ID)
+        ids = list(personas) if personas else None
         opposites, hashes = {}, {}
         if any(OPPOSITE in get_method(s.method).needs for s in specs):
             raise UserError("contrastive pair methods need --catalog (it names each persona's opposite)")
+    if calib_hash is None:
+        calib_hash = resolve_calib(store, mkey, [*(ids or []), GENERAL_ID] if ids else [])
+    fingerprints = stats_fingerprints(store, mkey, calib_hash or None)
+    if ids is None:
+        ids = sorted(p for p in fingerprints if p != GENERAL_ID)
     if budget is not None and cat is None and any(get_method(s.method).per_persona for s in specs):
         raise UserError("a capability budget needs --catalog (its search validates on the personas' statements)")
-    units, problems = plan(store, mkey, specs, ids, opposites, fingerprints)
+    units, problems = plan(store, mkey, specs, ids, opposites, fingerprints, calib_hash or None)
     if problems:
         raise UserError("\n".join(problems))
     if not units:
@@ -376,6 +406,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", action="store_true", help="store a pair's second mask as a delta against the first")
     p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
     p.add_argument("--device", default=None, help="device for scoring in the tasks (default cpu)")
+    p.add_argument("--calib-hash", default=None, metavar="HASH",
+                   help="use the statistics of this calibration config (`stats list` shows them; "
+                        "default: the only one stored)")
     p.add_argument("--budget", type=float, default=None, metavar="RATIO",
                    help="capability budget: search each pair's sparsity (and strength) for the largest validation "
                         "separation with WikiText-2 validation perplexity <= RATIO x dense (replaces --sparsity)")
@@ -402,7 +435,7 @@ def _main(args) -> int:
     summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
                   args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
                   params=parse_params(args.param), allocations=args.allocations or ["uniform"],
-                  delta=args.delta, device=args.device, budget=args.budget)
+                  delta=args.delta, device=args.device, budget=args.budget, calib_hash=args.calib_hash)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

@@ -146,7 +146,7 @@ def run(catalog: Catalog | str | Path, model: str = DEFAULT_MODEL, store: Store 
         ensure_ray(address)
         _execute(todo, summary, model, store, calib, key, num_actors, device, dtype)
     if prune_stale:
-        _prune(store, key, units, summary)
+        _prune(store, key, units, summary, calib.hash)
     summary.finish()
     log.info(summary.line())
     return summary
@@ -208,8 +208,9 @@ def _failed(summary: Summary, unit: Unit, err) -> None:
     log.error("calibrate %s failed: %s", unit.name, err)
 
 
-def _prune(store: Store, key: str, units: list[Unit], summary: Summary) -> None:
-    """Delete parts of a persona that this plan no longer produces (old persona or config, other sharding).
+def _prune(store: Store, key: str, units: list[Unit], summary: Summary, calib_hash: str) -> None:
+    """Delete parts of a persona that this plan no longer produces (an older persona version, other
+    sharding); another calibration config's statistics of the same persona version stay.
 
     Only for personas whose every unit is now stored, so a failed run never loses statistics,
     and only files `stale_parts` can prove this code wrote for that persona.
@@ -218,10 +219,11 @@ def _prune(store: Store, key: str, units: list[Unit], summary: Summary) -> None:
     by_persona: dict[str, set[str]] = {}
     for u in units:
         by_persona.setdefault(u.persona.id, set()).add(u.key)
+    hashes = {u.persona.id: u.persona.content_hash for u in units}
     for pid, keep in by_persona.items():
         if pid in failed:
             continue
-        for k in stale_parts(store, key, pid, keep):
+        for k in stale_parts(store, key, pid, keep, persona_hash=hashes[pid], calib_hash=calib_hash):
             log.info("removing stale part %s", store.uri(k))
             store.delete(k)
 

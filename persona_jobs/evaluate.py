@@ -56,6 +56,7 @@ class MaskRef:
     sparsity: float  # NaN for a budgeted mask (its metadata holds the sparsity the search chose)
     owner: str  # a persona id, or "general" for masks shared by every persona
     budget: str = ""  # the budget segment of a budgeted mask's key, e.g. ppl1.1
+    calib: str = ""  # the calibration config of the statistics it derives from ("" for none, or an old key)
 
     @property
     def level(self) -> str:
@@ -73,7 +74,7 @@ class MaskRef:
         return m[1] if m else "uniform"
 
 
-_MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/method=(?P<method>[^/]+)/"
+_MASK_RE = re.compile(r"^masks/model=(?P<model>[^/]+)/(?:calib=(?P<calib>[^/]+)/)?method=(?P<method>[^/]+)/"
                       r"(?:sparsity=(?P<sparsity>[^/]+)|budget=(?P<budget>[^/]+))/(?P<owner>[^/]+)\.safetensors$")
 
 
@@ -89,7 +90,7 @@ def list_masks(store: Store, model_key: str) -> list[MaskRef]:
             log.warning("skipping %s: sparsity %r is not a number", key, m["sparsity"])
             continue
         base = re.split(r"[@~+]", m["method"], maxsplit=1)[0]
-        refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"], m["budget"] or ""))
+        refs.append(MaskRef(key, m["method"], base, sparsity, m["owner"], m["budget"] or "", m["calib"] or ""))
     return refs
 
 
@@ -130,11 +131,16 @@ def part_key(run_id: str, persona: Persona, opposite: Persona | None, mask: Mask
 
 def plan(store: Store, catalog: Catalog, model_key: str, run_id: str, config: EvalConfig,
          methods: list[str] | None = None, sparsities: list[float] | None = None,
-         personas: list[str] | None = None, budgets: list[str] | None = None) -> list[Task]:
+         personas: list[str] | None = None, budgets: list[str] | None = None,
+         calib_hash: str | None = None) -> list[Task]:
     """Tasks for every selected persona: its own masks of the chosen methods, the shared
-    baselines at the same sparsities, or (no mask found) the dense conditions alone."""
+    baselines at the same sparsities, or (no mask found) the dense conditions alone.
+
+    Only masks of calibration config `calib_hash` (and masks that read no statistics) take
+    part; with None, the masks must all come from one config (else a UserError names them).
+    """
     selected = catalog.select(personas)
-    refs = list_masks(store, model_key)
+    refs = of_calibration(list_masks(store, model_key), calib_hash)
     chosen = [r for r in refs if _matches(r.base, methods) or _matches(r.method, methods)]
     if sparsities is not None or budgets is not None:  # budgeted masks only when their budget is asked for
         chosen = [r for r in chosen if (r.budget in (budgets or ()) if r.budget else
@@ -156,8 +162,34 @@ def plan(store: Store, catalog: Catalog, model_key: str, run_id: str, config: Ev
     return tasks
 
 
-def default_run_id(model_key: str, catalog: Catalog, config: EvalConfig, methods, sparsities) -> str:
-    return "eval-" + content_hash(model_key, catalog.content_hash, config.hash, methods, sparsities)[:16]
+def of_calibration(refs: list[MaskRef], calib_hash: str | None) -> list[MaskRef]:
+    """The masks of one calibration config, plus those that read no statistics (e.g. magnitude).
+
+    A mask key without a config is one written before keys named it: with a config asked
+    for, it is never used in its place (its statistics may be another config's).
+    """
+    from persona_jobs.cli import UserError
+    from persona_core.masks import get_method
+
+    def reads_stats(r: MaskRef) -> bool:
+        try:
+            return bool(get_method(r.base).needs)
+        except ValueError:
+            return True
+
+    if calib_hash is None:
+        configs = sorted({r.calib for r in refs if r.calib})
+        if len(configs) > 1:
+            raise UserError(f"masks of {len(configs)} calibration configs are stored ({', '.join(configs)}): "
+                            f"choose one with --calib-hash")
+        return refs
+    return [r for r in refs if r.calib == calib_hash or (not r.calib and not reads_stats(r))]
+
+
+def default_run_id(model_key: str, catalog: Catalog, config: EvalConfig, methods, sparsities,
+                   calib_hash: str | None = None) -> str:
+    parts = (model_key, catalog.content_hash, config.hash, methods, sparsities) + ((calib_hash,) if calib_hash else ())
+    return "eval-" + content_hash(*parts)[:16]
 
 
 def report_key(run_id: str) -> str:
@@ -181,7 +213,7 @@ class EvalWorker:
     """Holds one Evaluator (one loaded model) for its whole life; scores persona tasks."""
 
     def __init__(self, model: str, store: Store, config: EvalConfig, *, device_map: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, calib_hash: str | None = None):
         import torch
 
         from persona_core.evaluate import Evaluator
@@ -189,7 +221,7 @@ class EvalWorker:
         if threads:
             torch.set_num_threads(threads)
         self.evaluator = Evaluator(model, device_map=device_map)
-        self.store, self.config = store, config
+        self.store, self.config, self.calib_hash = store, config, calib_hash
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def model_key(self) -> str:
@@ -202,7 +234,8 @@ class EvalWorker:
         from persona_core.stats import read_persona_stats
 
         ids = [task.persona.id, task.opposite.id if task.opposite else GENERAL_ID]
-        return {pid: read_persona_stats(self.store, self.evaluator.model_key, pid) for pid in ids}
+        return {pid: read_persona_stats(self.store, self.evaluator.model_key, pid, calib_hash=self.calib_hash)
+                for pid in ids}
 
     def run_task(self, task: Task) -> dict:
         """Score every unit of one persona; write each unit's part; return tables and errors."""
@@ -253,7 +286,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
         config: EvalConfig | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
         device_map: str | None = None, gpus_per_actor: int | None = None, report: bool = True,
-        budgets: list[str] | None = None) -> Summary:
+        budgets: list[str] | None = None, calib_hash: str | None = None) -> Summary:
     """Evaluate every selected (persona, mask) unit on a pool of Ray actors.
 
     Returns a `Summary` (done / skipped / failed units); ``summary.report`` holds the
@@ -275,8 +308,8 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     if metrics:
         config = replace(config, metrics=tuple(metrics))
     key = get_model_key(model)
-    run_id = run_id or default_run_id(key, catalog, config, methods, sparsities)
-    tasks = plan(store, catalog, key, run_id, config, methods, sparsities, personas, budgets)
+    run_id = run_id or default_run_id(key, catalog, config, methods, sparsities, calib_hash)
+    tasks = plan(store, catalog, key, run_id, config, methods, sparsities, personas, budgets, calib_hash)
     n_units = sum(len(t.units) for t in tasks)
     tables: list[pa.Table] = []
     todo = []
@@ -299,7 +332,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
             cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, device_map=device_map)
         log.info("evaluate: %d actor(s), each %s", n_actors, opts)
         remote = ray.remote(**opts)(EvalWorker)
-        workers = [remote.remote(model, store, config, device_map=device_map, threads=threads)
+        workers = [remote.remote(model, store, config, device_map=device_map, threads=threads, calib_hash=calib_hash)
                    for _ in range(n_actors)]
         pool = ActorPool(workers)
         bar = progress(len(todo), f"evaluate ({n_actors} actor{'s' * (n_actors > 1)})")
@@ -419,6 +452,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="actors (default: one per GPU; CPU: cpus / cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=int, help="CPU threads per actor (default: up to 4)")
     p.add_argument("--device-map", choices=["auto"], help="spread a model too big for one GPU over several")
+    p.add_argument("--calib-hash", default=None, metavar="HASH",
+                   help="score the masks of this calibration config (default: the only one stored)")
     p.add_argument("--gpus-per-actor", type=int, default=None,
                    help="with --device-map auto: GPUs each evaluator holds (default: all GPUs of the largest node)")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
@@ -471,7 +506,7 @@ def _main(args) -> int:
     summary = run(args.store, args.model, catalog, args.methods, args.sparsities, args.personas,
                   run_id=args.run_id, address=args.address, config=config, actors=args.actors,
                   cpus_per_actor=args.cpus_per_actor, device_map=args.device_map,
-                  gpus_per_actor=args.gpus_per_actor, report=not args.no_report)
+                  gpus_per_actor=args.gpus_per_actor, report=not args.no_report, calib_hash=args.calib_hash)
     record_run(open_store(args.store), summary, started, {
         "model": args.model, "catalog": args.catalog, "methods": args.methods, "sparsities": args.sparsities,
         "personas": args.personas, "config_hash": config.hash})

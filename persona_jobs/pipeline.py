@@ -175,7 +175,8 @@ def stage_masks(p: Plan) -> Summary:
     return _call(build_masks.run, store=p.store, model=cfg.model, methods=methods,
                  sparsities=list(cfg.masks.sparsities), granularities=tuple(cfg.masks.granularities),
                  allocations=tuple(cfg.masks.allocations), budget=cfg.masks.budget,
-                 personas=p.persona_ids, catalog=p.catalog, address=cfg.address, **cfg.masks.options)
+                 personas=p.persona_ids, catalog=p.catalog, address=cfg.address, calib_hash=p.calib.hash,
+                 **cfg.masks.options)
 
 
 def _eval_config(cfg: PipelineConfig, options: dict):
@@ -203,7 +204,7 @@ def stage_evaluate(p: Plan) -> Summary:
     return _call(evaluate.run, store=p.store, model=cfg.model, catalog=p.catalog, methods=list(cfg.masks.methods),
                  sparsities=[] if budgeted else list(cfg.masks.sparsities), personas=p.persona_ids, run_id=p.run_id,
                  budgets=[budget_segment(Budget.from_value(cfg.masks.budget))] if budgeted else None,
-                 address=cfg.address, config=config, report=False, **extra)
+                 address=cfg.address, config=config, report=False, calib_hash=p.calib.hash, **extra)
 
 
 def results_prefix(rid: str) -> str:

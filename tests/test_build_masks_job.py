@@ -11,16 +11,16 @@ from persona_jobs.evaluate import MaskRef, list_masks
 from persona_core.catalog import GENERAL_ID, general_persona
 from persona_core.maskcodec import read_mask
 from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key
-from persona_core.stats import PersonaStats, list_parts, read_persona_stats, write_stats
+from persona_core.stats import PersonaStats, Shard, list_parts, read_persona_stats, write_stats
 from persona_core.store import open_store
 from tests.test_masks import random_stats
 
 PAIR = ("introvert", "extrovert")
 
 
-def put_stats(store, tiny, persona, seed: int, calib_hash: str = "c1") -> None:
+def put_stats(store, tiny, persona, seed: int, calib_hash: str = "c1", shard: Shard = Shard()) -> None:
     groups = random_stats(LinearWeights.from_model(tiny).groups, seed)
-    write_stats(store, PersonaStats(tiny.key, persona.id, persona.content_hash, groups, calib_hash))
+    write_stats(store, PersonaStats(tiny.key, persona.id, persona.content_hash, groups, calib_hash), shard)
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, sto
     spec = MaskSpec("contrastive-wanda", 0.5)
     plus, minus = build_pair_masks(tiny, stats["introvert"], stats["extrovert"], spec=spec)
     for pid, expected in (("introvert", plus), ("extrovert", minus)):
-        got, meta = read_mask(store, spec_key(tiny.key, spec, pid))
+        got, meta = read_mask(store, spec_key(tiny.key, spec, pid, "c1"))  # the key names the calib config
         assert meta["persona"] == pid and meta["roles"] == {"persona": "introvert", "opposite": "extrovert"}
         assert set(meta["stats"]) == set(PAIR) and meta["model_key"] == tiny.key
         assert all(torch.equal(got[n], expected[n]) for n in expected)
@@ -63,10 +63,10 @@ def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, sto
     assert (again.done, again.skipped, again.failed) == (0, 14, 0)
     assert mask_files(store) == files
 
-    # new statistics for one persona rebuild exactly the masks that use them
+    # new statistics for one persona (here: resharded) rebuild exactly the masks that use them
     for key in list_parts(store, tiny.key, "extrovert"):
         store.delete(key)
-    put_stats(store, tiny, builtin_catalog["extrovert"], 7, calib_hash="c2")
+    put_stats(store, tiny, builtin_catalog["extrovert"], 7, shard=Shard(0, 1, 5))
     third = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured",),
                     personas=list(PAIR), catalog=builtin_catalog)
     assert (third.done, third.skipped) == (4, 3)  # wanda(extrovert), both contrastive sides, pvg(extrovert)
@@ -122,7 +122,7 @@ def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog
     assert summary.ok and summary.done == 4, summary.errors
     assert {r.method for r in list_masks(store, tiny.key)} == {"wanda~owl", "contrastive-penalty~owl"}
     spec = MaskSpec("contrastive-penalty", 0.5, allocation="owl")
-    got, meta = read_mask(store, spec_key(tiny.key, spec, "introvert"))
+    got, meta = read_mask(store, spec_key(tiny.key, spec, "introvert", "c1"))
     assert meta["allocation"] == "owl" and len(meta["layer_sparsity"]) == 2
     assert sum(meta["layer_sparsity"]) / 2 == pytest.approx(0.5)
 
@@ -145,7 +145,7 @@ def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin
     assert summary.ok, summary.errors
     assert summary.done == 2
     spec = MaskSpec("contrastive-penalty", 0.0, budget=Budget(**budget))
-    key = spec_key(tiny.key, spec, "introvert")
+    key = spec_key(tiny.key, spec, "introvert", cc.hash)
     assert "/budget=ppl1.3-" in key and "sparsity=" not in key
     masks, meta = read_mask(store, key)
     search = meta["budget_search"]["search"]

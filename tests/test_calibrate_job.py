@@ -70,14 +70,17 @@ def test_job_on_local_cluster(ray_cluster, tiny, builtin_catalog, tmp_path, monk
         torch.testing.assert_close(stats[k].sumsq, g.sumsq, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats[k].norm_sum, g.norm_sum, rtol=1e-5, atol=1e-6)
 
-    # A second run finds everything stored and writes nothing; a stale part (old config) is pruned.
+    # A second run finds everything stored and writes nothing; a stale part (an older version of the
+    # persona) is pruned, while another calibration config's part of this version stays (issue 12 item 4).
     monkeypatch.delenv(FAIL_ONCE_ENV)
     mtimes = {k: os.path.getmtime(store.path(k)) for k in expected}
-    stale = write_stats(store, dataclasses.replace(stats, calib_hash="old-config"))
+    stale = write_stats(store, dataclasses.replace(stats, persona_hash="old-version"))
+    other_config = write_stats(store, dataclasses.replace(stats, calib_hash="other-config"))
     again = run(builtin_catalog, "tiny-random-llama", store, personas=PERSONAS, shard_size=16, calib=CALIB,
                 include_general=True, num_actors=2)
     assert (again.done, again.skipped, again.failed) == (0, len(units), 0)
-    assert not store.exists(stale)
+    assert not store.exists(stale) and store.exists(other_config)
+    store.delete(other_config)
     assert {k: os.path.getmtime(store.path(k)) for k in list_parts(store, key)} == mtimes
     assert read_generated(store, key, "introvert") == []
 

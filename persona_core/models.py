@@ -131,7 +131,11 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` (cuda if present)."""
+    """Load a causal LM and its tokenizer, in eval mode, on `device` (cuda if present).
+
+    A hub spec may carry its revision as ``<id>@<revision>`` (what a pipeline hands every stage,
+    so a config's `revision` reaches each one's model key and weights)."""
+    spec, revision = split_revision(spec, revision)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if spec in TINY_ALIASES:
@@ -156,6 +160,7 @@ def load_model(
 
 def model_key(spec: str, *, revision: str | None = None) -> str:
     """The key of a model's weights without loading them (cheap after the first call)."""
+    spec, revision = split_revision(spec, revision)
     if spec in TINY_ALIASES:
         return f"{spec}-{content_hash(_tiny_config_dict(), 'seed=0')[:8]}"
     if spec == DEFAULT_MODEL:
@@ -163,6 +168,24 @@ def model_key(spec: str, *, revision: str | None = None) -> str:
     if spec == GEMMA3_ALIAS:
         return _key(spec, _gemma3_folder(convert=False)[1])
     return _key(_slug(spec), _resolve_hf(spec, revision)[1])
+
+
+def with_revision(spec: str, revision: str | None) -> str:
+    """The spec every stage gets: ``<id>@<revision>`` when a revision is pinned."""
+    return f"{spec}@{revision}" if revision else spec
+
+
+def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(spec, revision) from ``<id>@<revision>``; a local folder is never split. Two different
+    revisions (in the spec and given apart), or one for a built-in alias, are a ValueError."""
+    if "@" in spec and not os.path.isdir(spec):
+        spec, _, pinned = spec.rpartition("@")
+        if revision and revision != pinned:
+            raise ValueError(f"model {spec!r}: revision {pinned!r} in the spec and {revision!r} given")
+        revision = pinned or revision
+    if revision and (spec in TINY_ALIASES or spec in (DEFAULT_MODEL, GEMMA3_ALIAS) or os.path.isdir(spec)):
+        raise ValueError(f"model {spec!r}: a revision applies to hub models only, not a built-in alias or folder")
+    return spec, revision
 
 
 def _key(name: str, ident: str) -> str:

@@ -58,6 +58,13 @@ class Plan:
         return self.inputs.run_id
 
     @property
+    def model(self) -> str:
+        """The model spec every stage loads and keys by: ``<id>@<revision>`` when one is pinned."""
+        from persona_core.models import with_revision
+
+        return with_revision(self.config.model, self.config.revision)
+
+    @property
     def persona_ids(self) -> list[str]:
         return list(self.catalog.personas)
 
@@ -163,7 +170,7 @@ def stage_calibrate(p: Plan) -> Summary:
     from persona_jobs import calibrate
 
     cfg = p.config
-    return calibrate.run(p.catalog, cfg.model, p.store, personas=p.persona_ids, shard_size=cfg.calibrate.shard_size,
+    return calibrate.run(p.catalog, p.model, p.store, personas=p.persona_ids, shard_size=cfg.calibrate.shard_size,
                          address=cfg.address, calib=p.calib, include_general=cfg.calibrate.include_general)
 
 
@@ -172,7 +179,7 @@ def stage_masks(p: Plan) -> Summary:
 
     cfg = p.config
     methods = list(dict.fromkeys([*cfg.masks.methods, *cfg.masks.baselines]))
-    return _call(build_masks.run, store=p.store, model=cfg.model, methods=methods,
+    return _call(build_masks.run, store=p.store, model=p.model, methods=methods,
                  sparsities=list(cfg.masks.sparsities), granularities=tuple(cfg.masks.granularities),
                  allocations=tuple(cfg.masks.allocations), budget=cfg.masks.budget,
                  personas=p.persona_ids, catalog=p.catalog, address=cfg.address, calib_hash=p.calib.hash,
@@ -201,7 +208,7 @@ def stage_evaluate(p: Plan) -> Summary:
     cfg = p.config
     config, extra = _eval_config(cfg, p.eval_options)
     budgeted = cfg.masks.budget is not None
-    return _call(evaluate.run, store=p.store, model=cfg.model, catalog=p.catalog, methods=list(cfg.masks.methods),
+    return _call(evaluate.run, store=p.store, model=p.model, catalog=p.catalog, methods=list(cfg.masks.methods),
                  sparsities=[] if budgeted else list(cfg.masks.sparsities), personas=p.persona_ids, run_id=p.run_id,
                  budgets=[budget_segment(Budget.from_value(cfg.masks.budget))] if budgeted else None,
                  address=cfg.address, config=config, report=False, calib_hash=p.calib.hash, **extra)

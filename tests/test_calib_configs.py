@@ -110,3 +110,38 @@ def test_masks_keyed_without_a_config_are_not_used_for_one(tmp_path, builtin_cat
     with pytest.raises(UserError, match="2 calibration configs"):
         evaluate.of_calibration(refs, None)
     assert list_parts(store, key) == []
+
+
+def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
+    """`revision:` was in the run id only; every stage keyed and loaded the default revision."""
+    from persona_core import models
+    from persona_core.config import PipelineConfig, from_dict
+
+    asked = []
+
+    def fake_resolve(spec, revision):
+        asked.append((spec, revision))
+        return str(tmp_path), f"hub:{spec}@{revision or 'main'}"
+
+    monkeypatch.setattr(models, "_resolve_hf", fake_resolve)
+    assert models.model_key("org/m@r1") == models.model_key("org/m", revision="r1") != models.model_key("org/m")
+    assert asked[:2] == [("org/m", "r1"), ("org/m", "r1")]
+    with pytest.raises(ValueError, match="hub models only"):
+        models.model_key("tiny-random-llama@r1")
+    with pytest.raises(ValueError, match="'r1' in the spec and 'r2' given"):
+        models.split_revision("org/m@r1", "r2")
+
+    cfg = from_dict(PipelineConfig, {"model": "org/m", "revision": "r1", "store": str(tmp_path / "st"),
+                                     "masks": {"methods": ["wanda"], "sparsities": [0.5]}})
+    p = pipeline.plan(cfg)
+    assert p.model == "org/m@r1" and models.model_key(p.model) == p.inputs.model_key
+    seen = {}
+    monkeypatch.setattr(calibrate, "run", lambda catalog, model, *a, **k: seen.setdefault("calibrate", model))
+    pipeline.stage_calibrate(p)
+    from persona_jobs import build_masks
+
+    monkeypatch.setattr(build_masks, "run", lambda **k: seen.setdefault("masks", k["model"]))
+    monkeypatch.setattr(evaluate, "run", lambda **k: seen.setdefault("evaluate", k["model"]))
+    pipeline.stage_masks(p)
+    pipeline.stage_evaluate(p)
+    assert seen == {"calibrate": "org/m@r1", "masks": "org/m@r1", "evaluate": "org/m@r1"}

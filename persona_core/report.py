@@ -250,6 +250,7 @@ def headline(results: pa.Table) -> str:
     subs = s[s.condition == SUBNET] if "condition" in s else s.iloc[0:0]
     base = s[s.method.isin(list(BASELINES))] if "method" in s else s.iloc[0:0]
     n_pairs = int(s.pairs.max())
+    pairs = f"{n_pairs} opposing pair{'s' if n_pairs != 1 else ''}"
 
     def iv(r) -> str:
         tail = "" if math.isnan(r.get("sep_lo", math.nan)) else f" [95% CI {r.sep_lo:.3f}, {r.sep_hi:.3f}]"
@@ -259,9 +260,9 @@ def headline(results: pa.Table) -> str:
         if base.empty:
             return "No separations to report."
         b = base.sort_values("separation").iloc[-1]
-        return f"Over {n_pairs} opposing pairs the strongest baseline, {b.setting}, separates them by {iv(b)}."
+        return f"Over {pairs} the strongest baseline, {b.setting}, separates them by {iv(b)}."
     m = subs.sort_values("separation").iloc[-1]
-    text = f"Over {n_pairs} opposing pairs, the best subnetwork ({m.setting}) separates them by {iv(m)}"
+    text = f"Over {pairs}, the best subnetwork ({m.setting}) separates them by {iv(m)}"
     if not base.empty:
         b = base.sort_values("separation").iloc[-1]
         text += f", against {iv(b)} for the strongest baseline ({b.setting})"

@@ -93,6 +93,11 @@ def test_shipped_configs_validate():
     load_config(ROOT / "configs" / "pipeline.example.yaml")
     load_config(ROOT / "configs" / "study-builtin.yaml")
     load_config(ROOT / "configs" / "study-anthropic.yaml")
+    for name in ("demo", "study-baselines-builtin", "study-baselines-anthropic"):  # evaluate options too
+        from persona_core.evaluate import EvalConfig
+
+        options = dict(load_config(ROOT / "configs" / f"{name}.yaml").evaluate.options)
+        EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
     load_config(ROOT / "configs" / "nightly.example.yaml", NightlyConfig)
 
 

@@ -73,10 +73,36 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
         channel.close()
 
 
+MAX_GPUS_ENV = "PERSONA_MAX_GPUS"
+
+
+def max_gpus() -> int:
+    """The GPUs the cluster can scale to (PERSONA_MAX_GPUS, set by cluster/*.yaml to maxReplicas x
+    GPUs per worker); 0 when unset. Pools are sized for this many GPU actors: those that do not fit
+    yet stay pending and the autoscaler adds workers for them."""
+    value = os.environ.get(MAX_GPUS_ENV, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        from persona_jobs.cli import UserError
+
+        raise UserError(f"{MAX_GPUS_ENV}={value!r}: expected a whole number of GPUs")
+    return int(value)
+
+
 def gpus_available() -> int:
+    """GPUs to size GPU actor pools for: those present, or more where the cluster autoscales to more."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    return max(int(ray.cluster_resources().get("GPU", 0)), max_gpus())
+
+
+def gpus_per_node() -> list[int]:
+    """GPUs of each live node, plus the 1-GPU workers the autoscaler may still add (see `max_gpus`)."""
+    import ray
+
+    nodes = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return nodes + [1] * max(0, max_gpus() - sum(nodes))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
+from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_per_node, progress
 from persona_core.catalog import GENERAL_ID, BUILTIN, Catalog, CatalogError, Persona, load_catalog
 from persona_core.evaluate import CONDITIONS, DEFAULT_CONDITIONS, RESULT_SCHEMA, EvalConfig, JudgeSettings
 from persona_core.hashing import content_hash
@@ -326,9 +326,8 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     summary.workers = {}
     if todo:
         ensure_ray(address)
-        gpus_per_node = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
         n_actors, opts, threads = actor_resources(
-            gpus_per_node, int(ray.cluster_resources().get("CPU", 1)), len(todo), actors=actors,
+            gpus_per_node(), int(ray.cluster_resources().get("CPU", 1)), len(todo), actors=actors,
             cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, device_map=device_map)
         log.info("evaluate: %d actor(s), each %s", n_actors, opts)
         remote = ray.remote(**opts)(EvalWorker)

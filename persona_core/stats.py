@@ -174,16 +174,32 @@ REPAIR_HINT = "rerun with --repair to regenerate it"
 def column_digest(column: pa.Array | pa.ChunkedArray) -> str:
     """Digest of a column's values, independent of chunking and of dictionary encoding."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
     h = hashlib.sha256(f"{len(arr)}:{arr.null_count}\x00".encode())
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+    if pa.types.is_dictionary(arr.type) and arr.null_count == 0 and len(arr):
+        values, codes = _first_appearance(arr.dictionary.to_pylist(), arr.indices.to_numpy(zero_copy_only=False))
+        h.update(json.dumps(values).encode())
+        h.update(codes.tobytes())
+    elif pa.types.is_dictionary(arr.type) or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
         enc = pc.dictionary_encode(arr)  # canonical: values in order of first appearance
         h.update(json.dumps(enc.dictionary.to_pylist()).encode())
         h.update(enc.indices.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
     else:
         h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
     return h.hexdigest()[:32]
+
+
+def _first_appearance(dictionary: list, indices: np.ndarray) -> tuple[list, np.ndarray]:
+    """The values of a dictionary column in order of first appearance, and each row's position in
+    that list (int64): what ``pc.dictionary_encode`` of the decoded strings gives, without decoding."""
+    indices = indices.astype(np.int64, copy=False)
+    used, first = np.unique(indices, return_index=True)
+    order: dict = {}
+    for pos, code in sorted(zip(first.tolist(), used.tolist())):
+        order.setdefault(dictionary[code], len(order))  # a value listed twice counts once
+    remap = np.array([order.get(v, -1) for v in dictionary], dtype=np.int64)
+    return list(order), remap[indices]
 
 
 def _type_ok(got: pa.DataType, want: pa.DataType) -> bool:

@@ -5,7 +5,8 @@ Prints one JSON line:
   linear module of the default model (header and payload digests, size bounds, the content digest
   of the decoded masks) against the same reader with the payload and content digest checks left
   out; best of ``--repeats``. ``mask_overhead`` is their ratio minus 1. ``delta_*``: the same for the opposing
-  persona's mask delta-coded against it (its base is verified too).
+  persona's mask delta-coded against it (its base is read and verified too). The two sides of
+  each pair run alternately.
 * ``part_read_s`` / ``part_unverified_s``: `stats.read_part` of one persona's statistics part
   (schema, owner and every column's digest) against a plain Parquet read of the same bytes.
 
@@ -33,13 +34,15 @@ from persona_core.stats import GroupStats, PersonaStats, read_part, write_stats 
 from persona_core.store import open_store, parquet_file  # noqa: E402
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def best_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Best times of `a` and `b`, run alternately (a shared machine drifts between blocks of runs)."""
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
 
 
 class UnverifiedMaskFile(MaskFile):
@@ -71,9 +74,10 @@ def main() -> None:
         a, b = f"masks/model={loaded.key}/a.safetensors", f"masks/model={loaded.key}/b.safetensors"
         write_mask(store, a, masks, {"bench": "a"})
         write_mask(store, b, other, {"bench": "b"}, base_key=a)
-        mask_read = best(lambda: MaskFile(store, a).read(), args.repeats)
-        mask_plain = best(lambda: UnverifiedMaskFile(store, a).read(), args.repeats)
-        delta_read = best(lambda: MaskFile(store, b).read(), args.repeats)
+        mask_read, mask_plain = best_pair(lambda: MaskFile(store, a).read(),
+                                          lambda: UnverifiedMaskFile(store, a).read(), args.repeats)
+        delta_read, delta_plain = best_pair(lambda: MaskFile(store, b).read(),
+                                            lambda: UnverifiedMaskFile(store, b).read(), args.repeats)
 
         groups = {}
         for grp in weights.groups:
@@ -81,12 +85,13 @@ def main() -> None:
             r = lambda: torch.rand(width, generator=g, dtype=torch.float64)  # noqa: E731
             groups[(grp.layer, grp.name)] = GroupStats(1000, r(), r(), r(), 10, r(), r())
         key = write_stats(store, PersonaStats(loaded.key, "introvert", "p", groups, "c"))
-        part_read = best(lambda: read_part(store, key), args.repeats)
-        part_plain = best(lambda: parquet_file(store.read_bytes(key)).read(), args.repeats)
+        part_read, part_plain = best_pair(lambda: read_part(store, key),
+                                          lambda: parquet_file(store.read_bytes(key)).read(), args.repeats)
     print(json.dumps({
         "model": loaded.key, "weights": numel, "mask_bytes": (numel + 7) // 8,
         "mask_read_s": round(mask_read, 4), "mask_unverified_s": round(mask_plain, 4),
         "mask_overhead": round(mask_read / mask_plain - 1, 3), "delta_read_s": round(delta_read, 4),
+        "delta_unverified_s": round(delta_plain, 4),
         "part_rows": sum(x.width for x in groups.values()),
         "part_read_s": round(part_read, 4), "part_unverified_s": round(part_plain, 4),
         "part_overhead": round(part_read / part_plain - 1, 3), "repeats": args.repeats,

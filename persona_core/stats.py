@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .hashing import content_hash
-from .store import Store, StoreError, open_store, parquet_file
+from .store import Store, StoreError, arrow_buffer, open_store, parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +423,25 @@ def _check_owner(key: str, meta: dict[str, str], where: str) -> None:
                              f"{REPAIR_HINT}")
 
 
+def footer_schema(store: Store, key: str) -> pa.Schema:
+    """A Parquet file's schema from its footer alone (two ranged reads, whatever the file's size)."""
+    path, where = store.path(key), store.uri(key)
+    try:
+        size = int(store.fs.size(path))
+        tail = store.fs.cat_file(path, start=size - 8) if size >= 12 else b""
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise ValueError("no Parquet footer")
+        n = int.from_bytes(tail[:4], "little")
+        if not 0 < n <= size - 12:
+            raise ValueError(f"footer length {n} does not fit a file of {size} bytes")
+        footer = store.fs.cat_file(path, start=size - 8 - n, end=size - 8)
+        return pq.read_schema(pa.BufferReader(arrow_buffer(b"PAR1" + footer + tail)))
+    except (ValueError, OSError, pa.ArrowException) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise StatsError(f"{where}: cannot read stats part ({err}); {REPAIR_HINT}") from err
+
+
 def verify_part(store: Store | str, key: str) -> None:
     """Read a whole part and check it (schema, owner, every column's digest); StatsError if not whole."""
     read_part(open_store(store), key)
@@ -529,7 +548,9 @@ def _groups(cols: dict[str, np.ndarray], device) -> dict[GroupKey, GroupStats]:
 def open_stats(url: str | Store) -> pads.Dataset:
     """Every stats part under a store (or its ``stats/`` folder) as one hive-partitioned dataset.
 
-    Columns: the file columns (see `SCHEMA`) plus ``model`` and ``persona`` from the path.
+    Columns: the file columns (see `SCHEMA`) plus ``model`` and ``persona`` from the path. Every
+    part's schema and owner are checked first (StatsError naming the file); for values checked
+    against their digests, read through `read_part` / `read_persona_stats`.
     """
     store = open_store(url)
     prefix = STATS_PREFIX
@@ -538,6 +559,8 @@ def open_stats(url: str | Store) -> pads.Dataset:
     keys = [k for k in store.list(prefix, suffix=".parquet")]
     if not keys:
         raise FileNotFoundError(f"{store.uri(prefix)}: no statistics stored")
+    for key in keys:  # schema and owner from each footer (two small reads); the values are not digested here
+        _check_owner(key, check_schema(footer_schema(store, key), store.uri(key)), store.uri(key))
     return store.dataset(prefix, partitioning=PARTITIONING, schema=pa.unify_schemas([SCHEMA, PARTITIONING.schema]))
 
 

@@ -278,3 +278,16 @@ def test_stats_list_exits_cleanly_every_time(tmp_path):
     bad = [(d.returncode, d.stderr[-300:]) for d in done if d.returncode != 0 or "terminate called" in d.stderr]
     assert not bad, f"{len(bad)} of {len(done)} runs failed: {bad[:2]}"
     assert all("introvert" in d.stdout and "extrovert" in d.stdout for d in done)
+
+
+def test_open_stats_refuses_a_part_with_the_wrong_schema(two_personas):
+    store = two_personas
+    key = list_parts(store, MODEL, "introvert")[0]
+    _rewrite_part(store, key, lambda t: t.drop_columns(["norm_sumsq"]))
+    with pytest.raises(StatsError, match=r"part-.*missing column norm_sumsq"):
+        open_stats(store.url)
+    with pytest.raises(StatsError, match="missing column norm_sumsq"):
+        open_stats(store.uri("stats"))
+    store.write_bytes(key, b"not parquet at all")
+    with pytest.raises(StatsError, match="no Parquet footer"):
+        open_stats(store.url)

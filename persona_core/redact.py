@@ -9,9 +9,11 @@ even with ``-v`` (their DEBUG lines print request headers and credential lookups
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 
 MASK = "***"
 
@@ -78,3 +80,28 @@ def quiet_aws_loggers(level: int = logging.WARNING) -> None:
     """The AWS SDKs and HTTP clients log at `level` or above, whatever the root level."""
     for name in AWS_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+class RedactingStream:
+    """A text stream that redacts what is written to it (print, tracebacks, progress bars)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_output():
+    """stdout and stderr redacted for the duration (restored after)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -12,7 +12,7 @@ import logging
 import sys
 import traceback
 
-from persona_core.redact import install_logging_redaction, quiet_aws_loggers, redact
+from persona_core.redact import install_logging_redaction, quiet_aws_loggers, redacted_output
 from persona_core.store import StoreUnreachable
 
 # Modules that register subcommands, in the order `--help` lists them.
@@ -53,18 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_logging_redaction()  # every log line: credentials in URLs, endpoints, signed requests
+    with redacted_output():  # and every line printed: results, errors, tracebacks, progress
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except StoreUnreachable as err:  # anywhere: one line, never a client library's traceback
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)  # 2: bad input; a few errors say otherwise (e.g. 75: temporary)
-    except Exception:  # a bug or an unexpected failure: the traceback, with credentials redacted
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+    except Exception:  # a bug or an unexpected failure: the traceback (redacted like all output)
+        traceback.print_exc()
         return 1
 
 

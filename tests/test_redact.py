@@ -74,3 +74,23 @@ def test_credentials_in_endpoint_and_store_url_never_echoed(tmp_path):
         assert done.returncode != 0
         assert SECRET not in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
         assert "error" in done.stderr.lower()
+
+
+def test_everything_the_cli_prints_is_redacted(monkeypatch, capsys):
+    """Results, errors and unexpected tracebacks: whatever a job prints passes through redact()."""
+    from persona_jobs import stats as stats_job
+    from persona_jobs.cli import main as cli_main
+
+    url = f"s3://AKIDEXAMPLE:{SECRET}@bucket/store"
+
+    def leaky(args):
+        print(f"reading {url}")
+        raise RuntimeError(f"failed at {url}/stats")
+
+    monkeypatch.setattr(stats_job, "_list", leaky)
+    assert cli_main(["stats", "list", "--store", "x"]) == 1
+    out, err = capsys.readouterr()
+    assert "reading s3://***@bucket/store" in out and "RuntimeError: failed at s3://***@bucket" in err
+    assert SECRET not in out + err
+    import sys
+    assert type(sys.stdout).__name__ != "RedactingStream"  # restored after the command

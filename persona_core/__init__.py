@@ -4,3 +4,5 @@ A plain library (torch, transformers, pyarrow, fsspec); it never imports Ray.
 """
 
 __version__ = "0.1.0"
+
+from . import pruner_eval  # noqa: E402,F401  (registers its catalog folder format with persona_core.catalog)

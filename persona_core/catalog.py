@@ -53,6 +53,7 @@ FORMAT_VERSION = 1
 DATA = Path(__file__).parent / "data"
 BUILTIN = "builtin"
 GENERAL_ID = "general"
+MAX_TEXT_CHARS = 20_000  # one statement or text; longer ones are refused at load (they cost minutes and GBs)
 
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _ID_RE = re.compile(ID_PATTERN)
@@ -236,6 +237,16 @@ class Catalog:
 # ---------------------------------------------------------------------------- loading
 
 
+# Folder formats that other modules provide, registered when they are imported (persona_core/__init__.py
+# imports them): (detect(listing) -> bool, load(fs, listing, shown) -> Catalog). This module imports none
+# of them, so they may import it.
+FOLDER_FORMATS: list[tuple[Any, Any]] = []
+
+
+def register_folder_format(detect, load) -> None:
+    FOLDER_FORMATS.append((detect, load))
+
+
 def load_catalog(path: str | Path, split: SplitConfig | None = None) -> Catalog:
     """Load and validate a catalog from a file, folder, fsspec URL, or ``builtin``."""
     split = split or SplitConfig()
@@ -246,11 +257,10 @@ def load_catalog(path: str | Path, split: SplitConfig | None = None) -> Catalog:
     if not fs.exists(fpath):
         raise CatalogError([f"{path}: no such file or folder"])
     if fs.isdir(fpath):
-        from .pruner_eval import is_pruner_eval, load_pruner_eval
-
         listing = fs.ls(fpath, detail=False)
-        if is_pruner_eval(listing):
-            return load_pruner_eval(fs, listing, path)
+        for detect, load in FOLDER_FORMATS:
+            if detect(listing):
+                return load(fs, listing, path)
         files = sorted(f for f in listing if f.endswith(".jsonl"))
         if not files:
             raise CatalogError([f"{path}: folder holds no .jsonl files"])
@@ -285,7 +295,7 @@ def _jsonl(text: str, shown: str) -> list[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line)))
+            out.append((n, json.loads(line, object_pairs_hook=_unique_keys)))
         except ValueError as err:
             problems.append(f"{shown}:{n}: malformed JSON ({err})")
     if problems:
@@ -293,11 +303,31 @@ def _jsonl(text: str, shown: str) -> list[tuple[int, Any]]:
     return out
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice")
+        out[k] = v
+    return out
+
+
+def _too_long(texts: Iterable[str]) -> list[int]:
+    return [i for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
+
+
 class _LineLoader(yaml.SafeLoader):
     """A YAML loader that remembers the line of every mapping (as ``__line__``)."""
 
 
 def _mapping_with_line(loader, node):
+    seen: dict = {}
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first at line {seen[key]})", k.start_mark)
+        seen[key] = k.start_mark.line + 1
     mapping = loader.construct_mapping(node, deep=True)
     mapping["__line__"] = node.start_mark.line + 1
     return mapping
@@ -367,6 +397,8 @@ def _build(name: str, records: list[tuple[int, Any]], shown: str, split: SplitCo
             problems.append(f"{where}: persona {pid!r}: field 'opposite': {persona_id_problem(opposite)}")
             opposite = None
         personas[pid] = Persona(pid, desc.strip(), cal, ev, opposite, tuple(tags), generate, where)
+    if not personas and not problems:
+        problems.append(f"{shown}: no personas (a catalog needs at least one)")
     catalog = Catalog(name, personas, shown)
     problems.extend(validate(catalog))
     if problems:
@@ -393,6 +425,11 @@ def _texts(rec: dict, where: str, pid: str, split: SplitConfig) -> tuple[tuple[s
         blank = [i for i, t in enumerate(value) if not t.strip()]
         if blank:
             problems.append(f"{where}: persona {pid!r}: field {fieldname!r}: empty text at item(s) {blank}")
+        long = _too_long(value)
+        if long:
+            problems.append(f"{where}: persona {pid!r}: field {fieldname!r}: text(s) at item(s) {long[:10]} longer "
+                            f"than {MAX_TEXT_CHARS} characters (a statement is a sentence or a paragraph)")
+            return ()
         return tuple(t.strip() for t in value if t.strip())
 
     cal, ev, statements = read("calibration"), read("evaluation"), read("statements")
@@ -473,6 +510,10 @@ def _anthropic(fs, files: list[str], shown: str, split: SplitConfig) -> Catalog:
             st, ans = rec.get("statement") if isinstance(rec, dict) else None, rec.get("answer_matching_behavior") if isinstance(rec, dict) else None
             if not isinstance(st, str) or not st.strip():
                 problems.append(f"{fshown}:{n}: field 'statement': missing or empty")
+                continue
+            if len(st) > MAX_TEXT_CHARS:
+                problems.append(f"{fshown}:{n}: field 'statement': {len(st)} characters, longer than "
+                                f"{MAX_TEXT_CHARS}")
                 continue
             if not isinstance(ans, str) or ans.strip() not in ("Yes", "No"):
                 problems.append(f"{fshown}:{n}: field 'answer_matching_behavior': expected ' Yes' or ' No', got {ans!r}")

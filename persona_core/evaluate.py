@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .catalog import Persona
+from .estimates import mean_stderr, take  # noqa: F401  (re-exported: older callers import them from here)
 from .hashing import content_hash
 from .models import DEFAULT_MODEL, LoadedModel, linear_groups, load_model
 
@@ -232,16 +233,6 @@ class EvalConfig:
         return [f.name for f in fields(cls)]
 
 
-def take(items: Sequence[str], k: int, seed: int) -> list[str]:
-    """At most k items, chosen by a seeded hash of each text (stable as items are added)."""
-    items = list(dict.fromkeys(items))
-    if len(items) <= k:
-        return items
-    rank = lambda s: hashlib.sha256(f"{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
-    keep = set(sorted(items, key=rank)[:k])
-    return [s for s in items if s in keep]
-
-
 # ---------------------------------------------------------------------------- evaluator
 
 
@@ -253,7 +244,7 @@ class Evaluator:
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, *, device: str | None = None,
                  dtype: str | None = None, device_map: str | dict | None = None,
-                 snapshot_device: str | None = None):
+                 snapshot_device: str | None = None, revision: str | None = None):
         from accelerate import Accelerator
 
         cpu = device == "cpu" or not torch.cuda.is_available()
@@ -261,9 +252,9 @@ class Evaluator:
         if isinstance(model, LoadedModel):
             self.loaded = model
         elif device_map is not None and not cpu:
-            self.loaded = self._load_dispatched(model, device_map, dtype)
+            self.loaded = self._load_dispatched(model, device_map, dtype, revision)
         else:
-            self.loaded = load_model(model, device=str(self.accelerator.device), dtype=dtype)
+            self.loaded = load_model(model, device=str(self.accelerator.device), dtype=dtype, revision=revision)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.model_key = self.loaded.key
@@ -273,11 +264,11 @@ class Evaluator:
         self.timings: dict[str, float] = {}
 
     @staticmethod
-    def _load_dispatched(spec: str, device_map, dtype) -> LoadedModel:
+    def _load_dispatched(spec: str, device_map, dtype, revision: str | None = None) -> LoadedModel:
         """Big-model loading: weights on CPU first, then spread over the visible GPUs."""
         from accelerate import dispatch_model, infer_auto_device_map
 
-        loaded = load_model(spec, device="cpu", dtype=dtype or "bfloat16")
+        loaded = load_model(spec, device="cpu", dtype=dtype or "bfloat16", revision=revision)
         if device_map == "auto":
             device_map = infer_auto_device_map(loaded.model, no_split_module_classes=getattr(
                 loaded.model, "_no_split_modules", None) or [], dtype=loaded.model.dtype)
@@ -715,13 +706,3 @@ def budget_rows(mask_meta: dict | None) -> list[dict]:
     return [{"condition": "masked", "metric": k, "value": float("nan") if v is None else float(v), "n": 1,
              "stderr": float("nan")} for k, v in figures.items()]
 
-
-def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values]
-    if not vals:
-        return float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var / len(vals))

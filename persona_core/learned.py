@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from . import layout
 from .catalog import GENERAL_ID, Persona
 from .hashing import content_hash
 from .learn import (LEARN_VERSION, DataConfig, LearnConfig, LearnerState, general_text, identity, learn_persona,
@@ -49,8 +50,9 @@ def knobs_suffix(config: LearnConfig, data: DataConfig) -> str:
 
 
 def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: str) -> str:
-    segment = f"{config.method}@ffn-channels{knobs_suffix(config, data)}"
-    return f"masks/model={model_key}/method={segment}/sparsity={config.sparsity:g}/{persona_id}.safetensors"
+    suffix = knobs_suffix(config, data)
+    segment = layout.method_segment(config.method, "ffn-channels", params_hash=suffix.removeprefix("+") or None)
+    return layout.mask(model_key, segment, config.sparsity, persona_id)
 
 
 def data_identity(model_key: str, persona: Persona, data: DataConfig, held_out) -> str:
@@ -59,15 +61,15 @@ def data_identity(model_key: str, persona: Persona, data: DataConfig, held_out) 
 
 
 def data_key(model_key: str, persona_id: str, data_id: str) -> str:
-    return f"learned/model={model_key}/persona={persona_id}/data-{data_id}.json"
+    return layout.learned_data(model_key, persona_id, data_id)
 
 
 def checkpoint_key(model_key: str, persona_id: str, unit_identity: str) -> str:
-    return f"learned/model={model_key}/persona={persona_id}/ckpt-{unit_identity}.safetensors"
+    return layout.learned_checkpoint(model_key, persona_id, unit_identity)
 
 
 def export_prefix(mask: str) -> str:
-    return "exports/" + mask.removeprefix("masks/").removesuffix(".safetensors")
+    return layout.export_prefix(mask)
 
 
 @dataclass(frozen=True)

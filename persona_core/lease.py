@@ -47,11 +47,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import layout
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "leases"
+PREFIX = layout.LEASES
 
 
 class LeaseHeld(RuntimeError):
@@ -106,9 +107,7 @@ class Lease:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.renew_every_s = renew_every_s
         self.settle_s = settle_s
-        from .catalog import check_id
-
-        self.key = f"{PREFIX}/{check_id(name, 'lease name')}.json"
+        self.key = layout.lease(name)
         self.info: LeaseInfo | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -340,7 +339,7 @@ def _conditional_writes(store: Store) -> bool:
     """Whether this S3 server honours If-None-Match on PUT (probed once per store URL)."""
     if store.url in _PROBED:
         return _PROBED[store.url]
-    key = f"{PREFIX}/_probe-{uuid.uuid4().hex}"
+    key = layout.lease_probe(uuid.uuid4().hex)
     try:
         first = _put(store, key, b"1", if_none_match=True)
         second = _put(store, key, b"2", if_none_match=True)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .budget import Budget
-from .catalog import GENERAL_ID, check_id
+from .catalog import GENERAL_ID
 from .hashing import content_hash
 from .models import LinearGroup, LoadedModel, linear_groups
 from .stats import GroupKey, GroupStats, PersonaStats
@@ -349,23 +349,19 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
     ``method=contrastive-wanda@2of4+1a2b3c4d`` or ``method=wanda~owl``. Masks that are the same
     for every persona (magnitude, wanda-general) live once, under ``general``.
     """
+    from . import layout
+
     m = get_method(method)
     resolved = m.resolve(params)
-    segment = method
-    if granularity != DEFAULT_GRANULARITY:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}")
-        segment += "@" + granularity.replace(":", "of")
-    if allocation != "uniform":
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {allocation!r}")
-        segment += "~" + allocation
-    if resolved != m.defaults:
-        segment += "+" + content_hash(resolved)[:8]
-    who = check_id(persona_id, "persona id") if m.per_persona else GENERAL_ID
-    level = f"sparsity={sparsity:g}" if budget is None else f"budget={budget_segment(budget)}"
-    config = f"calib={check_id(calib, 'calibration hash')}/" if calib and m.needs else ""
-    return f"masks/model={model_key}/{config}method={segment}/{level}/{who}.safetensors"
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}")
+    params_hash = content_hash(resolved)[:8] if resolved != m.defaults else None
+    segment = layout.method_segment(method, granularity, allocation, params_hash)
+    owner = persona_id if m.per_persona else GENERAL_ID
+    return layout.mask(model_key, segment, sparsity, owner, None if budget is None else budget_segment(budget),
+                       calib if calib and m.needs else None)
 
 
 def budget_segment(budget: Budget) -> str:

@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .catalog import Persona, generic_questions, load_texts
+from .estimates import mean_stderr, take
 
 if TYPE_CHECKING:
     from .evaluate import EvalConfig, Evaluator
 
 log = logging.getLogger(__name__)
 
-STATEMENT_QUESTION = "Describe yourself in one sentence."
+from .validation import STATEMENT_QUESTION  # noqa: E402  (one definition, shared with validation)
 YES_NO_QUESTION = ("Is the following statement something you would say?\n\"{statement}\"\n"
                    "Answer with Yes or No.")
 
@@ -110,12 +111,6 @@ def pairwise_auc(pos: list[float], neg: list[float]) -> tuple[float, float]:
     return auc, math.sqrt(max(var, 0.0))
 
 
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    from .evaluate import mean_stderr as ms
-
-    return ms(values)
-
-
 def agreement(lp_yes: torch.Tensor, lp_no: torch.Tensor, want_yes: torch.Tensor) -> torch.Tensor:
     """P(matching answer) renormalised over {Yes, No}, per item, from log-probs of each."""
     p_yes = torch.sigmoid(lp_yes - lp_no)  # = e^yes / (e^yes + e^no)
@@ -156,8 +151,6 @@ def _statement_logprobs(ctx: MetricContext, statements: list[str]) -> list[float
 
 
 def _sides(ctx: MetricContext) -> tuple[list[str], list[str]]:
-    from .evaluate import take
-
     cfg = ctx.config
     own = take(ctx.persona.evaluation, cfg.max_statements, cfg.seed)
     other = take(ctx.opposite.evaluation, cfg.max_statements, cfg.seed) if ctx.opposite else []
@@ -262,8 +255,6 @@ def heldout_questions(config: "EvalConfig", persona: Persona | None = None) -> l
     """Questions for role-play answers: the persona's own evaluation questions when it has them
     (persona-pruner-eval), else the held-out half of the built-in questions (calibration and
     learned-mask training data come from the other half only); capped by `max_questions`."""
-    from .evaluate import take
-
     pool = persona.questions if persona is not None and persona.questions else generic_questions("evaluation")
     return take(pool, config.max_questions, config.seed)
 

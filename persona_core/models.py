@@ -139,7 +139,7 @@ def load_model(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if spec in TINY_ALIASES:
-        loaded = _tiny_random_llama(spec)
+        loaded = _tiny_random_llama(spec, revision)
     else:
         if spec == DEFAULT_MODEL:
             folder, ident = _smollm2_folder()
@@ -162,7 +162,7 @@ def model_key(spec: str, *, revision: str | None = None) -> str:
     """The key of a model's weights without loading them (cheap after the first call)."""
     spec, revision = split_revision(spec, revision)
     if spec in TINY_ALIASES:
-        return f"{spec}-{content_hash(_tiny_config_dict(), 'seed=0')[:8]}"
+        return f"{spec}-{content_hash(_tiny_config_dict(), f'seed={_tiny_seed(revision)}')[:8]}"
     if spec == DEFAULT_MODEL:
         return _key(spec, _smollm2_folder()[1])
     if spec == GEMMA3_ALIAS:
@@ -183,7 +183,10 @@ def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | N
         if revision and revision != pinned:
             raise ValueError(f"model {spec!r}: revision {pinned!r} in the spec and {revision!r} given")
         revision = pinned or revision
-    if revision and (spec in TINY_ALIASES or spec in (DEFAULT_MODEL, GEMMA3_ALIAS) or os.path.isdir(spec)):
+    if revision and spec in TINY_ALIASES and not str(revision).isdigit():
+        raise ValueError(f"model {spec!r}: a revision applies to hub models only (the tiny random model takes "
+                         f"its seed, a non-negative integer, as its revision), got {revision!r}")
+    if revision and (spec in (DEFAULT_MODEL, GEMMA3_ALIAS) or os.path.isdir(spec)):
         raise ValueError(f"model {spec!r}: a revision applies to hub models only, not a built-in alias or folder")
     return spec, revision
 
@@ -359,7 +362,16 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _tiny_random_llama(spec: str) -> LoadedModel:
+def _tiny_seed(revision: str | None) -> int:
+    """The tiny random model's revisions are its seeds (None: 0), so tests can pin two 'revisions'."""
+    if revision is None:
+        return 0
+    if not str(revision).isdigit():
+        raise ValueError(f"tiny-random-llama's revision is its seed, a non-negative integer; got {revision!r}")
+    return int(revision)
+
+
+def _tiny_random_llama(spec: str, revision: str | None = None) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = _tiny_config_dict()
@@ -367,9 +379,10 @@ def _tiny_random_llama(spec: str) -> LoadedModel:
     cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     gen = torch.random.fork_rng(devices=[])
     with gen:
-        torch.manual_seed(0)
+        torch.manual_seed(seed := _tiny_seed(revision))
         model = LlamaForCausalLM(LlamaConfig(**cfg))
-    return LoadedModel(spec=spec, key=model_key(spec), model=model, tokenizer=tok, source="random:seed=0")
+    return LoadedModel(spec=spec, key=model_key(spec, revision=revision), model=model, tokenizer=tok,
+                       source=f"random:seed={seed}")
 
 
 def _ensure_pad_token(tok) -> None:

@@ -22,7 +22,7 @@ import logging
 import re
 from pathlib import Path
 
-from .catalog import Catalog, CatalogError, Persona, validate
+from .catalog import Catalog, CatalogError, Persona, register_folder_format, validate
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +105,6 @@ def load_pruner_eval(fs, files: list[str], shown: str) -> Catalog:
     if problems:
         raise CatalogError(problems)
     return catalog
+
+
+register_folder_format(is_pruner_eval, load_pruner_eval)

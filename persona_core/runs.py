@@ -25,12 +25,47 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
 from .hashing import content_hash
 from .store import Store, StoreError
 
 CODE_VERSION = "runs-v1"
-RUNS = "runs"
+RUNS = layout.RUNS
 SUCCEEDED, FAILED = "succeeded", "failed"
+
+
+@dataclass
+class Summary:
+    """Counts a stage reports when it ends (and that run manifests record)."""
+
+    stage: str
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def finish(self) -> "Summary":
+        self.seconds = time.time() - self.started
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def line(self) -> str:
+        parts = [f"{self.stage}: {self.done} done, {self.skipped} skipped, {self.failed} failed"]
+        if self.tokens:
+            rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+            parts.append(f"{self.tokens} tokens, {rate:,.0f} tokens/s")
+        parts.append(f"{self.seconds:.1f} s")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "tokens": self.tokens, "seconds": round(self.seconds, 3), "errors": self.errors[:20]}
 
 
 @dataclass
@@ -57,18 +92,10 @@ def run_id(model_key: str, personas: dict[str, str], work: dict[str, Any]) -> st
     return "run-" + content_hash(CODE_VERSION, model_key, sorted(personas.items()), work)
 
 
-def manifest_key(rid: str) -> str:
-    return f"{RUNS}/{rid}/manifest.json"
-
-
-def stage_key(rid: str, stage: str) -> str:
-    return f"{RUNS}/{rid}/stages/{stage}.json"
-
-
-def latest_key(schedule: str) -> str:
-    from .catalog import check_id
-
-    return f"{RUNS}/_latest/{check_id(schedule, 'schedule name')}.json"
+manifest_key = layout.manifest
+stage_key = layout.stage
+latest_key = layout.latest
+report_key = layout.report
 
 
 @dataclass
@@ -142,7 +169,7 @@ def mark_stage(store: Store, rid: str, stage: str, summary: dict) -> None:
 
 
 def clear_stages(store: Store, rid: str) -> None:
-    store.delete(f"{RUNS}/{rid}/stages", recursive=True)
+    store.delete(layout.stages_prefix(rid), recursive=True)
 
 
 def read_latest(store: Store, schedule: str) -> str | None:
@@ -162,11 +189,12 @@ def run_state(store: Store, rid: str) -> dict:
     if manifest is not None:
         return manifest.to_dict()
     stages = {}
-    for key in store.list(f"{RUNS}/{rid}/stages", suffix=".json"):
-        name = key.rsplit("/", 1)[-1].removesuffix(".json")
-        stages[name] = stage_done(store, rid, name) or {}
+    for key in store.list(layout.stages_prefix(rid), suffix=".json"):
+        parsed = layout.parse_stage(key)
+        if parsed:
+            stages[parsed[1]] = stage_done(store, rid, parsed[1]) or {}
     if not stages:
-        raise FileNotFoundError(f"run {rid!r}: no manifest and no stages under {store.uri(f'{RUNS}/{rid}')}")
+        raise FileNotFoundError(f"run {rid!r}: no manifest and no stages under {store.uri(layout.run_prefix(rid))}")
     return {"run_id": rid, "status": "incomplete", "stages": stages}
 
 
@@ -174,6 +202,8 @@ def list_runs(store: Store) -> list[dict]:
     """Every run with a manifest, newest first."""
     out = []
     for key in store.list(RUNS, suffix="manifest.json"):
+        if not layout.is_manifest(key):
+            continue
         try:
             out.append(store.read_json(key))
         except (StoreError, FileNotFoundError):
@@ -195,3 +225,16 @@ def diff_inputs(old: dict | None, new: dict) -> dict:
                                  if old.get("work", {}).get(k) != new.get("work", {}).get(k)),
     }
     return changes
+
+
+def record_evaluation(store: Store, summary: Summary, started: float, inputs: dict) -> None:
+    """A manifest (kind ``evaluate``) for a standalone evaluation, so `status` lists it; never over a
+    manifest of another kind (a pipeline run evaluated again under its own id keeps its record)."""
+    existing = read_manifest(store, summary.run_id)
+    if existing is not None and existing.kind != "evaluate":
+        return
+    error = "; ".join(summary.errors[:3]) or None
+    write_manifest(store, Manifest(
+        run_id=summary.run_id, kind="evaluate", status=FAILED if error else SUCCEEDED, inputs=inputs,
+        stages={"evaluate": summary.to_dict()}, started=started, finished=time.time(), error=error,
+        store=store.uri(), results=store.uri(layout.results_prefix(summary.run_id)), report=summary.report))

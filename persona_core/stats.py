@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
+from . import layout
 from .hashing import content_hash
 from .store import Store, StoreError, arrow_buffer, open_store, parquet_file
 
@@ -145,7 +145,7 @@ class PersonaStats:
 # read is used, that the file's schema is exactly `SCHEMA`, that it belongs to the
 # persona its path names, and that every column read matches its digest.
 
-STATS_PREFIX = "stats"
+STATS_PREFIX = layout.STATS
 STAT_COLUMNS = ("sum", "sumsq", "sumabs", "norm_sum", "norm_sumsq")
 _DICT = pa.dictionary(pa.int8(), pa.string())
 SCHEMA = pa.schema([
@@ -239,15 +239,7 @@ class Shard:
 
 
 def persona_prefix(model_key: str, persona_id: str) -> str:
-    from .catalog import check_id
-
-    check_id(persona_id, "persona id")
-    if not model_key or "/" in model_key or ".." in model_key:
-        raise ValueError(f"model key {model_key!r} cannot be part of a store key")
-    return f"{STATS_PREFIX}/model={model_key}/persona={persona_id}"
-
-
-PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")  # what `part_key` names a part, and nothing else
+    return layout.stats_prefix(model_key, persona_id)
 
 
 def stale_parts(store: Store | str, model_key: str, persona_id: str, keep: set[str], *,
@@ -306,7 +298,7 @@ def part_key(model_key: str, persona_id: str, persona_hash: str, calib_hash: str
     """The part's key: a hash of everything that produced it, so a rerun finds it again."""
     h = content_hash(CODE_VERSION, model_key, persona_id, persona_hash, calib_hash,
                      shard.index, shard.count, shard.size)
-    return f"{persona_prefix(model_key, persona_id)}/part-{h}.parquet"
+    return layout.stats_part(model_key, persona_id, h)
 
 
 def to_table(stats: PersonaStats, shard: Shard = Shard()) -> pa.Table:
@@ -366,15 +358,9 @@ def write_stats(store: Store | str, stats: PersonaStats, shard: Shard = Shard(),
 def list_parts(store: Store | str, model_key: str | None = None, persona_id: str | None = None) -> list[str]:
     """Keys of stats parts, optionally of one model and persona."""
     store = open_store(store)
-    if persona_id is not None and model_key is None:
-        raise ValueError("list_parts: persona_id needs model_key")
-    prefix = (persona_prefix(model_key, persona_id) if persona_id is not None else
-              f"{STATS_PREFIX}/model={model_key}" if model_key else STATS_PREFIX)
-    return [k for k in store.list(prefix, suffix=".parquet") if _PART_KEY.fullmatch(k)
-            and (persona_id is None or k.rpartition("/")[0] == prefix)]  # never a folder below the persona's
-
-
-_PART_KEY = re.compile(rf"{STATS_PREFIX}/model=[^/]+/persona=[^/]+/{PART_NAME.pattern}")
+    return [k for k in store.list(layout.stats_prefix(model_key, persona_id), suffix=".parquet")
+            if (ref := layout.parse_stats_part(k)) is not None and (model_key is None or ref.model_key == model_key)
+            and (persona_id is None or ref.persona_id == persona_id)]  # never a folder below the persona's
 
 
 def stats_exist(store: Store | str, model_key: str, persona_id: str, persona_hash: str | None = None,
@@ -569,10 +555,10 @@ def stats_summary(store: Store | str, model_key: str | None = None) -> list[dict
     store = open_store(store)
     rows: dict[tuple, dict] = {}
     for key in list_parts(store, model_key):
-        segs = dict(s.split("=", 1) for s in key.split("/")[1:3])
+        ref = layout.parse_stats_part(key)
         table = read_part(store, key, ["tokens", "samples", "persona_hash", "calib_hash", "shard", "shards"])
         h = table.slice(0, 1).to_pylist()[0]
-        k = (segs["model"], segs["persona"], h["persona_hash"], h["calib_hash"])
+        k = (ref.model_key, ref.persona_id, h["persona_hash"], h["calib_hash"])
         row = rows.setdefault(k, {"model": k[0], "persona": k[1], "persona_hash": k[2], "calib_hash": k[3],
                                   "parts": 0, "shards": h["shards"], "tokens": 0, "samples": 0})
         row["parts"] += 1

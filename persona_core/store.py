@@ -192,7 +192,9 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail early, with the URL named, if this store cannot be written."""
-        key = f"_probe/{uuid.uuid4().hex}"
+        from . import layout
+
+        key = layout.probe(uuid.uuid4().hex)
         self.write_bytes(key, b"ok")
         self.delete(key)
 

@@ -32,6 +32,8 @@ import torch
 
 from .catalog import DATA, Persona, heldout_text
 
+STATEMENT_QUESTION = "Describe yourself in one sentence."  # the question statements answer (metrics too)
+
 if TYPE_CHECKING:
     from .evaluate import Evaluator
 
@@ -53,8 +55,6 @@ def validation_statements(persona: Persona, n: int, seed: int = 0, exclude: Sequ
 
 def statement_scores(ev: "Evaluator", statements: Sequence[str], system: str | None = None) -> list[float]:
     """Mean token log-prob of each statement as the answer to the statement question (shared prefix)."""
-    from .metrics import STATEMENT_QUESTION
-
     if not statements:
         return []
     prefix = ev.encode(ev.prompt(system, STATEMENT_QUESTION))

@@ -16,174 +16,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from persona_jobs.cli import UserError
-from persona_jobs.common import Summary, add_store_arg, ensure_ray, progress
 from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
 from persona_core.budget import Budget
-from persona_core.hashing import content_hash
-from persona_core.masks import (ALLOCATIONS, CODE_VERSION, GENERAL, GRANULARITIES, OPPOSITE, PERSONA, REGISTRY,
-                                MaskSpec, get_method, spec_key)
+from persona_core.errors import UserError
+from persona_core.masks import ALLOCATIONS, CODE_VERSION, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
+from persona_core.units import (MaskUnit, mask_is_current, mask_specs, mask_units, resolve_calib,
+                                stats_fingerprints)
+from persona_jobs import dispatch
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One task: a spec, the persona behind each role the method needs, the masks it writes."""
-
-    spec: MaskSpec
-    roles: tuple[tuple[str, str], ...]  # (role, persona id), in the method's `needs` order
-    outputs: tuple[tuple[str, str], ...]  # (persona id, store key), one per side
-    identity: str
-    fingerprints: dict = field(default_factory=dict, hash=False, compare=False)  # persona id -> stats hash
-    calib_hash: str | None = None  # the calibration config whose statistics it reads
-
-    @property
-    def name(self) -> str:
-        who = "/".join(pid for _, pid in self.roles) or "-"
-        alloc = "" if self.spec.allocation == "uniform" else f"~{self.spec.allocation}"
-        level = f"budget={self.spec.budget.label}" if self.spec.budget else f"s={self.spec.sparsity:g}"
-        return f"{self.spec.method}@{self.spec.granularity}{alloc} {level} {who}"
-
-
-# ---------------------------------------------------------------------------- planning
-
-
-def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = None) -> dict[str, str]:
-    """Persona id -> a hash of its stored stats parts of calibration config `calib_hash` (all parts
-    when None); part names hash everything that produced them, persona and calibration included."""
-    from persona_core.stats import list_parts, part_versions
-
-    keys = (list(part_versions(store, model_key).items()) if calib_hash
-            else [(k, None) for k in list_parts(store, model_key)])
-    found: dict[str, list[str]] = {}
-    for key, version in keys:
-        if calib_hash and version[1] != calib_hash:
-            continue
-        persona = key.split("/persona=", 1)[1].split("/", 1)[0]
-        found.setdefault(persona, []).append(key.rsplit("/", 1)[-1])
-    return {pid: content_hash(sorted(parts)) for pid, parts in found.items()}
-
-
-def resolve_calib(store: Store, model_key: str, persona_ids: Sequence[str]) -> str:
-    """The one calibration config whose statistics are stored for these personas (when none is named)."""
-    from persona_core.stats import part_versions
-
-    wanted = set(persona_ids)
-    found: dict[str, set[str]] = {}
-    for key, (_, c_hash) in part_versions(store, model_key).items():
-        pid = key.split("/persona=", 1)[1].split("/", 1)[0]
-        if not wanted or pid in wanted:
-            found.setdefault(c_hash, set()).add(pid)
-    if len(found) > 1:
-        listing = "; ".join(f"{c} ({len(p)} persona(s))" for c, p in sorted(found.items()))
-        raise UserError(f"statistics of {len(found)} calibration configs are stored for model {model_key}: "
-                        f"{listing}; choose one with --calib-hash (`persona-jobs stats list` shows them)")
-    return next(iter(found), "")
-
-
-def make_specs(methods: Iterable[str], sparsities: Iterable[float], granularities: Iterable[str],
-               params: dict[str, dict] | None = None, allocations: Iterable[str] = ("uniform",),
-               budget: Budget | None = None) -> list[MaskSpec]:
-    """Every (method, sparsity, granularity, allocation); an N:M granularity fixes its own
-    sparsity N/M and is built uniform only (a layer allocation does not apply to it).
-    With a `budget`, the sparsity of every non-N:M spec is searched instead of `sparsities`."""
-    specs: dict[str, MaskSpec] = {}
-    params = params or {}
-    for method in methods:
-        for gran in granularities:
-            if ":" in gran:
-                n, m = (int(x) for x in gran.split(":"))
-                chosen = [n / m]
-            elif budget is not None:
-                for alloc in allocations:
-                    spec = MaskSpec(method, 0.0, gran, dict(params.get(method, {})), allocation=alloc, budget=budget)
-                    specs.setdefault(spec.hash, spec)
-                continue
-            else:
-                chosen = list(sparsities)
-            for s in chosen:
-                for alloc in (("uniform",) if ":" in gran else allocations):
-                    spec = MaskSpec(method, float(s), gran, dict(params.get(method, {})), allocation=alloc)
-                    specs.setdefault(spec.hash, spec)
-    return list(specs.values())
-
-
-def plan(store: Store, model_key: str, specs: Sequence[MaskSpec], persona_ids: Sequence[str],
-         opposites: dict[str, str | None], fingerprints: dict[str, str], calib_hash: str | None = None
-         ) -> tuple[list[Unit], list[str]]:
-    """Units to run, and problems (missing statistics, personas without an opposite)."""
-    units: list[Unit] = []
-    problems: list[str] = []
-    missing: set[str] = set()
-    no_opposite: set[str] = set()
-    targets = [p for p in persona_ids if p != GENERAL_ID]
-    for spec in specs:
-        method = get_method(spec.method)
-        if not method.per_persona:
-            groups = [((GENERAL, GENERAL_ID),) if GENERAL in method.needs else ()]
-            outputs_of = lambda roles: [GENERAL_ID]  # noqa: E731
-        elif OPPOSITE in method.needs:
-            groups, seen = [], set()
-            for pid in targets:
-                opp = opposites.get(pid)
-                if not opp:
-                    no_opposite.add(pid)
-                    continue
-                if pid in seen:
-                    continue
-                seen.update((pid, opp))
-                groups.append(((PERSONA, pid), (OPPOSITE, opp)) + (((GENERAL, GENERAL_ID),) if GENERAL in method.needs
-                                                                   else ()))
-            outputs_of = lambda roles: [roles[0][1], roles[1][1]]  # noqa: E731
-        else:
-            groups = [tuple((r, pid if r == PERSONA else GENERAL_ID) for r in method.needs) for pid in targets]
-            outputs_of = lambda roles: [roles[0][1]]  # noqa: E731
-        for roles in groups:
-            absent = [pid for _, pid in roles if pid not in fingerprints]
-            if absent:
-                missing.update(absent)
-                continue
-            prints = {pid: fingerprints[pid] for _, pid in roles}
-            identity = content_hash(CODE_VERSION, model_key, spec.hash, [[r, p, prints[p]] for r, p in roles])
-            outputs = tuple((pid, spec_key(model_key, spec, pid, calib_hash)) for pid in outputs_of(roles))
-            units.append(Unit(spec, tuple(roles), outputs, identity, prints, calib_hash))
-    if missing:
-        names = sorted(missing)
-        hint = " (calibrate with --general for the general reference set)" if GENERAL_ID in missing else ""
-        problems.append(f"no statistics stored for model {model_key} and persona(s) {', '.join(names[:10])}"
-                        f"{' ...' if len(names) > 10 else ''}: run `persona-jobs calibrate` first{hint}")
-    if no_opposite:
-        names = sorted(no_opposite)
-        log.warning("contrastive pair methods skip %d persona(s) without an opposite (use persona-vs-general): %s",
-                    len(names), ", ".join(names[:10]))
-    return units, problems
-
-
-def is_current(store: Store, unit: Unit) -> bool:
-    """Whether every mask of the unit is stored with this unit's identity."""
-    from persona_core.maskcodec import read_mask_metadata
-
-    for _, key in unit.outputs:
-        try:
-            meta = read_mask_metadata(store, key)
-        except Exception as err:  # unreadable: rebuild it
-            log.warning("%s: unreadable (%s); rebuilding", key, err)
-            return False
-        if not meta or meta.get("identity") != unit.identity:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------- the task
 
 
-def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None],
+def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
                delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
     """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
     from persona_core.masks import build_pair_masks, resolve_allocation
@@ -194,14 +46,14 @@ def build_unit(weights, store: Store, model_key: str, unit: Unit, persona_hashes
     return write_unit(store, model_key, unit, spec, stats, sides, {}, delta)
 
 
-def read_unit_stats(store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None]) -> list:
+def read_unit_stats(store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None]) -> list:
     from persona_core.stats import read_persona_stats
 
     return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid), unit.calib_hash)
             for _, pid in unit.roles]
 
 
-def write_unit(store: Store, model_key: str, unit: Unit, spec: MaskSpec, stats: list, sides: tuple,
+def write_unit(store: Store, model_key: str, unit: MaskUnit, spec: MaskSpec, stats: list, sides: tuple,
                extra: dict, delta: bool) -> list[tuple[str, int]]:
     """Write one unit's masks (one per side) with their metadata; returns (key, bytes) written."""
     from persona_core.maskcodec import write_mask
@@ -231,14 +83,14 @@ class BudgetBuilder:
     the shared dense weights (`weights`, zero-copy from the object store), never the live ones.
     """
 
-    def __init__(self, model: str, weights, device: str | None = None):
+    def __init__(self, model: str, weights, device: str | None = None, revision: str | None = None):
         from persona_core.evaluate import Evaluator
 
-        self.ev = Evaluator(model, device=device or "cpu")
+        self.ev = Evaluator(model, device=device or "cpu", revision=revision)
         self.weights = weights
         self.device = device
 
-    def build(self, store: Store, model_key: str, unit: Unit, persona_hashes: dict[str, str | None],
+    def build(self, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
               personas: dict, delta: bool = False) -> list[tuple[str, int]]:
         from persona_core.budget_eval import PairSearch, stored_calib_config
         from persona_core.catalog import general_persona
@@ -265,24 +117,21 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         address: str | None = None, *, params: dict[str, dict] | None = None,
         allocations: Sequence[str] = ("uniform",), delta: bool = False,
         device: str | None = None, max_in_flight: int = 256, budget: Budget | dict | float | None = None,
-        budget_actors: int | None = None, calib_hash: str | None = None) -> Summary:
+        budget_actors: int | None = None, calib_hash: str | None = None, revision: str | None = None,
+        schedule_timeout_s: float = 300.0) -> Summary:
     """Build every missing mask from the statistics of calibration config `calib_hash` (None: the
     only config stored for these personas); returns the closing Summary (also logged)."""
     summary = Summary("build-masks")
     store = open_store(store)
     # ---- check everything before any work starts
-    unknown = [m for m in methods if m not in REGISTRY]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
-    bad_gran = [g for g in granularities if g not in GRANULARITIES]
-    if bad_gran:
-        raise UserError(f"unknown granularity {', '.join(bad_gran)} (use {', '.join(GRANULARITIES)})")
-    bad_alloc = [a for a in allocations if a not in ALLOCATIONS]
-    if bad_alloc:
-        raise UserError(f"unknown allocation {', '.join(bad_alloc)} (use {', '.join(ALLOCATIONS)})")
+    for what, names, known in (("method", methods, REGISTRY), ("granularity", granularities, GRANULARITIES),
+                               ("allocation", allocations, ALLOCATIONS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
     try:
         budget = Budget.from_value(budget)
-        specs = make_specs(methods, sparsities, granularities, params, allocations, budget)
+        specs = mask_specs(methods, sparsities, granularities, params, allocations, budget)
     except ValueError as err:
         raise UserError(str(err)) from err
     try:
@@ -294,10 +143,10 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
     store.check_writable()
 
     from persona_core.masks import LinearWeights
-    from persona_core.models import load_model, model_key as key_of
+    from persona_core.models import load_model, model_key
 
     try:
-        mkey = key_of(model)
+        mkey = model_key(model, revision=revision)
     except ValueError as err:
         raise UserError(str(err)) from err
     if cat is not None:
@@ -316,14 +165,14 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         ids = sorted(p for p in fingerprints if p != GENERAL_ID)
     if budget is not None and cat is None and any(get_method(s.method).per_persona for s in specs):
         raise UserError("a capability budget needs --catalog (its search validates on the personas' statements)")
-    units, problems = plan(store, mkey, specs, ids, opposites, fingerprints, calib_hash or None)
+    units, problems = mask_units(mkey, specs, ids, opposites, fingerprints, calib_hash or None)
     if problems:
         raise UserError("\n".join(problems))
     if not units:
         raise UserError("nothing to build: no personas selected (or none with the statistics the methods need)")
     todo = []
     for unit in units:
-        if is_current(store, unit):
+        if mask_is_current(store, unit):
             summary.skipped += len(unit.outputs)
         else:
             todo.append(unit)
@@ -332,50 +181,35 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         log.info(summary.finish().line())
         return summary
 
-    # ---- run
+    # ---- run: the weights go into the object store once, every task reads them zero-copy
     import ray
 
     ensure_ray(address)
-    loaded = load_model(model, device="cpu", dtype="float32")
-    weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))  # once, shared by every task
+    loaded = load_model(model, device="cpu", dtype="float32", revision=revision)
+    weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))
     del loaded
     plain = [u for u in todo if u.spec.budget is None]
     budgeted = [u for u in todo if u.spec.budget is not None]
-    task = ray.remote(num_cpus=1, max_retries=2)(build_unit)
-    submit = [lambda unit: task.remote(weights_ref, store, mkey, unit, hashes, delta, device)] * len(plain)
-    if budgeted:
-        # Budgeted units score masks on a loaded model: a few actors, each loading it once.
-        n = budget_actors or max(1, min(len(budgeted), int(ray.available_resources().get("CPU", 1))))
-        actor_cls = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(BudgetBuilder)
-        actors = [actor_cls.remote(model, weights_ref, device) for _ in range(n)]
+    outs = []
+    if plain:
+        outs.append(dispatch.run_tasks(build_unit, plain, lambda u: (weights_ref, store, mkey, u, hashes, delta, device),
+                                       name="build-masks", max_in_flight=max_in_flight, describe=lambda u: u.name))
+    if budgeted:  # budgeted units score masks on a loaded model: a pool of actors, each loading it once
         people = {p.id: p for p in cat} if cat is not None else {}
-        submit += [lambda unit, i=i: actors[i % n].build.remote(store, mkey, unit, hashes, people, delta)
-                   for i in range(len(budgeted))]
-    pending: dict = {}
-    queue = list(zip(plain + budgeted, submit))
-    with progress(len(todo), "build-masks") as bar:
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                unit, go = queue.pop(0)
-                pending[go(unit)] = unit
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                unit = pending.pop(ref)
-                try:
-                    summary.done += len(ray.get(ref))
-                except Exception as err:  # a task's failure is reported, not fatal to the others
-                    summary.failed += len(unit.outputs)
-                    summary.errors.append(f"{unit.name}: {_short(err)}")
-                    log.error("%s failed: %s", unit.name, _short(err))
-                bar.update(1)
+        pool = dispatch.PoolSpec("budget search", BudgetBuilder, (model, weights_ref, device), {"revision": revision},
+                                 {"num_cpus": 1}, max_restarts=1, max_task_retries=1)
+        n = dispatch.pool_size(budget_actors, pool.resources, len(budgeted))
+        outs.append(dispatch.run_pool(pool, budgeted, "build", num_actors=n, schedule_timeout_s=schedule_timeout_s,
+                                      describe=lambda u: u.name,
+                                      call_args=lambda u: (store, mkey, u, hashes, people, delta)))
+    for out in outs:
+        summary.done += sum(len(written) for _, written in out.results)
+        for unit, err in out.failed:
+            summary.failed += len(unit.outputs)
+            summary.errors.append(f"{unit.name}: {err}")
     summary.finish()
     log.info(summary.line())
     return summary
-
-
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -389,22 +223,19 @@ def add_parser(sub) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_store_arg(p)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
-    p.add_argument("--method", action="append", dest="methods", metavar="M",
-                   help=f"mask method, repeatable (default wanda; known: {', '.join(REGISTRY)})")
-    p.add_argument("--sparsity", action="append", dest="sparsities", type=float, metavar="S",
-                   help="fraction of weights removed, repeatable (default 0.5)")
-    p.add_argument("--granularity", action="append", dest="granularities", metavar="G",
-                   help=f"repeatable: {', '.join(GRANULARITIES)} (default unstructured)")
-    p.add_argument("--allocation", action="append", dest="allocations", metavar="A", choices=ALLOCATIONS,
-                   help="sparsity across layers, repeatable: uniform or owl (outlier-weighted; default uniform)")
-    p.add_argument("--personas", nargs="+", default=None, metavar="ID", help="only these personas")
-    p.add_argument("--catalog", default=None, help="catalog (file, folder, URL or 'builtin'); needed for pairs")
+    add_common(p, catalog=True, model_default=DEFAULT_MODEL)
+    add_list(p, "--methods", "--method", dest="methods", metavar="M",
+             help=f"mask methods (default wanda; known: {', '.join(REGISTRY)})")
+    add_list(p, "--sparsities", "--sparsity", dest="sparsities", item_type=float, metavar="S",
+             help="fractions of weights removed (default 0.5)")
+    add_list(p, "--granularities", "--granularity", dest="granularities", metavar="G", valid=GRANULARITIES,
+             help=f"{', '.join(GRANULARITIES)} (default unstructured)")
+    add_list(p, "--allocations", "--allocation", dest="allocations", metavar="A", valid=ALLOCATIONS,
+             help="sparsity across layers: uniform or owl (outlier-weighted; default uniform)")
+    add_list(p, "--personas", metavar="ID", help="only these personas (default: every persona with statistics)")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method parameter, e.g. contrastive-wanda.f=softplus (repeatable)")
     p.add_argument("--delta", action="store_true", help="store a pair's second mask as a delta against the first")
-    p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
     p.add_argument("--device", default=None, help="device for scoring in the tasks (default cpu)")
     p.add_argument("--calib-hash", default=None, metavar="HASH",
                    help="use the statistics of this calibration config (`stats list` shows them; "
@@ -435,7 +266,8 @@ def _main(args) -> int:
     summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
                   args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
                   params=parse_params(args.param), allocations=args.allocations or ["uniform"],
-                  delta=args.delta, device=args.device, budget=args.budget, calib_hash=args.calib_hash)
+                  delta=args.delta, device=args.device, budget=args.budget, calib_hash=args.calib_hash,
+                  revision=args.revision)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

@@ -1,11 +1,13 @@
 """`persona-jobs calibrate`: activation statistics of every persona, spread over Ray actors.
 
-Work is cut into units, one per (persona, shard of its calibration texts). Each
-unit's Parquet part has a deterministic key (a hash of model key, persona hash,
-calibration config hash, shard and code version), so the driver skips units
-already stored before starting anything, and a retried unit rewrites nothing.
-Actors (one per GPU, else one per CPU slot) load the model once and write their
-parts straight to the store: activations never pass through the object store.
+Work is cut into units, one per (persona, shard of its calibration texts)
+(`persona_core.units.calibration_units`). Each unit's Parquet part has a
+deterministic key (a hash of model key, persona hash, calibration config hash,
+shard and code version), so the driver skips units already stored before
+starting anything, and a retried unit rewrites nothing. Actors (one per free
+GPU, else one per free CPU slot, up to 2) load the model once, take units from
+one queue (`persona_jobs.dispatch`) and write their parts straight to the
+store: activations never pass through the object store.
 
     persona-jobs calibrate --catalog builtin --model smollm2-135m --store s3://bucket/store
     python -m persona_jobs.calibrate --catalog builtin --model tiny-random-llama --store ./persona-store
@@ -17,16 +19,18 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from persona_jobs.cli import UserError
-from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
-from persona_core.calibration import CalibConfig, calibrate_persona, shard_count
-from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, Persona, general_persona, load_catalog
+from persona_core.calibration import CalibConfig, calibrate_persona
+from persona_core.catalog import Catalog
+from persona_core.errors import UserError
 from persona_core.models import DEFAULT_MODEL, model_key
-from persona_core.stats import Shard, list_parts, part_key, read_part, stale_parts, write_stats
+from persona_core.stats import list_parts, read_part, write_stats
 from persona_core.store import Store, StoreError, open_store
+from persona_core.units import CalibrationUnit, calibration_personas, calibration_units, stale_calibration_parts
+from persona_jobs import dispatch
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +38,21 @@ DEFAULT_SHARD_SIZE = 64
 FAIL_ONCE_ENV = "PERSONA_CALIBRATE_FAIL_ONCE"  # "<persona>:<shard>:<marker dir>": fail that unit once, after its write
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One (persona, shard) to calibrate, and the key its part will have."""
-
-    persona: Persona
-    shard: Shard
-    key: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.persona.id}[{self.shard.index + 1}/{self.shard.count}]"
-
-
-def plan(personas: list[Persona], key: str, calib: CalibConfig, shard_size: int | None) -> list[Unit]:
-    units = []
-    for p in personas:
-        count = shard_count(p, calib, shard_size)
-        for i in range(count):
-            shard = Shard(i, count, shard_size if count > 1 else None)
-            units.append(Unit(p, shard, part_key(key, p.id, p.content_hash, calib.hash, shard)))
-    return units
-
-
 class CalibrationWorker:
     """Holds one loaded model; calibrates units and writes their parts (a Ray actor)."""
 
     def __init__(self, model: str, store: Store, calib: CalibConfig, expected_key: str,
-                 device: str | None = None, dtype: str | None = None, fail_once: str | None = None):
+                 device: str | None = None, dtype: str | None = None, fail_once: str | None = None,
+                 revision: str | None = None):
         from persona_core.models import load_model
 
         logging.basicConfig(level=logging.INFO)
-        self.loaded = load_model(model, device=device, dtype=dtype)
+        self.loaded = load_model(model, device=device, dtype=dtype, revision=revision)
         if self.loaded.key != expected_key:
             raise RuntimeError(f"model {model!r} loaded as {self.loaded.key}, the driver expected {expected_key}")
         self.store, self.calib, self.fail_once = store, calib, fail_once
 
-    def run(self, unit: Unit) -> dict:
+    def run(self, unit: CalibrationUnit) -> dict:
         start = time.time()
         if self.store.exists(unit.key):  # done by an earlier attempt or another worker
             tokens = read_part(self.store, unit.key, ["tokens"]).column("tokens")[0].as_py()
@@ -82,7 +64,7 @@ class CalibrationWorker:
         self._maybe_fail(unit)
         return {"unit": unit.name, "status": "done", "tokens": stats.tokens, "seconds": time.time() - start}
 
-    def _maybe_fail(self, unit: Unit) -> None:
+    def _maybe_fail(self, unit: CalibrationUnit) -> None:
         """Test hook: fail a chosen unit once, after its part is written (a retry must not duplicate it)."""
         if not self.fail_once:
             return
@@ -94,49 +76,27 @@ class CalibrationWorker:
             raise RuntimeError(f"injected failure in {unit.name} ({FAIL_ONCE_ENV})")
 
 
-# ---------------------------------------------------------------------------- driver
-
-
-def resolve(catalog: Catalog | str | Path, personas: list[str] | None, include_general: bool
-            ) -> list[Persona]:
-    """The personas to calibrate; bad input raises UserError before any work."""
-    try:
-        cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
-        ids = list(personas or [])
-        if GENERAL_ID in ids and GENERAL_ID not in cat:
-            ids.remove(GENERAL_ID)
-            include_general = True
-            if not ids:
-                return [general_persona()]
-        chosen = list(cat.select(ids))
-    except CatalogError as err:
-        raise UserError(str(err)) from err
-    if include_general and all(p.id != GENERAL_ID for p in chosen):
-        chosen.append(general_persona())
-    return chosen
-
-
 def run(catalog: Catalog | str | Path, model: str = DEFAULT_MODEL, store: Store | str | None = None,
         personas: list[str] | None = None, shard_size: int | None = DEFAULT_SHARD_SIZE,
         address: str | None = None, calib: CalibConfig = CalibConfig(), *, include_general: bool = False,
         num_actors: int | None = None, device: str | None = None, dtype: str | None = None,
-        prune_stale: bool = True) -> Summary:
+        prune_stale: bool = True, revision: str | None = None, schedule_timeout_s: float = 300.0) -> Summary:
     """Calibrate `personas` of `catalog` (all when None) on `model`, writing stats parts to `store`."""
     summary = Summary("calibrate")
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
-    chosen = resolve(catalog, personas, include_general)
+    chosen = calibration_personas(catalog, personas, include_general)
     store = open_store(store)
     try:
         store.check_writable()
     except (StoreError, OSError, ValueError) as err:
         raise UserError(f"store {store.url} cannot be written: {err}") from err
     try:
-        key = model_key(model)
+        key = model_key(model, revision=revision)
     except (ValueError, OSError) as err:
         raise UserError(f"model {model!r} cannot be loaded: {err}") from err
 
-    units = plan(chosen, key, calib, shard_size)
+    units = calibration_units(chosen, key, calib, shard_size)
     existing = set(list_parts(store, key))
     todo = [u for u in units if u.key not in existing]
     summary.skipped = len(units) - len(todo)
@@ -144,88 +104,29 @@ def run(catalog: Catalog | str | Path, model: str = DEFAULT_MODEL, store: Store 
              summary.skipped)
     if todo:
         ensure_ray(address)
-        _execute(todo, summary, model, store, calib, key, num_actors, device, dtype)
+        gpus = gpus_available()
+        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        spec = dispatch.PoolSpec("calibration", CalibrationWorker,
+                                 (model, store, calib, key, device or ("cuda" if gpus else "cpu"), dtype,
+                                  os.environ.get(FAIL_ONCE_ENV), revision),
+                                 resources=resources, max_restarts=2, max_task_retries=2, retry_exceptions=True)
+        # GPU: one actor per GPU the cluster scales to (unplaced ones wait, taking no unit); CPU: free slots, up to 2
+        n = dispatch.pool_size(num_actors or (gpus or None), resources, len(todo), cap=None if gpus else 2)
+        out = dispatch.run_pool(spec, todo, "run", num_actors=n, schedule_timeout_s=schedule_timeout_s,
+                                describe=lambda u: u.name)
+        summary.done = len(out.results)
+        summary.tokens = sum(r["tokens"] for _, r in out.results)
+        for unit, err in out.failed:
+            summary.failed += 1
+            summary.errors.append(f"{unit.name}: {err}".splitlines()[0][:500])
     if prune_stale:
-        _prune(store, key, units, summary, calib.hash)
+        failed = {e.split("[", 1)[0] for e in summary.errors}
+        for k in stale_calibration_parts(store, key, units, failed, calib.hash):
+            log.info("removing stale part %s", store.uri(k))
+            store.delete(k)
     summary.finish()
     log.info(summary.line())
     return summary
-
-
-def _execute(todo: list[Unit], summary: Summary, model: str, store: Store, calib: CalibConfig, key: str,
-             num_actors: int | None, device: str | None, dtype: str | None) -> None:
-    import ray
-
-    gpus = gpus_available()
-    if num_actors is None:
-        num_actors = gpus or max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
-    num_actors = max(1, min(num_actors, len(todo)))
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    device = device or ("cuda" if gpus else "cpu")
-    Worker = ray.remote(max_restarts=2, max_task_retries=2, **resources)(CalibrationWorker)
-    actors = [Worker.remote(model, store, calib, key, device, dtype, os.environ.get(FAIL_ONCE_ENV))
-              for _ in range(num_actors)]
-    pending = list(reversed(todo))
-    running: dict = {}
-
-    def submit(actor) -> None:
-        unit = pending.pop()
-        running[actor.run.options(retry_exceptions=True).remote(unit)] = (actor, unit)
-
-    bar = progress(len(todo), f"calibrate {key}")
-    try:
-        for actor in actors:
-            if pending:
-                submit(actor)
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            actor, unit = running.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-                summary.done += 1
-                summary.tokens += result["tokens"]
-            except ray.exceptions.RayActorError as err:
-                _failed(summary, unit, err)
-                actors.remove(actor)  # gone for good (restarts used up)
-                if not actors:
-                    for u in pending:
-                        _failed(summary, u, "no calibration actor left")
-                    pending.clear()
-            except Exception as err:  # the unit failed on every attempt
-                _failed(summary, unit, err)
-            bar.update(1)
-            if pending and actor in actors:
-                submit(actor)
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-
-
-def _failed(summary: Summary, unit: Unit, err) -> None:
-    summary.failed += 1
-    summary.errors.append(f"{unit.name}: {err}".splitlines()[0][:500])
-    log.error("calibrate %s failed: %s", unit.name, err)
-
-
-def _prune(store: Store, key: str, units: list[Unit], summary: Summary, calib_hash: str) -> None:
-    """Delete parts of a persona that this plan no longer produces (an older persona version, other
-    sharding); another calibration config's statistics of the same persona version stay.
-
-    Only for personas whose every unit is now stored, so a failed run never loses statistics,
-    and only files `stale_parts` can prove this code wrote for that persona.
-    """
-    failed = {e.split("[", 1)[0] for e in summary.errors}
-    by_persona: dict[str, set[str]] = {}
-    for u in units:
-        by_persona.setdefault(u.persona.id, set()).add(u.key)
-    hashes = {u.persona.id: u.persona.content_hash for u in units}
-    for pid, keep in by_persona.items():
-        if pid in failed:
-            continue
-        for k in stale_parts(store, key, pid, keep, persona_hash=hashes[pid], calib_hash=calib_hash):
-            log.info("removing stale part %s", store.uri(k))
-            store.delete(k)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -238,8 +139,10 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", action="store_true", help="persona description as system prompt")
     p.add_argument("--no-chat-template", action="store_true", help="calibrate on raw statements")
     p.add_argument("--user-prompt", default=None, help="a user turn before each persona reply")
-    p.add_argument("--gen-questions", type=int, default=None, help="generic questions for generated personas")
-    p.add_argument("--gen-max-new-tokens", type=int, default=d.gen_max_new_tokens)
+    p.add_argument("--gen-questions", type=int, default=None,
+                   help="generic questions for personas given only by a description (default: all)")
+    p.add_argument("--gen-max-new-tokens", type=int, default=d.gen_max_new_tokens,
+                   help="tokens generated per answer for such personas (default %(default)s)")
 
 
 def calib_from_args(args) -> CalibConfig:
@@ -252,35 +155,32 @@ def calib_from_args(args) -> CalibConfig:
         raise UserError(str(err)) from err
 
 
-def _ids(text: str | None) -> list[str] | None:
-    return [i.strip() for i in text.split(",") if i.strip()] if text else None
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", required=True, help="catalog file, folder, URL, or 'builtin'")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
-    add_store_arg(p)
-    p.add_argument("--personas", default=None, help="comma-separated persona ids (default: all)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p, catalog="required", model_default=DEFAULT_MODEL)
+    add_list(p, "--personas", help="persona ids (default: all)", metavar="ID")
     p.add_argument("--general", action="store_true", help="also calibrate the neutral 'general' reference set")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help="calibration texts per unit (default %(default)s)")
-    p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
-    p.add_argument("--actors", type=int, default=None, help="number of actors (default: one per GPU, else 2)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="number of actors (default: one per free GPU, else up to 2 free CPU slots)")
     p.add_argument("--device", default=None, help="torch device in actors (default cuda if a GPU, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
+    p.add_argument("--schedule-timeout", type=float, default=300.0,
+                   help="seconds to wait for a first actor before failing (default %(default)s)")
     add_calib_args(p)
     p.set_defaults(func=main)
 
 
 def add_parser(sub) -> None:
-    configure(sub.add_parser("calibrate", help="record activation statistics of personas (Ray)",
-                             description=__doc__.splitlines()[0]))
+    add_arguments(sub.add_parser("calibrate", help="record activation statistics of personas (Ray)",
+                                 description=__doc__.splitlines()[0]))
 
 
 def main(args) -> int:
-    summary = run(args.catalog, args.model, args.store, _ids(args.personas), args.shard_size, args.address,
+    summary = run(args.catalog, args.model, args.store, args.personas, args.shard_size, args.address,
                   calib_from_args(args), include_general=args.general, num_actors=args.actors,
-                  device=args.device, dtype=args.dtype)
+                  device=args.device, dtype=args.dtype, revision=args.revision,
+                  schedule_timeout_s=args.schedule_timeout)
     print(summary.line())
     return 0 if summary.ok else 1
 

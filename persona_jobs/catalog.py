@@ -11,7 +11,8 @@ from persona_core.catalog import Catalog, CatalogError, SplitConfig, load_catalo
 def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=SplitConfig.eval_fraction,
                    help="share of a plain statement list held out for evaluation (default %(default)s)")
-    p.add_argument("--split-seed", type=int, default=SplitConfig.seed)
+    p.add_argument("--split-seed", type=int, default=SplitConfig.seed,
+                   help="seed of the deterministic calibration/evaluation split (default %(default)s)")
     p.add_argument("--max-calibration", type=int, default=None, help="cap calibration texts per persona")
     p.add_argument("--max-evaluation", type=int, default=None, help="cap evaluation texts per persona")
 

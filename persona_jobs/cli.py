@@ -1,7 +1,9 @@
 """`persona-jobs`: one console script, one subcommand per job.
 
 Each job module defines ``add_parser(subparsers)`` which registers its subcommand
-and sets ``func`` (called with the parsed args; returns an exit code).
+and sets ``func`` (called with the parsed args; returns an exit code). Every
+option has help text, list options follow one convention (`common.add_list`),
+and ``-v`` works before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import sys
 import traceback
 
+from persona_core.errors import UserError
 from persona_core.redact import install_logging_redaction, quiet_aws_loggers, redacted_output
 from persona_core.store import StoreUnreachable
 
@@ -26,12 +29,25 @@ COMMAND_MODULES = [
     "persona_jobs.pipeline",
     "persona_jobs.nightly",
     "persona_jobs.submit",
+    "persona_jobs.cli",  # methods, metrics
 ]
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("persona-subnetworks")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-jobs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"persona-jobs {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -41,7 +57,63 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+    for p in _leaf_parsers(parser):
+        if p is not parser:  # -v after the subcommand too; SUPPRESS keeps a -v given before it
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _leaf_parsers(child)
+
+
+# ---------------------------------------------------------------------------- methods, metrics
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("methods", help="list the registered mask methods, their inputs and parameters",
+                       description="The mask methods registered in persona_core.masks.")
+    p.set_defaults(func=_methods)
+    p = sub.add_parser("metrics", help="list the registered evaluation metrics",
+                       description="The metrics registered in persona_core.metrics.")
+    p.set_defaults(func=_metrics)
+
+
+def _methods(args) -> int:
+    from persona_core.masks import REGISTRY
+
+    rows = [("method", "needs", "per persona", "parameters (defaults)")]
+    for m in REGISTRY.values():
+        params = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
+        rows.append((m.name, ",".join(m.needs) or "-", "yes" if m.per_persona else "no", params))
+    _table(rows)
+    return 0
+
+
+def _metrics(args) -> int:
+    from persona_core.metrics import METRICS
+
+    rows = [("metric", "default", "what it measures")]
+    for m in METRICS.values():
+        doc = (getattr(m.fn, "__doc__", None) or "").strip().splitlines()
+        rows.append((m.name, "yes" if m.default else "no", doc[0] if doc else "-"))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +143,6 @@ def _run(args) -> int:
     except Exception:  # a bug or an unexpected failure: the traceback (redacted like all output)
         traceback.print_exc()
         return 1
-
-
-class UserError(Exception):
-    """Bad input found before any work started; printed without a traceback."""
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-"""What every job shares: connecting to Ray, progress, and closing summaries."""
+"""What every job shares: connecting to Ray, progress, and the command-line conventions.
+
+Every subcommand spells its shared options the same way (`add_common`): ``--store``,
+``--model`` (and ``--revision``), ``--catalog``, ``--address``, ``--config``; and every
+list option takes values one convention (`add_list`): comma-separated, space-separated
+or repeated, all three mean the same (``--personas a,b`` = ``--personas a b`` =
+``--personas a --personas b``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
-import time
-from dataclasses import dataclass, field
+
+from persona_core.runs import Summary  # noqa: F401  (the jobs return it)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             init_kwargs.setdefault("include_dashboard", False)
             ray.init(log_to_driver=False, **init_kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        from persona_jobs.cli import UserError
+        from persona_core.errors import UserError
 
         raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
 
@@ -43,7 +51,7 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
     check also completes an HTTP/2 (gRPC) handshake there: a web server, a database
     or a port that never answers fails it.
     """
-    from persona_jobs.cli import UserError
+    from persona_core.errors import UserError
 
     if not address or address in ("auto", "local"):
         return
@@ -105,44 +113,66 @@ def gpus_per_node() -> list[int]:
     return nodes + [1] * max(0, max_gpus() - sum(nodes))
 
 
-@dataclass
-class Summary:
-    """Counts a job reports when it ends (and writes into run manifests)."""
+# ---------------------------------------------------------------------------- CLI conventions
 
-    stage: str
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    tokens: int = 0
-    errors: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
-    seconds: float = 0.0
 
-    def finish(self) -> "Summary":
-        self.seconds = time.time() - self.started
-        return self
+class ListAction(argparse.Action):
+    """One list convention for every option: ``a,b``, ``a b`` and a repeated flag all extend the list."""
 
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        for value in values if isinstance(values, list) else [values]:
+            for part in str(value).split(","):
+                if part.strip():
+                    items.append(self.item_type(part.strip(), option_string))
+        if self.valid is not None:
+            bad = [i for i in items if i not in self.valid]
+            if bad:
+                parser.error(f"{option_string}: unknown {', '.join(map(str, bad))} (choose from {', '.join(self.valid)})")
+        setattr(namespace, self.dest, items)
 
-    def line(self) -> str:
-        parts = [f"{self.stage}: {self.done} done, {self.skipped} skipped, {self.failed} failed"]
-        if self.tokens:
-            rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-            parts.append(f"{self.tokens} tokens, {rate:,.0f} tokens/s")
-        parts.append(f"{self.seconds:.1f} s")
-        return ", ".join(parts)
+    def __init__(self, option_strings, dest, item_type=str, valid=None, **kwargs):
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+        self.valid = tuple(valid) if valid is not None else None
+        self._type = item_type
 
-    def to_dict(self) -> dict:
-        return {"stage": self.stage, "done": self.done, "skipped": self.skipped, "failed": self.failed,
-                "tokens": self.tokens, "seconds": round(self.seconds, 3), "errors": self.errors[:20]}
+    def item_type(self, text: str, flag: str | None):
+        try:
+            return self._type(text)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"{text!r} is not a valid {getattr(self._type, '__name__', 'value')}")
+
+
+def add_list(p, *flags: str, help: str, item_type=str, valid=None, metavar: str = "X", **kwargs) -> None:
+    """A list option with the one convention (see `ListAction`)."""
+    p.add_argument(*flags, action=ListAction, item_type=item_type, valid=valid, metavar=metavar, default=None,
+                   help=f"{help} (comma- or space-separated, or repeated)", **kwargs)
 
 
 def add_store_arg(p) -> None:
     """The `--store` option every subcommand shares (None: the config's store, else ./persona-store)."""
     p.add_argument("--store", default=None,
                    help="store URL: a folder, s3://bucket/prefix or memory:// (default ./persona-store)")
+
+
+def add_common(p, *, model: bool = True, catalog: str | bool = False, address: bool = True,
+               model_default: str | None = None, revision: bool = True) -> None:
+    """--store, and as asked --model/--revision, --catalog, --address, spelled the same everywhere."""
+    add_store_arg(p)
+    if model:
+        p.add_argument("--model", default=model_default,
+                       help=f"model spec: smollm2-135m, tiny-random-llama, a hub id or a folder"
+                            f"{f' (default {model_default})' if model_default else ''}")
+        if revision:
+            p.add_argument("--revision", default=None,
+                           help="model revision (hub models; tiny-random-llama: its seed)")
+    if catalog:
+        required = catalog == "required"
+        p.add_argument("--catalog", required=required, default=None if required else (catalog if isinstance(
+            catalog, str) else None), help="persona catalog: a file, folder, URL, or 'builtin'")
+    if address:
+        p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
 def progress(total: int, desc: str):

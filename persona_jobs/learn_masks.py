@@ -21,9 +21,9 @@ from persona_core.catalog import CatalogError, load_catalog
 from persona_core.learn import OBJECTIVES, DataConfig, LearnConfig
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
-from persona_jobs.build_masks import _short
+from persona_jobs.dispatch import short_error
 from persona_jobs.cli import UserError
-from persona_jobs.common import Summary, add_store_arg, ensure_ray, gpus_available, progress
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, progress
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
                     idle.append(w)
                     bar.update(1)
                 except ray.exceptions.RayActorError as err:  # the actor died: a fresh one resumes the task
-                    log.warning("%s: actor died (%s); attempt %d of %d", task.name, _short(err), attempt + 1,
+                    log.warning("%s: actor died (%s); attempt %d of %d", task.name, short_error(err), attempt + 1,
                                 retries + 1)
                     idle.append(spawn())
                     if attempt < retries:
@@ -163,8 +163,8 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
                         bar.update(1)
                 except Exception as err:  # the task failed: reported, the others go on
                     summary.failed += 1
-                    summary.errors.append(f"{task.name}: {_short(err)}")
-                    log.error("%s failed: %s", task.name, _short(err))
+                    summary.errors.append(f"{task.name}: {short_error(err)}")
+                    log.error("%s failed: %s", task.name, short_error(err))
                     idle.append(w)
                     bar.update(1)
     summary.finish()
@@ -178,14 +178,12 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
 def add_parser(sub) -> None:
     p = sub.add_parser("learn-masks", help="learn Persona-Pruner FFN-channel masks (Ray actors, resumable)",
                        description=__doc__.split("\n\n")[0])
-    add_store_arg(p)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
-    p.add_argument("--catalog", default="builtin", help="catalog: file, folder, URL or 'builtin'")
-    p.add_argument("--personas", nargs="+", default=None, metavar="ID", help="only these personas")
-    p.add_argument("--objective", action="append", dest="objectives", choices=OBJECTIVES,
-                   help="repeatable (default with-prompt)")
-    p.add_argument("--sparsity", action="append", dest="sparsities", type=float, metavar="S",
-                   help="fraction of MLP channels removed, repeatable (default 0.25)")
+    add_common(p, catalog="builtin", model_default=DEFAULT_MODEL, revision=False)
+    add_list(p, "--personas", metavar="ID", help="only these personas")
+    add_list(p, "--objectives", "--objective", dest="objectives", valid=OBJECTIVES, metavar="O",
+             help="learning objectives (default with-prompt)")
+    add_list(p, "--sparsities", "--sparsity", dest="sparsities", item_type=float, metavar="S",
+             help="fractions of MLP channels removed (default 0.25)")
     for f in fields(LearnConfig):
         if f.name in ("objective", "sparsity"):
             continue
@@ -193,12 +191,10 @@ def add_parser(sub) -> None:
                        help=f"learner knob (default {f.default})")
     p.add_argument("--examples", type=int, default=DataConfig.examples, help="training examples per persona")
     p.add_argument("--answer-tokens", type=int, default=DataConfig.max_new_tokens, help="answer length")
-    p.add_argument("--instructions", action="append", default=[], metavar="URL[::FIELD]",
-                   help="extra instruction file (repeatable)")
+    add_list(p, "--instructions", metavar="URL[::FIELD]", help="extra instruction files")
     p.add_argument("--export", action="store_true", help="also store the physically smaller model")
     p.add_argument("--actors", type=int, default=None, help="learner actors (default: one per GPU, else 1)")
     p.add_argument("--retries", type=int, default=2, help="fresh actors a task may resume on after its actor dies")
-    p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or a local cluster)")
     p.add_argument("--device", default=None, help="device in the actors (default cuda when a GPU is given, else cpu)")
     p.set_defaults(func=_main)
 
@@ -208,7 +204,7 @@ def _main(args) -> int:
     try:
         config = LearnConfig(**knobs)
         data = DataConfig(examples=args.examples, max_new_tokens=args.answer_tokens,
-                          instructions=tuple(args.instructions))
+                          instructions=tuple(args.instructions or ()))
     except ValueError as err:
         raise UserError(str(err)) from err
     summary = run(args.store, args.model, args.catalog, args.personas, args.objectives or ["with-prompt"],

@@ -13,7 +13,8 @@ import json
 
 import torch
 
-from persona_jobs.cli import UserError
+from persona_core import layout
+from persona_core.errors import UserError
 from persona_jobs.common import add_store_arg
 from persona_core.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
                                 stats_summary)
@@ -35,31 +36,31 @@ def add_parser(sub) -> None:
 
     q = ssub.add_parser("show", help="one persona's statistics per layer and group")
     common(q)
-    q.add_argument("--persona", required=True)
-    q.add_argument("--layer", type=int, default=None)
+    q.add_argument("--persona", required=True, help="persona id")
+    q.add_argument("--layer", type=int, default=None, help="only this layer (default: all)")
     q.set_defaults(func=_show)
 
     q = ssub.add_parser("diff", help="channels that differ most between two personas")
     common(q)
-    q.add_argument("a")
-    q.add_argument("b")
-    q.add_argument("--layer", type=int, required=True)
+    q.add_argument("a", help="persona id")
+    q.add_argument("b", help="the persona id to compare with")
+    q.add_argument("--layer", type=int, required=True, help="layer index")
     q.add_argument("--group", default="mlp_in", help="attn_in, attn_out, mlp_in or mlp_out (default %(default)s)")
-    q.add_argument("--top", type=int, default=20)
+    q.add_argument("--top", type=int, default=20, help="channels shown (default %(default)s)")
     q.add_argument("--by", choices=("norm", "mean"), default="norm",
                    help="z-score of the per-sample norm (default) or of the raw mean")
     q.set_defaults(func=_diff)
 
     q = ssub.add_parser("generated", help="calibration texts generated for a persona (audit)")
     common(q)
-    q.add_argument("--persona", required=True)
+    q.add_argument("--persona", required=True, help="persona id")
     q.set_defaults(func=_generated)
 
 
 def _model(store, model: str | None) -> str:
     if model:
         return model
-    models = sorted({k.split("/")[1].split("=", 1)[1] for k in list_parts(store)})
+    models = sorted({layout.parse_stats_part(k).model_key for k in list_parts(store)})
     if not models:
         raise UserError(f"{store.uri('stats')}: no statistics stored")
     if len(models) > 1:

@@ -54,6 +54,12 @@ from persona_core.store import DEFAULT_STORE, open_store
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_root() -> Path | None:
+    """The source checkout this code runs from, or None for an installed package (site-packages):
+    only a checkout is uploaded as the job's working_dir, never the folder an install lives in."""
+    return ROOT if (ROOT / "pyproject.toml").is_file() and (ROOT / "persona_jobs").is_dir() else None
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 ACTIVE = {"PENDING", "RUNNING"}
 TERMINAL_OK = {"SUCCEEDED"}
@@ -328,6 +334,9 @@ def submit(subcommand: list[str], *, address: str | None = None, token_file: str
     sid = base if not attempts else f"{base}-a{len(attempts) + 1}"
     runtime_env: dict = {"env_vars": {"PERSONA_PROGRESS": "0", **_passthrough_env(), **(env or {})}}
     staging = None
+    if working_dir and project_root() is None:
+        log.info("running from an installed package (%s): shipping only the files the command names", ROOT)
+        working_dir = False
     if working_dir:
         subcommand = ship_files(subcommand, ROOT)
         runtime_env["working_dir"] = str(ROOT)

@@ -1,4 +1,9 @@
-"""Shared fixtures: one local Ray cluster and one S3 server (moto) per test session."""
+"""Shared fixtures: one local Ray cluster and one S3 server (moto) per test session.
+
+Every test that uses the Ray cluster (directly or through a fixture built on it) is marked
+``ray`` at collection, so ``pytest -m "not ray and not slow"`` is the fast inner loop; a test
+that starts Ray some other way without the mark fails, naming itself.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_PERSONAS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-persona")
+
+
+RAY_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_needs_the_marker(request):
+    """A test that starts Ray without the `ray` marker would slip into the fast loop: refuse it."""
+    import sys
+
+    was = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if not was and request.node.get_closest_marker("ray") is None and "ray" in sys.modules \
+            and sys.modules["ray"].is_initialized():
+        pytest.fail(f"{request.node.nodeid} started Ray without the ray_cluster fixture (or a ray marker)")
 
 
 def free_port() -> int:

@@ -7,7 +7,8 @@ import torch
 
 from persona_jobs import build_masks as job
 from persona_jobs.cli import UserError, build_parser
-from persona_jobs.evaluate import MaskRef, list_masks
+from persona_core.layout import parse_mask
+from persona_core.units import list_masks, mask_specs
 from persona_core.catalog import GENERAL_ID, general_persona
 from persona_core.maskcodec import read_mask
 from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key
@@ -96,23 +97,23 @@ def test_cli_parses_and_params():
 
 
 def test_make_specs_nm_fixes_sparsity():
-    specs = job.make_specs(["wanda"], [0.3, 0.5], ["unstructured", "2:4", "4:8"])
+    specs = mask_specs(["wanda"], [0.3, 0.5], ["unstructured", "2:4", "4:8"])
     assert sorted((s.granularity, s.sparsity) for s in specs) == [
         ("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.3), ("unstructured", 0.5)]
 
 
 def test_allocations_make_specs_cli_and_keys(tmp_path):
-    specs = job.make_specs(["wanda"], [0.5], ["unstructured", "2:4"], allocations=["uniform", "owl"])
+    specs = mask_specs(["wanda"], [0.5], ["unstructured", "2:4"], allocations=["uniform", "owl"])
     assert sorted((s.granularity, s.allocation) for s in specs) == [
         ("2:4", "uniform"), ("unstructured", "owl"), ("unstructured", "uniform")]
     args = build_parser().parse_args(["build-masks", "--method", "wanda", "--allocation", "owl"])
     assert args.allocations == ["owl"]
     with pytest.raises(UserError, match="unknown allocation"):
         job.run(str(tmp_path), "tiny-random-llama", ["wanda"], [0.5], allocations=["tilted"])
-    ref = MaskRef("masks/model=m/method=wanda@ffn-channels~owl+1a2b3c4d/sparsity=0.5/p.safetensors",
-                  "wanda@ffn-channels~owl+1a2b3c4d", "wanda", 0.5, "p")
+    ref = parse_mask("masks/model=m/method=wanda@ffn-channels~owl+1a2b3c4d/sparsity=0.5/p.safetensors")
+    assert (ref.method, ref.base, ref.sparsity, ref.owner) == ("wanda@ffn-channels~owl+1a2b3c4d", "wanda", 0.5, "p")
     assert (ref.granularity, ref.allocation) == ("ffn-channels", "owl")
-    plain = MaskRef("k", "wanda~owl", "wanda", 0.5, "p")
+    plain = parse_mask("masks/model=m/method=wanda~owl/sparsity=0.5/p.safetensors")
     assert (plain.granularity, plain.allocation) == ("unstructured", "owl")
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import tiny_pipeline_config
 from persona_jobs import calibrate, evaluate, pipeline
+from persona_core import units
 from persona_core.masks import mask_key
 from persona_core.stats import list_parts, part_versions
 from persona_core.store import open_store
@@ -105,10 +106,10 @@ def test_masks_keyed_without_a_config_are_not_used_for_one(tmp_path, builtin_cat
     assert "/calib=" not in old and "/calib=c1/" in new and "/calib=" not in shared
     for k in (old, new, other, shared):
         store.write_bytes(k, b"x")
-    refs = evaluate.list_masks(store, key)
-    assert {r.key for r in evaluate.of_calibration(refs, "c1")} == {new, shared}
+    refs = units.list_masks(store, key)
+    assert {r.key for r in units.of_calibration(refs, "c1")} == {new, shared}
     with pytest.raises(UserError, match="2 calibration configs"):
-        evaluate.of_calibration(refs, None)
+        units.of_calibration(refs, None)
     assert list_parts(store, key) == []
 
 

@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 
-from persona_jobs.calibrate import FAIL_ONCE_ENV, plan, resolve, run
-from persona_jobs.cli import UserError
+from persona_core.errors import UserError
+from persona_core.units import calibration_personas as resolve
+from persona_core.units import calibration_units as plan
+from persona_jobs.calibrate import FAIL_ONCE_ENV, run
 from persona_jobs.cli import main as cli_main
 from persona_core.calibration import CalibConfig, calibrate_persona
 from persona_core.catalog import GENERAL_ID, general_persona

@@ -21,7 +21,7 @@ def test_empty_config_is_all_defaults():
 
 def test_values_are_read_and_coerced():
     cfg = parse_config("model: tiny-random-llama\nmasks:\n  methods: wanda\n  sparsities: [0.5]\n"
-                       "personas: [introvert]\nnightly:\n  lease_ttl_s: 30\n", "x.yaml", NightlyConfig)
+                       "personas: [introvert]\nnightly:\n  lease_ttl_s: 30\n  renew_every_s: 10\n", "x.yaml", NightlyConfig)
     assert cfg.masks.methods == ["wanda"]  # a single value stands for a list of one
     assert cfg.personas == ["introvert"]
     assert cfg.nightly.lease_ttl_s == 30
@@ -96,8 +96,8 @@ def test_shipped_configs_validate():
     for name in ("demo", "study-baselines-builtin", "study-baselines-anthropic"):  # evaluate options too
         from persona_core.evaluate import EvalConfig
 
-        options = dict(load_config(ROOT / "configs" / f"{name}.yaml").evaluate.options)
-        EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        options = load_config(ROOT / "configs" / f"{name}.yaml").evaluate.options  # typed: checked at load
+        EvalConfig(**options.eval_fields())
     load_config(ROOT / "configs" / "nightly.example.yaml", NightlyConfig)
 
 

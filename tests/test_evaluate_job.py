@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona_core import layout
+from persona_core.results import load_results
+from persona_core.units import evaluation_tasks
 from persona_jobs import evaluate as job
 from persona_core.catalog import load_catalog
 from persona_core.evaluate import EvalConfig
@@ -41,7 +44,7 @@ def store(tmp_path):
 
 def test_plan_picks_methods_and_baselines(store):
     cat = load_catalog("builtin")
-    tasks = job.plan(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
+    tasks = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
     assert [t.persona.id for t in tasks] == PERSONAS
     assert tasks[0].opposite.id == "extrovert"
     units = {(u.persona, u.mask.base, u.mask.sparsity, u.mask.owner) for t in tasks for u in t.units}
@@ -50,9 +53,9 @@ def test_plan_picks_methods_and_baselines(store):
                      for m in ("contrastive-wanda", "magnitude")}
     parts = [u.part for t in tasks for u in t.units]
     assert len(set(parts)) == len(parts) and all(p.startswith("results/run=r1/part-") for p in parts)
-    again = job.plan(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
+    again = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
     assert parts == [u.part for t in again for u in t.units]  # deterministic names
-    none = job.plan(store, cat, model_key(MODEL), "r1", CONFIG, methods=["nothing"], personas=["introvert"])
+    none = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["nothing"], personas=["introvert"])
     assert [u.mask for u in none[0].units] == [None]  # no mask: the dense conditions alone
 
 
@@ -62,12 +65,12 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
     assert s.ok, s.errors
     assert s.done == 8 and s.skipped == 0
     assert len(s.workers) == 2 and sum(s.workers.values()) == 4  # both actors took personas
-    back = job.load_results(store, "r1")  # raises if any row was gathered twice
+    back = load_results(store, "r1")  # raises if any row was gathered twice
     assert back.num_rows == s.rows
     per_unit = len(CONFIG.conditions) * 5  # pref, margin, yes-no, perplexity, perplexity-ratio
     assert s.rows == 8 * per_unit
     assert len(store.list("results/run=r1/", suffix=".parquet")) == 8
-    assert store.exists(job.report_key("r1")) and s.report.endswith("runs/r1/report.html")
+    assert store.exists(layout.report("r1")) and s.report.endswith("runs/r1/report.html")
     assert set(back.column("method").to_pylist()) == {"contrastive-wanda", "magnitude"}
     from persona_core.maskcodec import MaskFile
 

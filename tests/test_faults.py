@@ -15,7 +15,9 @@ import torch
 
 from persona_core import runs
 from persona_core.maskcodec import read_mask
+from persona_core.catalog import general_persona
 from persona_core.stats import list_parts
+from persona_core.units import calibration_units
 from persona_core.store import open_store
 
 
@@ -47,7 +49,7 @@ def test_calibration_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
 
         def wrap(cls):
             actor_cls = deco(cls)
-            if cls is not calibrate.CalibrationWorker:
+            if not (isinstance(cls, type) and issubclass(cls, calibrate.CalibrationWorker)):
                 return actor_cls
 
             class Spy:
@@ -77,8 +79,8 @@ def test_calibration_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     assert killed.is_set(), "the actor was never killed mid-run"
     assert out.ok, out.manifest.error
 
-    planned = calibrate.plan(list(p.catalog) + [calibrate.general_persona()], p.inputs.model_key, p.calib,
-                             cfg.calibrate.shard_size)
+    planned = calibration_units(list(p.catalog) + [general_persona()], p.inputs.model_key, p.calib,
+                                cfg.calibrate.shard_size)
     parts = list_parts(p.store, p.inputs.model_key)
     assert sorted(parts) == sorted(u.key for u in planned)  # complete, and not one part twice
     assert len(parts) == len(set(parts)) > 10

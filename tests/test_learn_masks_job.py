@@ -12,7 +12,7 @@ from persona_core.learned import LearnTask, checkpoint_key, is_current, run_task
 from persona_core.maskcodec import read_mask
 from persona_core.stats import write_stats
 from persona_core.store import open_store
-from persona_jobs.build_masks import stats_fingerprints
+from persona_core.units import list_masks, stats_fingerprints
 
 CFG = LearnConfig(steps=4, batch_size=2, general_windows=2, general_batch=1, max_length=96, checkpoint_every=2)
 DATA = DataConfig(examples=3, max_new_tokens=6)
@@ -89,7 +89,7 @@ def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
     assert first.ok and first.done == 2, first.errors
     again = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
     assert again.done == 0 and again.skipped == 2
-    refs = evaluate_job.list_masks(store, tiny.key)
+    refs = list_masks(store, tiny.key)
     assert {(r.base, r.granularity, r.owner) for r in refs} == {
         ("learned-with-prompt", "ffn-channels", "introvert"), ("learned-prompt-free", "ffn-channels", "introvert")}
 

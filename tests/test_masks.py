@@ -287,6 +287,6 @@ def test_owl_spec_validation_key_and_hash():
     assert "/method=wanda@ffn-channels~owl/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
     assert "/method=contrastive-wanda~owl+" in M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},
                                                          allocation="owl")
-    from persona_core import config
+    from persona_core.config import parse_config  # the config checks against these very tuples
 
-    assert config.ALLOCATIONS == M.ALLOCATIONS and config.GRANULARITIES == M.GRANULARITIES
+    assert parse_config("masks: {allocations: [owl], granularities: [ffn-channels]}").masks.allocations == ["owl"]

@@ -16,7 +16,7 @@ from persona_core import lease as lease_mod
 from persona_core import runs
 from persona_core.store import open_store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # its pipeline runs on a Ray of its own
 
 KEY = SECRET = "seaweed-test"
 

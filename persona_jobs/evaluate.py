@@ -32,7 +32,7 @@ from persona_core.catalog import BUILTIN, GENERAL_ID, Catalog, CatalogError, loa
 from persona_core.errors import UserError
 from persona_core.evaluate import CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, JudgeSettings
 from persona_core.models import DEFAULT_MODEL
-from persona_core.results import gather, write_report
+from persona_core.results import gather, load_results, write_report  # noqa: F401  (load_results: callers read a run through the job too)
 from persona_core.store import Store, open_store
 from persona_core.units import EvaluationTask, default_eval_run_id, evaluation_tasks
 from persona_jobs import dispatch

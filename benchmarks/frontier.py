@@ -15,7 +15,7 @@ Statistics are calibrated once into ``--store`` (default: a folder under the sys
 reused by later runs) with the default calibration settings.
 
     python benchmarks/frontier.py [--pairs introvert,extrovert] [--sparsities 0.02 0.05 0.1 0.2]
-        [--methods contrastive-penalty general-gated channel-focus] [--budget 1.1] [--no-frontier]
+        [--methods contrastive-penalty general-gated] [--budget 1.1] [--no-frontier]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--catalog", default="builtin")
     ap.add_argument("--pairs", nargs="+", default=["introvert,extrovert"], help="A,B pairs (or 'all')")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--methods", nargs="+", default=["contrastive-penalty", "general-gated", "channel-focus"])
+    ap.add_argument("--methods", nargs="+", default=["contrastive-penalty", "general-gated"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
     ap.add_argument("--strength", action="append", default=[], metavar="METHOD=V1,V2",
                     help="strength values swept for a method (default: the method's default value)")

@@ -8,7 +8,7 @@ dense on general text) is within the budget.
 
 The search is cheap because it exploits monotonicity: along one strength, perplexity grows
 with sparsity, so the largest sparsity of a grid within the budget is found by bisection
-(about log2(grid size) + 2 perplexity evaluations instead of the whole grid), and
+(ceil(log2(grid size + 1)) perplexity evaluations instead of the whole grid), and
 separation is measured only there (it grows with sparsity along a strength too: the largest
 feasible sparsity of each strength is that strength's candidate). Among the strengths'
 candidates the largest separation wins; ties go to the smaller sparsity, then the earlier
@@ -46,8 +46,9 @@ class Budget:
     """
 
     perplexity_ratio: float = 1.10  # masked/dense perplexity on the validation text must stay <= this
-    max_sparsity: float = 0.5  # the grid spans (0, max_sparsity]
-    steps: int = 32  # grid points: max_sparsity * i / steps, i = 1..steps
+    min_sparsity: float = 0.005  # the grid: `steps` sparsities spaced geometrically from min_sparsity ...
+    max_sparsity: float = 0.5  # ... to max_sparsity (fine where budgets bind: at a few percent)
+    steps: int = 24
     strengths: Mapping[str, Sequence[float]] | None = None  # override the method's strength values
     ppl_text: str = "wikitext-2-valid"  # validation text: wikitext-2-valid, builtin:general or a file (never a test split)
     ppl_windows: int = 8  # perplexity on this many fixed windows (spread over the text) ...
@@ -60,8 +61,9 @@ class Budget:
         if not (isinstance(self.perplexity_ratio, (int, float)) and self.perplexity_ratio >= 1.0):
             problems.append(f"perplexity_ratio must be a number >= 1 (the dense model is 1.0), "
                             f"got {self.perplexity_ratio!r}")
-        if not 0.0 < self.max_sparsity < 1.0:
-            problems.append(f"max_sparsity must be in (0, 1), got {self.max_sparsity!r}")
+        if not 0.0 < self.min_sparsity <= self.max_sparsity < 1.0:
+            problems.append(f"need 0 < min_sparsity <= max_sparsity < 1, got {self.min_sparsity!r}, "
+                            f"{self.max_sparsity!r}")
         for name in ("steps", "ppl_windows", "ppl_window", "val_statements"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -94,7 +96,11 @@ class Budget:
         raise ValueError(f"budget: expected null, a number or a mapping, got {value!r}")
 
     def grid(self) -> tuple[float, ...]:
-        return tuple(round(self.max_sparsity * i / self.steps, 6) for i in range(1, self.steps + 1))
+        if self.steps == 1 or self.min_sparsity == self.max_sparsity:
+            return (round(self.max_sparsity, 6),)
+        ratio = self.max_sparsity / self.min_sparsity
+        return tuple(dict.fromkeys(round(self.min_sparsity * ratio ** (i / (self.steps - 1)), 6)
+                                   for i in range(self.steps)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,7 +186,7 @@ def search(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Set
 
     def ppl(setting: Setting) -> float:
         if setting not in points:
-            r = float(perplexity_ratio(setting))
+            r = float(_call_ratio(perplexity_ratio, setting, budget))
             points[setting] = Point(setting, r)
             log.debug("budget search: %s -> ppl ratio %.4f", setting, r)
         return points[setting].perplexity_ratio
@@ -219,19 +225,28 @@ def search(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Set
 
 
 def _largest_feasible(settings: list[Setting], ok: Callable[[Setting], bool]) -> int | None:
-    """Index of the last feasible setting, feasibility assumed monotone (True ... True False ... False)."""
-    if ok(settings[-1]):
-        return len(settings) - 1
-    if not ok(settings[0]):
-        return None
-    lo, hi = 0, len(settings) - 1  # ok(lo), not ok(hi)
+    """Index of the last feasible setting, feasibility assumed monotone (True ... True False ... False):
+    ceil(log2(n + 1)) evaluations; the first setting is always tried when none is feasible, the last
+    when all are."""
+    lo, hi = -1, len(settings)  # everything <= lo is feasible, everything >= hi is not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(settings[mid]):
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo if lo >= 0 else None
+
+
+def _call_ratio(fn: Callable, setting: Setting, budget: float) -> float:
+    """`fn(setting, limit=budget)` when `fn` takes a limit (it may stop early once over it), else `fn(setting)`."""
+    import inspect
+
+    try:
+        takes_limit = "limit" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_limit = False
+    return fn(setting, limit=budget) if takes_limit else fn(setting)
 
 
 def _nan_low(x: float | None) -> float:

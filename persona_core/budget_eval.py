@@ -218,13 +218,20 @@ class PairSearch:
 
     # -- the two callables
 
-    def perplexity_ratio(self, setting: Setting) -> float:
-        return self._ratio(self._masks(setting))
+    def perplexity_ratio(self, setting: Setting, limit: float | None = None) -> float:
+        """The larger ratio of the setting's masks; with `limit`, stops after a mask already over it
+        (the figure is then that mask's ratio: enough to know the setting is over budget)."""
+        return self._ratio(self._masks(setting), limit)
 
-    def _ratio(self, masks: tuple) -> float:
+    def _ratio(self, masks: tuple, limit: float | None = None) -> float:
         from .validation import perplexity_ratio
 
-        return max(perplexity_ratio(self.ev, self._windows, self.dense_ppl, self._state(m)) for m in masks)
+        worst = 0.0
+        for m in masks:
+            worst = max(worst, perplexity_ratio(self.ev, self._windows, self.dense_ppl, self._state(m)))
+            if limit is not None and worst > limit:
+                break
+        return worst
 
     def separation(self, setting: Setting) -> float:
         """The pair's validation separation (for a one-sided method: the persona's side masked, the other dense)."""

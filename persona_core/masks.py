@@ -226,25 +226,6 @@ def general_gated(absw, stats, p):
     return tuple(_tiered(s, keep, general) for s in _contrast(p, absw, stats))
 
 
-@register("channel-focus", needs=(PERSONA, OPPOSITE, GENERAL), strength=("focus", (0.05, 0.15, 0.4, 1.0)),
-          contrast="contrastive-penalty", options={}, focus=0.15, eps=1e-6)
-def channel_focus(absw, stats, p):
-    """A contrast pruned only in the input channels where the two personas' statistics differ most.
-
-    A channel's difference is |log((rms+ + eps) / (rms- + eps))|, scale-free so it does not favour large
-    channels; the top `focus` fraction of a group's channels (ties by general rms, then position) are
-    open to pruning, ranked by `contrast`'s scores; all other weights are protected, ordered by their
-    general Wanda score.
-    """
-    a, b, g = stats[0].rms.float(), stats[1].rms.float(), stats[2].rms.float()
-    d = ((a + p["eps"]) / (b + p["eps"])).log().abs()
-    width = d.numel()
-    open_ = keep_top(d, width - n_pruned(width, 1.0 - p["focus"]), g)  # [in]
-    general = absw * g
-    protected = ~open_.to(absw.device).expand_as(absw)
-    return tuple(_tiered(s, protected, general) for s in _contrast(p, absw, stats))
-
-
 @register("persona-vs-general", needs=(PERSONA, GENERAL), contrast="contrastive-wanda", options={})
 def persona_vs_general(absw, stats, p):
     """Any contrastive method (`contrast`, with its `options`) against the general set; the persona's side."""

@@ -79,6 +79,17 @@ def test_unreachable_budget_says_so_and_keeps_the_dense_most_setting(caplog):
     assert all(p.separation is None for p in res.points)  # nothing over budget is ever ranked
 
 
+def test_a_ratio_function_taking_a_limit_gets_the_budget():
+    seen = []
+
+    def f(s: Setting, limit=None) -> float:
+        seen.append(limit)
+        return 1.0 + s.sparsity
+
+    search(GRID, 1.2, f, None)
+    assert seen and set(seen) == {1.2}
+
+
 def test_nan_perplexity_counts_as_over_budget():
     f = lambda s: float("nan") if s.sparsity > 0.2 else 1.0  # noqa: E731
     res = search(GRID, 1.1, f, lambda s: s.sparsity)
@@ -107,8 +118,9 @@ def test_budget_knob_checks_and_hashes():
         Budget(ppl_text="../shared/data/wikitext-2/test.txt")
     with pytest.raises(ValueError, match="steps must be an integer"):
         Budget(steps=0)
-    grid = Budget(max_sparsity=0.4, steps=8).grid()
-    assert grid[0] == 0.05 and grid[-1] == 0.4 and len(grid) == 8
+    grid = Budget(min_sparsity=0.01, max_sparsity=0.4, steps=3).grid()
+    assert grid == (0.01, 0.063246, 0.4)  # geometric: fine where budgets bind
+    assert len(Budget().grid()) == 24 and Budget().grid()[0] == 0.005 and Budget().grid()[-1] == 0.5
     with pytest.raises(ValueError, match="strictly increasing"):
         search([0.2, 0.1], 1.1, lambda s: 1.0)
 
@@ -194,11 +206,11 @@ def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_
     from persona_core.budget_eval import PairSearch
 
     real = PairSearch._ratio
-    monkeypatch.setattr(PairSearch, "_ratio", lambda self, masks: 1.5 + real(self, masks))
+    monkeypatch.setattr(PairSearch, "_ratio", lambda self, masks, limit=None: 1.5 + real(self, masks))
     out = run_search(tiny_setup, monkeypatch, max_sparsity=0.9, steps=3, strengths={"lam": [4.0]})
     assert not out.result.within_budget
     assert "unreachable" in out.result.message
-    assert out.spec.sparsity == 0.3 and out.final_ratio > 1.5
+    assert out.spec.sparsity == Budget(max_sparsity=0.9, steps=3).grid()[0] and out.final_ratio > 1.5
     assert out.metadata()["search"]["within_budget"] is False
 
 

@@ -1,4 +1,4 @@
-"""Low-sparsity methods that protect general capability: general-gated and channel-focus."""
+"""The low-sparsity method that protects general capability: general-gated."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from persona_core.stats import GroupStats
 
 from test_masks import random_stats, reference_keep
 
-NEW = ("general-gated", "channel-focus")
+NEW = ("general-gated",)
 
 
 @pytest.fixture(scope="module")
@@ -86,28 +86,6 @@ def test_gated_beyond_the_unprotected_share_prunes_least_general_first(lw, stats
                 assert torch.equal(side[name], keep_general), name
 
 
-def test_channel_focus_prunes_only_where_the_personas_differ(lw, stats):
-    base = stats[0]
-    width = {k: g.width for k, g in base.items()}
-    opposite = scaled(base, slice(0, 8), 3.0)  # the opposite uses channels 0..7 three times more
-    focus = {k: 8 / w for k, w in width.items()}
-    assert len(set(focus.values())) <= 2
-    for w in sorted(set(width.values())):
-        spec = MaskSpec("channel-focus", 0.05, params={"focus": 8 / w})
-        pos, neg = build_pair_masks(lw, base, opposite, stats[2], spec=spec)
-        for g in lw.groups:
-            if g.in_features != w:
-                continue
-            for name in g.modules:
-                assert pos[name][:, 8:].all() and neg[name][:, 8:].all(), name  # untouched outside the focus
-                # the persona side prunes in the channels its opposite uses more; the opposite side keeps them
-                assert (~pos[name][:, :8]).sum() == pos[name].numel() - pos[name].sum()
-                assert not torch.equal(pos[name], neg[name]), name
-        # swapping the personas swaps the masks
-        neg2, pos2 = build_pair_masks(lw, opposite, base, stats[2], spec=spec)
-        assert all(torch.equal(pos[n], pos2[n]) and torch.equal(neg[n], neg2[n]) for n in pos)
-
-
 @pytest.mark.parametrize("method", NEW)
 def test_opposing_masks_differ_where_statistics_differ(lw, stats, method):
     base = stats[0]
@@ -137,16 +115,9 @@ def test_deterministic_ties(lw, method):
     b = build_pair_masks(lw, flat, flat, flat, spec=MaskSpec(method, 0.1))
     for name in a[0]:
         assert torch.equal(a[0][name], b[0][name]) and torch.equal(a[0][name], a[1][name])
-    # every score ties within a channel: |W| decides, then position. general-gated = magnitude pruning;
-    # channel-focus opens the first channels (ties in the difference go to lower positions) and prunes there by |W|
+    # every score ties within a channel: |W| decides, then position (general-gated = magnitude pruning)
     for g in lw.groups:
         for name in g.modules:
             absw = lw.weight(name).abs()
             n = absw.shape[1]
-            if method == "general-gated":
-                ref = reference_keep(absw, absw, n - n_pruned(n, 0.1))
-            else:
-                k_open = n - n_pruned(n, 1 - REGISTRY[method].defaults["focus"])
-                ref = reference_keep(torch.where(torch.arange(n) < k_open, absw, torch.inf), absw,
-                                     n - n_pruned(n, 0.1))
-            assert torch.equal(a[0][name], ref), name
+            assert torch.equal(a[0][name], reference_keep(absw, absw, n - n_pruned(n, 0.1))), name

@@ -196,10 +196,12 @@ def search(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Set
         return not math.isnan(r) and r <= budget
 
     candidates: list[Setting] = []
+    hint = None
     for t in strengths:
         at = [Setting(s, t) for s in grid]
         if bisect:
-            best = _largest_feasible(at, ok)
+            best = _largest_feasible(at, ok, hint)
+            hint = best if best is not None else hint
         else:
             feasible = [i for i, s in enumerate(at) if ok(s)]
             best = feasible[-1] if feasible else None
@@ -224,11 +226,27 @@ def search(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Set
     return SearchResult(budget, strength_name, chosen, True, list(points.values()))
 
 
-def _largest_feasible(settings: list[Setting], ok: Callable[[Setting], bool]) -> int | None:
-    """Index of the last feasible setting, feasibility assumed monotone (True ... True False ... False):
-    ceil(log2(n + 1)) evaluations; the first setting is always tried when none is feasible, the last
-    when all are."""
+def _largest_feasible(settings: list[Setting], ok: Callable[[Setting], bool], hint: int | None = None) -> int | None:
+    """Index of the last feasible setting, feasibility assumed monotone (True ... True False ... False).
+
+    Plain bisection costs ceil(log2(n + 1)) evaluations (the first setting is always tried when none
+    is feasible, the last when all are). With a `hint` (the previous strength's answer: boundaries
+    move little between strengths) it first gallops out from the hint, 2 evaluations when the
+    boundary did not move; under monotonicity both find the same index.
+    """
     lo, hi = -1, len(settings)  # everything <= lo is feasible, everything >= hi is not
+    if hint is not None and 0 <= hint < len(settings):
+        step = 1
+        if ok(settings[hint]):
+            lo = hint
+            while lo + step < hi and ok(settings[lo + step]):
+                lo, step = lo + step, step * 2
+            hi = min(hi, lo + step)
+        else:
+            hi = hint
+            while hi - step > lo and not ok(settings[hi - step]):
+                hi, step = hi - step, step * 2
+            lo = max(lo, hi - step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(settings[mid]):

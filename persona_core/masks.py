@@ -212,7 +212,7 @@ def _protected(general: torch.Tensor, absw: torch.Tensor, fraction: float) -> to
     return keep_top(general, n - n_pruned(n, 1.0 - fraction), absw)
 
 
-@register("general-gated", needs=(PERSONA, OPPOSITE, GENERAL), strength=("protect", (0.9, 0.7, 0.5, 0.0)),
+@register("general-gated", needs=(PERSONA, OPPOSITE, GENERAL), strength=("protect", (0.9, 0.7, 0.5)),
           contrast="contrastive-penalty", options={}, protect=0.7)
 def general_gated(absw, stats, p):
     """A contrast pruned only among the weights general text needs least.

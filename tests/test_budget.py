@@ -39,6 +39,25 @@ def test_bisection_finds_the_full_grid_point(budget, slope):
     assert n_fast <= math.ceil(math.log2(len(GRID))) + 2 < len(GRID)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 24])
+def test_galloping_from_any_hint_finds_the_boundary(n):
+    from persona_core.budget import _largest_feasible
+
+    settings = [Setting(float(i)) for i in range(n)]
+    for boundary in range(-1, n):  # last feasible index (-1: none)
+        for hint in [None, *range(n)]:
+            calls = []
+
+            def ok(s, b=boundary):
+                calls.append(s)
+                return s.sparsity <= b
+
+            got = _largest_feasible(settings, ok, hint)
+            assert (got if got is not None else -1) == boundary, (n, boundary, hint)
+            if hint is not None and boundary in (hint, hint - 1) and 0 < boundary < n - 1:
+                assert len(set(calls)) <= 2  # an unmoved boundary costs two evaluations
+
+
 def test_strengths_pick_the_largest_separation_within_budget():
     slope = {1.0: 2.0, 4.0: 8.0, 16.0: 60.0}  # stronger contrast costs more perplexity per sparsity
     f, _ = rigged_ppl(slope)

@@ -132,3 +132,16 @@ def mean_interval(values, replicates: int = REPLICATES, seed: int = 0) -> Interv
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(v), size=(replicates, len(v)))
     return Interval(float(v.mean()), *_interval(v[idx].mean(1)))
+
+
+def mean_separation_interval(pairs: list[PairScores], replicates: int = REPLICATES, seed: int = 0) -> Interval:
+    """Mean separation over pairs with a 95% interval from resampling each pair's statements
+    (the pairs themselves held fixed): the uncertainty of this mean on these pairs."""
+    if not pairs:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    reps = np.zeros(replicates)
+    for k, sc in enumerate(pairs):
+        wa, wb = resamples(sc.sizes, replicates, seed + k)
+        reps += replicate_separations(sc, wa, wb)
+    reps /= len(pairs)
+    return Interval(float(np.mean([sc.separation() for sc in pairs])), *_interval(reps))

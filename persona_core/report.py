@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .bootstrap import PairScores, compare, mean_interval, separation_interval
+from .bootstrap import PairScores, compare, mean_interval, mean_separation_interval, separation_interval
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ DEFINITIONS = {
     "statement-preference": "P(a held-out statement of the persona gets a higher mean token log-prob than one of "
                             "its opposite's), over all (own, opposite) statement pairs (AUC).",
     "interval": "95% percentile bootstrap over statements (each pole's held-out statements resampled with "
-                "replacement, 2000 replicates); for a mean over pairs, a bootstrap over pairs.",
+                "replacement, 2000 replicates); for a mean over pairs, each pair's statements resampled and the "
+                "pairs held fixed (the uncertainty of the mean on these pairs, not over other pairs).",
     "win / tie / loss": "paired bootstrap of separation(subnetwork) - separation(baseline) on the same resampled "
                         "statements: win if its 95% interval lies above 0, loss if below, else tie.",
     "perplexity ratio": "perplexity of the condition on the general text (a fixed set of fixed-length windows) over "
@@ -109,6 +110,20 @@ def _scores(ra, rb) -> PairScores | None:
         return PairScores.from_items(items_a, int(ra.items_own), items_b, int(rb.items_own))
     except ValueError:
         return None
+
+
+def pair_scores(results: pa.Table) -> dict:
+    """(pair, method, sparsity, condition) -> `PairScores`, where the results carry per-statement scores."""
+    pref = _pref_rows(results)
+    out = {}
+    for a, b in _pairs(results):
+        for (persona, method, sparsity, cond), ra in pref.items():
+            rb = pref.get((b, method, sparsity, cond))
+            if persona == a and rb is not None:
+                sc = _scores(ra, rb)
+                if sc is not None:
+                    out[(f"{a} / {b}", method, sparsity, cond)] = sc
+    return out
 
 
 def pair_separation(results: pa.Table):
@@ -176,6 +191,15 @@ def verdicts(results: pa.Table):
     return pd.DataFrame(rows, columns=cols)
 
 
+def _mean_or_pair_interval(s, scores: dict | None = None):
+    """Mean separation over pairs with a 95% interval over statements (each pair's statements
+    resampled, the pairs held fixed) when per-statement scores exist, else over pairs."""
+    keyed = [scores.get(k) for k in zip(s.pair, s.method, s.sparsity, s.condition)] if scores else []
+    if keyed and all(k is not None for k in keyed):
+        return mean_separation_interval(keyed)
+    return mean_interval(s.separation)
+
+
 def _metric_mean(df, metric: str, conds) -> float:
     v = df[(df.metric == metric) & df.condition.isin(conds)].value
     return float(v.mean()) if len(v) else math.nan
@@ -191,12 +215,13 @@ def summary(results: pa.Table):
     dense, masked = _frame(results)
     sep = pair_separation(results)
     ver = verdicts(results)
+    scores = pair_scores(results)
     rows = []
     for name, cond in BASELINES.items():
         s = sep[sep.method == name]
         if s.empty:
             continue
-        iv = mean_interval(s.separation)
+        iv = _mean_or_pair_interval(s, scores)
         rows.append({"setting": name, "method": name, "sparsity": 0.0, "condition": cond, "pairs": len(s),
                      "separation": iv.value, "sep_lo": iv.lo, "sep_hi": iv.hi,
                      "ppl_ratio": _metric_mean(dense, "perplexity-ratio", [cond]),
@@ -204,7 +229,7 @@ def summary(results: pa.Table):
                      "roleplay_fidelity": _metric_mean(dense, "roleplay-fidelity", [cond])})
     for (method, sparsity, cond), g in masked.groupby(["method", "sparsity", "condition"]):
         s = sep[(sep.method == method) & (sep.sparsity == sparsity) & (sep.condition == cond)]
-        iv = mean_interval(s.separation)
+        iv = _mean_or_pair_interval(s, scores)
         row = {"setting": _setting_name(method, sparsity, cond), "method": method, "sparsity": sparsity,
                "condition": cond, "pairs": len(s), "separation": iv.value, "sep_lo": iv.lo, "sep_hi": iv.hi,
                "ppl_ratio": _metric_mean(g, "perplexity-ratio", [cond]),
@@ -311,6 +336,14 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _colors(names: list[str]) -> dict[str, str]:
+    """One color per setting, the same in every plot: baselines in greys/purple, subnetworks in the cycle."""
+    fixed = {"prompt": "black", "fewshot": "dimgray", "steer": "tab:purple"}
+    cycle = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    others = sorted(n for n in names if n not in fixed)
+    return {**fixed, **{n: cycle[i % len(cycle)] for i, n in enumerate(others)}}
+
+
 def _settings_order(sep) -> list[str]:
     names = list(dict.fromkeys(_setting_name(m, s, c) for m, s, c in zip(sep.method, sep.sparsity, sep.condition)))
     base = [b for b in BASELINES if b in names]
@@ -329,7 +362,7 @@ def _plot_separation(sep) -> str | None:
     pairs = list(dict.fromkeys(sep.pair))
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.32 * len(pairs) * max(1, len(settings)) / 3 + 1.2)))
     step = 0.8 / max(len(settings), 1)
-    colors = {"prompt": "black", "fewshot": "dimgray", "steer": "tab:purple"}
+    colors = _colors(settings)
     for k, name in enumerate(settings):
         g = sep[sep.setting == name].set_index("pair").reindex(pairs)
         ys = [i + (k - (len(settings) - 1) / 2) * step for i in range(len(pairs))]
@@ -342,7 +375,7 @@ def _plot_separation(sep) -> str | None:
     ax.set_yticks(range(len(pairs)), pairs, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("separation (95% interval over statements)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Separation per opposing pair", fontsize=10)
     return _png(fig)
 
@@ -354,15 +387,16 @@ def _plot_cost(summ) -> str | None:
     if summ.empty or "ppl_ratio" not in summ or summ.ppl_ratio.isna().all():
         return None
     s = summ[summ.ppl_ratio.notna()]
+    colors = _colors(list(s.setting))
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in s.to_dict("records"):
         err = None if math.isnan(r["sep_lo"]) else [[r["separation"] - r["sep_lo"]], [r["sep_hi"] - r["separation"]]]
         ax.errorbar([r["ppl_ratio"]], [r["separation"]], yerr=err, fmt="s" if r["method"] in BASELINES else "o",
-                    capsize=2, label=r["setting"])
+                    capsize=2, label=r["setting"], color=colors[r["setting"]])
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("general-text perplexity ratio (vs dense)")
-    ax.set_ylabel("mean separation over pairs")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("mean separation over pairs (95% interval)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Separation against general-text cost", fontsize=10)
     return _png(fig)
 
@@ -555,7 +589,7 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
         if not summ.empty:
             parts.append("<h2>Summary</h2><p>One row per setting: baselines first, then each subnetwork "
                          "(method, sparsity). W/T/L = wins / ties / losses over pairs against that baseline; "
-                         "separation = mean over pairs with a 95% bootstrap interval over pairs.</p>"
+                         "separation = mean over pairs with a 95% bootstrap interval over statements.</p>"
                          + _table_html(_with_ci(summ.drop(columns=[c for c in ("method", "sparsity", "condition")
                                                                   if c in summ]))))
         conditions = set(results.column("condition").to_pylist())

@@ -52,3 +52,12 @@ def test_mean_interval_over_pairs():
     iv = mean_interval([0.1, 0.2, 0.3, float("nan")])
     assert iv.value == pytest.approx(0.2) and iv.lo < 0.2 < iv.hi
     assert np.isnan(mean_interval([0.4]).lo)
+
+
+def test_mean_over_pairs_resamples_statements_within_each_pair():
+    from persona_core.bootstrap import mean_separation_interval
+
+    pairs = [rigged(1.0, seed=3), rigged(0.2, seed=4)]
+    iv = mean_separation_interval(pairs)
+    assert iv.value == pytest.approx(np.mean([p.separation() for p in pairs]))
+    assert iv.lo < (true_sep(1.0) + true_sep(0.2)) / 2 < iv.hi

@@ -555,7 +555,11 @@ def _status_cmd(args) -> int:
             raise UserError(f"{args.run}: not a submission id of persona-jobs (persona-<command>-<16 hex>...)")
         rid = parsed["run_id"]
         if not args.no_ray:
-            job = job_state(client(args.address, args.token_file), args.run)
+            try:
+                jc = client(args.address, args.token_file)
+            except UserError as err:
+                raise UserError(f"{err} (--no-ray reads the run's manifest from --store alone)") from None
+            job = job_state(jc, args.run)
             rid = job["metadata"].get("persona.run_id") or rid
             store_url = store_url or job["metadata"].get("persona.store") or None
     elif args.address and not args.no_ray:  # a run id: its submitted jobs, found by their metadata

@@ -324,3 +324,12 @@ def test_an_unreachable_s3_endpoint_is_one_line_and_exit_2(s3_endpoint, monkeypa
         assert cli_main(command) == 2, command
         (line,) = error_lines(capsys.readouterr().err)
         assert "cannot reach the store s3://bucket/x (endpoint http://127.0.0.1:" in line, line
+
+
+def test_status_without_a_reachable_ray_says_how_to_read_the_store_alone(capsys):
+    from conftest import free_port
+
+    assert cli_main(["status", "persona-run-0123456789abcdef-01234567", "--address",
+                     f"http://127.0.0.1:{free_port()}"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "cannot reach the Ray Jobs API" in line and "--no-ray" in line

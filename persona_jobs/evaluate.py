@@ -54,6 +54,25 @@ def read_mask(store: Store, key: str) -> tuple[dict, dict]:
     return masks, {**f.metadata, "content_hash": f.read_digest}
 
 
+class StaleMask(ValueError):
+    """A mask built from other statistics than the ones this evaluation is about."""
+
+
+def check_provenance(key: str, meta: dict, task: Task, calib_hash: str | None) -> None:
+    """Refuse a mask whose metadata says it was built from another version of the task's personas
+    (edited since) or from another calibration config: its results would be silently wrong."""
+    versions = meta.get("stats_versions") or {}
+    for p in (task.persona, task.opposite):
+        built = versions.get(p.id) if p is not None else None
+        if not built:
+            continue
+        if built.get("persona_hash") and built["persona_hash"] != p.content_hash:
+            raise StaleMask(f"{key}: built from another version of persona {p.id!r} (edited since); "
+                            f"rebuild it (persona-jobs build-masks, or rerun the pipeline)")
+        if calib_hash and built.get("calib_hash") and built["calib_hash"] != calib_hash:
+            raise StaleMask(f"{key}: built from calibration config {built['calib_hash']}, not {calib_hash}")
+
+
 class EvalWorker:
     """Holds one Evaluator (one loaded model) for its whole life; scores persona tasks."""
 
@@ -100,6 +119,7 @@ class EvalWorker:
                     masks, meta = None, None
                 else:
                     masks, meta = read_mask(self.store, unit.mask.key)
+                    check_provenance(unit.mask.key, meta, task, self.calib_hash)
                     if unit.mask.budget:  # one setting per budget; the sparsity each pair got: budget-* rows
                         meta = {**meta, "method": f"{unit.mask.method}|{unit.mask.budget}", "sparsity": 0.0,
                                 "granularity": unit.mask.granularity}

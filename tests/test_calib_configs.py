@@ -146,3 +146,31 @@ def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
     pipeline.stage_masks(p)
     pipeline.stage_evaluate(p)
     assert seen == {"calibrate": "org/m@r1", "masks": "org/m@r1", "evaluate": "org/m@r1"}
+
+
+def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp_path, tiny, builtin_catalog):
+    """Keys cannot hold every persona version at once; the mask's provenance is checked when read."""
+    import torch
+
+    from persona_core.maskcodec import write_mask
+    from persona_core.models import linear_groups
+
+    store = open_store(str(tmp_path / "st"))
+    intro, extro = builtin_catalog["introvert"], builtin_catalog["extrovert"]
+    masks = {n: torch.ones(tiny.model.get_submodule(n).weight.shape, dtype=torch.bool)
+             for grp in linear_groups(tiny.model) for n in grp.modules}
+    good = {"introvert": {"persona_hash": intro.content_hash, "calib_hash": "c1"},
+            "extrovert": {"persona_hash": extro.content_hash, "calib_hash": "c1"}}
+    edited = {**good, "extrovert": {"persona_hash": "an-older-version", "calib_hash": "c1"}}
+    write_mask(store, mask_key(tiny.key, "contrastive-wanda", 0.5, "introvert", calib="c1"), masks,
+               {"stats_versions": good})
+    write_mask(store, mask_key(tiny.key, "contrastive-wanda", 0.5, "extrovert", calib="c1"), masks,
+               {"stats_versions": edited})
+    s = evaluate.run(store, "tiny-random-llama", builtin_catalog, personas=["introvert", "extrovert"],
+                     conditions=["masked"], metrics=["statement-preference"], run_id="r", actors=1,
+                     cpus_per_actor=1, report=False, calib_hash="c1")
+    assert (s.done, s.failed) == (1, 1), s.errors
+    assert "another version of persona 'extrovert'" in s.errors[0]
+    task = evaluate.Task(intro, extro)
+    with pytest.raises(evaluate.StaleMask, match="calibration config c1, not c2"):
+        evaluate.check_provenance("k", {"stats_versions": good}, task, "c2")

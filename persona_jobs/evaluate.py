@@ -58,7 +58,7 @@ class StaleMask(ValueError):
     """A mask built from other statistics than the ones this evaluation is about."""
 
 
-def check_provenance(key: str, meta: dict, task: Task, calib_hash: str | None) -> None:
+def check_provenance(key: str, meta: dict, task: EvaluationTask, calib_hash: str | None) -> None:
     """Refuse a mask whose metadata says it was built from another version of the task's personas
     (edited since) or from another calibration config: its results would be silently wrong."""
     versions = meta.get("stats_versions") or {}

@@ -171,6 +171,6 @@ def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp
                      cpus_per_actor=1, report=False, calib_hash="c1")
     assert (s.done, s.failed) == (1, 1), s.errors
     assert "another version of persona 'extrovert'" in s.errors[0]
-    task = evaluate.Task(intro, extro)
+    task = evaluate.EvaluationTask(intro, extro)
     with pytest.raises(evaluate.StaleMask, match="calibration config c1, not c2"):
         evaluate.check_provenance("k", {"stats_versions": good}, task, "c2")

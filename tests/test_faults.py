@@ -151,7 +151,7 @@ def test_bad_input_fails_before_work_and_loses_nothing(stored, tmp_path, capsys)
     assert "unknown persona id(s): nobody" in capsys.readouterr().err
 
     assert cli_main(["run", "--store", str(root), "--model", "tiny-random-llama", "--methods", "wandah"]) == 2
-    assert "unknown mask method 'wandah'" in capsys.readouterr().err
+    assert "masks.methods: unknown method 'wandah' (did you mean 'wanda'?)" in capsys.readouterr().err
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -123,8 +123,8 @@ def run_pool(spec: PoolSpec, units: Iterable, method: str, *, num_actors: int,
     if not queue:
         return out
     opts = {k: v for k, v in spec.resources.items() if v}
-    remote = ray.remote(max_restarts=spec.max_restarts, max_task_retries=spec.max_task_retries,
-                        **opts)(_with_ready(spec.worker))
+    retries = {k: v for k, v in (("max_restarts", spec.max_restarts), ("max_task_retries", spec.max_task_retries)) if v}
+    remote = ray.remote(**opts, **retries)(_with_ready(spec.worker))
     actors = [remote.remote(*spec.args, **spec.kwargs) for _ in range(num_actors)]
     starting = {a.ready.remote(): a for a in actors}
     idle: list = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import fields
 from typing import Sequence
 
@@ -27,23 +28,44 @@ from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_
 
 log = logging.getLogger(__name__)
 
+DIE_AT_ENV = "PERSONA_LEARN_DIE_AT"  # "<persona>:<step>:<marker dir>": the actor's process exits once, at that checkpoint
+
 
 class LearnerWorker:
     """Holds one loaded model; runs learn tasks one after another (a Ray actor)."""
 
-    def __init__(self, model: str, store: Store, expected_key: str, device: str | None = None):
+    def __init__(self, model: str, store: Store, expected_key: str, device: str | None = None,
+                 die_at: str | None = None):
         from persona_core.models import load_model
 
         logging.basicConfig(level=logging.INFO)
         self.loaded = load_model(model, device=device)
         if self.loaded.key != expected_key:
             raise RuntimeError(f"model {model!r} loaded as {self.loaded.key}, the driver expected {expected_key}")
-        self.store = store
+        self.store, self.die_at = store, die_at
 
     def run(self, task) -> dict:
         from persona_core.learned import run_task
 
-        return run_task(self.loaded, self.store, task)
+        return run_task(self.loaded, self.store, task, on_step=self._maybe_die(task))
+
+    def _maybe_die(self, task):
+        """Test hook: the whole actor process exits once, right after the chosen checkpoint is stored."""
+        if not self.die_at:
+            return None
+        import os
+        from pathlib import Path
+
+        pid, step, marker_dir = self.die_at.split(":", 2)
+        marker = Path(marker_dir) / f"{pid}-{task.config.method}-{task.config.sparsity:g}.died"
+
+        def hook(state) -> None:
+            if task.persona.id == pid and state.step == int(step) and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(task.name)
+                os._exit(1)
+
+        return hook
 
 
 def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | None, objectives: Sequence[str],
@@ -128,8 +150,10 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
     worker_cls = ray.remote(**opts)(LearnerWorker)
     dev = device or ("cuda" if gpus else "cpu")
 
+    die_at = os.environ.get(DIE_AT_ENV)
+
     def spawn():
-        return worker_cls.remote(model, store, mkey, dev)
+        return worker_cls.remote(model, store, mkey, dev, die_at)
 
     workers = [spawn() for _ in range(min(n, len(todo)))]
     idle = list(workers)

@@ -94,6 +94,21 @@ def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
         ("learned-with-prompt", "ffn-channels", "introvert"), ("learned-prompt-free", "ffn-channels", "introvert")}
 
 
+def test_a_dead_actor_task_resumes_on_a_fresh_actor(ray_cluster, tmp_path, tiny, persona, monkeypatch):
+    from persona_core.maskcodec import read_mask_metadata
+    from persona_jobs import learn_masks
+
+    store = _store(tmp_path, tiny, persona)
+    monkeypatch.setenv(learn_masks.DIE_AT_ENV, f"introvert:2:{tmp_path / 'markers'}")
+    out = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], config=CFG, data=DATA)
+    assert out.ok and out.done == 1, out.errors
+    assert list((tmp_path / "markers").iterdir())  # the actor really died once
+    (task,), problems = learn_masks.plan(store, tiny.key, load_catalog("builtin"), ["introvert"], ["with-prompt"],
+                                         [0.25], CFG, DATA)
+    meta = read_mask_metadata(store, task.mask_key)
+    assert not problems and meta["identity"] == task.identity and meta["resumed_from"] == 2 and meta["steps_run"] == 2
+
+
 def test_learn_masks_needs_statistics(ray_cluster, tmp_path):
     from persona_jobs.cli import UserError
     from persona_jobs import learn_masks

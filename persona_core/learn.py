@@ -10,7 +10,8 @@ From one persona description to an ``ffn-channels`` mask, in three steps:
    on every answer token, with the prompt, kept as their top-K log-probs plus the tail's
    mass (the KL is computed over K + 1 outcomes: a lower bound of the full KL that is
    exact when the tail is one outcome, and small enough to keep for every example).
-   WikiText-2 validation windows (`general_windows`) get dense targets the same way.
+   WikiText-2 validation windows (`general_windows`) get dense targets the same way. Targets are
+   remembered for the last few inputs, so a persona's objectives and sparsities share one teacher.
 3. **The learner** (`MaskLearner`): one score per MLP intermediate channel of every
    decoder layer, initialised from the training-free channel importance of the persona's
    statistics (`masks.ffn_channel_scores`, standardised log per layer). Each step keeps
@@ -25,7 +26,9 @@ From one persona description to an ``ffn-channels`` mask, in three steps:
    * ``prompt-free``  the pruned model without any prompt: a smaller model that *is* the persona;
 
    plus ``general_weight`` times the KL to the dense model on general text. ``loss="lm"``
-   replaces the persona KL by the plain LM loss on the dense answers.
+   replaces the persona KL by the plain LM loss on the dense answers. Under ``with-prompt`` every
+   sequence of a batch starts with the same system prompt: it runs once per step and its
+   key/value cache is repeated over the batch (same loss and gradient up to rounding, tested).
 
 Determinism: every step's batch is drawn from a generator seeded by (seed, step), and the
 optimiser is a plain Adam on one tensor, so a learner resumed from a checkpoint
@@ -35,6 +38,7 @@ optimiser is a plain Adam on one tensor, so a learner resumed from a checkpoint
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -268,6 +272,44 @@ def _scored_logits(model: nn.Module, seqs: Sequence[Sequence[int]], spans: Seque
     return head(hidden[rows, cols]).float()
 
 
+MIN_SHARED_PREFIX = 16  # tokens a batch's sequences must share before the prefix runs once
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]], spans: Sequence[range]) -> int:
+    """Length of the token prefix every sequence shares, capped so that every scored position
+    (and at least one token of each sequence) lies after it."""
+    if len(seqs) < 2:
+        return 0
+    n = min(min(len(s) for s in seqs) - 1, min(r.start for r in spans))
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return max(n, 0)
+
+
+def _scored_logits_shared(model: nn.Module, seqs: Sequence[Sequence[int]], spans: Sequence[range], pad: int,
+                          prefix: int) -> torch.Tensor:
+    """`_scored_logits` for sequences sharing their first `prefix` tokens (a persona's system
+    prompt): the prefix runs once and its key/value cache is repeated over the batch. Same
+    numbers up to float rounding; gradients flow through the cache."""
+    body, head = _body_and_head(model)
+    device = next(model.parameters()).device
+    pre = torch.tensor([list(seqs[0][:prefix])], dtype=torch.long, device=device)
+    first = body(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True)
+    cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+    cache.batch_repeat_interleave(len(seqs))
+    cache_kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    ids, att = _pad([s[prefix:] for s in seqs], pad, device)
+    full = torch.cat([torch.ones((len(seqs), prefix), dtype=att.dtype, device=device), att], 1)
+    position = (prefix + torch.arange(ids.shape[1], device=device)).expand(len(seqs), -1)
+    hidden = body(input_ids=ids, attention_mask=full, position_ids=position, use_cache=True,
+                  **{cache_kw: cache}).last_hidden_state
+    rows = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(spans)]).to(device)
+    cols = torch.cat([torch.tensor(list(r), dtype=torch.long) - prefix for r in spans]).to(device)
+    return head(hidden[rows, cols]).float()
+
+
 def _teacher(model: nn.Module, pad: int, items: list[tuple[list[int], int, list[int]]], topk: int,
              batch: int) -> list[Example]:
     out = []
@@ -304,7 +346,7 @@ def prepare_examples(loaded: LoadedModel, persona: Persona, samples: Sequence[Ma
             ctx = ctx[-(config.max_length - len(answer)):]
             # position p predicts token p + 1: the answer's tokens are predicted from len(ctx) - 1 on
             items.append((ctx + answer, len(ctx) - 1, answer))
-    teacher = _teacher(loaded.model, pad, teacher_items, config.teacher_topk, batch)
+    teacher = _teacher_memo(loaded, pad, teacher_items, config.teacher_topk, batch)
     return [replace(t, ids=ids, start=start) for t, (ids, start, _) in zip(teacher, student_items)]
 
 
@@ -314,7 +356,22 @@ def prepare_general(loaded: LoadedModel, windows: Sequence[list[int]], config: L
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     items = [(list(w), 0, list(w[1:])) for w in windows]
-    return _teacher(loaded.model, pad, items, config.teacher_topk, batch)
+    return _teacher_memo(loaded, pad, items, config.teacher_topk, batch)
+
+
+_MEMO: dict[str, list[Example]] = {}
+_MEMO_SIZE = 8
+
+
+def _teacher_memo(loaded: LoadedModel, pad: int, items, topk: int, batch: int) -> list[Example]:
+    """`_teacher`, remembered for the last few inputs: a persona's objectives and sparsities share
+    one dense teacher. The model must be dense whenever it is called (the learner only hooks it)."""
+    key = content_hash(loaded.key, id(loaded.model), [[i, s, t] for i, s, t in items], topk)
+    if key not in _MEMO:
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = _teacher(loaded.model, pad, items, topk, batch)
+    return list(_MEMO[key])
 
 
 # ---------------------------------------------------------------------------- the straight-through top-k
@@ -469,6 +526,7 @@ class MaskLearner:
 
     betas = (0.9, 0.999)
     eps = 1e-8
+    share_prefix = True  # run a batch's shared prompt prefix once (speed only: same numbers up to rounding)
 
     def __init__(self, loaded: LoadedModel, examples: Sequence[Example], general: Sequence[Example],
                  scores: torch.Tensor, tiebreak: torch.Tensor, config: LearnConfig,
@@ -515,11 +573,19 @@ class MaskLearner:
     def loss(self, mask: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         c = self.config
         persona, general = self.batch(step)
-        seqs = [e.ids for e in persona] + [e.ids for e in general]
-        spans = [e.positions for e in persona] + [e.positions for e in general]
+        model = self.loaded.model
         self.gate.values = mask
-        logits = _scored_logits(self.loaded.model, seqs, spans, self.pad)
-        self.tokens += sum(len(s) for s in seqs)
+        pseqs, pspans = [e.ids for e in persona], [e.positions for e in persona]
+        prefix = shared_prefix(pseqs, pspans) if self.share_prefix else 0
+        if prefix >= MIN_SHARED_PREFIX:  # with-prompt: the persona's system prompt runs once per step
+            logits = _scored_logits_shared(model, pseqs, pspans, self.pad, prefix)
+            if general:
+                logits = torch.cat([logits, _scored_logits(model, [e.ids for e in general],
+                                                           [e.positions for e in general], self.pad)])
+        else:
+            logits = _scored_logits(model, pseqs + [e.ids for e in general],
+                                    pspans + [e.positions for e in general], self.pad)
+        self.tokens += sum(len(e.ids) for e in (*persona, *general))
         n_p = sum(len(e.targets) for e in persona)
         lp, lg = logits[:n_p], logits[n_p:]
         persona_loss = lm_loss(lp, persona) if c.loss == "lm" else distill_loss(lp, persona)

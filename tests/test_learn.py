@@ -244,3 +244,22 @@ def test_config_errors_name_the_field():
         LearnConfig(init="nope")
     with pytest.raises(ValueError, match="examples"):
         DataConfig(examples=0)
+
+
+def test_a_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradient(tiny, stats):
+    from persona_core.learn import shared_prefix
+
+    learner = _learner(tiny, stats, batch_size=4)
+    persona, _ = learner.batch(0)
+    assert shared_prefix([e.ids for e in persona], [e.positions for e in persona]) >= 16
+    results = []
+    for share in (True, False):
+        learner.share_prefix = share
+        scores = learner.state.scores.detach().requires_grad_(True)
+        with learner.gate:
+            loss, _ = learner.loss(straight_through(scores, learner.k, learner.tiebreak, 0.5).float(), 0)
+        (grad,) = torch.autograd.grad(loss, scores)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
+    assert float(results[0][1].abs().sum()) > 0

@@ -183,6 +183,35 @@ def summarise(table: pa.Table) -> list[dict]:
     return list(merged.values())
 
 
+def markdown(doc: dict) -> str:
+    """The README table: per method and sparsity, fidelity retained vs dense+prompt (95% CI) under
+    masked+prompt and masked, masked fidelity (nats/token), and the WikiText-2 test perplexity ratio."""
+    rows = {(r["method"], r["sparsity"], r["condition"]): r for r in doc["rows"]}
+    lines = [f"Personas: {', '.join(doc['personas'])}.", "",
+             "| mask | removed | retained, masked+prompt | retained, masked | fidelity, masked | ppl ratio, masked |",
+             "|---|---|---|---|---|---|"]
+
+    def ci(r, k):
+        return f"{r[k]:.2f} [{r[k + '_lo']:.2f}, {r[k + '_hi']:.2f}]" if r and k in r else "-"
+
+    for cond in ("dense", "dense+prompt"):
+        r = rows.get(("dense", 0.0, cond))
+        if r:
+            lines.append(f"| {cond} | 0 | {ci(r, 'retained')} | | {ci(r, 'fidelity')} | {r.get('ppl_ratio', '-')} |")
+    methods = sorted({(m, s) for m, s, _ in rows if m != "dense"}, key=lambda x: (x[1], x[0]))
+    for m, s in methods:
+        mp, mm = rows.get((m, s, "masked+prompt")), rows.get((m, s, "masked"))
+        lines.append(f"| {m} | {s:g} | {ci(mp, 'retained')} | {ci(mm, 'retained')} | {ci(mm, 'fidelity')} "
+                     f"| {mm.get('ppl_ratio', '-') if mm else '-'} |")
+    if doc.get("export"):
+        lines += ["", "| removed | params (exported / dense) | forward tokens/s (exported / dense) | speedup |",
+                  "|---|---|---|---|"]
+        for s, e in doc["export"].items():
+            lines.append(f"| {float(s):g} | {e['params_exported']:,} / {e['params_dense']:,} ({e['params_ratio']:.3f}) "
+                         f"| {e['tokens_per_s_exported']:,} / {e['tokens_per_s_dense']:,} | {e['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/study-pruner.yaml")
@@ -237,6 +266,8 @@ def main() -> None:
     for e in summary:
         print(json.dumps(e))
     print(json.dumps({"export": speeds}))
+    (out / "summary.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class LearnConfig:
     loss: str = "kl"  # kl (to the dense model's answer distributions) | lm (on the dense answers)
     sparsity: float = 0.25  # fraction of MLP channels removed in every layer
     steps: int = 40
-    lr: float = 0.05  # Adam, on per-layer standardised scores
+    lr: float = 0.1  # Adam, on per-layer standardised scores
     batch_size: int = 4  # persona examples per step
     temperature: float = 0.5  # of the straight-through surrogate sigmoid((s - t) / T)
     general_weight: float = 0.5  # weight of the KL on general text (0: off)

@@ -49,10 +49,13 @@ def knobs_suffix(config: LearnConfig, data: DataConfig) -> str:
     return "+" + content_hash(LEARN_VERSION, knobs, data.hash)[:8]
 
 
-def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: str) -> str:
+def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: str, calib: str | None = None
+             ) -> str:
+    """As every mask's key: ``calib=<c>`` names the calibration config of the statistics the scores
+    started from (absent for an init that reads none, e.g. magnitude)."""
     suffix = knobs_suffix(config, data)
     segment = layout.method_segment(config.method, "ffn-channels", params_hash=suffix.removeprefix("+") or None)
-    return layout.mask(model_key, segment, config.sparsity, persona_id)
+    return layout.mask(model_key, segment, config.sparsity, persona_id, calib=calib)
 
 
 def data_identity(model_key: str, persona: Persona, data: DataConfig, held_out) -> str:
@@ -83,6 +86,7 @@ class LearnTask:
     model_key: str
     stats_fingerprints: tuple[tuple[str, str], ...] = ()  # (persona id, stats fingerprint) the init reads
     export: bool = False
+    calib_hash: str | None = None  # the calibration config of those statistics
 
     @property
     def name(self) -> str:
@@ -95,7 +99,8 @@ class LearnTask:
 
     @property
     def mask_key(self) -> str:
-        return mask_key(self.model_key, self.config, self.data, self.persona.id)
+        return mask_key(self.model_key, self.config, self.data, self.persona.id,
+                        self.calib_hash if self.stats_roles else None)
 
     @property
     def stats_roles(self) -> list[str]:
@@ -153,7 +158,7 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
         return {"task": task.name, "status": "current", "key": task.mask_key, "seconds": 0.0}
     unit_id = task.identity
     samples, dkey = training_data(loaded, store, task)
-    stats = [read_persona_stats(store, task.model_key, pid) for pid in task.stats_roles]
+    stats = [read_persona_stats(store, task.model_key, pid, calib_hash=task.calib_hash) for pid in task.stats_roles]
     ckey = checkpoint_key(task.model_key, task.persona.id, unit_id)
     state = None
     if store.exists(ckey):
@@ -175,6 +180,7 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
     result = learn_persona(loaded, task.persona, stats, task.config, task.data, held_out=task.held_out,
                            samples=samples, state=state, on_checkpoint=checkpoint)
     meta = dict(result.metadata, model_key=task.model_key, persona=task.persona.id, identity=unit_id,
+                calib_hash=task.calib_hash or "",
                 code_version=LEARN_VERSION, data_key=dkey, stats=dict(task.stats_fingerprints),
                 resumed_from=resumed_from, evaluation_questions=len(task.held_out))
     if task.export:

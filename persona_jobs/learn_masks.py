@@ -70,15 +70,15 @@ class LearnerWorker:
 
 def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | None, objectives: Sequence[str],
          sparsities: Sequence[float], config: LearnConfig, data: DataConfig, max_questions: int | None = None,
-         export: bool = False) -> tuple[list, list[str]]:
+         export: bool = False, calib_hash: str | None = None) -> tuple[list, list[str]]:
     """Every task, and problems (missing statistics) found before any work starts."""
     from persona_core.evaluate import EvalConfig
     from persona_core.learned import LearnTask
     from persona_core.metrics import heldout_questions
-    from persona_jobs.build_masks import stats_fingerprints
+    from persona_core.units import stats_fingerprints
 
     cat = catalog.select(persona_ids) if persona_ids else catalog
-    prints = stats_fingerprints(store, model_key)
+    prints = stats_fingerprints(store, model_key, calib_hash or None)
     tasks, missing = [], set()
     for persona in cat:
         # every question the evaluation may ask this persona is kept out of its training data
@@ -94,7 +94,7 @@ def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | Non
                     missing.update(absent)
                     continue
                 tasks.append(LearnTask(persona, cfg, data, held, model_key,
-                                       tuple((pid, prints[pid]) for pid in need), export))
+                                       tuple((pid, prints[pid]) for pid in need), export, calib_hash or None))
     problems = []
     if missing:
         problems.append(f"no statistics stored for model {model_key} and persona(s) {', '.join(sorted(missing)[:10])}"
@@ -106,7 +106,10 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
         personas: Sequence[str] | None = None, objectives: Sequence[str] = ("with-prompt",),
         sparsities: Sequence[float] = (0.25,), config: LearnConfig = LearnConfig(),
         data: DataConfig = DataConfig(), *, export: bool = False, actors: int | None = None,
-        address: str | None = None, device: str | None = None, retries: int = 2) -> Summary:
+        address: str | None = None, device: str | None = None, retries: int = 2,
+        calib_hash: str | None = None) -> Summary:
+    """Learn every missing mask, the scores starting from the statistics of calibration config
+    `calib_hash` (None: the only one stored for these personas)."""
     summary = Summary("learn-masks")
     store = open_store(store)
     bad = [o for o in objectives if o not in OBJECTIVES]
@@ -125,7 +128,12 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
     except ValueError as err:
         raise UserError(str(err)) from err
     store.check_writable()
-    tasks, problems = plan(store, mkey, cat, None, objectives, sparsities, config, data, export=export)
+    if calib_hash is None:
+        from persona_core.units import resolve_calib
+
+        calib_hash = resolve_calib(store, mkey, [p.id for p in cat] + ["general"])
+    tasks, problems = plan(store, mkey, cat, None, objectives, sparsities, config, data, export=export,
+                           calib_hash=calib_hash)
     if problems:
         raise UserError("\n".join(problems))
     from persona_core.learned import is_current
@@ -217,6 +225,8 @@ def add_parser(sub) -> None:
     p.add_argument("--answer-tokens", type=int, default=DataConfig.max_new_tokens, help="answer length")
     add_list(p, "--instructions", metavar="URL[::FIELD]", help="extra instruction files")
     p.add_argument("--export", action="store_true", help="also store the physically smaller model")
+    p.add_argument("--calib-hash", default=None, metavar="HASH",
+                   help="start from the statistics of this calibration config (default: the only one stored)")
     p.add_argument("--actors", type=int, default=None, help="learner actors (default: one per GPU, else 1)")
     p.add_argument("--retries", type=int, default=2, help="fresh actors a task may resume on after its actor dies")
     p.add_argument("--device", default=None, help="device in the actors (default cuda when a GPU is given, else cpu)")
@@ -233,7 +243,7 @@ def _main(args) -> int:
         raise UserError(str(err)) from err
     summary = run(args.store, args.model, args.catalog, args.personas, args.objectives or ["with-prompt"],
                   args.sparsities or [0.25], config, data, export=args.export, actors=args.actors,
-                  address=args.address, device=args.device, retries=args.retries)
+                  address=args.address, device=args.device, retries=args.retries, calib_hash=args.calib_hash)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")

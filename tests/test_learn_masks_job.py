@@ -12,7 +12,7 @@ from persona_core.learned import LearnTask, checkpoint_key, is_current, run_task
 from persona_core.maskcodec import read_mask
 from persona_core.stats import write_stats
 from persona_core.store import open_store
-from persona_core.units import list_masks, stats_fingerprints
+from persona_core.units import list_masks, of_calibration, stats_fingerprints
 
 CFG = LearnConfig(steps=4, batch_size=2, general_windows=2, general_batch=1, max_length=96, checkpoint_every=2)
 DATA = DataConfig(examples=3, max_new_tokens=6)
@@ -33,7 +33,8 @@ def _store(tmp_path, tiny, persona):
 def _task(store, tiny, persona, **changes):
     prints = stats_fingerprints(store, tiny.key)
     return LearnTask(persona, CFG if not changes else LearnConfig(**{**CFG.__dict__, **changes}), DATA,
-                     ("Held-out question?",), tiny.key, ((persona.id, prints[persona.id]),))
+                     ("Held-out question?",), tiny.key, ((persona.id, prints[persona.id]),),
+                     calib_hash=CalibConfig(max_length=64).hash)
 
 
 def test_a_killed_task_resumes_from_its_stored_checkpoint(tmp_path, tiny, persona):
@@ -77,6 +78,7 @@ def test_training_data_is_stored_once_and_shared(tmp_path, tiny, persona):
     doc = store.read_json(data[0])
     assert len(doc["samples"]) == 3 and all(s["question"] != "Held-out question?" for s in doc["samples"])
     assert a.mask_key != b.mask_key and "method=learned-prompt-free@ffn-channels" in b.mask_key
+    assert f"/calib={CalibConfig(max_length=64).hash}/" in a.mask_key
 
 
 def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
@@ -89,7 +91,7 @@ def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
     assert first.ok and first.done == 2, first.errors
     again = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
     assert again.done == 0 and again.skipped == 2
-    refs = list_masks(store, tiny.key)
+    refs = of_calibration(list_masks(store, tiny.key), CalibConfig(max_length=64).hash)
     assert {(r.base, r.granularity, r.owner) for r in refs} == {
         ("learned-with-prompt", "ffn-channels", "introvert"), ("learned-prompt-free", "ffn-channels", "introvert")}
 
@@ -104,7 +106,7 @@ def test_a_dead_actor_task_resumes_on_a_fresh_actor(ray_cluster, tmp_path, tiny,
     assert out.ok and out.done == 1, out.errors
     assert list((tmp_path / "markers").iterdir())  # the actor really died once
     (task,), problems = learn_masks.plan(store, tiny.key, load_catalog("builtin"), ["introvert"], ["with-prompt"],
-                                         [0.25], CFG, DATA)
+                                         [0.25], CFG, DATA, calib_hash=CalibConfig(max_length=64).hash)
     meta = read_mask_metadata(store, task.mask_key)
     assert not problems and meta["identity"] == task.identity and meta["resumed_from"] == 2 and meta["steps_run"] == 2
 

@@ -196,8 +196,67 @@ class MasksOptions(Section):
         return v
 
 
+def _learn_options() -> tuple[type[Section], type[Section]]:
+    from .learn import DataConfig, LearnConfig
+
+    knobs = _options_model("LearnKnobs", LearnConfig, "Fields of learn.LearnConfig (objective and sparsity come "
+                           "from masks.learned.objectives and the sparsities).")
+    data = _options_model("LearnData", DataConfig, "Fields of learn.DataConfig: how the training data is made.")
+
+    class LearnKnobs(knobs):
+        @model_validator(mode="after")
+        def _builds(self):
+            given = sorted({"objective", "sparsity"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: set masks.learned.objectives / sparsities instead")
+            LearnConfig(**{k: v for k, v in dict(self).items() if k not in ("objective", "sparsity")})
+            return self
+
+    class LearnData(data):
+        @model_validator(mode="after")
+        def _builds(self):
+            DataConfig(**dict(self))
+            return self
+
+    return LearnKnobs, LearnData
+
+
 CalibrateOptions = _calib_options()
 EvaluateOptions = _eval_options()
+LearnKnobs, LearnData = _learn_options()
+
+
+class LearnedSection(Section):
+    """Persona-Pruner's learned FFN-channel masks, learned in the masks stage after the built masks."""
+
+    enabled: Bool = Field(False, description="learn masks (persona_jobs.learn_masks) for every persona")
+    objectives: Annotated[list[Text], BeforeValidator(_as_list)] = Field(
+        ["with-prompt"], description="with-prompt and/or prompt-free")
+    sparsities: Annotated[list[Annotated[float, Field(strict=True)]], BeforeValidator(_as_list)] | None = Field(
+        None, description="fractions of MLP channels removed (null: masks.sparsities)")
+    knobs: LearnKnobs = Field(default_factory=LearnKnobs, description="learner knobs (steps, lr, batch_size, ...)")
+    data: LearnData = Field(default_factory=LearnData, description="training data (examples, max_new_tokens, ...)")
+    export: Bool = Field(False, description="also store the physically smaller model")
+    actors: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description="learner actors (null: one per "
+                                                                                "GPU, else 1)")
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v):
+        from .learn import OBJECTIVES
+
+        if not v:
+            raise ValueError("expected a non-empty list")
+        return _check_names(v, OBJECTIVES, "objective")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v):
+        return v if v is None else _fractions(v)
+
+    def methods(self) -> list[str]:
+        """The mask methods (store names) it produces."""
+        return [f"learned-{o}" for o in self.objectives] if self.enabled else []
 
 
 # ---------------------------------------------------------------------------- the sections
@@ -251,6 +310,8 @@ class MasksSection(Section):
                           "(replaces sparsities); null: fixed sparsities")
     options: MasksOptions = Field(default_factory=MasksOptions,
                                   description="the mask builder's options: params, delta, device, max_in_flight")
+    learned: LearnedSection = Field(default_factory=LearnedSection,
+                                    description="learned FFN-channel masks (Persona-Pruner), off by default")
 
     @field_validator("methods", "baselines")
     @classmethod
@@ -361,6 +422,8 @@ class PipelineConfig(Section):
             d[name]["options"] = getattr(self, name).options.model_dump(mode="json", exclude_unset=True)
         if d["masks"].get("budget") is None:  # a knob added later counts only when set: old run ids stay
             d["masks"].pop("budget", None)
+        if not self.masks.learned.enabled:  # likewise: learned masks count only when they are learned
+            d["masks"].pop("learned", None)
         return d
 
     @property

@@ -18,7 +18,7 @@ import os
 from dataclasses import fields
 from typing import Sequence
 
-from persona_core.catalog import CatalogError, load_catalog
+from persona_core.catalog import Catalog, CatalogError, load_catalog
 from persona_core.learn import OBJECTIVES, DataConfig, LearnConfig
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
@@ -102,7 +102,7 @@ def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | Non
     return tasks, problems
 
 
-def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "builtin",
+def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: "str | Catalog" = "builtin",
         personas: Sequence[str] | None = None, objectives: Sequence[str] = ("with-prompt",),
         sparsities: Sequence[float] = (0.25,), config: LearnConfig = LearnConfig(),
         data: DataConfig = DataConfig(), *, export: bool = False, actors: int | None = None,
@@ -116,7 +116,7 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: str = "b
     if bad:
         raise UserError(f"unknown objective(s) {', '.join(bad)} (use {', '.join(OBJECTIVES)})")
     try:
-        cat = load_catalog(catalog)
+        cat = load_catalog(catalog) if isinstance(catalog, str) else catalog
         if personas:
             cat = cat.select(personas)
     except CatalogError as err:

@@ -58,6 +58,30 @@ def stage_calibrate(p: Plan) -> Summary:
 
 
 def stage_masks(p: Plan) -> Summary:
+    summary = _build_masks(p)
+    if p.config.masks.learned.enabled and summary.ok:
+        learned = stage_learn(p)
+        summary.done, summary.skipped, summary.failed = (summary.done + learned.done, summary.skipped + learned.skipped,
+                                                         summary.failed + learned.failed)
+        summary.tokens += learned.tokens
+        summary.errors += learned.errors
+    return summary
+
+
+def stage_learn(p: Plan) -> Summary:
+    """Learned FFN-channel masks (masks.learned) for every persona, from the run's statistics."""
+    from persona_core.learn import DataConfig, LearnConfig
+    from persona_jobs import learn_masks
+
+    m = p.config.masks
+    sec = m.learned
+    knobs = {k: v for k, v in dict(sec.knobs).items() if k not in ("objective", "sparsity")}
+    return learn_masks.run(p.store, p.model, p.catalog, p.persona_ids, list(sec.objectives),
+                           list(sec.sparsities or m.sparsities), LearnConfig(**knobs), DataConfig(**dict(sec.data)),
+                           export=sec.export, actors=sec.actors, address=p.config.address, calib_hash=p.calib.hash)
+
+
+def _build_masks(p: Plan) -> Summary:
     from persona_jobs import build_masks
 
     m = p.config.masks
@@ -76,7 +100,8 @@ def stage_evaluate(p: Plan) -> Summary:
 
     c = p.config
     budgeted = c.masks.budget is not None
-    return evaluate.run(store=p.store, model=p.model, catalog=p.catalog, methods=list(c.masks.methods),
+    return evaluate.run(store=p.store, model=p.model, catalog=p.catalog,
+                        methods=list(c.masks.methods) + c.masks.learned.methods(),
                         sparsities=[] if budgeted else list(c.masks.sparsities), personas=p.persona_ids,
                         run_id=p.run_id, address=c.address, config=p.eval, report=False,
                         budgets=[budget_segment(Budget.from_value(c.masks.budget))] if budgeted else None,

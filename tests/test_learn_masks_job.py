@@ -117,3 +117,42 @@ def test_learn_masks_needs_statistics(ray_cluster, tmp_path):
 
     with pytest.raises(UserError, match="calibrate"):
         learn_masks.run(str(tmp_path / "empty"), "tiny-random-llama", "builtin", ["introvert"], config=CFG, data=DATA)
+
+
+def test_masks_learned_config_section():
+    from persona_core.config import ConfigError, PipelineConfig, parse_config
+
+    cfg = parse_config("masks:\n  learned:\n    enabled: true\n    objectives: [with-prompt, prompt-free]\n"
+                       "    knobs: {steps: 3, lr: 0.2}\n    data: {examples: 2}\n")
+    assert cfg.masks.learned.methods() == ["learned-with-prompt", "learned-prompt-free"]
+    assert "learned" in cfg.work_dict()["masks"]
+    assert "learned" not in PipelineConfig().work_dict()["masks"]  # off: older run ids stay
+    for bad, why in (("objectives: [sideways]", "unknown objective 'sideways'"),
+                     ("knobs: {stepz: 3}", "did you mean 'steps'"),
+                     ("knobs: {sparsity: 0.5}", "sparsities instead"),
+                     ("knobs: {temperature: 0}", "temperature"),
+                     ("data: {examples: 0}", "examples")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(f"masks:\n  learned:\n    {bad}\n")
+
+
+def test_the_pipeline_masks_stage_learns(ray_cluster, tmp_path, tiny):
+    from persona_core.plan import make_plan
+    from persona_jobs import pipeline
+    from tests.conftest import tiny_pipeline_config
+
+    store_url = str(tmp_path / "store")
+    cfg = tiny_pipeline_config(store_url, masks__learned={
+        "enabled": True, "sparsities": [0.25], "knobs": {"steps": 2, "batch_size": 2, "general_windows": 2,
+                                                           "general_batch": 1, "max_length": 96},
+        "data": {"examples": 2, "max_new_tokens": 4}})
+    p = make_plan(cfg)
+    store = open_store(store_url)
+    for pid in p.persona_ids:
+        stats, generated = calibrate_persona(tiny, p.catalog[pid], p.calib)
+        write_stats(store, stats, generated=generated, calib_config=p.calib.to_dict())
+    out = pipeline.stage_learn(p)
+    assert out.ok and out.done == len(p.persona_ids), out.errors
+    keys = [k for k in store.list(f"masks/model={tiny.key}/calib={p.calib.hash}/", suffix=".safetensors")
+            if "/method=learned-with-prompt@ffn-channels+" in k]  # non-default knobs: a +<hash> suffix
+    assert len(keys) == len(p.persona_ids)

@@ -204,6 +204,8 @@ def _learn_options() -> tuple[type[Section], type[Section]]:
     data = _options_model("LearnData", DataConfig, "Fields of learn.DataConfig: how the training data is made.")
 
     class LearnKnobs(knobs):
+        ONE_ROW: typing.ClassVar[bool] = True
+
         @model_validator(mode="after")
         def _builds(self):
             given = sorted({"objective", "sparsity"} & self.model_fields_set)
@@ -213,6 +215,8 @@ def _learn_options() -> tuple[type[Section], type[Section]]:
             return self
 
     class LearnData(data):
+        ONE_ROW: typing.ClassVar[bool] = True
+
         @model_validator(mode="after")
         def _builds(self):
             DataConfig(**dict(self))
@@ -649,10 +653,11 @@ def describe(cls: type = NightlyConfig, prefix: str = "") -> list[tuple[str, str
     for name, f in cls.model_fields.items():
         dotted = f"{prefix}.{name}" if prefix else name
         ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, Section) and name != "options":
+        one_row = name == "options" or getattr(ann, "ONE_ROW", False)  # a dataclass's fields: one row
+        if isinstance(ann, type) and issubclass(ann, Section) and not one_row:
             rows.extend(describe(ann, dotted))
             continue
-        default = {} if name == "options" else (f.get_default(call_default_factory=True))
+        default = {} if one_row else (f.get_default(call_default_factory=True))
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json", exclude_unset=True)
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()

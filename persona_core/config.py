@@ -188,7 +188,7 @@ class MasksOptions(Section):
     def _known_params(cls, v):
         masks = _registries()[0]
         for method, params in v.items():
-            _check_names([method], masks.REGISTRY, "mask method")
+            _check_names([method], masks.REGISTRY, "method")
             known = masks.REGISTRY[method].defaults
             for key in params:
                 if key not in known:
@@ -322,7 +322,7 @@ class MasksSection(Section):
     def _known_methods(cls, v, info):
         if info.field_name == "methods":
             _non_empty(v)
-        return _check_names(v, _registries()[0].REGISTRY, "mask method")
+        return _check_names(v, _registries()[0].REGISTRY, "method")
 
     @field_validator("sparsities")
     @classmethod

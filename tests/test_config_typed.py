@@ -46,8 +46,8 @@ def test_registries_are_checked_at_load():
                    "      contrastive-wanda: {ff: softplus}\n"
                    "evaluate:\n  conditions: [masked, maskd]\n  options:\n    metrics: [perplexty]\n")
     text = "\n".join(got)
-    assert "c.yaml:2: masks.methods: unknown mask method 'wandaa' (did you mean 'wanda'?)" in got
-    assert "c.yaml:3: masks.baselines: unknown mask method 'magnitud' (did you mean 'magnitude'?)" in got
+    assert "c.yaml:2: masks.methods: unknown method 'wandaa' (did you mean 'wanda'?)" in got
+    assert "c.yaml:3: masks.baselines: unknown method 'magnitud' (did you mean 'magnitude'?)" in got
     assert "c.yaml:5: masks.options.params: contrastive-wanda: unknown parameter 'ff' (did you mean 'f'?)" in got
     assert "c.yaml:8: evaluate.conditions: unknown condition 'maskd' (did you mean 'masked'?)" in got
     assert "perplexty" in text and "did you mean 'perplexity'" in text

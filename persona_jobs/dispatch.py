@@ -25,6 +25,7 @@ from persona_jobs.common import progress
 
 log = logging.getLogger(__name__)
 
+SETTLE_S = 5.0  # longest wait for a finished stage's resources to come back
 POLL_S = 1.0
 
 
@@ -55,11 +56,28 @@ class Outcome:
     actors_started: int = 0
 
 
-def free_slots(resources: dict) -> int:
-    """How many actors asking for `resources` fit in what the cluster has free right now."""
+def free_resources(settle_s: float = SETTLE_S) -> dict:
+    """What the cluster has free now, after letting a stage that just ended give back what it held.
+
+    Ray returns a finished task's worker lease and a killed actor's resources a moment after the
+    driver has its result, so a snapshot taken right after one stage can see half a 2-CPU machine
+    as taken and size the next pool (and its torch threads) for one core. Polls until everything
+    is free or `settle_s` has passed (on a cluster shared with other jobs: the last snapshot).
+    """
     import ray
 
-    free = ray.available_resources()
+    total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    deadline = time.monotonic() + settle_s
+    while True:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= v for k, v in total.items()) or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.1)
+
+
+def free_slots(resources: dict) -> int:
+    """How many actors asking for `resources` fit in what the cluster has free right now."""
+    free = free_resources()
     slots = []
     if resources.get("num_gpus"):
         slots.append(int(free.get("GPU", 0) // resources["num_gpus"]))

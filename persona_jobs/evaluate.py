@@ -190,9 +190,8 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     summary.workers = {}
     if todo:
         ensure_ray(address)
-        import ray
 
-        free_cpus = max(1, int(ray.available_resources().get("CPU", 0)))  # what this job can have now
+        free_cpus = max(1, int(dispatch.free_resources().get("CPU", 0)))  # what this job can have now
         n_layout, resources, threads = actor_resources(
             gpus_per_node(), free_cpus, len(todo), actors=actors, cpus_per_actor=cpus_per_actor,
             gpus_per_actor=gpus_per_actor, device_map=device_map)

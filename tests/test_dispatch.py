@@ -117,3 +117,26 @@ def test_calibration_and_evaluation_pools_finish_on_a_half_taken_cluster(taken, 
                      config=EvalConfig(conditions=("masked",), metrics=("statement-preference",), max_statements=4),
                      schedule_timeout_s=120)
     assert e.ok and e.done == 2 and len(e.workers) == 1, e.errors  # one actor placed, it did both
+
+
+def test_free_resources_waits_for_a_stage_that_just_ended(ray_cluster):
+    """A pool sized right after the previous stage killed its actors must see the whole machine:
+    sized from the instant snapshot, the evaluator once got one torch thread on a free 2-CPU node."""
+
+    @ray_cluster.remote(num_cpus=2)
+    class Stage:
+        def ping(self):
+            return True
+
+    a = Stage.remote()
+    ray_cluster.get(a.ping.remote())
+    ray_cluster.kill(a)
+    assert dispatch.free_resources().get("CPU", 0) == 2
+    assert dispatch.pool_size(None, {"num_cpus": 1}, units=10) == 2
+
+
+def test_free_resources_returns_after_the_settle_time_when_others_hold_cpus(taken):
+    taken(1)
+    t0 = time.monotonic()
+    assert dispatch.free_resources(settle_s=0.5).get("CPU", 0) == 1
+    assert time.monotonic() - t0 < 5

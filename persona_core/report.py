@@ -438,10 +438,19 @@ def pareto_points(results: pa.Table):
     return pd.DataFrame(rows, columns=cols)
 
 
-def plot_pareto(results: pa.Table) -> str | None:
+def ppl_axis_label(metric: str, general_text: str | None = None) -> str:
+    """The x label of a perplexity-ratio axis: the text a ``perplexity-ratio[:<text>]`` row was measured on."""
+    text = metric.partition(":")[2] or general_text or "built-in held-out text"
+    return f"perplexity ratio vs dense ({text})"
+
+
+def plot_pareto(results: pa.Table, general_text: str | None = None) -> str | None:
     """Separation against general-text perplexity ratio, per method over its settings: one small point
     per pair, a large one for the mean over pairs, the means of a method joined in order of cost;
-    the baselines (prompt, few-shot, steering at their chosen settings) on the same axes."""
+    the baselines (prompt, few-shot, steering at their chosen settings) on the same axes.
+
+    `general_text` names the text behind the unsuffixed ``perplexity-ratio`` rows (the run's
+    ``evaluate.options.ppl_text``; results rows do not carry it); None: the built-in held-out text."""
     import matplotlib.pyplot as plt
 
     pts = pareto_points(results)
@@ -462,8 +471,7 @@ def plot_pareto(results: pa.Table) -> str | None:
                 ls="none" if base else "-", label=f"{fam} (mean of {g.pair.nunique()} pairs)")
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.axhline(0.0, color="grey", lw=0.8)
-    text = pts.ppl_metric.iloc[0].partition(":")[2] or "built-in held-out text"
-    ax.set_xlabel(f"perplexity ratio vs dense ({text})")
+    ax.set_xlabel(ppl_axis_label(pts.ppl_metric.iloc[0], general_text))
     ax.set_ylabel("separation")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("Who wins at which cost: separation against general-text perplexity", fontsize=10)
@@ -608,7 +616,8 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
         sep = pair_separation(results)
         figs = [("Separation per opposing pair", _plot_separation(sep)),
                 ("Separation against general-text cost", _plot_cost(summ)),
-                ("Pareto view: separation against perplexity, per pair and method", plot_pareto(results)),
+                ("Pareto view: separation against perplexity, per pair and method",
+                 plot_pareto(results, (inputs or {}).get("general text (reported)"))),
                 ("Metrics against sparsity", _plot_vs_sparsity(dense, masked, PLOT_METRICS))]
         for name, png in figs:
             if png:

@@ -155,3 +155,12 @@ def test_pareto_points_use_the_test_split_and_the_worse_mask_of_a_pair(tmp_path)
     assert plot_pareto(no_ppl) is None and pareto_points(no_ppl).empty
     page = build_report(table, tmp_path / "r.html").read_text()
     assert "Pareto view" in page
+
+
+def test_pareto_axis_names_the_text_the_ratio_was_measured_on():
+    from persona_core.report import ppl_axis_label
+
+    wiki = "../shared/data/wikitext-2/test.txt (4 windows x 128 tokens)"
+    assert ppl_axis_label("perplexity-ratio", wiki) == f"perplexity ratio vs dense ({wiki})"
+    assert ppl_axis_label("perplexity-ratio:extra.txt", wiki) == "perplexity ratio vs dense (extra.txt)"
+    assert ppl_axis_label("perplexity-ratio") == "perplexity ratio vs dense (built-in held-out text)"

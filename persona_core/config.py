@@ -305,8 +305,8 @@ class MasksSection(Section):
     methods: TextList = Field(["wanda", "contrastive-wanda"], description="mask methods to build")
     sparsities: FloatList = Field([0.3, 0.5], description="fractions of weights removed")
     granularities: TextList = Field(["unstructured"], description="unstructured, 2:4, 4:8 or ffn-channels")
-    allocations: TextList = Field(["uniform"], description="sparsity across layers: uniform and/or owl "
-                                                           "(outlier-weighted)")
+    allocations: TextList = Field(["uniform"], description="sparsity across layers: uniform, owl (outlier-weighted) and/or focus "
+                                                           "(the layers where a pair differs most)")
     baselines: TextList = Field(["magnitude", "wanda-general"],
                                 description="plain-pruning baselines built and scored alongside")
     budget: dict[str, Any] | Annotated[float, Field(strict=True)] | None = Field(

@@ -51,8 +51,9 @@ GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
 DEFAULT_GRANULARITY = "unstructured"
 # How sparsity is spread over layers: the same in each, or OWL's outlier-weighted allocation
 # (Yin et al., 2024): layers with more outlier scores keep more weights. M and lambda are OWL's defaults.
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "focus")
 OWL_M, OWL_LAMBDA = 5.0, 0.08
+FOCUS_SHARE = 0.25  # the share of layers a focus allocation prunes (those where the two sides differ most)
 
 # Roles a method can need statistics for.
 PERSONA, OPPOSITE, GENERAL = "persona", "opposite", "general"
@@ -555,12 +556,42 @@ def owl_sparsities(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequ
     return tuple(float(s) for s in (sparsity - (d - d.mean())).clamp(0.0, 0.99))
 
 
+def layer_divergence(lw: LinearWeights, a: StatsLike, b: StatsLike) -> list[float]:
+    """Per decoder layer: how far two sides' input statistics differ, the mean over the layer's
+    groups of sum|rms_a - rms_b| / sum(rms_a + rms_b) over input channels (0: identical, 1: disjoint)."""
+    by_layer: dict[int, list[float]] = {}
+    for g in lw.groups:
+        ga, gb = _group_stats([a, b], (g.layer, g.name), "cpu")
+        ra, rb = ga.rms.double(), gb.rms.double()
+        by_layer.setdefault(g.layer, []).append(float((ra - rb).abs().sum() / (ra + rb).sum().clamp_min(1e-12)))
+    return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
+
+
+def focus_sparsities(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], sparsity: float,
+                     share: float = FOCUS_SHARE) -> tuple[float, ...]:
+    """A focus allocation: the whole pruning budget goes to the ``share`` of layers where the
+    persona's and the opposite's statistics differ most (`layer_divergence`); the other layers
+    stay dense. The focused layers get ``sparsity * layers / focused`` each (at most 0.99), so the
+    mean over layers is `sparsity` unless that cap binds. Ties: the earlier layer first.
+    Needs both sides of a pair (a contrastive method)."""
+    if len(stats) < 2:
+        raise ValueError("allocation 'focus' compares a persona with its opposite: use it with a contrastive method")
+    lw = weights if isinstance(weights, LinearWeights) else LinearWeights.from_model(weights)
+    d = layer_divergence(lw, stats[0], stats[1])
+    n = max(1, round(share * len(d)))
+    chosen = set(sorted(range(len(d)), key=lambda i: (-d[i], i))[:n])
+    per = min(0.99, sparsity * len(d) / n)
+    return tuple(per if i in chosen else 0.0 for i in range(len(d)))
+
+
 def resolve_allocation(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,
                        device: torch.device | str | None = None) -> MaskSpec:
     """`spec` with its per-layer sparsities filled in for a non-uniform allocation (else as is)."""
-    if spec.allocation == "owl" and spec.layer_sparsity is None:
+    if spec.layer_sparsity is not None or spec.allocation == "uniform":
+        return spec
+    if spec.allocation == "owl":
         return replace(spec, layer_sparsity=owl_sparsities(weights, stats, spec.sparsity, device=device))
-    return spec
+    return replace(spec, layer_sparsity=focus_sparsities(weights, stats, spec.sparsity))
 
 
 def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence[StatsLike], spec: MaskSpec,

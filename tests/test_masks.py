@@ -290,3 +290,47 @@ def test_owl_spec_validation_key_and_hash():
     from persona_core.config import parse_config  # the config checks against these very tuples
 
     assert parse_config("masks: {allocations: [owl], granularities: [ffn-channels]}").masks.allocations == ["owl"]
+
+
+def _differ_in_layer(stats: dict, layer: int) -> dict:
+    """The persona's statistics, with one layer's channel scales changed: the sides differ only there."""
+    out = {}
+    for key, s in stats.items():
+        if key[0] == layer:
+            w = torch.linspace(0.2, 3.0, s.sumsq.numel(), dtype=s.sumsq.dtype)
+            s = GroupStats(s.tokens, s.sum * w.sqrt(), s.sumsq * w, s.sumabs * w.sqrt(), s.samples,
+                           s.norm_sum, s.norm_sumsq)
+        out[key] = s
+    return out
+
+
+def test_focus_prunes_only_the_layers_where_the_pair_differs(lw, stats):
+    persona = stats["persona"]
+    opposite = _differ_in_layer(persona, 1)
+    d = M.layer_divergence(lw, persona, opposite)
+    assert d[0] == 0.0 and d[1] > 0.0
+    assert M.focus_sparsities(lw, [persona, opposite], 0.2) == (0.0, 0.4)  # share 0.25 of 2 layers: 1 layer
+    assert M.focus_sparsities(lw, [persona, opposite], 0.2, share=1.0) == (0.2, 0.2)
+    assert M.focus_sparsities(lw, [persona, opposite], 0.7) == (0.0, 0.99)  # the cap binds
+    spec = MaskSpec("contrastive-penalty", 0.2, allocation="focus")
+    plus, minus = build_pair_masks(lw, persona, opposite, spec=spec)
+    minus2, plus2 = build_pair_masks(lw, opposite, persona, spec=spec)  # one allocation for both sides
+    for g in lw.groups:
+        for name in g.modules:
+            for m in (plus[name], minus[name]):
+                assert (m.shape[1] - m.sum(1) == M.n_pruned(m.shape[1], 0.4 if g.layer == 1 else 0.0)).all()
+            assert torch.equal(plus[name], plus2[name]) and torch.equal(minus[name], minus2[name])
+    # the two sides' masks differ in the focused layer, where their statistics differ
+    assert any(not torch.equal(plus[n], minus[n]) for g in lw.groups if g.layer == 1 for n in g.modules)
+
+
+def test_focus_follows_the_statistics_and_needs_a_pair(lw, stats):
+    persona = stats["persona"]
+    assert M.focus_sparsities(lw, [persona, _differ_in_layer(persona, 0)], 0.2) == (0.4, 0.0)
+    assert M.focus_sparsities(lw, [persona, persona], 0.2) == (0.4, 0.0)  # a tie: the earlier layer
+    with pytest.raises(ValueError, match="contrastive"):
+        build_masks(lw, persona, spec=MaskSpec("wanda", 0.2, allocation="focus"))
+    assert "/method=contrastive-penalty~focus/" in M.mask_key("m-1", "contrastive-penalty", 0.2, "p", allocation="focus")
+    from persona_core.config import parse_config
+
+    assert parse_config("masks: {allocations: [focus]}").masks.allocations == ["focus"]

@@ -61,6 +61,25 @@ def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: Cali
                       [stats[p.id] for _, p in roles], b, config)
 
 
+def time_searches(ev, weights, catalog, pairs, methods, stats, budget: Budget, config: CalibConfig) -> dict:
+    """One budgeted search per (method, pair), timed: per method and pair the chosen setting, its
+    validation figures, points tried and seconds (setup included); ``seconds_per_pair`` the mean."""
+    searches: dict = {}
+    for method in methods:
+        for a_id, b_id in pairs:
+            t1 = time.time()
+            out = searcher(ev, weights, method, catalog[a_id], catalog[b_id], stats, budget, config).run()
+            seconds = time.time() - t1  # setup (held-out statistics, dense references) included
+            ch = out.result.to_dict()["chosen"]
+            searches.setdefault(method, {})[f"{a_id}/{b_id}"] = {
+                "sparsity": ch["sparsity"], "strength": ch["strength"], "val_ppl_ratio": round(out.final_ratio, 4),
+                "val_separation": ch["separation"], "within_budget": out.result.within_budget,
+                "points": len(out.result.points), "seconds": round(seconds, 1)}
+    all_s = [v["seconds"] for per in searches.values() for v in per.values()]
+    searches["seconds_per_pair"] = round(sum(all_s) / len(all_s), 1) if all_s else None
+    return searches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default="builtin")
@@ -115,21 +134,8 @@ def main() -> None:
                 vals = list(row.values())
                 row["mean"] = [round(sum(v[0] for v in vals) / len(vals), 4), round(sum(v[1] for v in vals) / len(vals), 4)]
 
-    searches: dict = {}
-    if not args.no_budget:
-        for method in args.methods:
-            for a_id, b_id in pairs:
-                t1 = time.time()
-                out = searcher(ev, weights, method, catalog[a_id], catalog[b_id], stats, budget, config).run()
-                seconds = time.time() - t1  # setup (held-out statistics, dense references) included
-                ch = out.result.to_dict()["chosen"]
-                searches.setdefault(method, {})[f"{a_id}/{b_id}"] = {
-                    "sparsity": ch["sparsity"], "strength": ch["strength"], "val_ppl_ratio": round(out.final_ratio, 4),
-                    "val_separation": ch["separation"], "within_budget": out.result.within_budget,
-                    "points": len(out.result.points), "seconds": round(seconds, 1)}
-        all_s = [v["seconds"] for per in searches.values() for v in per.values()]
-        searches["seconds_per_pair"] = round(sum(all_s) / len(all_s), 1) if all_s else None
-
+    searches = {} if args.no_budget else time_searches(ev, weights, catalog, pairs, args.methods, stats, budget,
+                                                           config)
     print(json.dumps({
         "benchmark": "frontier", "model": args.model, "catalog": catalog.name, "pairs": [list(p) for p in pairs],
         "threads": args.threads, "load_avg": round(os.getloadavg()[0], 1), "calibration_s": round(calib_s, 1),

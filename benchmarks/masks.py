@@ -13,6 +13,10 @@ Prints one JSON line:
 * ``real_stats``: the diff and delta figures again, from statistics calibrated on real
   statements of ``--sample-pairs`` opposing pairs, for `wanda` (per-persona masks) and
   `contrastive-wanda`: the synthetic perturbation above exaggerates persona differences.
+* ``budget``: seconds per budgeted pair (target <= 60 s on 2 CPU cores): one capability-budget
+  search (x1.10 WikiText-2 validation perplexity) per ``--budget-methods`` method on each
+  ``--budget-pairs`` pair of the built-in catalog, statistics calibrated on the default model
+  (`benchmarks/frontier.py`'s timed search; ``--budget-pairs`` with no value skips it).
 
 Statistics: ``--stats synthetic`` (default) uses real default-model activations on the
 general texts with channel scales perturbed per persona (seconds); ``--stats calibrated``
@@ -159,6 +163,28 @@ def speedup(weights: LinearWeights, stats, layers: int = 2, repeats: int = 3) ->
     return t_ref / t_ours, t_ours
 
 
+def budget_seconds(pairs: list[str], methods: list[str], tmp: str) -> dict:
+    """Seconds per budgeted pair on the default model (frontier.py's timed search, built-in catalog)."""
+    from frontier import stats_for, time_searches
+
+    from persona_core.budget import Budget
+    from persona_core.calibration import CalibConfig
+    from persona_core.catalog import general_persona
+    from persona_core.evaluate import Evaluator
+
+    builtin = load_catalog("builtin")
+    pairs_ = [tuple(p.split(",")) for p in pairs]
+    ev = Evaluator(DEFAULT_MODEL, device="cpu")
+    lw = LinearWeights.from_model(ev.loaded)
+    weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})
+    config = CalibConfig()
+    people = [general_persona()] + [builtin[x] for pair in pairs_ for x in pair]
+    stats = stats_for(ev, people, os.path.join(tmp, "budget-store"), config)
+    budget = Budget(perplexity_ratio=1.10)
+    out = time_searches(ev, weights, builtin, pairs_, methods, stats, budget, config)
+    return {"budget": budget.perplexity_ratio, "val_text": budget.ppl_text, "threads": torch.get_num_threads(), **out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default=SHARED if os.path.isdir(SHARED) else "builtin")
@@ -170,6 +196,9 @@ def main() -> None:
     ap.add_argument("--real-statements", type=int, default=16,
                     help="statements per persona calibrated for the real-statistics diff/delta figures")
     ap.add_argument("--store", default=None, help="store URL (default: a temporary folder)")
+    ap.add_argument("--budget-pairs", nargs="*", default=["introvert,extrovert"],
+                    help="built-in A,B pairs whose budgeted search is timed (none: skip)")
+    ap.add_argument("--budget-methods", nargs="+", default=["contrastive-penalty"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("PERSONA_PROGRESS", "0")
@@ -213,6 +242,7 @@ def main() -> None:
         diff.append(sum(int((ma[n] ^ mb[n]).sum()) for n in ma) / numel)
     n_weights = numel
     real = real_pairs(catalog, args.sample_pairs, args.real_statements)
+    budget = budget_seconds(args.budget_pairs, args.budget_methods, tmp) if args.budget_pairs else None
     print(json.dumps({
         "benchmark": "masks", "model": DEFAULT_MODEL, "catalog": catalog.name, "personas": len(catalog),
         "pairs": len(catalog.pairs()), "method": "contrastive-wanda", "sparsity": 0.5,
@@ -227,8 +257,9 @@ def main() -> None:
         "bits_per_weight_plain": round(sum(plain_bits) / len(plain_bits), 4),
         "bits_per_weight_delta": round(sum(delta_bits) / len(delta_bits), 4),
         "opposing_diff_fraction": round(sum(diff) / len(diff), 5),
-        "real_stats": real,
-        "targets": {"speedup": ">=20", "seconds_216": "<300", "plain": "<=1", "delta": "<=0.2"},
+        "real_stats": real, "budget": budget,
+        "targets": {"speedup": ">=20", "seconds_216": "<300", "plain": "<=1", "delta": "<=0.2",
+                    "budget_seconds_per_pair": "<=60"},
     }))
 
 

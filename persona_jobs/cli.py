@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # -v is for this program: the AWS SDKs' DEBUG lines print request headers and credential lookups
     quiet_aws_loggers()
-    for noisy in ("httpx", "filelock"):
+    for noisy in ("httpx", "filelock", "matplotlib", "PIL"):  # matplotlib: a line per font it considers
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_logging_redaction()  # every log line: credentials in URLs, endpoints, signed requests
     with redacted_output():  # and every line printed: results, errors, tracebacks, progress

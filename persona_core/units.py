@@ -324,7 +324,24 @@ def evaluation_tasks(store: Store, catalog: Catalog, model_key: str, run_id: str
             task.units.append(EvaluationUnit(p.id, None, result_part_key(run_id, p, opposite, None, model_key,
                                                                          config)))
         tasks.append(task)
-    return tasks
+    return pair_order(tasks)
+
+
+def pair_order(tasks: list[EvaluationTask]) -> list[EvaluationTask]:
+    """The tasks with each persona's opposite right after it (otherwise in the given order): a run
+    stopped midway leaves whole pairs to compare, and a pair's steering choice is reused at once."""
+    by_id = {t.persona.id: t for t in tasks}
+    out, placed = [], set()
+    for t in tasks:
+        if t.persona.id in placed:
+            continue
+        out.append(t)
+        placed.add(t.persona.id)
+        partner = by_id.get(t.opposite.id) if t.opposite is not None else None
+        if partner is not None and partner.persona.id not in placed:
+            out.append(partner)
+            placed.add(partner.persona.id)
+    return out
 
 
 def of_calibration(refs: list[layout.MaskRef], calib_hash: str | None) -> list[layout.MaskRef]:

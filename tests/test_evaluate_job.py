@@ -57,6 +57,11 @@ def test_plan_picks_methods_and_baselines(store):
     assert parts == [u.part for t in again for u in t.units]  # deterministic names
     none = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["nothing"], personas=["introvert"])
     assert [u.mask for u in none[0].units] == [None]  # no mask: the dense conditions alone
+    # each persona's opposite comes right after it, whatever order they were asked in: a run stopped
+    # midway leaves whole pairs (the Anthropic study listed every behavior before any not-<behavior>)
+    mixed = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"],
+                             personas=["introvert", "optimist", "extrovert", "pessimist"])
+    assert [t.persona.id for t in mixed] == ["introvert", "extrovert", "optimist", "pessimist"]
 
 
 def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_cluster):

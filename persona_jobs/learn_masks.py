@@ -1,10 +1,10 @@
 """`persona-jobs learn-masks`: Persona-Pruner's learned FFN-channel masks over a queue of personas.
 
 One learner actor per GPU (CPU actors otherwise, ``--actors``), each holding the model once;
-the driver hands every actor the next (persona, objective, sparsity) task as soon as it is
-free. A task checkpoints its scores to the store every ``checkpoint_every`` steps, so a task
-whose actor dies is handed to a fresh actor and resumes where it stopped (up to
-``--retries`` times). Tasks are keyed by content hash (persona, base model, objective, knobs,
+the shared dispatcher (`persona_jobs.dispatch`) hands every actor the next (persona, objective,
+sparsity) task as soon as it is free. A task checkpoints its scores to the store every
+``checkpoint_every`` steps; an actor that dies is restarted and its task re-run there, resuming
+where it stopped (up to ``--retries`` times). Tasks are keyed by content hash (persona, base model, objective, knobs,
 data recipe, initial statistics): a rerun skips every mask already stored with the same
 identity. The result is an ordinary ``ffn-channels`` mask (and, with ``--export``, the
 smaller model) in the store; `persona_core.learned` has the keys.
@@ -22,9 +22,9 @@ from persona_core.catalog import Catalog, CatalogError, load_catalog
 from persona_core.learn import OBJECTIVES, DataConfig, LearnConfig
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store import Store, open_store
-from persona_jobs.dispatch import short_error
+from persona_jobs import dispatch
 from persona_jobs.cli import UserError
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, progress
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
 
 log = logging.getLogger(__name__)
 
@@ -149,56 +149,22 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: "str | C
         log.info(summary.finish().line())
         return summary
 
-    import ray
-
     ensure_ray(address)
     gpus = gpus_available()
     n = actors or (gpus if gpus else 1)
-    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    worker_cls = ray.remote(**opts)(LearnerWorker)
-    dev = device or ("cuda" if gpus else "cpu")
-
-    die_at = os.environ.get(DIE_AT_ENV)
-
-    def spawn():
-        return worker_cls.remote(model, store, mkey, dev, die_at)
-
-    workers = [spawn() for _ in range(min(n, len(todo)))]
-    idle = list(workers)
-    queue = [(t, 0) for t in todo]
-    pending: dict = {}
-    with progress(len(todo), "learn-masks") as bar:
-        while queue or pending:
-            while queue and idle:
-                task, attempt = queue.pop(0)
-                w = idle.pop()
-                pending[w.run.remote(task)] = (task, attempt, w)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                task, attempt, w = pending.pop(ref)
-                try:
-                    out = ray.get(ref)
-                    summary.done += out["status"] == "done"
-                    summary.skipped += out["status"] == "current"
-                    summary.tokens += int(out.get("tokens") or 0)
-                    idle.append(w)
-                    bar.update(1)
-                except ray.exceptions.RayActorError as err:  # the actor died: a fresh one resumes the task
-                    log.warning("%s: actor died (%s); attempt %d of %d", task.name, short_error(err), attempt + 1,
-                                retries + 1)
-                    idle.append(spawn())
-                    if attempt < retries:
-                        queue.insert(0, (task, attempt + 1))
-                    else:
-                        summary.failed += 1
-                        summary.errors.append(f"{task.name}: actor died {attempt + 1} times")
-                        bar.update(1)
-                except Exception as err:  # the task failed: reported, the others go on
-                    summary.failed += 1
-                    summary.errors.append(f"{task.name}: {short_error(err)}")
-                    log.error("%s failed: %s", task.name, short_error(err))
-                    idle.append(w)
-                    bar.update(1)
+    # a dead actor is restarted and its task re-run there: the task resumes from its last checkpoint
+    spec = dispatch.PoolSpec("learn-masks", LearnerWorker,
+                             (model, store, mkey, device or ("cuda" if gpus else "cpu"), os.environ.get(DIE_AT_ENV)),
+                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+                             max_restarts=retries, max_task_retries=retries)
+    out = dispatch.run_pool(spec, todo, "run", num_actors=min(n, len(todo)), describe=lambda t: t.name)
+    for _, res in out.results:
+        summary.done += res["status"] == "done"
+        summary.skipped += res["status"] == "current"
+        summary.tokens += int(res.get("tokens") or 0)
+    for task, err in out.failed:
+        summary.failed += 1
+        summary.errors.append(f"{task.name}: {err}")
     summary.finish()
     log.info(summary.line())
     return summary

@@ -54,10 +54,11 @@ def stats_for(ev, people, store, config: CalibConfig) -> dict:
     return out
 
 
-def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig) -> PairSearch:
+def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig,
+             allocation: str = "uniform") -> PairSearch:
     people = {"persona": a, "opposite": b, "general": general_persona()}
     roles = [(r, people[r]) for r in get_method(method).needs]
-    return PairSearch(ev, weights, MaskSpec(method, 0.0, budget=budget), budget, roles,
+    return PairSearch(ev, weights, MaskSpec(method, 0.0, budget=budget, allocation=allocation), budget, roles,
                       [stats[p.id] for _, p in roles], b, config)
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--strength", action="append", default=[], metavar="METHOD=V1,V2",
                     help="strength values swept for a method (default: the method's default value)")
     ap.add_argument("--budget", type=float, default=1.10)
+    ap.add_argument("--allocation", default="uniform", help="sparsity across layers: uniform, owl or focus")
     ap.add_argument("--no-frontier", action="store_true", help="only time the budget search")
     ap.add_argument("--no-budget", action="store_true", help="only sweep the frontier")
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-frontier"))
@@ -119,7 +121,8 @@ def main() -> None:
             m = get_method(method)
             strengths = sweeps.get(method) or ([m.defaults[m.strength[0]]] if m.strength else [None])
             for a_id, b_id in pairs:
-                ps = searcher(ev, weights, method, catalog[a_id], catalog[b_id], stats, budget, config)
+                ps = searcher(ev, weights, method, catalog[a_id], catalog[b_id], stats, budget, config,
+                              args.allocation)
                 for t in strengths:
                     for s in args.sparsities:
                         setting = Setting(s, t)
@@ -140,7 +143,8 @@ def main() -> None:
         "benchmark": "frontier", "model": args.model, "catalog": catalog.name, "pairs": [list(p) for p in pairs],
         "threads": args.threads, "load_avg": round(os.getloadavg()[0], 1), "calibration_s": round(calib_s, 1),
         "val_text": budget.ppl_text, "ppl_windows": budget.ppl_windows, "ppl_window": budget.ppl_window,
-        "val_statements": budget.val_statements, "budget": args.budget, "frontier": frontier, "searches": searches,
+        "val_statements": budget.val_statements, "budget": args.budget, "allocation": args.allocation,
+        "frontier": frontier, "searches": searches,
         "target_seconds_per_pair": "<=60"}))
 
 

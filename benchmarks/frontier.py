@@ -54,6 +54,18 @@ def stats_for(ev, people, store, config: CalibConfig) -> dict:
     return out
 
 
+def setup(model: str, catalog, pairs, store):
+    """(evaluator, a copy of the prunable weights, the pairs' and general statistics, calibration config)."""
+    from persona_core.evaluate import Evaluator
+
+    ev = Evaluator(model, device="cpu")
+    lw = LinearWeights.from_model(ev.loaded)
+    weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})  # never the live ones
+    config = CalibConfig()
+    people = [general_persona()] + [catalog[x] for pair in pairs for x in pair]
+    return ev, weights, stats_for(ev, people, store, config), config
+
+
 def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig,
              allocation: str = "uniform") -> PairSearch:
     people = {"persona": a, "opposite": b, "general": general_persona()}
@@ -100,18 +112,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
-    from persona_core.evaluate import Evaluator
-
     catalog = load_catalog(args.catalog)
     pairs = catalog.pairs() if args.pairs == ["all"] else [tuple(p.split(",")) for p in args.pairs]
-    ev = Evaluator(args.model, device="cpu")
-    lw = LinearWeights.from_model(ev.loaded)
-    weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})  # never the live ones
-    config = CalibConfig()
-    people = [general_persona()] + [catalog[x] for pair in pairs for x in pair]
     t0 = time.time()
-    stats = stats_for(ev, people, args.store, config)
-    calib_s = time.time() - t0
+    ev, weights, stats, config = setup(args.model, catalog, pairs, args.store)
+    setup_s = time.time() - t0  # model load and calibration
     budget = Budget(perplexity_ratio=args.budget)
     sweeps = {m: [float(v) for v in vals.split(",")] for m, _, vals in (s.partition("=") for s in args.strength)}
 
@@ -141,7 +146,7 @@ def main() -> None:
                                                            config)
     print(json.dumps({
         "benchmark": "frontier", "model": args.model, "catalog": catalog.name, "pairs": [list(p) for p in pairs],
-        "threads": args.threads, "load_avg": round(os.getloadavg()[0], 1), "calibration_s": round(calib_s, 1),
+        "threads": args.threads, "load_avg": round(os.getloadavg()[0], 1), "setup_s": round(setup_s, 1),
         "val_text": budget.ppl_text, "ppl_windows": budget.ppl_windows, "ppl_window": budget.ppl_window,
         "val_statements": budget.val_statements, "budget": args.budget, "allocation": args.allocation,
         "frontier": frontier, "searches": searches,

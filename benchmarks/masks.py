@@ -165,21 +165,13 @@ def speedup(weights: LinearWeights, stats, layers: int = 2, repeats: int = 3) ->
 
 def budget_seconds(pairs: list[str], methods: list[str], tmp: str) -> dict:
     """Seconds per budgeted pair on the default model (frontier.py's timed search, built-in catalog)."""
-    from frontier import stats_for, time_searches
+    from frontier import setup, time_searches
 
     from persona_core.budget import Budget
-    from persona_core.calibration import CalibConfig
-    from persona_core.catalog import general_persona
-    from persona_core.evaluate import Evaluator
 
     builtin = load_catalog("builtin")
     pairs_ = [tuple(p.split(",")) for p in pairs]
-    ev = Evaluator(DEFAULT_MODEL, device="cpu")
-    lw = LinearWeights.from_model(ev.loaded)
-    weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})
-    config = CalibConfig()
-    people = [general_persona()] + [builtin[x] for pair in pairs_ for x in pair]
-    stats = stats_for(ev, people, os.path.join(tmp, "budget-store"), config)
+    ev, weights, stats, config = setup(DEFAULT_MODEL, builtin, pairs_, os.path.join(tmp, "budget-store"))
     budget = Budget(perplexity_ratio=1.10)
     out = time_searches(ev, weights, builtin, pairs_, methods, stats, budget, config)
     return {"budget": budget.perplexity_ratio, "val_text": budget.ppl_text, "threads": torch.get_num_threads(), **out}

@@ -14,6 +14,7 @@ Layout under the store root::
     runs/<run-id>/manifest.json                                       written last
     runs/<run-id>/stages/<stage>.json                                 one per finished stage
     runs/<run-id>/report.html
+    runs/<run-id>/summary.txt                                         the report's summary table, as text
     runs/_latest/<schedule>.json                                      last good run of a schedule
     leases/<name>.json
     learned/model=<model-key>/persona=<id>/data-<hash>.json | ckpt-<identity>.safetensors   (learned masks)
@@ -239,6 +240,10 @@ def stage(run_id: str, name: str) -> str:
 
 def report(run_id: str) -> str:
     return f"{run_prefix(run_id)}/report.html"
+
+
+def summary_table(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/summary.txt"
 
 
 def latest(schedule: str) -> str:

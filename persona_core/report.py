@@ -23,6 +23,7 @@ import io
 import logging
 import math
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -90,9 +91,9 @@ def _setting_name(method: str, sparsity: float, condition: str) -> str:
     return f"{method}{level}" + ("" if condition == SUBNET else f" ({condition})")
 
 
-def _pref_rows(results: pa.Table):
+def _pref_rows(frames):
     """statement-preference rows keyed (persona, method, sparsity, condition); baselines as method names."""
-    dense, masked = _frame(results)
+    dense, masked = frames
     out = {}
     for r in dense[dense.metric == PREF].itertuples():
         name = "dense" if r.condition == "dense" else BASELINE_OF.get(r.condition, r.condition)
@@ -100,6 +101,50 @@ def _pref_rows(results: pa.Table):
     for r in masked[masked.metric == PREF].drop_duplicates(["persona", "method", "sparsity", "condition"]).itertuples():
         out[(r.persona, r.method, float(r.sparsity), r.condition)] = r
     return out
+
+
+class Analysis:
+    """One results table and what the report derives from it, each computed once.
+
+    The bootstraps (an interval per pair and setting, a paired verdict per pair, setting and
+    baseline) are the report's cost: a page, its headline, its plots and the terminal table all
+    read them from here. Every public function below takes a table or an `Analysis`.
+    """
+
+    def __init__(self, results: pa.Table):
+        self.results = results
+
+    @cached_property
+    def frames(self):
+        return _frame(self.results)
+
+    @cached_property
+    def pref(self) -> dict:
+        return _pref_rows(self.frames)
+
+    @cached_property
+    def pairs(self) -> list[tuple[str, str]]:
+        return _pairs(self.results)
+
+    @cached_property
+    def scores(self) -> dict:
+        return _pair_scores(self)
+
+    @cached_property
+    def separation(self):
+        return _pair_separation(self)
+
+    @cached_property
+    def verdicts(self):
+        return _verdicts(self)
+
+    @cached_property
+    def summary(self):
+        return _summary(self)
+
+
+def analyse(results: "pa.Table | Analysis") -> Analysis:
+    return results if isinstance(results, Analysis) else Analysis(results)
 
 
 def _scores(ra, rb) -> PairScores | None:
@@ -112,11 +157,15 @@ def _scores(ra, rb) -> PairScores | None:
         return None
 
 
-def pair_scores(results: pa.Table) -> dict:
+def pair_scores(results: "pa.Table | Analysis") -> dict:
     """(pair, method, sparsity, condition) -> `PairScores`, where the results carry per-statement scores."""
-    pref = _pref_rows(results)
+    return analyse(results).scores
+
+
+def _pair_scores(an: Analysis) -> dict:
+    pref = an.pref
     out = {}
-    for a, b in _pairs(results):
+    for a, b in an.pairs:
         for (persona, method, sparsity, cond), ra in pref.items():
             rb = pref.get((b, method, sparsity, cond))
             if persona == a and rb is not None:
@@ -126,25 +175,29 @@ def pair_scores(results: pa.Table) -> dict:
     return out
 
 
-def pair_separation(results: pa.Table):
+def pair_separation(results: "pa.Table | Analysis"):
     """One row per (pair, setting): separation and, with per-statement scores, its 95% interval.
 
     Columns: pair, a, b, method, sparsity, condition, separation, lo, hi, n_a, n_b. ``method``
     is ``prompt`` / ``fewshot`` / ``steer`` / ``dense`` for the dense conditions (sparsity 0).
     """
+    return analyse(results).separation
+
+
+def _pair_separation(an: Analysis):
     import pandas as pd
 
     cols = ["pair", "a", "b", "method", "sparsity", "condition", "separation", "lo", "hi", "n_a", "n_b"]
-    if results.num_rows == 0:
+    if an.results.num_rows == 0:
         return pd.DataFrame(columns=cols)
-    pref = _pref_rows(results)
+    pref = an.pref
     rows = []
-    for a, b in _pairs(results):
+    for a, b in an.pairs:
         for (persona, method, sparsity, cond), ra in pref.items():
             rb = pref.get((b, method, sparsity, cond))
             if persona != a or rb is None:
                 continue
-            sc = _scores(ra, rb)
+            sc = an.scores.get((f"{a} / {b}", method, sparsity, cond))
             sep = ra.value + rb.value - 1
             lo = hi = math.nan
             na = nb = 0
@@ -156,28 +209,27 @@ def pair_separation(results: pa.Table):
     return pd.DataFrame(rows, columns=cols)
 
 
-def verdicts(results: pa.Table):
+def verdicts(results: "pa.Table | Analysis"):
     """Per pair, subnetwork setting and baseline: the paired difference of separations, its interval
     and the verdict (win / tie / loss). Needs per-statement scores (``items``) in the results."""
+    return analyse(results).verdicts
+
+
+def _verdicts(an: Analysis):
     import pandas as pd
 
     cols = ["pair", "method", "sparsity", "condition", "baseline", "difference", "lo", "hi", "verdict"]
-    if results.num_rows == 0:
+    if an.results.num_rows == 0:
         return pd.DataFrame(columns=cols)
-    pref = _pref_rows(results)
     rows = []
-    for a, b in _pairs(results):
-        base = {}
-        for name, cond in BASELINES.items():
-            ra, rb = pref.get((a, name, 0.0, cond)), pref.get((b, name, 0.0, cond))
-            sc = _scores(ra, rb) if ra is not None and rb is not None else None
-            if sc is not None:
-                base[name] = sc
-        for (persona, method, sparsity, cond), ra in pref.items():
+    for a, b in an.pairs:
+        pair = f"{a} / {b}"
+        base = {name: an.scores[(pair, name, 0.0, cond)] for name, cond in BASELINES.items()
+                if (pair, name, 0.0, cond) in an.scores}
+        for (persona, method, sparsity, cond), ra in an.pref.items():
             if persona != a or method in BASELINES or method == "dense":
                 continue
-            rb = pref.get((b, method, sparsity, cond))
-            sc = _scores(ra, rb) if rb is not None else None
+            sc = an.scores.get((pair, method, sparsity, cond))
             if sc is None:
                 continue
             for name, bs in base.items():
@@ -186,7 +238,7 @@ def verdicts(results: pa.Table):
                 except ValueError as err:
                     log.warning("%s / %s: %s vs %s not comparable: %s", a, b, method, name, err)
                     continue
-                rows.append((f"{a} / {b}", method, sparsity, cond, name, v.difference.value, v.difference.lo,
+                rows.append((pair, method, sparsity, cond, name, v.difference.value, v.difference.lo,
                              v.difference.hi, v.verdict))
     return pd.DataFrame(rows, columns=cols)
 
@@ -205,17 +257,19 @@ def _metric_mean(df, metric: str, conds) -> float:
     return float(v.mean()) if len(v) else math.nan
 
 
-def summary(results: pa.Table):
+def summary(results: "pa.Table | Analysis"):
     """One row per subnetwork setting (method, sparsity, condition) and per baseline: the numbers the
     terminal table and the report lead with. Columns that no setting has data for are dropped."""
+    return analyse(results).summary
+
+
+def _summary(an: Analysis):
     import pandas as pd
 
-    if results.num_rows == 0:
+    if an.results.num_rows == 0:
         return pd.DataFrame()
-    dense, masked = _frame(results)
-    sep = pair_separation(results)
-    ver = verdicts(results)
-    scores = pair_scores(results)
+    dense, masked = an.frames
+    sep, ver, scores = an.separation, an.verdicts, an.scores
     rows = []
     for name, cond in BASELINES.items():
         s = sep[sep.method == name]
@@ -249,17 +303,18 @@ def summary(results: pa.Table):
     return df[[c for c in order if c in keep]]
 
 
-def steering_choices(results: pa.Table):
+def steering_choices(results: "pa.Table | Analysis"):
     """Per pair: the chosen steering layer and coefficient, their validation separation and perplexity ratio."""
     import pandas as pd
 
+    an = analyse(results)
     cols = ["pair", "layer", "alpha", "val_separation", "val_ppl_ratio", "within_budget"]
-    if results.num_rows == 0:
+    if an.results.num_rows == 0:
         return pd.DataFrame(columns=cols)
-    dense, _ = _frame(results)
+    dense, _ = an.frames
     st = dense[dense.condition == "dense+steer"].set_index(["persona", "metric"]).value
     rows = []
-    for a, b in _pairs(results):
+    for a, b in an.pairs:
         if (a, "steer-layer") in st.index:
             rows.append((f"{a} / {b}", int(st[(a, "steer-layer")]), st[(a, "steer-alpha")],
                          st.get((a, "steer-val-separation"), math.nan), st.get((a, "steer-val-ppl-ratio"), math.nan),
@@ -267,7 +322,7 @@ def steering_choices(results: pa.Table):
     return pd.DataFrame(rows, columns=cols)
 
 
-def headline(results: pa.Table) -> str:
+def headline(results: "pa.Table | Analysis") -> str:
     """One sentence: the best subnetwork against the best baseline, with intervals and verdicts."""
     s = summary(results)
     if s.empty or "separation" not in s:
@@ -306,7 +361,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def terminal_table(results: pa.Table) -> str:
+def terminal_table(results: "pa.Table | Analysis") -> str:
     """Per setting: wins / ties / losses against each baseline, mean separation [95% CI], perplexity cost."""
     s = summary(results)
     if s.empty or "separation" not in s:
@@ -401,7 +456,7 @@ def _plot_cost(summ) -> str | None:
     return _png(fig)
 
 
-def pareto_points(results: pa.Table):
+def pareto_points(results: "pa.Table | Analysis"):
     """Per (pair, setting): separation against the general-text perplexity ratio of that setting.
 
     The ratio is the WikiText-2 *test* one where the results have it (a ``perplexity-ratio:<text>``
@@ -411,8 +466,9 @@ def pareto_points(results: pa.Table):
     """
     import pandas as pd
 
+    an = analyse(results)
     cols = ["pair", "method", "sparsity", "condition", "setting", "separation", "ppl_ratio", "ppl_metric"]
-    df = results.to_pandas() if results.num_rows else None
+    df = an.results.to_pandas() if an.results.num_rows else None
     names = sorted({m for m in df.metric if m.startswith("perplexity-ratio")}) if df is not None else []
     if not names:
         return pd.DataFrame(columns=cols)
@@ -422,7 +478,7 @@ def pareto_points(results: pa.Table):
         .set_index(["persona", "condition"]).value
     sub_ppl = ppl.set_index(["persona", "method", "sparsity", "condition"]).value
     rows = []
-    for r in pair_separation(results).itertuples():
+    for r in an.separation.itertuples():
         if r.method == "dense":
             continue
         if r.method in BASELINES:
@@ -444,7 +500,7 @@ def ppl_axis_label(metric: str, general_text: str | None = None) -> str:
     return f"perplexity ratio vs dense ({text})"
 
 
-def plot_pareto(results: pa.Table, general_text: str | None = None) -> str | None:
+def plot_pareto(results: "pa.Table | Analysis", general_text: str | None = None) -> str | None:
     """Separation against general-text perplexity ratio, per method over its settings: one small point
     per pair, a large one for the mean over pairs, the means of a method joined in order of cost;
     the baselines (prompt, few-shot, steering at their chosen settings) on the same axes.
@@ -575,7 +631,7 @@ def _inputs_html(results: pa.Table, inputs: dict | None) -> str:
     return f"<h2>Inputs</h2><table class='t'>{rows}</table>"
 
 
-def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona subnetworks: evaluation",
+def build_report(results: "pa.Table | Analysis", out_path: str | Path, title: str = "Persona subnetworks: evaluation",
                  inputs: dict | None = None) -> Path:
     """Write a self-contained HTML report (PNG plots embedded) to `out_path`; returns the path.
 
@@ -584,15 +640,17 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
     import matplotlib
 
     matplotlib.use("Agg")
+    an = analyse(results)
+    results = an.results
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if results.num_rows == 0:
         parts.append("<p>No results.</p>")
     else:
-        dense, masked = _frame(results)
-        summ = summary(results)
-        parts.append(f"<p class='headline'>{html.escape(headline(results))}</p>")
+        dense, masked = an.frames
+        summ = an.summary
+        parts.append(f"<p class='headline'>{html.escape(headline(an))}</p>")
         parts.append(_inputs_html(results, inputs))
         if not summ.empty:
             parts.append("<h2>Summary</h2><p>One row per setting: baselines first, then each subnetwork "
@@ -607,17 +665,17 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
                  if (results.column("metric").to_pandas() == m).any()}
         if (results.column("metric").to_pandas() == "perplexity-ratio").any():
             used.add("perplexity ratio")
-        ver = verdicts(results)
+        ver = an.verdicts
         if not ver.empty:
             used.add("win / tie / loss")
         parts.append("<h2>Definitions</h2><dl>" + "".join(
             f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in DEFINITIONS.items() if k in used)
             + "</dl>")
-        sep = pair_separation(results)
+        sep = an.separation
         figs = [("Separation per opposing pair", _plot_separation(sep)),
                 ("Separation against general-text cost", _plot_cost(summ)),
                 ("Pareto view: separation against perplexity, per pair and method",
-                 plot_pareto(results, (inputs or {}).get("general text (reported)"))),
+                 plot_pareto(an, (inputs or {}).get("general text (reported)"))),
                 ("Metrics against sparsity", _plot_vs_sparsity(dense, masked, PLOT_METRICS))]
         for name, png in figs:
             if png:
@@ -631,7 +689,7 @@ def build_report(results: pa.Table, out_path: str | Path, title: str = "Persona 
             wide.columns.name = None
             parts.append("<h2>Verdicts per pair</h2><p>separation(subnetwork) - separation(baseline) with its "
                          "paired 95% interval.</p>" + _table_html(wide))
-        st = steering_choices(results)
+        st = steering_choices(an)
         if not st.empty:
             parts.append("<h2>Steering settings chosen per pair</h2><p>Chosen on validation statements carved from "
                          "the calibration statements and validation general text.</p>" + _table_html(st))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from . import layout
 from .evaluate import RESULT_SCHEMA
 from .store import Store, open_store
+
+if TYPE_CHECKING:
+    from .report import Analysis
 
 UNIT_KEY = ("persona", "method", "sparsity", "condition", "metric")
 
@@ -41,13 +45,15 @@ def load_results(store: str | Store, run_id: str) -> pa.Table:
     return gather([store.read_parquet(k) for k in parts])
 
 
-def write_report(store: Store, run_id: str, results: pa.Table, inputs: dict | None = None) -> str:
-    """The HTML report of `results` (naming the run's `inputs`), published at the run's report key;
-    returns its URL."""
-    from .report import build_report
+def write_report(store: Store, run_id: str, results: "pa.Table | Analysis", inputs: dict | None = None) -> str:
+    """The HTML report of `results` (naming the run's `inputs`) and its summary table as text,
+    published at the run's report and summary keys; returns the report's URL."""
+    from .report import analyse, build_report, terminal_table
 
+    an = analyse(results)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_report(results, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}",
+        path = build_report(an, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}",
                             inputs=inputs)
         store.write_bytes(layout.report(run_id), path.read_bytes())
+    store.write_bytes(layout.summary_table(run_id), (terminal_table(an) + "\n").encode())
     return store.uri(layout.report(run_id))

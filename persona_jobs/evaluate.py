@@ -159,7 +159,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     report's URL and ``summary.run_id`` the run id. Already written parts are skipped.
     """
     from persona_core.models import model_key
-    from persona_core.report import terminal_table
+    from persona_core.report import analyse, terminal_table
 
     summary = Summary("evaluate")
     store = open_store(store)
@@ -220,9 +220,10 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     summary.run_id = run_id
     summary.report = None
     if report and results.num_rows:
-        summary.report = write_report(store, run_id, results)
+        analysis = analyse(results)  # the bootstraps once, for the page and the table
+        summary.report = write_report(store, run_id, analysis)
         log.info("report: %s", summary.report)
-        summary.table = terminal_table(results)
+        summary.table = terminal_table(analysis)
     return summary.finish()
 
 

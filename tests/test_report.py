@@ -164,3 +164,29 @@ def test_pareto_axis_names_the_text_the_ratio_was_measured_on():
     assert ppl_axis_label("perplexity-ratio", wiki) == f"perplexity ratio vs dense ({wiki})"
     assert ppl_axis_label("perplexity-ratio:extra.txt", wiki) == "perplexity ratio vs dense (extra.txt)"
     assert ppl_axis_label("perplexity-ratio") == "perplexity ratio vs dense (built-in held-out text)"
+
+
+def test_report_and_table_bootstrap_once(tmp_path, monkeypatch):
+    """The page, its headline, its plots, the published summary table: one bootstrap per interval and verdict."""
+    import persona_core.report as report
+    from persona_core import layout
+    from persona_core.results import write_report
+    from persona_core.store import open_store
+
+    calls = {"interval": 0, "compare": 0}
+
+    def counted(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(report, "separation_interval", counted("interval", report.separation_interval))
+    monkeypatch.setattr(report, "compare", counted("compare", report.compare))
+    r = scored_results()
+    an = report.analyse(r)
+    store = open_store(str(tmp_path / "store"))
+    write_report(store, "r1", an)
+    assert calls["interval"] == len(an.separation) and calls["compare"] == len(an.verdicts) > 0
+    assert store.read_bytes(layout.summary_table("r1")).decode() == terminal_table(an) + "\n"
+    assert calls["interval"] == len(an.separation)  # the table reused them too

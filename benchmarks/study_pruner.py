@@ -67,6 +67,15 @@ def load_config(path: str) -> dict:
     return cfg
 
 
+def start(args) -> dict:
+    """What a script over a study config does first: logging, torch threads, the config."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    return load_config(args.config)
+
+
 def persona_rows(loaded, ev, persona, cfg, general_stats) -> pa.Table:
     eval_cfg = EvalConfig(**{**cfg["evaluate"], "ppl_text": _path(cfg["evaluate"].get("ppl_text"))})
     held = heldout_questions(EvalConfig(max_questions=10**6), persona)  # every evaluation question
@@ -221,11 +230,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results folder (default: the config's out, under the checkout)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = start(args)
     out = Path(args.out) if args.out else ROOT / cfg.get("out", "study-pruner")
     out.mkdir(parents=True, exist_ok=True)
     catalog = load_catalog(_path(cfg["catalog"]))

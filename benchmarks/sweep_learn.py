@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from study_pruner import ROOT, _path, bootstrap_ratio, load_config  # noqa: E402
+from study_pruner import ROOT, _path, bootstrap_ratio, start  # noqa: E402
 
 from persona_core.calibration import CalibConfig, calibrate, render_samples  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
@@ -139,11 +139,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(GRID), choices=list(GRID), help="a subset of the grid")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = start(args)
     out = Path(args.out) if args.out else ROOT / cfg.get("out", "study-pruner") / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     catalog = load_catalog(_path(cfg["catalog"]))

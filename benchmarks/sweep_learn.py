@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
 from study_pruner import ROOT, _path, bootstrap_ratio, start  # noqa: E402
 
 from persona_core.calibration import CalibConfig, calibrate, render_samples  # noqa: E402

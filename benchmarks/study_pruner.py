@@ -19,7 +19,9 @@ Rows go to ``<out>/results-<persona>.parquet`` as each persona finishes (a stopp
 keeps what it finished; a rerun skips finished personas). Then, once per sparsity, the
 exported model's parameter count and forward tokens/s against the dense model, and a
 summary (``<out>/summary.json`` + stdout): fidelity retained relative to dense+prompt with a
-95% bootstrap interval over (persona, question) pairs, and perplexity ratios.
+95% bootstrap interval over (persona, question) pairs, perplexity ratios, and each learned
+mask's paired fidelity difference from the training-free masks and from the dense model without
+a prompt (same questions; 95% interval).
 """
 
 from __future__ import annotations
@@ -192,6 +194,33 @@ def summarise(table: pa.Table) -> list[dict]:
     return list(merged.values())
 
 
+def paired_differences(table: pa.Table, against: tuple[str, ...] = ("wanda", "wanda-general")) -> list[dict]:
+    """Per learned mask, sparsity and masked condition: its role-play fidelity minus another mask's at the
+    same sparsity and condition (nats/token, the same questions), and minus the dense model without a
+    prompt (the prompt-free target: > 0 = closer to the in-role answers than no prompt at all); mean
+    over (persona, question) with a two-level 95% bootstrap interval."""
+    by: dict = {}
+    for r in table.to_pylist():
+        if r["metric"] == "roleplay-fidelity":
+            by.setdefault((r["method"], r["sparsity"], r["condition"]), {})[r["persona"]] = r["items"]
+    out = []
+    for (method, s, cond), per in sorted(by.items()):
+        if not method.startswith("learned-") or cond not in ("masked", "masked+prompt"):
+            continue  # (dense rows repeat, under the unit's method, in every unit's table)
+        refs = {other: by.get((other, s, cond), {}) for other in against}
+        if cond == "masked":  # fidelity is relative to dense without a prompt: the difference is the fidelity
+            refs["dense, no prompt"] = {p: [0.0] * len(v) for p, v in per.items()}
+        for other, ref in refs.items():
+            common = sorted(p for p in per if p in ref and len(ref[p]) == len(per[p]))
+            if not common:
+                continue
+            diff = [[a - b for a, b in zip(per[p], ref[p])] for p in common]
+            d, lo, hi = bootstrap_ratio(diff, [[1.0] * len(x) for x in diff])
+            out.append({"method": method, "sparsity": s, "condition": cond, "minus": other, "personas": len(common),
+                        "difference": round(d, 4), "lo": round(lo, 4), "hi": round(hi, 4)})
+    return out
+
+
 def markdown(doc: dict) -> str:
     """The README table: per method and sparsity, fidelity retained vs dense+prompt (95% CI) under
     masked+prompt and masked, masked fidelity (nats/token), and the WikiText-2 test perplexity ratio."""
@@ -212,6 +241,12 @@ def markdown(doc: dict) -> str:
         mp, mm = rows.get((m, s, "masked+prompt")), rows.get((m, s, "masked"))
         lines.append(f"| {m} | {s:g} | {ci(mp, 'retained')} | {ci(mm, 'retained')} | {ci(mm, 'fidelity')} "
                      f"| {mm.get('ppl_ratio', '-') if mm else '-'} |")
+    if doc.get("differences"):
+        lines += ["", "| learned mask | removed | condition | minus | difference, nats/token [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for d in doc["differences"]:
+            lines.append(f"| {d['method']} | {d['sparsity']:g} | {d['condition']} | {d['minus']} "
+                         f"| {d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |")
     if doc.get("export"):
         lines += ["", "| removed | params (exported / dense) | forward tokens/s (exported / dense) | speedup |",
                   "|---|---|---|---|"]
@@ -265,10 +300,11 @@ def main() -> None:
     tables = [pq.read_table(p) for p in sorted(out.glob("results-*.parquet"))]
     if not tables:
         raise SystemExit(f"no results under {out}")
-    summary = summarise(pa.concat_tables(tables))
+    table = pa.concat_tables(tables)
+    summary = summarise(table)
     speeds = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else {}
     doc = {"personas": sorted({p.stem.removeprefix("results-") for p in out.glob("results-*.parquet")}),
-           "rows": summary, "export": speeds}
+           "rows": summary, "differences": paired_differences(table), "export": speeds}
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
     for e in summary:
         print(json.dumps(e))

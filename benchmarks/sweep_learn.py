@@ -125,6 +125,16 @@ def summarise(table: pa.Table, objective: str) -> tuple[list[dict], dict | None]
     out.insert(0, {"setting": "dense", **{c: {"fidelity": v} for c, v in dense.items()}})
     learned = [e for e in out if e["setting"] in GRID and own in e]
     best = max(learned, key=lambda e: e[own]["fidelity"]) if learned else None
+    # paired (same questions): each setting minus the study's setting and minus step 0, own condition
+    fid = {m: per for (m, c, metric), per in by.items() if c == own and metric == "roleplay-fidelity"}
+    for e in out:
+        for ref in ("steps=12", "step 0 (wanda)"):
+            a, b = fid.get(e["setting"]), fid.get(ref)
+            if a and b and e["setting"] != ref:
+                common = sorted(set(a) & set(b))
+                diff = [[x - y for x, y in zip(a[p]["items"], b[p]["items"])] for p in common]
+                d, lo, hi = bootstrap_ratio(diff, [[1.0] * len(x) for x in diff])
+                e[f"{own} minus {ref}"] = {"difference": round(d, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
     return out, best
 
 

@@ -100,10 +100,10 @@ class LearnConfig:
     loss: str = "kl"  # kl (to the dense model's answer distributions) | lm (on the dense answers)
     sparsity: float = 0.25  # fraction of MLP channels removed in every layer
     steps: int = 40
-    lr: float = 0.1  # Adam, on per-layer standardised scores
+    lr: float = 0.03  # Adam, on per-layer standardised scores (chosen on validation: benchmarks/sweep_learn.py)
     batch_size: int = 4  # persona examples per step
     temperature: float = 0.5  # of the straight-through surrogate sigmoid((s - t) / T)
-    general_weight: float = 0.5  # weight of the KL on general text (0: off)
+    general_weight: float = 2.0  # weight of the KL on general text (0: off); 2.0: same fidelity, less perplexity
     general_batch: int = 2  # general-text windows per step
     general_windows: int = 32  # WikiText-2 validation windows in the pool
     general_window: int = 128  # tokens per window

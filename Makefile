@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m persona_jobs run --config configs/demo.yaml
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/study_%.py benchmarks/sweep_%.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) persona-store .pytest_cache .hypothesis

@@ -70,12 +70,18 @@ def load_config(path: str) -> dict:
 
 
 def start(args) -> dict:
-    """What a script over a study config does first: logging, torch threads, the config."""
+    """What a script over a study config does first: logging, torch threads, the config. Exits 0
+    with a JSON line saying so when the config's catalog (../shared/data) is absent."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    catalog = _path(cfg["catalog"])
+    if catalog and not catalog.startswith("builtin") and not Path(catalog).exists():
+        print(json.dumps({"skipped": f"{catalog} is absent"}))
+        raise SystemExit(0)
+    return cfg
 
 
 def persona_rows(loaded, ev, persona, cfg, general_stats) -> pa.Table:

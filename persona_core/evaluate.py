@@ -31,7 +31,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -228,6 +228,12 @@ class EvalConfig:
             d.pop(k)
         return content_hash(CODE_VERSION, d)
 
+    @property
+    def dense_hash(self) -> str:
+        """What decides the dense conditions' rows: the config with only its dense conditions (two runs
+        that differ only in their masked conditions share the dense rows)."""
+        return replace(self, conditions=tuple(c for c in self.conditions if c in DENSE_CONDITIONS) or ("dense",)).hash
+
     @classmethod
     def fields(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -274,6 +280,11 @@ class Evaluator:
                 loaded.model, "_no_split_modules", None) or [], dtype=loaded.model.dtype)
         loaded.model = dispatch_model(loaded.model, device_map=device_map)
         return loaded
+
+    @property
+    def numerics(self) -> str:
+        """Device type and dtype: what makes the same model give other digits (bf16 GPU vs fp32 CPU)."""
+        return f"{self.device.type}-{self.model.dtype}".replace("torch.", "")
 
     @property
     def device(self) -> torch.device:
@@ -526,33 +537,39 @@ class Evaluator:
         return rows
 
     def dense_state(self, persona: Persona, opposite: Persona | None, config: EvalConfig,
-                    stats: dict | None = None) -> tuple[dict, list[dict]]:
+                    stats: dict | None = None, rows_cache: "DenseRowCache | None" = None) -> tuple[dict, list[dict]]:
         """Per-persona work done once with the dense weights: metric preparation and dense rows.
 
         `stats` (persona id -> `PersonaStats`, holding the persona and its opposite, or
-        ``general`` for a persona without one) is needed by ``dense+steer`` only.
+        ``general`` for a persona without one) is needed by ``dense+steer`` only. `rows_cache`
+        (a `DenseRowCache`) keeps the dense rows across runs: found there, they are not recomputed.
         """
         from .metrics import METRICS, MetricContext
 
-        steer_key = _stats_ident(stats) if "dense+steer" in config.conditions else None
-        key = (persona.evaluation_hash, persona.description, opposite.evaluation_hash if opposite else None,
-               config.hash, steer_key)
-        if key not in self._dense_cache:
+        ident = dense_ident(self.model_key, persona, opposite, config, stats, self.numerics)
+        memo = (ident, config.hash)  # the full config: whether masked conditions need `prepared`
+        if memo not in self._dense_cache:
             self.masks.restore()  # a unit may have left its mask applied (restore=False)
+            rows = rows_cache.get(ident, persona, opposite, config) if rows_cache is not None else None
             prepared = {}
-            for name in config.metrics:
-                if METRICS[name].prepare is not None:
-                    prepared[name] = METRICS[name].prepare(MetricContext(self, persona, opposite, None, config, None))
-            rows = []
-            for cond in DENSE_CONDITIONS:
-                if cond not in config.conditions:
-                    continue
-                if cond == "dense+steer":
-                    rows += self.steered_rows(persona, opposite, config, prepared, stats)
-                else:
-                    rows += self.score_condition(persona, opposite, cond, config, prepared)
-            self._dense_cache[key] = (prepared, rows)
-        return self._dense_cache[key]
+            if rows is None or any(c not in DENSE_CONDITIONS for c in config.conditions):
+                for name in config.metrics:
+                    if METRICS[name].prepare is not None:
+                        prepared[name] = METRICS[name].prepare(MetricContext(self, persona, opposite, None, config,
+                                                                             None))
+            if rows is None:
+                rows = []
+                for cond in DENSE_CONDITIONS:
+                    if cond not in config.conditions:
+                        continue
+                    if cond == "dense+steer":
+                        rows += self.steered_rows(persona, opposite, config, prepared, stats)
+                    else:
+                        rows += self.score_condition(persona, opposite, cond, config, prepared)
+                if rows_cache is not None:
+                    rows_cache.put(ident, persona, opposite, config, rows)
+            self._dense_cache[memo] = (prepared, rows)
+        return self._dense_cache[memo]
 
     # ------------------------------------------------------------------ steering
 
@@ -630,6 +647,75 @@ def _stats_ident(stats: dict | None) -> tuple:
     return tuple(sorted((pid, s.persona_hash, s.calib_hash, s.tokens, len(s.groups)) for pid, s in (stats or {}).items()))
 
 
+def dense_ident(model_key: str, persona: Persona, opposite: Persona | None, config: EvalConfig,
+                stats: dict | None = None, numerics: str = "") -> str:
+    """Everything the dense rows of one persona depend on, hashed: the model (and where and in what
+    precision it runs), the persona's evaluation data and description, its opposite's, the config's
+    dense part and (for dense+steer) the statistics."""
+    steer = [list(map(str, t)) for t in _stats_ident(stats)] if "dense+steer" in config.conditions else None
+    return content_hash(CODE_VERSION, model_key, numerics, persona.evaluation_hash, persona.description,
+                        opposite.evaluation_hash if opposite else None, config.dense_hash, steer)[:16]
+
+
+class DenseRowCache:
+    """Dense-condition rows kept in the store across runs (``dense/model=<k>/persona=<id>/rows-<ident>.parquet``).
+
+    The prompt, few-shot and steering baselines (the steering search above all) cost more than a
+    masked condition, and they do not change when only the masks do: a nightly run with new masks,
+    or a study adding a method to a catalog already evaluated, reads them back instead. What is
+    read is verified (model, persona, opposite, evaluation data, dense config, code version, the
+    conditions asked for) and a mismatch is recomputed and overwritten, never used.
+    """
+
+    def __init__(self, store, model_key: str):
+        self.store, self.model_key = store, model_key
+
+    def key(self, ident: str, persona: Persona) -> str:
+        from . import layout
+
+        return layout.dense_rows(self.model_key, persona.id, ident)
+
+    def get(self, ident: str, persona: Persona, opposite: Persona | None, config: EvalConfig) -> list[dict] | None:
+        key = self.key(ident, persona)
+        if not self.store.exists(key):
+            return None
+        try:
+            table = self.store.read_parquet(key)
+            problem = self._check(table, persona, opposite, config)
+        except Exception as err:  # unreadable: recompute, the rewrite replaces it
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            log.warning("%s: %s; recomputing the dense rows", self.store.uri(key), problem)
+            return None
+        cols = ("condition", "metric", "value", "n", "stderr", "items", "items_own", "texts")
+        return [{c: r[c] for c in cols} for r in table.to_pylist()]
+
+    def _check(self, table: pa.Table, persona: Persona, opposite: Persona | None, config: EvalConfig) -> str:
+        if not table.schema.equals(RESULT_SCHEMA):
+            return "not the result schema"
+        want = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
+                "method": DENSE_METHOD, "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash,
+                "code_version": CODE_VERSION}
+        for col, value in want.items():
+            found = set(table.column(col).to_pylist())
+            if found != {value}:
+                return f"column {col!r} holds {sorted(map(str, found))}, expected {value!r}"
+        conditions = set(table.column("condition").to_pylist())
+        asked = {c for c in config.conditions if c in DENSE_CONDITIONS}
+        if conditions != asked:
+            return f"conditions {sorted(conditions)}, expected {sorted(asked)}"
+        return ""
+
+    def put(self, ident: str, persona: Persona, opposite: Persona | None, config: EvalConfig, rows: list[dict]) -> None:
+        if not rows:
+            return
+        common = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
+                  "method": DENSE_METHOD, "sparsity": 0.0, "granularity": "", "mask_hash": "",
+                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}
+        self.store.write_parquet(self.key(ident, persona),
+                                 pa.Table.from_pylist([{**common, **r} for r in rows], schema=RESULT_SCHEMA))
+
+
 # ---------------------------------------------------------------------------- units
 
 
@@ -659,14 +745,16 @@ def _meta(mask_meta: dict | None, masks: dict | None) -> tuple[str, float, str, 
 
 def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | None,
                   masks: dict[str, torch.Tensor] | None, mask_meta: dict | None,
-                  config: EvalConfig, *, restore: bool = True, stats: dict | None = None) -> pa.Table:
+                  config: EvalConfig, *, restore: bool = True, stats: dict | None = None,
+                  rows_cache: DenseRowCache | None = None) -> pa.Table:
     """Score one (persona, mask) unit: one row per (condition, metric).
 
     `stats` (persona id -> `PersonaStats` of the persona and its opposite, or of
     ``general``) feeds ``dense+steer``; other conditions never read it.
 
     `masks=None` scores the dense conditions only (method ``dense``). Dense rows
-    come from the evaluator's per-persona cache; masked conditions apply the
+    come from the evaluator's per-persona cache (and from `rows_cache`, the store's,
+    across runs); masked conditions apply the
     mask in place and restore the dense weights afterwards. ``restore=False``
     leaves the mask applied for a loop over many masks: the next mask is written
     straight over it from the dense snapshot, and the dense weights come back
@@ -674,7 +762,7 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
     """
     evaluator.configure(config)
     method, sparsity, granularity, mhash = _meta(mask_meta, masks)
-    prepared, dense_rows = evaluator.dense_state(persona, opposite, config, stats)
+    prepared, dense_rows = evaluator.dense_state(persona, opposite, config, stats, rows_cache)
     rows = list(dense_rows)
     masked_conds = [c for c in config.conditions if c not in DENSE_CONDITIONS]
     if masks is not None and masked_conds:

@@ -11,6 +11,7 @@ Layout under the store root::
     masks/model=<model-key>/[calib=<calib-hash>/]method=<segment>/sparsity=<s>/<owner>.safetensors
         (calib= for masks derived from statistics; budget=<label> in place of sparsity= if budgeted)
     results/run=<run-id>/part-<persona>-<what>-<hash>.parquet        evaluation rows
+    dense/model=<model-key>/persona=<id>/rows-<hash>.parquet          dense baseline rows, reused across runs
     runs/<run-id>/manifest.json                                       written last
     runs/<run-id>/stages/<stage>.json                                 one per finished stage
     runs/<run-id>/report.html
@@ -31,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 STATS, MASKS, RESULTS, RUNS, LEASES, PROBE = "stats", "masks", "results", "runs", "leases", "_probe"
-LEARNED, EXPORTS = "learned", "exports"
+LEARNED, EXPORTS, DENSE = "learned", "exports", "dense"
 LATEST = "_latest"
 DEFAULT_GRANULARITY = "unstructured"
 DEFAULT_ALLOCATION = "uniform"
@@ -213,6 +214,12 @@ def safe_name(text: str) -> str:
 def result_part(run_id: str, persona_id: str, what: str, ident: str) -> str:
     """``results/run=<id>/part-<persona>-<what>-<ident>.parquet``; `what` is ``<method>-s<sparsity>`` or ``dense``."""
     return f"{results_prefix(run_id)}/part-{safe_name(persona_id)}-{safe_name(what)}-{segment(ident)}.parquet"
+
+
+def dense_rows(model_key: str, persona_id: str, ident: str) -> str:
+    """``dense/model=<k>/persona=<id>/rows-<ident>.parquet``: one persona's dense-condition rows (prompt,
+    few-shot, steering...) under one evaluation config, shared by every run that asks for the same."""
+    return f"{DENSE}/model={segment(model_key, 'model key')}/persona={segment(persona_id, 'persona id')}/rows-{segment(ident)}.parquet"
 
 
 def result_what(method_seg: str | None, sparsity: float | None, budget: str = "") -> str:

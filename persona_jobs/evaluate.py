@@ -2,7 +2,8 @@
 
 One actor per free GPU (CPU actors where there is none); each loads the model once
 into an `persona_core.evaluate.Evaluator` and, for each persona it is handed,
-computes the dense conditions once, then applies every mask of that persona in
+computes the dense conditions once (or reads them back from ``dense/`` in the store,
+where an earlier run with the same dense settings left them), then applies every mask of that persona in
 place, scores it, and restores the dense weights. Personas are handed out one at a
 time from one queue (`persona_jobs.dispatch`), to whichever actor is free; each
 (persona, mask) unit is written as its
@@ -103,8 +104,9 @@ class EvalWorker:
 
     def run_task(self, task: EvaluationTask) -> dict:
         """Score every unit of one persona; write each unit's part; return tables and errors."""
-        from persona_core.evaluate import evaluate_unit
+        from persona_core.evaluate import DenseRowCache, evaluate_unit
 
+        rows_cache = DenseRowCache(self.store, self.evaluator.model_key)  # baselines shared across runs
         out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
                "seconds": 0.0, "skipped": 0}
         t0 = time.perf_counter()
@@ -130,7 +132,7 @@ class EvalWorker:
                     stats = self.steering_stats(task)
                 # masks swap straight into one another; the dense weights return after the last
                 table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config,
-                                      restore=i == len(task.units) - 1, stats=stats)
+                                      restore=i == len(task.units) - 1, stats=stats, rows_cache=rows_cache)
                 self.store.write_parquet(unit.part, table)
                 out["tables"].append(table)
                 out["parts"].append(unit.part)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -180,3 +181,68 @@ def test_default_model_unit_and_swap_cost():
     ev.continuation_logprobs([(ids[:1], ids[1:])] * ev.batch_size)
     batch = time.perf_counter() - t0
     assert swap < 0.5 * batch  # a loose bound on a shared CPU; the benchmark reports the real fraction
+
+
+def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch):
+    """A second evaluator (a later run) reads the dense rows back instead of recomputing them, with the
+    same numbers; a config that differs only in masked conditions shares them, one that changes a dense
+    number does not; a tampered or unreadable entry is recomputed and rewritten, never used."""
+    from persona_core import layout
+    from persona_core.evaluate import DenseRowCache
+    from persona_core.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    cat = load_catalog("builtin")
+    p, o = cat["introvert"], cat["extrovert"]
+    cfg = EvalConfig(conditions=("dense", "dense+prompt", "masked"), metrics=("statement-preference", "perplexity"),
+                     **SMALL)
+
+    def run(config, masks=None):
+        ev = Evaluator(load_model("tiny-random-llama", device="cpu"))  # a fresh process: no memory cache
+        calls = []
+        real = ev.score_condition
+        monkeypatch.setattr(ev, "score_condition", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        meta = {"method": "rand", "sparsity": 0.5} if masks is not None else None
+        table = evaluate_unit(ev, p, o, masks, meta, config, rows_cache=DenseRowCache(store, ev.model_key))
+        return table, calls
+
+    def dense_values(t):
+        return {(c, m): v for c, m, v in zip(*(t.column(k).to_pylist() for k in ("condition", "metric", "value")))
+                if c.startswith("dense")}
+
+    first, calls = run(cfg)
+    assert calls == ["dense", "dense+prompt"]
+    keys = store.list(layout.DENSE)
+    assert len(keys) == 1 and f"/persona={p.id}/" in keys[0]
+
+    ev0 = Evaluator(load_model("tiny-random-llama", device="cpu"))
+    masks = random_masks(ev0.model, ev0.prunable)
+    again, calls = run(cfg, masks)
+    assert calls == ["masked"]  # the dense rows came from the store
+    assert dense_values(again) == dense_values(first)
+    assert set(again.column("config_hash").to_pylist()) == {cfg.hash}  # rows carry this run's config
+
+    wider = EvalConfig(conditions=("dense", "dense+prompt", "masked", "masked+prompt"),
+                       metrics=cfg.metrics, **SMALL)
+    assert wider.dense_hash == cfg.dense_hash and wider.hash != cfg.hash
+    _, calls = run(wider, masks)
+    assert calls == ["masked", "masked+prompt"]
+
+    other = EvalConfig(conditions=cfg.conditions, metrics=cfg.metrics, **{**SMALL, "max_statements": 3})
+    assert other.dense_hash != cfg.dense_hash
+    _, calls = run(other)
+    assert calls == ["dense", "dense+prompt"]
+    assert len(store.list(layout.DENSE)) == 2
+
+    # tampered: another persona's rows under this key are refused, recomputed and rewritten
+    key = keys[0]
+    forged = store.read_parquet(key)
+    forged = forged.set_column(forged.schema.get_field_index("persona"), "persona",
+                               pa.array(["extrovert"] * forged.num_rows))
+    store.write_parquet(key, forged)
+    redo, calls = run(cfg)
+    assert calls == ["dense", "dense+prompt"] and dense_values(redo) == dense_values(first)
+    assert set(store.read_parquet(key).column("persona").to_pylist()) == {p.id}
+    store.write_bytes(key, b"not parquet")  # unreadable: recomputed too
+    _, calls = run(cfg)
+    assert calls == ["dense", "dense+prompt"]

@@ -71,6 +71,7 @@ class Method:
     needs: tuple[str, ...]
     defaults: dict
     strength: tuple[str, tuple[float, ...]] | None = None  # (parameter, values a budget search tries)
+    reads: str | None = None  # a per-channel statistics group scored instead of module inputs (ffn-channels only)
 
     @property
     def sides(self) -> int:
@@ -95,11 +96,14 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequence[float]] | None = None,
-             **defaults) -> Callable[[ScoreFn], ScoreFn]:
+             reads: str | None = None, **defaults) -> Callable[[ScoreFn], ScoreFn]:
     """Register a scoring function under `name` (see the module docstring).
 
     `strength` names the parameter that sets how hard the method contrasts, and the values a
     capability-budget search tries for it (`persona_core.budget`), e.g. ``("lam", (1, 4, 16))``.
+    `reads` names a per-MLP-channel statistics group (e.g. ``mlp_attr``): such a method scores
+    channels, not weights (its function gets the group's `GroupStats` per role and returns one
+    score per channel and side), so it builds ``ffn-channels`` masks only.
     """
     bad = [r for r in needs if r not in (PERSONA, OPPOSITE, GENERAL)]
     if bad or (OPPOSITE in needs and needs[:2] != (PERSONA, OPPOSITE)):
@@ -111,7 +115,7 @@ def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequen
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         st = (strength[0], tuple(float(v) for v in strength[1])) if strength else None
-        REGISTRY[name] = Method(name, fn, tuple(needs), dict(defaults), st)
+        REGISTRY[name] = Method(name, fn, tuple(needs), dict(defaults), st, reads)
         return fn
 
     return deco
@@ -184,6 +188,24 @@ def contrastive_penalty(absw, stats, p):
     plus = torch.relu(a - lam * torch.relu(b - a))
     minus = torch.relu(b - lam * torch.relu(a - b))
     return absw * plus.float(), absw * minus.float()
+
+
+@register("contrastive-attribution", needs=(PERSONA, OPPOSITE, GENERAL), strength=("lam", (0.25, 1.0, 4.0)),
+          reads="mlp_attr", lam=1.0)
+def contrastive_attribution(absw, stats, p):
+    """MLP channels whose removal moves the log-likelihood toward the persona, and not general text.
+
+    From the ``mlp_attr`` statistics (calibrate with ``attribution: true``): per channel, the mean
+    per-token attribution to the log-likelihood of the persona's texts (a), its opposite's (b) and
+    general text (g). Removing the channel changes the mean log-prob by about -a, -b, -g, so for the
+    persona's mask it gains (b - a) of contrast and costs |g| of general text; channels are pruned
+    in order of gain - lam |g| (the opposite's mask: a - b - lam |g|). Keep-scores are the negation,
+    shifted to be non-negative.
+    """
+    a, b, g = (s.mean for s in stats)
+    cost = p["lam"] * g.abs()
+    drop_plus, drop_minus = (b - a) - cost, (a - b) - cost
+    return tuple((d.max() - d).float() for d in (drop_plus, drop_minus))
 
 
 def _contrast(p: dict, absw: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -609,6 +631,9 @@ def iter_masks(weights: nn.Module | LoadedModel | LinearWeights, stats: Sequence
     if spec.granularity == "ffn-channels":
         yield from _ffn_channel_masks(lw, stats, spec, device)
         return
+    if method.reads:
+        raise ValueError(f"method {method.name!r} scores MLP channels (statistics group {method.reads!r}): "
+                         "use granularity ffn-channels")
     nm = spec.nm
     for g in lw.groups:
         gstats = _group_stats(stats, (g.layer, g.name), device or "cpu")
@@ -649,8 +674,15 @@ def ffn_channel_scores(lw: LinearWeights, stats: Sequence[StatsLike], spec: Mask
     params = spec.resolved_params
     for layer, groups in _mlp_layers(lw).items():
         absw = lw.weight(groups["mlp_out"].modules[0], device).abs()
-        gstats = _group_stats(stats, (layer, "mlp_out"), device or "cpu")
-        scores = tuple(s.sum(0, dtype=torch.float64).float() for s in _scores(method, params, absw, gstats))
+        gstats = _group_stats(stats, (layer, method.reads or "mlp_out"), device or "cpu")
+        scores = _scores(method, params, absw, gstats)
+        if method.reads:  # already one score per channel
+            if any(s.shape != (absw.shape[1],) for s in scores):
+                raise ValueError(f"method {method.name!r}: channel scores of shape {[tuple(s.shape) for s in scores]}"
+                                 f", expected ({absw.shape[1]},) at layer {layer}")
+            scores = tuple(s.float() for s in scores)
+        else:
+            scores = tuple(s.sum(0, dtype=torch.float64).float() for s in scores)
         yield layer, scores, absw.sum(0)
 
 

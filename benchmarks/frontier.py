@@ -12,7 +12,8 @@ method (``--budget``) is timed. Prints one JSON line:
   seconds; ``seconds_per_pair`` the mean (target <= 60 s on 2 CPU cores).
 
 Statistics are calibrated once into ``--store`` (default: a folder under the system temp dir,
-reused by later runs) with the default calibration settings.
+reused by later runs) with the default calibration settings (with ``attribution: true`` when a
+method scores MLP channels from it, e.g. ``contrastive-attribution``, whose masks are ffn-channels).
 
     python benchmarks/frontier.py [--pairs introvert,extrovert] [--sparsities 0.02 0.05 0.1 0.2]
         [--methods contrastive-penalty general-gated] [--budget 1.1] [--no-frontier]
@@ -54,14 +55,14 @@ def stats_for(ev, people, store, config: CalibConfig) -> dict:
     return out
 
 
-def setup(model: str, catalog, pairs, store):
+def setup(model: str, catalog, pairs, store, attribution: bool = False):
     """(evaluator, a copy of the prunable weights, the pairs' and general statistics, calibration config)."""
     from persona_core.evaluate import Evaluator
 
     ev = Evaluator(model, device="cpu")
     lw = LinearWeights.from_model(ev.loaded)
     weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})  # never the live ones
-    config = CalibConfig()
+    config = CalibConfig(attribution=attribution)
     people = [general_persona()] + [catalog[x] for pair in pairs for x in pair]
     return ev, weights, stats_for(ev, people, store, config), config
 
@@ -69,9 +70,11 @@ def setup(model: str, catalog, pairs, store):
 def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig,
              allocation: str = "uniform") -> PairSearch:
     people = {"persona": a, "opposite": b, "general": general_persona()}
-    roles = [(r, people[r]) for r in get_method(method).needs]
-    return PairSearch(ev, weights, MaskSpec(method, 0.0, budget=budget, allocation=allocation), budget, roles,
-                      [stats[p.id] for _, p in roles], b, config)
+    m = get_method(method)
+    roles = [(r, people[r]) for r in m.needs]
+    granularity = "ffn-channels" if m.reads else "unstructured"  # channel-scoring methods build channel masks
+    return PairSearch(ev, weights, MaskSpec(method, 0.0, granularity, budget=budget, allocation=allocation), budget,
+                      roles, [stats[p.id] for _, p in roles], b, config)
 
 
 def time_searches(ev, weights, catalog, pairs, methods, stats, budget: Budget, config: CalibConfig) -> dict:
@@ -115,7 +118,8 @@ def main() -> None:
     catalog = load_catalog(args.catalog)
     pairs = catalog.pairs() if args.pairs == ["all"] else [tuple(p.split(",")) for p in args.pairs]
     t0 = time.time()
-    ev, weights, stats, config = setup(args.model, catalog, pairs, args.store)
+    ev, weights, stats, config = setup(args.model, catalog, pairs, args.store,
+                                       attribution=any(get_method(m).reads for m in args.methods))
     setup_s = time.time() - t0  # model load and calibration
     budget = Budget(perplexity_ratio=args.budget)
     sweeps = {m: [float(v) for v in vals.split(",")] for m, _, vals in (s.partition("=") for s in args.strength)}

@@ -283,9 +283,13 @@ class MaskSpec:
     budget: Budget | None = None
 
     def __post_init__(self):
-        get_method(self.method).resolve(self.params)  # unknown method or parameter: fail now
+        method = get_method(self.method)
+        method.resolve(self.params)  # unknown method or parameter: fail now
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r} (use {', '.join(GRANULARITIES)})")
+        if method.reads and self.granularity != "ffn-channels":
+            raise ValueError(f"method {self.method!r} scores MLP channels (statistics group {method.reads!r}): "
+                             f"use granularity ffn-channels, not {self.granularity}")
         for s in (self.sparsity, *(self.layer_sparsity or ())):
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"sparsity must be in [0, 1), got {s}")
@@ -534,7 +538,9 @@ def _group_stats(stats: Sequence[StatsLike], key: GroupKey, device) -> list[Grou
     for s in stats:
         groups = s.groups if isinstance(s, PersonaStats) else s
         if key not in groups:
-            raise KeyError(f"statistics have no group {key} (were they recorded on this model?)")
+            hint = ("calibrate with attribution: true (calibrate.options.attribution)" if key[1] == "mlp_attr"
+                    else "were they recorded on this model?")
+            raise KeyError(f"statistics have no group {key} ({hint})")
         out.append(groups[key].to(device))
     return out
 

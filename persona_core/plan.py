@@ -88,6 +88,12 @@ def make_plan(cfg: PipelineConfig) -> Plan:
 
     calib = calib_config(cfg)
     specs = mask_specs(cfg)
+    from .masks import get_method
+
+    reading = sorted({s.method for s in specs if get_method(s.method).reads})
+    if reading and not calib.attribution:
+        raise UserError(f"masks.methods: {', '.join(reading)} read the MLP attribution statistics: set "
+                        "calibrate.options.attribution: true")
     evaluation, pool = eval_config(cfg) if cfg.evaluate.enabled else (None, {})
 
     personas = {p.id: content_hash(p.content_hash, p.evaluation_hash) for p in catalog}

@@ -160,10 +160,19 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
     With a `budget` (budget.Budget), the sparsity of every non-N:M spec is searched instead of `sparsities`."""
     from .masks import MaskSpec
 
+    from .masks import get_method
+
     specs: dict = {}
     params = params or {}
+    granularities = list(granularities)
     for method in methods:
-        for gran in granularities:
+        grans = granularities
+        if get_method(method).reads:  # scores MLP channels: its masks are ffn-channels ones only
+            if "ffn-channels" not in granularities:
+                raise ValueError(f"method {method!r} builds ffn-channels masks only: add ffn-channels to the "
+                                 f"granularities (got {', '.join(granularities)})")
+            grans = ["ffn-channels"]
+        for gran in grans:
             if ":" in gran:
                 n, m = (int(x) for x in gran.split(":"))
                 chosen = [n / m]

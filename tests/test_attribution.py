@@ -158,10 +158,35 @@ def test_ties_are_broken_by_weight_then_index_and_builds_are_deterministic(lw):
 def test_refuses_weight_granularities_and_missing_statistics(lw):
     stats = [attr_stats(lw, s) for s in (1, 2, 3)]
     with pytest.raises(ValueError, match="ffn-channels"):
-        build_pair_masks(lw, *stats, spec=MaskSpec("contrastive-attribution", 0.1))
+        MaskSpec("contrastive-attribution", 0.1)
+    from persona_core.units import mask_specs
+
+    with pytest.raises(ValueError, match="add ffn-channels"):
+        mask_specs(["contrastive-attribution"], [0.1], ["unstructured"])
+    mixed = mask_specs(["contrastive-penalty", "contrastive-attribution"], [0.1], ["unstructured", "ffn-channels"])
+    assert sorted((s.method, s.granularity) for s in mixed) == [
+        ("contrastive-attribution", "ffn-channels"), ("contrastive-penalty", "ffn-channels"),
+        ("contrastive-penalty", "unstructured")]
     from test_masks import random_stats
 
     plain = [random_stats(lw.groups, s) for s in (1, 2, 3)]
     with pytest.raises(KeyError, match="mlp_attr"):
         build_pair_masks(lw, *plain, spec=MaskSpec("contrastive-attribution", 0.1, "ffn-channels"))
     assert REGISTRY["contrastive-attribution"].reads == ATTRIBUTION
+
+
+def test_attribution_statistics_round_trip_through_the_store(tiny, tmp_path):
+    from persona_core.calibration import calibrate_persona
+    from persona_core.catalog import load_catalog
+    from persona_core.stats import read_persona_stats, write_stats
+    from persona_core.store import open_store
+
+    store = open_store(str(tmp_path))
+    p = load_catalog("builtin")["introvert"]
+    config = CalibConfig(max_length=48, attribution=True)
+    stats = calibrate_persona(tiny, p, config)[0]
+    write_stats(store, stats, calib_config=config.to_dict())
+    back = read_persona_stats(store, tiny.key, p.id, p.content_hash, config.hash)
+    key = (1, ATTRIBUTION)
+    assert back.groups[key].tokens == stats.groups[key].tokens
+    assert torch.equal(back.groups[key].sum, stats.groups[key].sum)

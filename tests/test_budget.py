@@ -245,3 +245,31 @@ def test_config_knob_masks_budget():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) ratio"):
         parse_config("masks:\n  budget: {ratio: 1.1}\n")
     assert PipelineConfig().hash != parse_config("masks:\n  budget: 1.1\n").hash
+
+
+def test_budgeted_channel_attribution_search_on_the_tiny_model(tiny_setup, monkeypatch):
+    """contrastive-attribution under a budget: statistics with the mlp_attr group (validation statements
+    held out of it too), ffn-channel masks, the chosen setting within the budget."""
+    from dataclasses import replace
+
+    from persona_core.budget_eval import PairSearch
+    from persona_core.calibration import ATTRIBUTION, calibrate_persona
+    from persona_core.catalog import general_persona
+    from persona_core.masks import MaskSpec, n_pruned
+
+    ev, lw, a, b, _, cc, folder = tiny_setup
+    cc = replace(cc, attribution=True)
+    stats = [calibrate_persona(ev.loaded, p, cc)[0] for p in (a, b, general_persona())]
+    assert all((0, ATTRIBUTION) in s.groups for s in stats)
+    monkeypatch.setenv("PERSONA_WIKITEXT2", str(folder))
+    budget = Budget(steps=8, ppl_windows=2, ppl_window=32, max_sparsity=0.6, perplexity_ratio=1.05)
+    roles = [("persona", a), ("opposite", b), ("general", general_persona())]
+    search = PairSearch(ev, lw, MaskSpec("contrastive-attribution", 0.1, "ffn-channels"), budget, roles, stats,
+                        calib_config=cc)
+    held = search.fit_stats[0].groups[(0, ATTRIBUTION)]
+    assert held.tokens < stats[0].groups[(0, ATTRIBUTION)].tokens  # validation texts left the statistics
+    out = search.run()
+    assert out.result.within_budget and out.final_ratio <= 1.05 and out.result.strength_name == "lam"
+    width = lw.tensors["model.layers.0.mlp.down_proj"].shape[1]
+    dropped = (~out.masks[0]["model.layers.0.mlp.down_proj"].all(0)).sum()
+    assert int(dropped) == n_pruned(width, out.spec.sparsity) and out.spec.granularity == "ffn-channels"

@@ -77,3 +77,12 @@ def test_two_revisions_never_share_a_model_key_anywhere(ray_cluster, tmp_path):
             assert meta["model_key"] == new_key
     rows = load_results(store, p.run_id)
     assert set(rows.column("model").to_pylist()) == {new_key}
+
+
+def test_channel_attribution_methods_need_attribution_statistics(tmp_path):
+    changes = {"masks__methods": ["contrastive-attribution"], "masks__granularities": ["ffn-channels"]}
+    with pytest.raises(UserError, match="calibrate.options.attribution: true"):
+        make_plan(tiny_pipeline_config(str(tmp_path), **changes))
+    p = make_plan(tiny_pipeline_config(str(tmp_path), **changes, calibrate__options__attribution=True))
+    assert p.calib.attribution and {(s.method, s.granularity) for s in p.specs} >= {
+        ("contrastive-attribution", "ffn-channels")}

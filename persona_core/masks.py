@@ -196,14 +196,16 @@ def contrastive_attribution(absw, stats, p):
     """MLP channels whose removal moves the log-likelihood toward the persona, and not general text.
 
     From the ``mlp_attr`` statistics (calibrate with ``attribution: true``): per channel, the mean
-    per-token attribution to the log-likelihood of the persona's texts (a), its opposite's (b) and
-    general text (g). Removing the channel changes the mean log-prob by about -a, -b, -g, so for the
-    persona's mask it gains (b - a) of contrast and costs |g| of general text; channels are pruned
-    in order of gain - lam |g| (the opposite's mask: a - b - lam |g|). Keep-scores are the negation,
-    shifted to be non-negative.
+    per-token attribution to the log-likelihood of the persona's texts (a) and its opposite's (b).
+    Removing the channel changes their mean log-prob by about -a and -b, so the persona's mask gains
+    (b - a) of contrast. Its cost is read on general text as the mean *absolute* per-token
+    attribution |g| (a channel some general tokens need a lot and others not at all costs
+    perplexity even when its mean attribution cancels out). Channels are pruned in order of
+    gain - lam |g| (the opposite's mask: a - b - lam |g|); keep-scores are the negation, shifted
+    to be non-negative.
     """
-    a, b, g = (s.mean for s in stats)
-    cost = p["lam"] * g.abs()
+    a, b = stats[0].mean, stats[1].mean
+    cost = p["lam"] * stats[2].mean_abs
     drop_plus, drop_minus = (b - a) - cost, (a - b) - cost
     return tuple((d.max() - d).float() for d in (drop_plus, drop_minus))
 

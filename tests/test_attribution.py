@@ -130,7 +130,7 @@ def test_prunes_what_helps_the_opposite_and_spares_what_general_text_needs(lw):
     a[key].sum[7] = 100.0  # channel 7 the reverse
     b[key].sum[7] = -100.0
     b[key].sum[9] = 250.0  # channel 9 helps the opposite even more (250 > 200), but general text needs it
-    g[key].sum[9] = 400.0
+    g[key].sumabs[9] = 400.0  # general text's per-token need (its mean could cancel out)
     spec = MaskSpec("contrastive-attribution", 1 / width, "ffn-channels", params={"lam": 1.0})
     plus, minus = build_pair_masks(lw, a, b, g, spec=spec)
     assert pruned_channels(plus, 0) == {3} and pruned_channels(minus, 0) == {7}
@@ -145,7 +145,8 @@ def test_ties_are_broken_by_weight_then_index_and_builds_are_deterministic(lw):
     zero = [attr_stats(lw, 1) for _ in range(3)]
     for s in zero:  # every channel scores the same: |W| column sums decide, then the index
         for k, g in s.items():
-            s[k] = GroupStats(g.tokens, torch.zeros_like(g.sum), g.sumsq, g.sumabs, g.samples, g.norm_sum, g.norm_sumsq)
+            s[k] = GroupStats(g.tokens, torch.zeros_like(g.sum), g.sumsq, torch.zeros_like(g.sumabs), g.samples,
+                              g.norm_sum, g.norm_sumsq)
     spec = MaskSpec("contrastive-attribution", 0.25, "ffn-channels")
     first = build_pair_masks(lw, *zero, spec=spec)
     again = build_pair_masks(lw, *zero, spec=spec)

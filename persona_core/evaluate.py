@@ -652,9 +652,22 @@ def dense_ident(model_key: str, persona: Persona, opposite: Persona | None, conf
     """Everything the dense rows of one persona depend on, hashed: the model (and where and in what
     precision it runs), the persona's evaluation data and description, its opposite's, the config's
     dense part and (for dense+steer) the statistics."""
-    steer = [list(map(str, t)) for t in _stats_ident(stats)] if "dense+steer" in config.conditions else None
+    steer = _residual_digest(stats) if "dense+steer" in config.conditions else None
     return content_hash(CODE_VERSION, model_key, numerics, persona.evaluation_hash, persona.description,
                         opposite.evaluation_hash if opposite else None, config.dense_hash, steer)[:16]
+
+
+def _residual_digest(stats: dict | None) -> str:
+    """A digest of what the steering baseline reads from the statistics: each persona's residual-stream
+    token counts and sums (the same numbers under another calibration option give the same digest)."""
+    h = hashlib.sha256()
+    for pid, s in sorted((stats or {}).items()):
+        h.update(f"{pid}\0".encode())
+        for key in sorted(k for k in s.groups if k[1] == "residual"):
+            g = s.groups[key]
+            h.update(f"{key[0]}:{g.tokens}\0".encode())
+            h.update(g.sum.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class DenseRowCache:

@@ -246,3 +246,28 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
     store.write_bytes(key, b"not parquet")  # unreadable: recomputed too
     _, calls = run(cfg)
     assert calls == ["dense", "dense+prompt"]
+
+
+def test_dense_ident_follows_what_steering_reads():
+    """dense+steer rows depend on the residual-stream statistics only: other groups (another
+    calibration option) leave the key alone, other residual numbers change it."""
+    from persona_core.evaluate import dense_ident
+    from persona_core.stats import GroupStats, PersonaStats
+
+    cat = load_catalog("builtin")
+    p, o = cat["introvert"], cat["extrovert"]
+
+    def stats(residual: float, extra: float) -> dict:
+        def g(v):
+            t = torch.full((4,), v, dtype=torch.float64)
+            return GroupStats(10, t, t * t, t.abs(), 2, t.abs(), t * t)
+        groups = {(0, "residual"): g(residual), (0, "mlp_attr"): g(extra)}
+        return {x.id: PersonaStats("m", x.id, x.content_hash, groups, f"calib-{extra}") for x in (p, o)}
+
+    cfg = EvalConfig(conditions=("dense+steer", "masked"), **SMALL)
+    base = dense_ident("m", p, o, cfg, stats(1.0, 2.0))
+    assert dense_ident("m", p, o, cfg, stats(1.0, 3.0)) == base
+    assert dense_ident("m", p, o, cfg, stats(1.5, 2.0)) != base
+    assert dense_ident("m", p, o, cfg, stats(1.0, 2.0), "cuda-bfloat16") != base
+    no_steer = EvalConfig(conditions=("dense+prompt", "masked"), **SMALL)
+    assert dense_ident("m", p, o, no_steer, stats(1.0, 2.0)) == dense_ident("m", p, o, no_steer, stats(1.5, 2.0))

@@ -352,10 +352,14 @@ def prepare_examples(loaded: LoadedModel, persona: Persona, samples: Sequence[Ma
 
 def prepare_general(loaded: LoadedModel, windows: Sequence[list[int]], config: LearnConfig,
                     batch: int = 8) -> list[Example]:
-    """Dense targets on general-text windows (no prompt, every token after the first scored)."""
+    """Dense targets on general-text windows (no prompt, every token after the first scored; the
+    tokenizer's leading special tokens, if any, precede each window as `window_nll` scores them)."""
+    from .validation import lead_ids
+
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    items = [(list(w), 0, list(w[1:])) for w in windows]
+    lead = lead_ids(tok)
+    items = [(lead + list(w), len(lead), list(w[1:])) for w in windows]
     return _teacher_memo(loaded, pad, items, config.teacher_topk, batch)
 
 

@@ -126,10 +126,22 @@ def text_windows(tokenizer, source: str | None, window: int, count: int) -> list
     return _WINDOWS[key]
 
 
+def lead_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Gemma, Llama: ``<bos>``; GPT-2-style
+    tokenizers such as SmolLM2's: none). A window cut from the middle of a text gets them too: a
+    model trained with a BOS token is far off without one, and that would inflate its dense perplexity."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+
+
 def window_nll(ev: "Evaluator", windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
-    """Total NLL and scored tokens over the windows (each window's first token is context only);
-    with `system`, its text precedes every window as context."""
-    prefix = ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"] if system else []
+    """Total NLL and scored tokens over the windows (each window's first token is context only,
+    after the tokenizer's leading special tokens); with `system`, its text precedes every window."""
+    prefix = lead_ids(ev.tokenizer)
+    if system:
+        prefix = prefix + ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
     lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
     return -sum(lp.sum().item() for lp in lps), sum(len(lp) for lp in lps)
 

@@ -113,6 +113,41 @@ def test_perplexity_by_hand(rigged):
     assert r[("masked", "perplexity-ratio")] == pytest.approx(1.0, abs=1e-6)  # the head ignores the mask
 
 
+def test_perplexity_windows_open_with_the_tokenizers_bos(rigged):
+    """A tokenizer that puts <bos> before text (Gemma, Llama) gets it before every window, and
+    before the persona text when there is one; one that puts nothing (SmolLM2, GPT-2) gets nothing."""
+    from tokenizers import processors
+
+    from persona_core.models import byte_tokenizer
+    from persona_core.validation import lead_ids, window_nll
+
+    plain = byte_tokenizer()
+    assert lead_ids(plain) == []
+    with_bos = byte_tokenizer()
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    assert with_bos("ab")["input_ids"][0] == bos
+    assert lead_ids(with_bos) == [bos]
+
+    class Recorder:
+        def __init__(self, tokenizer):
+            self.tokenizer, self.pairs = tokenizer, []
+
+        def continuation_logprobs(self, pairs):
+            self.pairs += pairs
+            return [torch.zeros(len(cont)) for _, cont in pairs]
+
+    windows = [[10, 11, 12], [20, 21]]
+    for tok, lead in ((plain, []), (with_bos, [bos])):
+        ev = Recorder(tok)
+        assert window_nll(ev, windows) == (0.0, 3)  # the first token of a window is context only
+        system = tok("Be kind.\n\n", add_special_tokens=False)["input_ids"]
+        window_nll(ev, windows, "Be kind.")
+        assert ev.pairs == [(lead + [10], [11, 12]), (lead + [20], [21]),
+                            (lead + system + [10], [11, 12]), (lead + system + [20], [21])]
+
+
 def test_roleplay_fidelity_by_hand(rigged):
     ev, logits = rigged
     cfg = EvalConfig(conditions=("dense", "dense+prompt"), metrics=("roleplay-fidelity",), **SMALL)

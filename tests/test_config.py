@@ -88,17 +88,19 @@ def test_hash_ignores_where_not_what():
     assert a.hash == b.hash != c.hash
 
 
-def test_shipped_configs_validate():
-    load_config(ROOT / "configs" / "demo.yaml")
-    load_config(ROOT / "configs" / "pipeline.example.yaml")
-    load_config(ROOT / "configs" / "study-builtin.yaml")
-    load_config(ROOT / "configs" / "study-anthropic.yaml")
-    for name in ("demo", "study-baselines-builtin", "study-baselines-anthropic"):  # evaluate options too
-        from persona_core.evaluate import EvalConfig
+PIPELINE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
+                          if p.name != "study-pruner.yaml")  # that one is benchmarks/study_pruner.py's
 
-        options = load_config(ROOT / "configs" / f"{name}.yaml").evaluate.options  # typed: checked at load
-        EvalConfig(**options.eval_fields())
-    load_config(ROOT / "configs" / "nightly.example.yaml", NightlyConfig)
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    from persona_core.evaluate import EvalConfig
+
+    if path.name.startswith("nightly"):
+        load_config(path, NightlyConfig)
+        return
+    options = load_config(path).evaluate.options  # typed: checked at load
+    EvalConfig(**options.eval_fields())  # the evaluation options too
 
 
 def test_readme_documents_every_knob_with_its_default():

@@ -113,7 +113,7 @@ def test_perplexity_by_hand(rigged):
     assert r[("masked", "perplexity-ratio")] == pytest.approx(1.0, abs=1e-6)  # the head ignores the mask
 
 
-def test_perplexity_windows_open_with_the_tokenizers_bos(rigged):
+def test_perplexity_windows_open_with_the_tokenizers_bos():
     """A tokenizer that puts <bos> before text (Gemma, Llama) gets it before every window, and
     before the persona text when there is one; one that puts nothing (SmolLM2, GPT-2) gets nothing."""
     from tokenizers import processors

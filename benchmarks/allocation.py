@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.calibration import CalibConfig, calibrate_persona  # noqa: E402
-from persona_core.catalog import general_persona, heldout_text, load_catalog  # noqa: E402
-from persona_core.evaluate import MaskedModel  # noqa: E402
-from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, owl_sparsities  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, calibrate_persona  # noqa: E402
+from persona_core.catalog.personas import general_persona, heldout_text, load_catalog  # noqa: E402
+from persona_core.eval.engine import MaskedModel  # noqa: E402
+from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, owl_sparsities  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 SETTINGS = (("wanda-general", 0.5), ("wanda-general", 0.6), ("contrastive-penalty", 0.3), ("contrastive-penalty", 0.4))

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persona_core.calibration import CalibConfig, StatsRecorder, _body, batches, render_reply  # noqa: E402
-from persona_core.catalog import load_catalog  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, StatsRecorder, _body, batches, render_reply  # noqa: E402
+from persona_core.catalog.personas import load_catalog  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 

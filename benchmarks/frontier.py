@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.budget import Budget, Setting  # noqa: E402
-from persona_core.budget_eval import PairSearch  # noqa: E402
-from persona_core.calibration import CalibConfig, calibrate_persona  # noqa: E402
-from persona_core.catalog import general_persona, load_catalog  # noqa: E402
-from persona_core.masks import LinearWeights, MaskSpec, get_method  # noqa: E402
+from persona_core.masks.budget import Budget, Setting  # noqa: E402
+from persona_core.masks.budget_search import PairSearch  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, calibrate_persona  # noqa: E402
+from persona_core.catalog.personas import general_persona, load_catalog  # noqa: E402
+from persona_core.masks.methods import LinearWeights, MaskSpec, get_method  # noqa: E402
 from persona_core.models import DEFAULT_MODEL  # noqa: E402
-from persona_core.stats import read_persona_stats, stats_exist, write_stats  # noqa: E402
+from persona_core.calib.stats import read_persona_stats, stats_exist, write_stats  # noqa: E402
 
 log = logging.getLogger("bench.frontier")
 
@@ -57,7 +57,7 @@ def stats_for(ev, people, store, config: CalibConfig) -> dict:
 
 def setup(model: str, catalog, pairs, store, attribution: bool = False):
     """(evaluator, a copy of the prunable weights, the pairs' and general statistics, calibration config)."""
-    from persona_core.evaluate import Evaluator
+    from persona_core.eval.engine import Evaluator
 
     ev = Evaluator(model, device="cpu")
     lw = LinearWeights.from_model(ev.loaded)

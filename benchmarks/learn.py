@@ -36,13 +36,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from persona_core.calibration import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.learn import (DataConfig, LearnConfig, MaskLearner, _pad, general_text,  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
+from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.learn.learner import (DataConfig, LearnConfig, MaskLearner, _pad, general_text,  # noqa: E402
                                 general_windows, generate_training_data, initial_scores, prepare_examples,
                                 prepare_general)
-from persona_core.metrics import heldout_questions  # noqa: E402
-from persona_core.evaluate import EvalConfig  # noqa: E402
+from persona_core.eval.metrics import heldout_questions  # noqa: E402
+from persona_core.eval.engine import EvalConfig  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, LoadedModel, byte_tokenizer, load_model  # noqa: E402
 
 log = logging.getLogger("bench.learn")

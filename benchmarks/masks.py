@@ -40,19 +40,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.catalog import SplitConfig, load_catalog  # noqa: E402
-from persona_core.maskcodec import encode_mask, read_mask  # noqa: E402
-from persona_core.masks import LinearWeights, MaskSpec, iter_masks, n_pruned, spec_key  # noqa: E402
+from persona_core.catalog.personas import SplitConfig, load_catalog  # noqa: E402
+from persona_core.masks.codec import encode_mask, read_mask  # noqa: E402
+from persona_core.masks.methods import LinearWeights, MaskSpec, iter_masks, n_pruned, spec_key  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from persona_core.store import open_store  # noqa: E402
+from persona_core.store.store import open_store  # noqa: E402
 
 log = logging.getLogger("bench.masks")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-persona")
 
 
 def calibrate_all(loaded, catalog, store) -> float:
-    from persona_core.calibration import CalibConfig, calibrate_persona
-    from persona_core.stats import write_stats
+    from persona_core.calib.recorder import CalibConfig, calibrate_persona
+    from persona_core.calib.stats import write_stats
 
     config = CalibConfig(batch_size=8)
     t0 = time.time()
@@ -70,9 +70,9 @@ def synthetic_all(loaded, catalog, store, seed: int = 0) -> float:
     Each persona's channel j is scaled by exp(0.15 * N(0, 1)) (seeded by its position):
     realistic magnitudes and outlier channels, persona-specific differences. Seconds, not minutes.
     """
-    from persona_core.calibration import CalibConfig, calibrate
-    from persona_core.catalog import general_persona
-    from persona_core.stats import GroupStats, PersonaStats, write_stats
+    from persona_core.calib.recorder import CalibConfig, calibrate
+    from persona_core.catalog.personas import general_persona
+    from persona_core.calib.stats import GroupStats, PersonaStats, write_stats
 
     t0 = time.time()
     base = calibrate(loaded, list(general_persona().calibration[:16]), CalibConfig(batch_size=8))
@@ -94,8 +94,8 @@ def real_pairs(catalog, n_pairs: int, statements: int) -> dict:
     For each pair: both sides' `wanda` masks (seed 1's per-persona masks) and the
     `contrastive-wanda` pair at 50%; the opposite's mask delta-coded against the persona's.
     """
-    from persona_core.calibration import CalibConfig, calibrate_persona
-    from persona_core.masks import build_pair_masks
+    from persona_core.calib.recorder import CalibConfig, calibrate_persona
+    from persona_core.masks.methods import build_pair_masks
 
     loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     config = CalibConfig(batch_size=8)
@@ -167,7 +167,7 @@ def budget_seconds(pairs: list[str], methods: list[str], tmp: str) -> dict:
     """Seconds per budgeted pair on the default model (frontier.py's timed search, built-in catalog)."""
     from frontier import setup, time_searches
 
-    from persona_core.budget import Budget
+    from persona_core.masks.budget import Budget
 
     builtin = load_catalog("builtin")
     pairs_ = [tuple(p.split(",")) for p in pairs]
@@ -202,7 +202,7 @@ def main() -> None:
     weights = LinearWeights.from_model(loaded)
     calib_s = (calibrate_all if args.stats == "calibrated" else synthetic_all)(loaded, catalog, store)
 
-    from persona_core.stats import read_persona_stats
+    from persona_core.calib.stats import read_persona_stats
 
     first = next(iter(catalog))
     ratio, t_ours = speedup(weights, read_persona_stats(store, loaded.key, first.id))

@@ -43,12 +43,12 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from persona_core.calibration import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog import general_persona, load_catalog  # noqa: E402
-from persona_core.evaluate import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
-from persona_core.learn import DataConfig, LearnConfig, generate_training_data, learn_persona  # noqa: E402
-from persona_core.masks import MaskSpec, build_masks  # noqa: E402
-from persona_core.metrics import heldout_questions  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
+from persona_core.catalog.personas import general_persona, load_catalog  # noqa: E402
+from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
+from persona_core.learn.learner import DataConfig, LearnConfig, generate_training_data, learn_persona  # noqa: E402
+from persona_core.masks.methods import MaskSpec, build_masks  # noqa: E402
+from persona_core.eval.metrics import heldout_questions  # noqa: E402
 from persona_core.models import load_model  # noqa: E402
 
 log = logging.getLogger("study.pruner")
@@ -73,7 +73,7 @@ def start(args) -> dict:
     """What a script over a study config does first: logging, torch threads, the config. Exits 0
     with a JSON line saying so when the config's catalog (../shared/data) is absent."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn"):
+    for noisy in ("httpx", "urllib3", "filelock", "persona_core.learn.learner"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -123,8 +123,8 @@ def speed(loaded, masks: dict, windows: int, reps: int = 3) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from persona_core.structured import export_pruned
-    from persona_core.validation import text_windows
+    from persona_core.masks.export import export_pruned
+    from persona_core.eval.validation import text_windows
 
     with tempfile.TemporaryDirectory() as tmp:
         out = export_pruned(loaded, masks, Path(tmp) / "m")

@@ -32,13 +32,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from study_pruner import ROOT, _path, bootstrap_ratio, start  # noqa: E402
 
-from persona_core.calibration import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.evaluate import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
-from persona_core.learn import (WIKITEXT, DataConfig, LearnConfig, generate_training_data, learn_persona,  # noqa: E402
+from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
+from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
+from persona_core.learn.learner import (WIKITEXT, DataConfig, LearnConfig, generate_training_data, learn_persona,  # noqa: E402
                                 training_instructions)
-from persona_core.masks import MaskSpec, build_masks  # noqa: E402
-from persona_core.metrics import heldout_questions  # noqa: E402
+from persona_core.masks.methods import MaskSpec, build_masks  # noqa: E402
+from persona_core.eval.metrics import heldout_questions  # noqa: E402
 from persona_core.models import load_model  # noqa: E402
 
 log = logging.getLogger("sweep.learn")

@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.maskcodec import MaskFile, unpack, write_mask  # noqa: E402
-from persona_core.masks import LinearWeights  # noqa: E402
+from persona_core.masks.codec import MaskFile, unpack, write_mask  # noqa: E402
+from persona_core.masks.methods import LinearWeights  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
-from persona_core.stats import GroupStats, PersonaStats, read_part, write_stats  # noqa: E402
-from persona_core.store import open_store, parquet_file  # noqa: E402
+from persona_core.calib.stats import GroupStats, PersonaStats, read_part, write_stats  # noqa: E402
+from persona_core.store.store import open_store, parquet_file  # noqa: E402
 
 
 def best_pair(a, b, repeats: int) -> tuple[float, float]:

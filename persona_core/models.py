@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hashing import content_hash, file_digest
+from persona_core.store.hashing import content_hash, file_digest
 
 log = logging.getLogger(__name__)
 

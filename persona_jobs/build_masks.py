@@ -18,13 +18,13 @@ import argparse
 import logging
 from typing import Iterable, Sequence
 
-from persona_core.catalog import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
-from persona_core.budget import Budget
+from persona_core.catalog.personas import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
+from persona_core.masks.budget import Budget
 from persona_core.errors import UserError
-from persona_core.masks import ALLOCATIONS, CODE_VERSION, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
+from persona_core.masks.methods import ALLOCATIONS, CODE_VERSION, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
 from persona_core.models import DEFAULT_MODEL
-from persona_core.store import Store, open_store
-from persona_core.units import (MaskUnit, mask_is_current, mask_specs, mask_units, resolve_calib,
+from persona_core.store.store import Store, open_store
+from persona_core.run.units import (MaskUnit, mask_is_current, mask_specs, mask_units, resolve_calib,
                                 stats_fingerprints)
 from persona_jobs import dispatch
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
                delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
     """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
-    from persona_core.masks import build_pair_masks, resolve_allocation
+    from persona_core.masks.methods import build_pair_masks, resolve_allocation
 
     stats = read_unit_stats(store, model_key, unit, persona_hashes)
     spec = resolve_allocation(weights, stats, unit.spec, device)  # OWL: the layer sparsities, recorded below
@@ -47,7 +47,7 @@ def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_ha
 
 
 def read_unit_stats(store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None]) -> list:
-    from persona_core.stats import read_persona_stats
+    from persona_core.calib.stats import read_persona_stats
 
     return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid), unit.calib_hash)
             for _, pid in unit.roles]
@@ -56,7 +56,7 @@ def read_unit_stats(store: Store, model_key: str, unit: MaskUnit, persona_hashes
 def write_unit(store: Store, model_key: str, unit: MaskUnit, spec: MaskSpec, stats: list, sides: tuple,
                extra: dict, delta: bool) -> list[tuple[str, int]]:
     """Write one unit's masks (one per side) with their metadata; returns (key, bytes) written."""
-    from persona_core.maskcodec import write_mask
+    from persona_core.masks.codec import write_mask
 
     base_meta = {"model_key": model_key, **spec.to_dict(), "spec_hash": unit.spec.hash,
                  "identity": unit.identity, "code_version": CODE_VERSION,
@@ -84,7 +84,7 @@ class BudgetBuilder:
     """
 
     def __init__(self, model: str, weights, device: str | None = None, revision: str | None = None):
-        from persona_core.evaluate import Evaluator
+        from persona_core.eval.engine import Evaluator
 
         self.ev = Evaluator(model, device=device or "cpu", revision=revision)
         self.weights = weights
@@ -92,8 +92,8 @@ class BudgetBuilder:
 
     def build(self, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
               personas: dict, delta: bool = False) -> list[tuple[str, int]]:
-        from persona_core.budget_eval import PairSearch, stored_calib_config
-        from persona_core.catalog import general_persona
+        from persona_core.masks.budget_search import PairSearch, stored_calib_config
+        from persona_core.catalog.personas import general_persona
 
         stats = read_unit_stats(store, model_key, unit, persona_hashes)
         people = dict(personas) | {GENERAL_ID: general_persona()}
@@ -142,7 +142,7 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence
         raise UserError(str(err)) from err
     store.check_writable()
 
-    from persona_core.masks import LinearWeights
+    from persona_core.masks.methods import LinearWeights
     from persona_core.models import load_model, model_key
 
     try:

@@ -1,7 +1,7 @@
 """`persona-jobs calibrate`: activation statistics of every persona, spread over Ray actors.
 
 Work is cut into units, one per (persona, shard of its calibration texts)
-(`persona_core.units.calibration_units`). Each unit's Parquet part has a
+(`persona_core.run.units.calibration_units`). Each unit's Parquet part has a
 deterministic key (a hash of model key, persona hash, calibration config hash,
 shard and code version), so the driver skips units already stored before
 starting anything, and a retried unit rewrites nothing. Actors (one per free
@@ -22,13 +22,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from persona_core.calibration import CalibConfig, calibrate_persona
-from persona_core.catalog import Catalog
+from persona_core.calib.recorder import CalibConfig, calibrate_persona
+from persona_core.catalog.personas import Catalog
 from persona_core.errors import UserError
 from persona_core.models import DEFAULT_MODEL, model_key
-from persona_core.stats import list_parts, read_part, write_stats
-from persona_core.store import Store, StoreError, open_store
-from persona_core.units import CalibrationUnit, calibration_personas, calibration_units, stale_calibration_parts
+from persona_core.calib.stats import list_parts, read_part, write_stats
+from persona_core.store.store import Store, StoreError, open_store
+from persona_core.run.units import CalibrationUnit, calibration_personas, calibration_units, stale_calibration_parts
 from persona_jobs import dispatch
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
 

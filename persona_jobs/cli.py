@@ -15,8 +15,8 @@ import sys
 import traceback
 
 from persona_core.errors import UserError
-from persona_core.redact import install_logging_redaction, quiet_aws_loggers, redacted_output
-from persona_core.store import StoreUnreachable
+from persona_core.store.redact import install_logging_redaction, quiet_aws_loggers, redacted_output
+from persona_core.store.store import StoreUnreachable
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
@@ -76,15 +76,15 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
 
 def add_parser(sub) -> None:
     p = sub.add_parser("methods", help="list the registered mask methods, their inputs and parameters",
-                       description="The mask methods registered in persona_core.masks.")
+                       description="The mask methods registered in persona_core.masks.methods.")
     p.set_defaults(func=_methods)
     p = sub.add_parser("metrics", help="list the registered evaluation metrics",
-                       description="The metrics registered in persona_core.metrics.")
+                       description="The metrics registered in persona_core.eval.metrics.")
     p.set_defaults(func=_metrics)
 
 
 def _methods(args) -> int:
-    from persona_core.masks import REGISTRY
+    from persona_core.masks.methods import REGISTRY
 
     rows = [("method", "needs", "per persona", "parameters (defaults)")]
     for m in REGISTRY.values():
@@ -95,7 +95,7 @@ def _methods(args) -> int:
 
 
 def _metrics(args) -> int:
-    from persona_core.metrics import METRICS
+    from persona_core.eval.metrics import METRICS
 
     rows = [("metric", "default", "what it measures")]
     for m in METRICS.values():

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 
-from persona_core.runs import Summary  # noqa: F401  (the jobs return it)
+from persona_core.run.runs import Summary  # noqa: F401  (the jobs return it)
 
 log = logging.getLogger(__name__)
 

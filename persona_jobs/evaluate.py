@@ -1,7 +1,7 @@
 """`persona-jobs evaluate`: score every persona subnetwork in the store, on Ray actors.
 
 One actor per free GPU (CPU actors where there is none); each loads the model once
-into an `persona_core.evaluate.Evaluator` and, for each persona it is handed,
+into an `persona_core.eval.engine.Evaluator` and, for each persona it is handed,
 computes the dense conditions once (or reads them back from ``dense/`` in the store,
 where an earlier run with the same dense settings left them), then applies every mask of that persona in
 place, scores it, and restores the dense weights. Personas are handed out one at a
@@ -28,14 +28,14 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from persona_core import runs
-from persona_core.catalog import BUILTIN, GENERAL_ID, Catalog, CatalogError, load_catalog
+from persona_core.run import runs
+from persona_core.catalog.personas import BUILTIN, GENERAL_ID, Catalog, CatalogError, load_catalog
 from persona_core.errors import UserError
-from persona_core.evaluate import CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, JudgeSettings
+from persona_core.eval.engine import CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, JudgeSettings
 from persona_core.models import DEFAULT_MODEL
-from persona_core.results import gather, load_results, write_report  # noqa: F401  (load_results: callers read a run through the job too)
-from persona_core.store import Store, open_store
-from persona_core.units import EvaluationTask, default_eval_run_id, evaluation_tasks
+from persona_core.report.results import gather, load_results, write_report  # noqa: F401  (load_results: callers read a run through the job too)
+from persona_core.store.store import Store, open_store
+from persona_core.run.units import EvaluationTask, default_eval_run_id, evaluation_tasks
 from persona_jobs import dispatch
 from persona_jobs.dispatch import actor_resources
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_per_node
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 def read_mask(store: Store, key: str) -> tuple[dict, dict]:
     """A verified mask and its metadata; ``content_hash`` is the digest of the masks actually
     decoded from the bytes read (checked against the digest written with them)."""
-    from persona_core.maskcodec import MaskFile
+    from persona_core.masks.codec import MaskFile
 
     f = MaskFile(store, key)
     masks = f.read()
@@ -81,7 +81,7 @@ class EvalWorker:
                  threads: int | None = None, revision: str | None = None, calib_hash: str | None = None):
         import torch
 
-        from persona_core.evaluate import Evaluator
+        from persona_core.eval.engine import Evaluator
 
         if threads:
             torch.set_num_threads(threads)
@@ -96,7 +96,7 @@ class EvalWorker:
         """The calibration statistics dense+steer needs: the persona's and its opposite's (or general's)."""
         if "dense+steer" not in self.config.conditions:
             return None
-        from persona_core.stats import read_persona_stats
+        from persona_core.calib.stats import read_persona_stats
 
         ids = [task.persona.id, task.opposite.id if task.opposite else GENERAL_ID]
         return {pid: read_persona_stats(self.store, self.evaluator.model_key, pid, calib_hash=self.calib_hash)
@@ -104,7 +104,7 @@ class EvalWorker:
 
     def run_task(self, task: EvaluationTask) -> dict:
         """Score every unit of one persona; write each unit's part; return tables and errors."""
-        from persona_core.evaluate import DenseRowCache, evaluate_unit
+        from persona_core.eval.engine import DenseRowCache, evaluate_unit
 
         rows_cache = DenseRowCache(self.store, self.evaluator.model_key)  # baselines shared across runs
         out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
@@ -161,7 +161,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     report's URL and ``summary.run_id`` the run id. Already written parts are skipped.
     """
     from persona_core.models import model_key
-    from persona_core.report import analyse, terminal_table
+    from persona_core.report.html import analyse, terminal_table
 
     summary = Summary("evaluate")
     store = open_store(store)
@@ -275,7 +275,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> EvalConfig:
-    from persona_core.metrics import default_metrics
+    from persona_core.eval.metrics import default_metrics
 
     judge = None
     metrics = list(args.metrics or default_metrics())

@@ -7,7 +7,7 @@ sparsity) task as soon as it is free. A task checkpoints its scores to the store
 where it stopped (up to ``--retries`` times). Tasks are keyed by content hash (persona, base model, objective, knobs,
 data recipe, initial statistics): a rerun skips every mask already stored with the same
 identity. The result is an ordinary ``ffn-channels`` mask (and, with ``--export``, the
-smaller model) in the store; `persona_core.learned` has the keys.
+smaller model) in the store; `persona_core.learn.task` has the keys.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import os
 from dataclasses import fields
 from typing import Sequence
 
-from persona_core.catalog import Catalog, CatalogError, load_catalog
-from persona_core.learn import OBJECTIVES, DataConfig, LearnConfig
+from persona_core.catalog.personas import Catalog, CatalogError, load_catalog
+from persona_core.learn.learner import OBJECTIVES, DataConfig, LearnConfig
 from persona_core.models import DEFAULT_MODEL
-from persona_core.store import Store, open_store
+from persona_core.store.store import Store, open_store
 from persona_jobs import dispatch
 from persona_jobs.cli import UserError
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
@@ -45,7 +45,7 @@ class LearnerWorker:
         self.store, self.die_at = store, die_at
 
     def run(self, task) -> dict:
-        from persona_core.learned import run_task
+        from persona_core.learn.task import run_task
 
         return run_task(self.loaded, self.store, task, on_step=self._maybe_die(task))
 
@@ -72,10 +72,10 @@ def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | Non
          sparsities: Sequence[float], config: LearnConfig, data: DataConfig, max_questions: int | None = None,
          export: bool = False, calib_hash: str | None = None) -> tuple[list, list[str]]:
     """Every task, and problems (missing statistics) found before any work starts."""
-    from persona_core.evaluate import EvalConfig
-    from persona_core.learned import LearnTask
-    from persona_core.metrics import heldout_questions
-    from persona_core.units import stats_fingerprints
+    from persona_core.eval.engine import EvalConfig
+    from persona_core.learn.task import LearnTask
+    from persona_core.eval.metrics import heldout_questions
+    from persona_core.run.units import stats_fingerprints
 
     cat = catalog.select(persona_ids) if persona_ids else catalog
     prints = stats_fingerprints(store, model_key, calib_hash or None)
@@ -129,14 +129,14 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: "str | C
         raise UserError(str(err)) from err
     store.check_writable()
     if calib_hash is None:
-        from persona_core.units import resolve_calib
+        from persona_core.run.units import resolve_calib
 
         calib_hash = resolve_calib(store, mkey, [p.id for p in cat] + ["general"])
     tasks, problems = plan(store, mkey, cat, None, objectives, sparsities, config, data, export=export,
                            calib_hash=calib_hash)
     if problems:
         raise UserError("\n".join(problems))
-    from persona_core.learned import is_current
+    from persona_core.learn.task import is_current
 
     todo = []
     for t in tasks:

@@ -28,9 +28,9 @@ import sys
 
 from persona_jobs import pipeline
 from persona_jobs.cli import UserError
-from persona_core import runs
-from persona_core.config import NightlyConfig
-from persona_core.lease import Lease, LeaseHeld, LeaseLost
+from persona_core.run import runs
+from persona_core.run.config import NightlyConfig
+from persona_core.store.lease import Lease, LeaseHeld, LeaseLost
 
 log = logging.getLogger(__name__)
 

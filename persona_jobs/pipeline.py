@@ -6,7 +6,7 @@
 
 Every check that can fail on bad input (config, catalog, persona ids, method
 names and options, store writable, model known, Ray reachable) runs before any
-work starts. The run id is a hash of the inputs (see `persona_core.runs`): a
+work starts. The run id is a hash of the inputs (see `persona_core.run.runs`): a
 rerun with nothing changed finds the run's manifest and does no model work; an
 interrupted run resumes after its last finished stage; each stage is itself
 incremental by content hash. `--repair` reads back every stats part and mask
@@ -21,17 +21,17 @@ import os
 import sys
 from pathlib import Path
 
-from persona_core import execution
-from persona_core.config import ConfigError, NightlyConfig, PipelineConfig, load_config, parse_config
+from persona_core.run import execution
+from persona_core.run.config import ConfigError, NightlyConfig, PipelineConfig, load_config, parse_config
 from persona_core.errors import UserError
-from persona_core.execution import STAGES, Outcome, print_outcome, stage_report, verify_artifacts  # noqa: F401
-from persona_core.plan import Plan, make_plan
-from persona_core.store import StoreError
+from persona_core.run.execution import STAGES, Outcome, print_outcome, stage_report, verify_artifacts  # noqa: F401
+from persona_core.run.plan import Plan, make_plan
+from persona_core.store.store import StoreError
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray
 
 log = logging.getLogger(__name__)
 
-plan = make_plan  # the one resolution of a config (persona_core.plan)
+plan = make_plan  # the one resolution of a config (persona_core.run.plan)
 
 
 def preflight(p: Plan, *, need_ray: bool) -> None:
@@ -70,7 +70,7 @@ def stage_masks(p: Plan) -> Summary:
 
 def stage_learn(p: Plan) -> Summary:
     """Learned FFN-channel masks (masks.learned) for every persona, from the run's statistics."""
-    from persona_core.learn import DataConfig, LearnConfig
+    from persona_core.learn.learner import DataConfig, LearnConfig
     from persona_jobs import learn_masks
 
     m = p.config.masks
@@ -94,8 +94,8 @@ def _build_masks(p: Plan) -> Summary:
 
 
 def stage_evaluate(p: Plan) -> Summary:
-    from persona_core.budget import Budget
-    from persona_core.masks import budget_segment
+    from persona_core.masks.budget import Budget
+    from persona_core.masks.methods import budget_segment
     from persona_jobs import evaluate
 
     c = p.config
@@ -113,7 +113,7 @@ STAGE_FUNCS = {"calibrate": stage_calibrate, "masks": stage_masks, "evaluate": s
 
 
 def execute(p: Plan, **kwargs) -> Outcome:
-    """Run the plan's stages on Ray (see `persona_core.execution.execute`)."""
+    """Run the plan's stages on Ray (see `persona_core.run.execution.execute`)."""
     return execution.execute(p, STAGE_FUNCS, preflight=lambda p: preflight(p, need_ray=True), **kwargs)
 
 

@@ -13,12 +13,12 @@ import json
 
 import torch
 
-from persona_core import layout
+from persona_core.store import layout
 from persona_core.errors import UserError
 from persona_jobs.common import add_store_arg
-from persona_core.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
+from persona_core.calib.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
                                 stats_summary)
-from persona_core.store import open_store
+from persona_core.store.store import open_store
 
 
 def add_parser(sub) -> None:

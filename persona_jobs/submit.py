@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_jobs.common import add_store_arg
-from persona_core.hashing import content_hash
-from persona_core.store import DEFAULT_STORE, open_store
+from persona_core.store.hashing import content_hash
+from persona_core.store.store import DEFAULT_STORE, open_store
 
 log = logging.getLogger(__name__)
 
@@ -536,7 +536,7 @@ def jobs_of_run(jobs_client, rid: str) -> dict | None:
 
 def _status_cmd(args) -> int:
     from persona_jobs.cli import UserError
-    from persona_core import runs
+    from persona_core.run import runs
 
     if not args.run:
         store = open_store(args.store)

@@ -100,7 +100,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def builtin_catalog():
-    from persona_core.catalog import load_catalog
+    from persona_core.catalog.personas import load_catalog
 
     return load_catalog("builtin")
 
@@ -129,7 +129,7 @@ def tiny_pipeline_config(store: str, **changes):
     """A PipelineConfig for tiny-random-llama on 2 personas (+ general), with `changes` on top."""
     import copy
 
-    from persona_core.config import NightlyConfig, from_dict
+    from persona_core.run.config import NightlyConfig, from_dict
 
     raw = copy.deepcopy(TINY_PIPELINE) | {"store": store}
     for dotted, value in changes.items():

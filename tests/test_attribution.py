@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from persona_core.calibration import ATTRIBUTION, CALIB_VERSION, CalibConfig, attribution, calibrate
-from persona_core.hashing import content_hash
-from persona_core.masks import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
+from persona_core.calib.recorder import ATTRIBUTION, CALIB_VERSION, CalibConfig, attribution, calibrate
+from persona_core.store.hashing import content_hash
+from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
 from persona_core.models import linear_groups
-from persona_core.stats import GroupStats
+from persona_core.calib.stats import GroupStats
 
 TEXTS = ["I love long evenings alone with a good book.", "Parties drain me.",
          "Quiet mornings are the best part of my day, and I guard them.", "No."]
@@ -21,7 +21,7 @@ CFG = CalibConfig(chat_template=False, attribution=True, batch_size=4)
 def log_likelihood(tiny, texts, config, scale: dict[int, tuple[int, float]] | None = None) -> float:
     """sum log p of every real token after the first, each text run alone (no padding), optionally
     with MLP channel c of layer l scaled by f (scale: {layer: (c, f)})."""
-    from persona_core.calibration import batches
+    from persona_core.calib.recorder import batches
 
     handles = []
     for g in linear_groups(tiny.model):
@@ -160,7 +160,7 @@ def test_refuses_weight_granularities_and_missing_statistics(lw):
     stats = [attr_stats(lw, s) for s in (1, 2, 3)]
     with pytest.raises(ValueError, match="ffn-channels"):
         MaskSpec("contrastive-attribution", 0.1)
-    from persona_core.units import mask_specs
+    from persona_core.run.units import mask_specs
 
     with pytest.raises(ValueError, match="add ffn-channels"):
         mask_specs(["contrastive-attribution"], [0.1], ["unstructured"])
@@ -177,10 +177,10 @@ def test_refuses_weight_granularities_and_missing_statistics(lw):
 
 
 def test_attribution_statistics_round_trip_through_the_store(tiny, tmp_path):
-    from persona_core.calibration import calibrate_persona
-    from persona_core.catalog import load_catalog
-    from persona_core.stats import read_persona_stats, write_stats
-    from persona_core.store import open_store
+    from persona_core.calib.recorder import calibrate_persona
+    from persona_core.catalog.personas import load_catalog
+    from persona_core.calib.stats import read_persona_stats, write_stats
+    from persona_core.store.store import open_store
 
     store = open_store(str(tmp_path))
     p = load_catalog("builtin")["introvert"]

@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from persona_core.calibration import CalibConfig, calibrate
-from persona_core.catalog import Persona
-from persona_core.evaluate import EvalConfig, Evaluator, evaluate_unit
-from persona_core.fewshot import FewShot
+from persona_core.calib.recorder import CalibConfig, calibrate
+from persona_core.catalog.personas import Persona
+from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit
+from persona_core.eval.fewshot import FewShot
 from persona_core.models import decoder_layers, load_model
-from persona_core.stats import PersonaStats
-from persona_core.steering import MissingResidualStats, steer
-from persona_core.validation import statement_scores, validation_statements
+from persona_core.calib.stats import PersonaStats
+from persona_core.eval.steering import MissingResidualStats, steer
+from persona_core.eval.validation import statement_scores, validation_statements
 
 CAL_A = tuple(f"I love quiet evening number {i} with a book." for i in range(12))
 CAL_B = tuple(f"Party number {i} is where I shine with friends!" for i in range(12))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import math
 
-from persona_core.bootstrap import PairScores, compare, mean_interval, separation_interval
+from persona_core.report.bootstrap import PairScores, compare, mean_interval, separation_interval
 
 
 def rigged(shift: float, n: int = 200, seed: int = 0) -> PairScores:
@@ -55,7 +55,7 @@ def test_mean_interval_over_pairs():
 
 
 def test_mean_over_pairs_resamples_statements_within_each_pair():
-    from persona_core.bootstrap import mean_separation_interval
+    from persona_core.report.bootstrap import mean_separation_interval
 
     pairs = [rigged(1.0, seed=3), rigged(0.2, seed=4)]
     iv = mean_separation_interval(pairs)

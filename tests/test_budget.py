@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from persona_core.budget import Budget, Setting, search
+from persona_core.masks.budget import Budget, Setting, search
 
 GRID = Budget(max_sparsity=0.5, steps=32).grid()
 
@@ -41,7 +41,7 @@ def test_bisection_finds_the_full_grid_point(budget, slope):
 
 @pytest.mark.parametrize("n", [1, 2, 5, 24])
 def test_galloping_from_any_hint_finds_the_boundary(n):
-    from persona_core.budget import _largest_feasible
+    from persona_core.masks.budget import _largest_feasible
 
     settings = [Setting(float(i)) for i in range(n)]
     for boundary in range(-1, n):  # last feasible index (-1: none)
@@ -149,10 +149,10 @@ def test_budget_knob_checks_and_hashes():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from persona_core.calibration import CalibConfig, calibrate_persona
-    from persona_core.catalog import general_persona, load_catalog
-    from persona_core.evaluate import Evaluator
-    from persona_core.masks import LinearWeights
+    from persona_core.calib.recorder import CalibConfig, calibrate_persona
+    from persona_core.catalog.personas import general_persona, load_catalog
+    from persona_core.eval.engine import Evaluator
+    from persona_core.masks.methods import LinearWeights
     from persona_core.models import load_model
 
     loaded = load_model("tiny-random-llama", device="cpu")
@@ -171,9 +171,9 @@ def tiny_setup(tmp_path_factory):
 
 
 def run_search(tiny_setup, monkeypatch, a=None, b=None, method="contrastive-penalty", **budget):
-    from persona_core.budget_eval import PairSearch
-    from persona_core.catalog import general_persona
-    from persona_core.masks import MaskSpec, get_method
+    from persona_core.masks.budget_search import PairSearch
+    from persona_core.catalog.personas import general_persona
+    from persona_core.masks.methods import MaskSpec, get_method
 
     ev, lw, a0, b0, stats, cc, folder = tiny_setup
     a, b = a or a0, b or b0
@@ -222,7 +222,7 @@ def test_search_never_reads_evaluation_statements_or_the_test_split(tiny_setup, 
 
 
 def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_setup, monkeypatch):
-    from persona_core.budget_eval import PairSearch
+    from persona_core.masks.budget_search import PairSearch
 
     real = PairSearch._ratio
     monkeypatch.setattr(PairSearch, "_ratio", lambda self, masks, limit=None: 1.5 + real(self, masks))
@@ -234,7 +234,7 @@ def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_
 
 
 def test_config_knob_masks_budget():
-    from persona_core.config import ConfigError, PipelineConfig, parse_config
+    from persona_core.run.config import ConfigError, PipelineConfig, parse_config
 
     assert PipelineConfig().masks.budget is None  # today's fixed sparsities unless a budget is asked for
     cfg = parse_config("masks:\n  budget: {perplexity_ratio: 1.05, steps: 16}\n")
@@ -252,10 +252,10 @@ def test_budgeted_channel_attribution_search_on_the_tiny_model(tiny_setup, monke
     held out of it too), ffn-channel masks, the chosen setting within the budget."""
     from dataclasses import replace
 
-    from persona_core.budget_eval import PairSearch
-    from persona_core.calibration import ATTRIBUTION, calibrate_persona
-    from persona_core.catalog import general_persona
-    from persona_core.masks import MaskSpec, n_pruned
+    from persona_core.masks.budget_search import PairSearch
+    from persona_core.calib.recorder import ATTRIBUTION, calibrate_persona
+    from persona_core.catalog.personas import general_persona
+    from persona_core.masks.methods import MaskSpec, n_pruned
 
     ev, lw, a, b, _, cc, folder = tiny_setup
     cc = replace(cc, attribution=True)

@@ -7,13 +7,13 @@ import torch
 
 from persona_jobs import build_masks as job
 from persona_jobs.cli import UserError, build_parser
-from persona_core.layout import parse_mask
-from persona_core.units import list_masks, mask_specs
-from persona_core.catalog import GENERAL_ID, general_persona
-from persona_core.maskcodec import read_mask
-from persona_core.masks import LinearWeights, MaskSpec, build_pair_masks, spec_key
-from persona_core.stats import PersonaStats, Shard, list_parts, read_persona_stats, write_stats
-from persona_core.store import open_store
+from persona_core.store.layout import parse_mask
+from persona_core.run.units import list_masks, mask_specs
+from persona_core.catalog.personas import GENERAL_ID, general_persona
+from persona_core.masks.codec import read_mask
+from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, spec_key
+from persona_core.calib.stats import PersonaStats, Shard, list_parts, read_persona_stats, write_stats
+from persona_core.store.store import open_store
 from tests.test_masks import random_stats
 
 PAIR = ("introvert", "extrovert")
@@ -130,8 +130,8 @@ def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog
 
 def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin_catalog):
     """A budget searches each pair's setting on a loaded model; the key names the budget, the metadata the choice."""
-    from persona_core.budget import Budget
-    from persona_core.calibration import CalibConfig, calibrate_persona
+    from persona_core.masks.budget import Budget
+    from persona_core.calib.recorder import CalibConfig, calibrate_persona
 
     store = open_store(str(tmp_path / "store"))
     cc = CalibConfig(max_length=64)

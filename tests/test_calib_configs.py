@@ -12,10 +12,10 @@ import pytest
 
 from conftest import tiny_pipeline_config
 from persona_jobs import calibrate, evaluate, pipeline
-from persona_core import units
-from persona_core.masks import mask_key
-from persona_core.stats import list_parts, part_versions
-from persona_core.store import open_store
+from persona_core.run import units
+from persona_core.masks.methods import mask_key
+from persona_core.calib.stats import list_parts, part_versions
+from persona_core.store.store import open_store
 
 FIELDS = ("persona", "method", "sparsity", "condition", "metric")
 
@@ -116,7 +116,7 @@ def test_masks_keyed_without_a_config_are_not_used_for_one(tmp_path, builtin_cat
 def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
     """`revision:` was in the run id only; every stage keyed and loaded the default revision."""
     from persona_core import models
-    from persona_core.config import PipelineConfig, from_dict
+    from persona_core.run.config import PipelineConfig, from_dict
 
     asked = []
 
@@ -152,7 +152,7 @@ def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp
     """Keys cannot hold every persona version at once; the mask's provenance is checked when read."""
     import torch
 
-    from persona_core.maskcodec import write_mask
+    from persona_core.masks.codec import write_mask
     from persona_core.models import linear_groups
 
     store = open_store(str(tmp_path / "st"))

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from persona_core.errors import UserError
-from persona_core.units import calibration_personas as resolve
-from persona_core.units import calibration_units as plan
+from persona_core.run.units import calibration_personas as resolve
+from persona_core.run.units import calibration_units as plan
 from persona_jobs.calibrate import FAIL_ONCE_ENV, run
 from persona_jobs.cli import main as cli_main
-from persona_core.calibration import CalibConfig, calibrate_persona
-from persona_core.catalog import GENERAL_ID, general_persona
+from persona_core.calib.recorder import CalibConfig, calibrate_persona
+from persona_core.catalog.personas import GENERAL_ID, general_persona
 from persona_core.models import model_key
-from persona_core.stats import list_parts, read_generated, read_persona_stats, write_stats
-from persona_core.store import open_store
+from persona_core.calib.stats import list_parts, read_generated, read_persona_stats, write_stats
+from persona_core.store.store import open_store
 
 PERSONAS = ["introvert", "extrovert", "optimist", "pessimist"]
 CALIB = CalibConfig(max_length=64, batch_size=8)

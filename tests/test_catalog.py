@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from persona_core.catalog import (
+from persona_core.catalog.personas import (
     Catalog, CatalogError, SplitConfig, general_persona, generic_questions, load_catalog,
 )
 

@@ -72,8 +72,8 @@ def test_version(capsys):
 
 
 def test_methods_and_metrics_list_the_registries(capsys):
-    from persona_core.masks import REGISTRY
-    from persona_core.metrics import METRICS
+    from persona_core.masks.methods import REGISTRY
+    from persona_core.eval.metrics import METRICS
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from persona_jobs.cli import build_parser
-from persona_core.config import NightlyConfig, PipelineConfig, load_config
+from persona_core.run.config import NightlyConfig, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_core.config import (ConfigError, NightlyConfig, PipelineConfig, describe, from_dict, load_config,
+from persona_core.run.config import (ConfigError, NightlyConfig, PipelineConfig, describe, from_dict, load_config,
                                  parse_config)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ PIPELINE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    from persona_core.evaluate import EvalConfig
+    from persona_core.eval.engine import EvalConfig
 
     if path.name.startswith("nightly"):
         load_config(path, NightlyConfig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from persona_core.config import ConfigError, NightlyConfig, PipelineConfig, describe, parse_config
+from persona_core.run.config import ConfigError, NightlyConfig, PipelineConfig, describe, parse_config
 
 
 def problems(text: str, cls=PipelineConfig) -> list[str]:
@@ -106,7 +106,7 @@ def test_describe_lists_resources_and_options_once():
 
 
 def _catalog_problems(tmp_path, name: str, text: str) -> list[str]:
-    from persona_core.catalog import CatalogError, load_catalog
+    from persona_core.catalog.personas import CatalogError, load_catalog
 
     path = tmp_path / name
     path.write_text(text)
@@ -130,7 +130,7 @@ def test_catalog_duplicate_keys_are_refused(tmp_path):
 
 
 def test_overlong_statement_is_refused_at_load(tmp_path):
-    from persona_core.catalog import MAX_TEXT_CHARS
+    from persona_core.catalog.personas import MAX_TEXT_CHARS
 
     huge = "word " * (MAX_TEXT_CHARS // 5 + 10)
     got = _catalog_problems(tmp_path, "big.yaml", f"personas:\n- id: a\n  description: x\n"

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from persona_core.catalog import load_catalog
-from persona_core.evaluate import (CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, Evaluator, MaskedModel,
+from persona_core.catalog.personas import load_catalog
+from persona_core.eval.engine import (CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, Evaluator, MaskedModel,
                                    evaluate_unit, mask_content_hash)
 from persona_core.models import load_model
 
@@ -162,7 +162,7 @@ def test_default_model_unit_and_swap_cost():
     import time
 
     ev = Evaluator("smollm2-135m", device="cpu")
-    from persona_core.metrics import answer_token_ids
+    from persona_core.eval.metrics import answer_token_ids
 
     assert set(answer_token_ids(ev.tokenizer, "Yes")) >= {ev.tokenizer.encode("Yes")[0], ev.tokenizer.encode(" Yes")[0]}
     cat = load_catalog("builtin")
@@ -187,9 +187,9 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
     """A second evaluator (a later run) reads the dense rows back instead of recomputing them, with the
     same numbers; a config that differs only in masked conditions shares them, one that changes a dense
     number does not; a tampered or unreadable entry is recomputed and rewritten, never used."""
-    from persona_core import layout
-    from persona_core.evaluate import DenseRowCache
-    from persona_core.store import open_store
+    from persona_core.store import layout
+    from persona_core.eval.engine import DenseRowCache
+    from persona_core.store.store import open_store
 
     store = open_store(str(tmp_path / "store"))
     cat = load_catalog("builtin")
@@ -251,8 +251,8 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
 def test_dense_ident_follows_what_steering_reads():
     """dense+steer rows depend on the residual-stream statistics only: other groups (another
     calibration option) leave the key alone, other residual numbers change it."""
-    from persona_core.evaluate import dense_ident
-    from persona_core.stats import GroupStats, PersonaStats
+    from persona_core.eval.engine import dense_ident
+    from persona_core.calib.stats import GroupStats, PersonaStats
 
     cat = load_catalog("builtin")
     p, o = cat["introvert"], cat["extrovert"]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core import layout
-from persona_core.results import load_results
-from persona_core.units import evaluation_tasks
+from persona_core.store import layout
+from persona_core.report.results import load_results
+from persona_core.run.units import evaluation_tasks
 from persona_jobs import evaluate as job
-from persona_core.catalog import load_catalog
-from persona_core.evaluate import EvalConfig
-from persona_core.maskcodec import write_mask
-from persona_core.masks import mask_key
+from persona_core.catalog.personas import load_catalog
+from persona_core.eval.engine import EvalConfig
+from persona_core.masks.codec import write_mask
+from persona_core.masks.methods import mask_key
 from persona_core.models import linear_groups, load_model, model_key
-from persona_core.store import open_store
+from persona_core.store.store import open_store
 
 MODEL = "tiny-random-llama"
 PERSONAS = ["introvert", "extrovert", "optimist", "pessimist"]
@@ -77,7 +77,7 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
     assert len(store.list("results/run=r1/", suffix=".parquet")) == 8
     assert store.exists(layout.report("r1")) and s.report.endswith("runs/r1/report.html")
     assert set(back.column("method").to_pylist()) == {"contrastive-wanda", "magnitude"}
-    from persona_core.maskcodec import MaskFile
+    from persona_core.masks.codec import MaskFile
 
     want = {MaskFile(store, mask_key(model_key(MODEL), "contrastive-wanda", 0.5, "optimist")).header["digest"]}
     got = {h for p, m, h in zip(back.column("persona").to_pylist(), back.column("method").to_pylist(),

@@ -13,12 +13,12 @@ from persona_jobs import calibrate, pipeline
 from persona_jobs.cli import main as cli_main
 import torch
 
-from persona_core import runs
-from persona_core.maskcodec import read_mask
-from persona_core.catalog import general_persona
-from persona_core.stats import list_parts
-from persona_core.units import calibration_units
-from persona_core.store import open_store
+from persona_core.run import runs
+from persona_core.masks.codec import read_mask
+from persona_core.catalog.personas import general_persona
+from persona_core.calib.stats import list_parts
+from persona_core.run.units import calibration_units
+from persona_core.store.store import open_store
 
 
 def snapshot(root) -> dict:

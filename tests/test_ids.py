@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from persona_core.catalog import (CatalogError, Persona, check_id, id_problem, load_catalog,
+from persona_core.catalog.personas import (CatalogError, Persona, check_id, id_problem, load_catalog,
                                   persona_id_problem)
-from persona_core.config import ConfigError, NightlyConfig, parse_config
-from persona_core.stats import GroupStats, PersonaStats, list_parts, part_key, persona_prefix, stale_parts, write_stats
-from persona_core.store import open_store
+from persona_core.run.config import ConfigError, NightlyConfig, parse_config
+from persona_core.calib.stats import GroupStats, PersonaStats, list_parts, part_key, persona_prefix, stale_parts, write_stats
+from persona_core.store.store import open_store
 
 HOSTILE = ["../../../../../../tmp/x/victim", "a/b", "..", "a..b", ".hidden", "-flag", "_x", "x" * 129, "with space",
            "tab\there", "ünï", "a\\b", "x/../y", "c:d", "new\nline"]
@@ -146,8 +146,8 @@ def test_nightly_name_is_checked_with_file_and_line():
         parse_config("catalog: builtin\nnightly:\n  name: ../../x/ESC\n", "n.yaml", NightlyConfig)
     assert any(p.startswith("n.yaml:3: nightly.name: expected a name matching") for p in err.value.problems)
     assert parse_config("nightly: {name: team-a.v2}\n", "n.yaml", NightlyConfig).nightly.name == "team-a.v2"
-    from persona_core import runs
-    from persona_core.lease import Lease
+    from persona_core.run import runs
+    from persona_core.store.lease import Lease
 
     with pytest.raises(ValueError):
         runs.latest_key("../../x/ESC")
@@ -175,7 +175,7 @@ def test_stale_parts_are_only_parts_this_code_wrote(tmp_path):
 
 def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_path):
     """End to end: the files planted in a persona's partition survive the job's stale-part cleanup."""
-    from persona_core.calibration import CalibConfig
+    from persona_core.calib.recorder import CalibConfig
     from persona_core.models import model_key
     from persona_jobs.calibrate import run
 
@@ -198,7 +198,7 @@ def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_p
 
 
 def test_mask_keys_refuse_bad_ids():
-    from persona_core.masks import mask_key
+    from persona_core.masks.methods import mask_key
 
     with pytest.raises(ValueError, match="not a valid identifier"):
         mask_key("m-k", "wanda", 0.5, "../../x")

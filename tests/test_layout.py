@@ -1,4 +1,4 @@
-"""Every store key is built and parsed by persona_core.layout, and nothing else parses keys."""
+"""Every store key is built and parsed by persona_core.store.layout, and nothing else parses keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_core import layout
+from persona_core.store import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from persona_core.catalog import Persona, generic_questions
-from persona_core.learn import (ChannelGate, DataConfig, Example, LearnConfig, LearnerState, MaskLearner,
+from persona_core.catalog.personas import Persona, generic_questions
+from persona_core.learn.learner import (ChannelGate, DataConfig, Example, LearnConfig, LearnerState, MaskLearner,
                                 _teacher, channels_kept, hard_topk, initial_scores, learn_persona,
                                 prepare_examples, straight_through, training_instructions)
-from persona_core.masks import LinearWeights, MaskSpec, build_masks
+from persona_core.masks.methods import LinearWeights, MaskSpec, build_masks
 from persona_core.models import LoadedModel
 from tests.test_masks import random_stats
 
@@ -164,10 +164,10 @@ def test_checkpoint_bytes_are_checked():
 def test_learned_mask_round_trips_and_exports(tiny, stats, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from persona_core.evaluate import MaskedModel
-    from persona_core.maskcodec import read_mask, write_mask
-    from persona_core.store import open_store
-    from persona_core.structured import export_pruned
+    from persona_core.eval.engine import MaskedModel
+    from persona_core.masks.codec import read_mask, write_mask
+    from persona_core.store.store import open_store
+    from persona_core.masks.export import export_pruned
 
     learner = _learner(tiny, stats, steps=3, lr=0.5)
     learner.run()
@@ -247,7 +247,7 @@ def test_config_errors_name_the_field():
 
 
 def test_a_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradient(tiny, stats):
-    from persona_core.learn import shared_prefix
+    from persona_core.learn.learner import shared_prefix
 
     learner = _learner(tiny, stats, batch_size=4)
     persona, _ = learner.batch(0)

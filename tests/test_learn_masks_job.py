@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.calibration import CalibConfig, calibrate_persona
-from persona_core.catalog import load_catalog
-from persona_core.learn import DataConfig, LearnConfig, LearnerState
-from persona_core.learned import LearnTask, checkpoint_key, is_current, run_task
-from persona_core.maskcodec import read_mask
-from persona_core.stats import write_stats
-from persona_core.store import open_store
-from persona_core.units import list_masks, of_calibration, stats_fingerprints
+from persona_core.calib.recorder import CalibConfig, calibrate_persona
+from persona_core.catalog.personas import load_catalog
+from persona_core.learn.learner import DataConfig, LearnConfig, LearnerState
+from persona_core.learn.task import LearnTask, checkpoint_key, is_current, run_task
+from persona_core.masks.codec import read_mask
+from persona_core.calib.stats import write_stats
+from persona_core.store.store import open_store
+from persona_core.run.units import list_masks, of_calibration, stats_fingerprints
 
 CFG = LearnConfig(steps=4, batch_size=2, general_windows=2, general_batch=1, max_length=96, checkpoint_every=2)
 DATA = DataConfig(examples=3, max_new_tokens=6)
@@ -97,7 +97,7 @@ def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
 
 
 def test_a_dead_actor_task_resumes_on_a_fresh_actor(ray_cluster, tmp_path, tiny, persona, monkeypatch):
-    from persona_core.maskcodec import read_mask_metadata
+    from persona_core.masks.codec import read_mask_metadata
     from persona_jobs import learn_masks
 
     store = _store(tmp_path, tiny, persona)
@@ -120,7 +120,7 @@ def test_learn_masks_needs_statistics(ray_cluster, tmp_path):
 
 
 def test_masks_learned_config_section():
-    from persona_core.config import ConfigError, PipelineConfig, parse_config
+    from persona_core.run.config import ConfigError, PipelineConfig, parse_config
 
     cfg = parse_config("masks:\n  learned:\n    enabled: true\n    objectives: [with-prompt, prompt-free]\n"
                        "    knobs: {steps: 3, lr: 0.2}\n    data: {examples: 2}\n")
@@ -137,7 +137,7 @@ def test_masks_learned_config_section():
 
 
 def test_the_pipeline_masks_stage_learns(ray_cluster, tmp_path, tiny):
-    from persona_core.plan import make_plan
+    from persona_core.run.plan import make_plan
     from persona_jobs import pipeline
     from tests.conftest import tiny_pipeline_config
 

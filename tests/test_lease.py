@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from persona_core import lease as lease_mod
-from persona_core.lease import Lease, LeaseHeld, LeaseLost
-from persona_core.store import open_store
+from persona_core.store import lease as lease_mod
+from persona_core.store.lease import Lease, LeaseHeld, LeaseLost
+from persona_core.store.store import open_store
 
 
 @pytest.fixture(params=["local", "s3"])

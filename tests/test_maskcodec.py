@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.maskcodec import (MaskFile, bits_per_weight, encode_mask, read_mask, read_mask_metadata,
+from persona_core.masks.codec import (MaskFile, bits_per_weight, encode_mask, read_mask, read_mask_metadata,
                                     write_mask)
-from persona_core.store import StoreError, open_store
+from persona_core.store.store import StoreError, open_store
 
 
 def random_masks(seed: int, density: float = 0.5) -> dict[str, torch.Tensor]:
@@ -141,7 +141,7 @@ def _forged(tensors: dict, shapes: dict, **extra) -> bytes:
     import numpy as np
     from safetensors.numpy import save
 
-    from persona_core import maskcodec as mc
+    from persona_core.masks import codec as mc
 
     header = {"format": mc.FORMAT, "encoding": "bits", "shapes": json.dumps(shapes), "digest": "0" * 32,
               "meta": "{}", **extra}
@@ -234,7 +234,7 @@ def test_delta_base_must_be_a_mask_key_of_the_same_store(store, base_key):
 
     def retarget(header):
         header["__metadata__"]["base"] = base_key
-        from persona_core.maskcodec import _header_digest
+        from persona_core.masks.codec import _header_digest
         header["__metadata__"]["header_digest"] = _header_digest(header["__metadata__"])
 
     store.write_bytes("masks/d.safetensors", _rewrite(store.read_bytes("masks/d.safetensors"), retarget))
@@ -253,7 +253,7 @@ def test_delta_base_of_another_model_or_itself_is_refused(store):
 def test_old_unverifiable_format_is_refused_with_advice(store):
     from safetensors.numpy import save
 
-    from persona_core import maskcodec as mc
+    from persona_core.masks import codec as mc
 
     store.write_bytes("masks/v1.safetensors", save(
         {"w": mc.pack(torch.ones(8, dtype=torch.bool))},
@@ -263,7 +263,7 @@ def test_old_unverifiable_format_is_refused_with_advice(store):
 
 
 def test_read_digest_is_that_of_the_bytes_read(store):
-    from persona_core.maskcodec import digest, pack, verify_mask
+    from persona_core.masks.codec import digest, pack, verify_mask
 
     masks = random_masks(17)
     write_mask(store, "masks/a.safetensors", masks, {})

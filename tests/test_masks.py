@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core import masks as M
-from persona_core.catalog import GENERAL_ID
-from persona_core.masks import GRANULARITIES, REGISTRY, LinearWeights, MaskSpec, build_masks, build_pair_masks
-from persona_core.stats import GroupStats
+from persona_core.masks import methods as M
+from persona_core.catalog.personas import GENERAL_ID
+from persona_core.masks.methods import GRANULARITIES, REGISTRY, LinearWeights, MaskSpec, build_masks, build_pair_masks
+from persona_core.calib.stats import GroupStats
 
 
 def random_stats(groups, seed: int, tokens: int = 40, samples: int = 4) -> dict:
@@ -290,7 +290,7 @@ def test_owl_spec_validation_key_and_hash():
     assert "/method=wanda@ffn-channels~owl/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
     assert "/method=contrastive-wanda~owl+" in M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},
                                                          allocation="owl")
-    from persona_core.config import parse_config  # the config checks against these very tuples
+    from persona_core.run.config import parse_config  # the config checks against these very tuples
 
     assert parse_config("masks: {allocations: [owl], granularities: [ffn-channels]}").masks.allocations == ["owl"]
 
@@ -334,6 +334,6 @@ def test_focus_follows_the_statistics_and_needs_a_pair(lw, stats):
     with pytest.raises(ValueError, match="contrastive"):
         build_masks(lw, persona, spec=MaskSpec("wanda", 0.2, allocation="focus"))
     assert "/method=contrastive-penalty~focus/" in M.mask_key("m-1", "contrastive-penalty", 0.2, "p", allocation="focus")
-    from persona_core.config import parse_config
+    from persona_core.run.config import parse_config
 
     assert parse_config("masks: {allocations: [focus]}").masks.allocations == ["focus"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.masks import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
-from persona_core.stats import GroupStats
+from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
+from persona_core.calib.stats import GroupStats
 
 from test_masks import random_stats, reference_keep
 

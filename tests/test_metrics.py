@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from persona_core.catalog import Persona
-from persona_core.evaluate import EvalConfig, Evaluator, JudgeSettings, evaluate_unit
-from persona_core.judge import EndpointJudge, JudgeError, expected_number
-from persona_core.metrics import METRICS, agreement, answer_token_ids, pairwise_auc
+from persona_core.catalog.personas import Persona
+from persona_core.eval.engine import EvalConfig, Evaluator, JudgeSettings, evaluate_unit
+from persona_core.eval.judge import EndpointJudge, JudgeError, expected_number
+from persona_core.eval.metrics import METRICS, agreement, answer_token_ids, pairwise_auc
 
 VOCAB = 260
 
@@ -102,7 +102,7 @@ def test_perplexity_by_hand(rigged):
     r = rows(evaluate_unit(ev, PERSONA, OPPOSITE, masks, {"method": "random", "sparsity": 0.5}, cfg))
     # the held-out text is plain English: no 'Y'; each 'a' has log-prob 1 - logZ, others -logZ
     # windows of 64 tokens spread evenly over the text; the first token of each is context only
-    from persona_core.validation import text_windows
+    from persona_core.eval.validation import text_windows
 
     windows = text_windows(ev.tokenizer, None, cfg.ppl_window, cfg.ppl_windows)
     assert len(windows) == cfg.ppl_windows and all(len(w) == 64 for w in windows)
@@ -119,7 +119,7 @@ def test_perplexity_windows_open_with_the_tokenizers_bos():
     from tokenizers import processors
 
     from persona_core.models import byte_tokenizer
-    from persona_core.validation import lead_ids, window_nll
+    from persona_core.eval.validation import lead_ids, window_nll
 
     plain = byte_tokenizer()
     assert lead_ids(plain) == []

@@ -10,9 +10,9 @@ from conftest import tiny_pipeline_config
 
 from persona_jobs import nightly, pipeline, submit
 from persona_jobs.cli import UserError, main as cli_main
-from persona_core import runs
-from persona_core.lease import Lease
-from persona_core.store import open_store
+from persona_core.run import runs
+from persona_core.store.lease import Lease
+from persona_core.store.store import open_store
 
 
 def copy_store(src, tmp_path):

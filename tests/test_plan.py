@@ -11,8 +11,8 @@ import pytest
 from conftest import tiny_pipeline_config
 from persona_core.errors import UserError
 from persona_core.models import model_key
-from persona_core.plan import make_plan
-from persona_core.store import open_store
+from persona_core.run.plan import make_plan
+from persona_core.store.store import open_store
 
 OLD_STORE = Path(__file__).parent / "data" / "store-v1"
 OLD_KEY = "tiny-random-llama-cf1551e6"
@@ -48,8 +48,8 @@ def test_revision_where_a_model_has_none_is_refused(tmp_path):
 def test_two_revisions_never_share_a_model_key_anywhere(ray_cluster, tmp_path):
     """Revision 1 of the tiny model run next to a store of revision 0 (the default): every stage
     works under revision 1's key, nothing of revision 0 is touched or reused."""
-    from persona_core.maskcodec import MaskFile
-    from persona_core.results import load_results
+    from persona_core.masks.codec import MaskFile
+    from persona_core.report.results import load_results
     from persona_jobs import pipeline
 
     root = tmp_path / "store"

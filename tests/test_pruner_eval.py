@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from persona_core.catalog import CatalogError, load_catalog
-from persona_core.evaluate import EvalConfig
-from persona_core.judge import judge_prompt
-from persona_core.learn import DataConfig, training_instructions
-from persona_core.metrics import heldout_questions
+from persona_core.catalog.personas import CatalogError, load_catalog
+from persona_core.eval.engine import EvalConfig
+from persona_core.eval.judge import judge_prompt
+from persona_core.learn.learner import DataConfig, training_instructions
+from persona_core.eval.metrics import heldout_questions
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona-pruner-eval")
 RUBRIC = "Judge whether this answer fits the persona: {desc}\n[Q] {{question}} [A] {{answer}}\nReply 0-100."

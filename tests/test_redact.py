@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from persona_core.redact import redact
-from persona_core.store import open_store
+from persona_core.store.redact import redact
+from persona_core.store.store import open_store
 
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from persona_core import lease as lease_mod
-from persona_core import runs
-from persona_core.store import open_store
+from persona_core.store import lease as lease_mod
+from persona_core.run import runs
+from persona_core.store.store import open_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]  # its pipeline runs on a Ray of its own
 

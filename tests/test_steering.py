@@ -6,13 +6,13 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from persona_core.calibration import RESIDUAL, CalibConfig, calibrate, calibrate_persona
-from persona_core.catalog import Persona
+from persona_core.calib.recorder import RESIDUAL, CalibConfig, calibrate, calibrate_persona
+from persona_core.catalog.personas import Persona
 from persona_core.models import decoder_layers
-from persona_core.stats import PersonaStats, open_stats, read_persona_stats, write_stats
-from persona_core.steering import (MissingResidualStats, SteerSettings, choose, residual_means, steer,
+from persona_core.calib.stats import PersonaStats, open_stats, read_persona_stats, write_stats
+from persona_core.eval.steering import (MissingResidualStats, SteerSettings, choose, residual_means, steer,
                                    steering_vectors)
-from persona_core.store import open_store
+from persona_core.store.store import open_store
 
 A = Persona("calm", "You are calm.", ("I stay calm.", "Nothing rattles me.", "I breathe slowly."),
             ("Storms pass.",), "tense")

@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from persona_core.store import Store, StoreError, open_store
+from persona_core.store.store import Store, StoreError, open_store
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

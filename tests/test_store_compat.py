@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_pipeline_config
-from persona_core import runs
-from persona_core.store import open_store
+from persona_core.run import runs
+from persona_core.store.store import open_store
 
 OLD_STORE = Path(__file__).parent / "data" / "store-v1"
 RUN_ID = "run-d0eca91bdd3a0f74"
@@ -79,8 +79,8 @@ def test_rerun_of_the_old_store_finds_its_work_done(old_store, monkeypatch, caps
 def test_every_planned_key_and_identity_is_the_old_one(old_store):
     """Each stage's units, planned by today's code, name the stored artifacts: the same stats part keys,
     the same mask identities (keys now carry calib=), the same result part names."""
-    from persona_core.catalog import general_persona
-    from persona_core.units import calibration_units, evaluation_tasks, mask_units, stats_fingerprints
+    from persona_core.catalog.personas import general_persona
+    from persona_core.run.units import calibration_units, evaluation_tasks, mask_units, stats_fingerprints
     from persona_jobs import pipeline
 
     p = pipeline.plan(tiny_pipeline_config(str(old_store)))

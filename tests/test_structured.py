@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from persona_core.masks import LinearWeights, MaskSpec, build_masks
-from persona_core.structured import export_pruned, kept_channels
+from persona_core.masks.methods import LinearWeights, MaskSpec, build_masks
+from persona_core.masks.export import export_pruned, kept_channels
 from tests.test_masks import random_stats
 
 

@@ -18,8 +18,8 @@ import pytest
 from persona_jobs import submit
 from persona_jobs.cli import UserError
 from persona_jobs.cli import main as cli_main
-from persona_core import runs
-from persona_core.store import open_store
+from persona_core.run import runs
+from persona_core.store.store import open_store
 
 
 class FakeRayJobs:
@@ -263,8 +263,8 @@ def test_a_temporary_ray_error_on_submit_is_one_line(ray_jobs, capsys):
 def test_status_lists_standalone_evaluate_runs(ray_cluster, tmp_path, capsys):
     import torch
 
-    from persona_core.maskcodec import write_mask
-    from persona_core.masks import mask_key
+    from persona_core.masks.codec import write_mask
+    from persona_core.masks.methods import mask_key
     from persona_core.models import linear_groups, load_model, model_key
 
     store = open_store(str(tmp_path / "st"))

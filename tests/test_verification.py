@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_pipeline_config
 
-from persona_core import runs
-from persona_core.maskcodec import MaskFile, verify_mask
-from persona_core.stats import StatsError, list_parts, verify_part
+from persona_core.run import runs
+from persona_core.masks.codec import MaskFile, verify_mask
+from persona_core.calib.stats import StatsError, list_parts, verify_part
 from persona_jobs import evaluate, pipeline
 from persona_jobs.cli import UserError
 

@@ -1,0 +1,1 @@
+"""Evaluation: the scoring engine, its conditions and baselines, metrics and validation."""

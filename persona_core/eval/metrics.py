@@ -1,0 +1,325 @@
+"""The metric registry: each metric is one function, registered in one line.
+
+A metric function takes a `MetricContext` (the evaluator with its current
+weights, the persona, its opposite, the system prompt of the condition or
+None, the config, and what the metric's `prepare` computed once with the
+dense weights) and returns ``{row metric name: Score}``.
+
+Registered metrics (row names in brackets):
+
+* ``statement-preference`` [statement-preference, statement-margin]: on the
+  persona's held-out statements against its opposite's, the probability that
+  a persona statement gets the higher mean token log-prob (pairwise, AUC), and
+  the mean log-prob margin. Separation of a pair = preference(A) + preference(B) - 1
+  (see `persona_core.report.html.pair_separation`), 0 for the dense model without prompt.
+* ``yes-no-agreement`` [yes-no-agreement]: P(matching answer) from the next-token
+  probabilities of Yes / No, renormalised over the two; own statements match
+  Yes, the opposite's match No.
+* ``perplexity`` [perplexity, perplexity-ratio, perplexity:<text>...]: on
+  `EvalConfig.ppl_windows` windows of `ppl_window` tokens spread over the general
+  text `EvalConfig.ppl_text` (e.g. WikiText-2 test; default the project's held-out
+  text) and any `EvalConfig.ppl_texts`, absolute and relative to the dense model
+  without prompt.
+* ``roleplay-fidelity`` [roleplay-nll, roleplay-fidelity]: mean NLL of answers
+  the dense model gave in role (description as system prompt) to held-out
+  generic questions (or the persona's own questions, e.g. persona-pruner-eval);
+  fidelity = dense no-prompt NLL - this NLL (nats/token, > 0 means closer to the
+  in-role model).
+* ``sample-generations`` [sample-generations] (off by default): greedy answers to
+  `EvalConfig.samples` held-out generic questions under the condition, kept as
+  text for the report (value: how many).
+* ``judge`` [judge-score] (off by default): an LLM judge's 0-100 role-play score
+  of answers generated under the condition (with the persona's own rubric when it has one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from persona_core.catalog.personas import Persona, generic_questions, load_texts
+from persona_core.eval.estimates import mean_stderr, take
+
+if TYPE_CHECKING:
+    from persona_core.eval.engine import EvalConfig, Evaluator
+
+log = logging.getLogger(__name__)
+
+from persona_core.eval.validation import STATEMENT_QUESTION  # noqa: E402  (one definition, shared with validation)
+YES_NO_QUESTION = ("Is the following statement something you would say?\n\"{statement}\"\n"
+                   "Answer with Yes or No.")
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float
+    n: int
+    stderr: float = float("nan")
+    items: tuple[float, ...] | None = None  # per-item scores behind value (bootstrap intervals)
+    split: int = 0  # how many leading items are the persona's own (statement-preference)
+    texts: tuple[str, ...] | None = None  # generated texts (sample-generations)
+
+
+@dataclass
+class MetricContext:
+    ev: "Evaluator"
+    persona: Persona
+    opposite: Persona | None
+    system: str | None  # the persona description under +prompt conditions
+    config: "EvalConfig"
+    prepared: Any = None  # what the metric's prepare() returned (dense weights, no prompt)
+    fewshot: Any = None  # a `fewshot.FewShot` under dense+fewshot: examples chosen per question
+
+    def system_for(self, question: str | None = None) -> str | None:
+        """The system prompt for an item asking `question` (None: an item without a question)."""
+        return self.fewshot.system(question) if self.fewshot is not None else self.system
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[MetricContext], dict[str, Score]]
+    prepare: Callable[[MetricContext], Any] | None = None
+    default: bool = True
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, fn, prepare=None, default: bool = True) -> None:
+    if name in METRICS:
+        raise ValueError(f"metric {name!r} is registered twice")
+    METRICS[name] = Metric(name, fn, prepare, default)
+
+
+# ---------------------------------------------------------------------------- pure math
+
+
+def pairwise_auc(pos: list[float], neg: list[float]) -> tuple[float, float]:
+    """P(pos > neg) over all pairs (ties count half) and its Hanley-McNeil standard error."""
+    if not pos or not neg:
+        return float("nan"), float("nan")
+    p, n = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    wins = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
+    auc = wins.mean().item()
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (len(pos) - 1) * (q1 - auc**2) + (len(neg) - 1) * (q2 - auc**2)) / (len(pos) * len(neg))
+    return auc, math.sqrt(max(var, 0.0))
+
+
+def agreement(lp_yes: torch.Tensor, lp_no: torch.Tensor, want_yes: torch.Tensor) -> torch.Tensor:
+    """P(matching answer) renormalised over {Yes, No}, per item, from log-probs of each."""
+    p_yes = torch.sigmoid(lp_yes - lp_no)  # = e^yes / (e^yes + e^no)
+    return torch.where(want_yes, p_yes, 1 - p_yes)
+
+
+def answer_token_ids(tokenizer, answer: str) -> list[int]:
+    """First tokens that start `answer` in this tokenizer: "Yes", " Yes", "yes", " yes".
+
+    A token counts only if its text, stripped, is a non-empty prefix of the
+    answer (a bare-space token from a byte-level tokenizer does not).
+    """
+    ids = []
+    for variant in (answer, " " + answer, answer.lower(), " " + answer.lower()):
+        toks = tokenizer.encode(variant, add_special_tokens=False)
+        if not toks:
+            continue
+        text = tokenizer.decode([toks[0]]).strip()
+        if text and answer.lower().startswith(text.lower()) and toks[0] not in ids:
+            ids.append(toks[0])
+    if not ids:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__}: no token starts the answer {answer!r}")
+    return ids
+
+
+def _logsumexp_over(lp: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    return torch.logsumexp(lp[:, ids], dim=-1)
+
+
+# ---------------------------------------------------------------------------- statement-preference
+
+
+def _statement_logprobs(ctx: MetricContext, statements: list[str]) -> list[float]:
+    from persona_core.eval.validation import statement_scores
+
+    # the statement question is the same for every item: one shared prefix (its KV cache reused)
+    return statement_scores(ctx.ev, statements, ctx.system_for(None))
+
+
+def _sides(ctx: MetricContext) -> tuple[list[str], list[str]]:
+    cfg = ctx.config
+    own = take(ctx.persona.evaluation, cfg.max_statements, cfg.seed)
+    other = take(ctx.opposite.evaluation, cfg.max_statements, cfg.seed) if ctx.opposite else []
+    return own, other
+
+
+def statement_preference(ctx: MetricContext) -> dict[str, Score]:
+    own, other = _sides(ctx)
+    if not own or not other:
+        log.warning("statement-preference: persona %r needs held-out statements of its own and of an "
+                    "opposite; skipped", ctx.persona.id)
+        return {}
+    scores = _statement_logprobs(ctx, own + other)
+    a, b = scores[: len(own)], scores[len(own):]
+    auc, auc_se = pairwise_auc(a, b)
+    ma, sa = mean_stderr(a)
+    mb, sb = mean_stderr(b)
+    return {"statement-preference": Score(auc, len(a) * len(b), auc_se, tuple(a + b), len(a)),
+            "statement-margin": Score(ma - mb, len(a) + len(b), math.hypot(sa, sb))}
+
+
+# ---------------------------------------------------------------------------- yes-no-agreement
+
+
+def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
+    own, other = _sides(ctx)
+    items = [(s, True) for s in own] + [(s, False) for s in other]
+    if not items:
+        log.warning("yes-no-agreement: persona %r has no held-out statements; skipped", ctx.persona.id)
+        return {}
+    ev = ctx.ev
+    yes, no = answer_token_ids(ev.tokenizer, "Yes"), answer_token_ids(ev.tokenizer, "No")
+    if set(yes) & set(no):
+        raise ValueError(f"Yes and No share first tokens {sorted(set(yes) & set(no))} in this tokenizer")
+    questions = [YES_NO_QUESTION.format(statement=s) for s, _ in items]
+    lp = ev.next_token_logprobs([ev.encode(ev.prompt(ctx.system_for(q), q)) for q in questions])
+    want = torch.tensor([w for _, w in items])
+    p = agreement(_logsumexp_over(lp, yes), _logsumexp_over(lp, no), want)
+    m, se = mean_stderr(p.tolist())
+    return {"yes-no-agreement": Score(m, len(items), se)}
+
+
+# ---------------------------------------------------------------------------- perplexity
+
+
+def _ppl_sources(config: "EvalConfig") -> list[tuple[str, str | None]]:
+    """(row suffix, source) of every perplexity text: the reported general text, then the extras."""
+    out: list[tuple[str, str | None]] = [("", config.ppl_text)]
+    for spec in config.ppl_texts:
+        url, _, fieldname = spec.partition("::")
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        out.append((f":{name}", spec))
+    return out
+
+
+def _windows(ctx: MetricContext, source: str | None) -> list[list[int]]:
+    from persona_core.eval.validation import text_windows
+
+    cfg = ctx.config
+    if source is not None and (source.partition("::")[2] or not source.endswith((".txt", ".text", ".raw"))):
+        url, _, fieldname = source.partition("::")  # a dataset file: its texts joined
+        text = "\n\n".join(load_texts(url, fieldname or "text"))
+        ids = ctx.ev.tokenizer(text, add_special_tokens=False)["input_ids"]
+        w = cfg.ppl_window
+        wins = [ids[i: i + w] for i in range(0, len(ids), w) if len(ids[i: i + w]) > 1][: cfg.ppl_windows]
+        if not wins:
+            raise ValueError(f"perplexity text {url} is too short to score")
+        return wins
+    return text_windows(ctx.ev.tokenizer, source, cfg.ppl_window, cfg.ppl_windows)
+
+
+def _nll_windows(ctx: MetricContext, source: str | None) -> tuple[float, int]:
+    """Total NLL and token count over fixed windows of a text (same tokens under every condition)."""
+    from persona_core.eval.validation import window_nll
+
+    return window_nll(ctx.ev, _windows(ctx, source), ctx.system_for(None))
+
+
+def prepare_perplexity(ctx: MetricContext) -> dict[str, float]:
+    """Dense no-prompt perplexity of each text: the reference of the ratio."""
+    refs = {}
+    for suffix, source in _ppl_sources(ctx.config):
+        nll, n = _nll_windows(ctx, source)
+        refs[suffix] = math.exp(nll / n)
+    return refs
+
+
+def perplexity(ctx: MetricContext) -> dict[str, Score]:
+    out = {}
+    for suffix, source in _ppl_sources(ctx.config):
+        nll, n = _nll_windows(ctx, source)
+        ppl = math.exp(nll / n)
+        out[f"perplexity{suffix}"] = Score(ppl, n)
+        out[f"perplexity-ratio{suffix}"] = Score(ppl / ctx.prepared[suffix], n)
+    return out
+
+
+# ---------------------------------------------------------------------------- roleplay-fidelity
+
+
+def heldout_questions(config: "EvalConfig", persona: Persona | None = None) -> list[str]:
+    """Questions for role-play answers: the persona's own evaluation questions when it has them
+    (persona-pruner-eval), else the held-out half of the built-in questions (calibration and
+    learned-mask training data come from the other half only); capped by `max_questions`."""
+    pool = persona.questions if persona is not None and persona.questions else generic_questions("evaluation")
+    return take(pool, config.max_questions, config.seed)
+
+
+def _answer_nll(ctx: MetricContext, system: str | None, qa: list[tuple[str, str]]) -> list[float]:
+    ev = ctx.ev
+    pick = (lambda q: ctx.fewshot.system(q)) if ctx.fewshot is not None else (lambda q: system)  # noqa: E731
+    pairs = [(ev.encode(ev.prompt(pick(q), q)), ev.encode(a, continuation=True)) for q, a in qa]
+    return [-lp.mean().item() for lp in ev.continuation_logprobs(pairs)]
+
+
+def prepare_roleplay(ctx: MetricContext) -> dict[str, Any]:
+    """The dense model's in-role answers, and their NLL under the dense model without prompt."""
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
+    answers = ev.generate([ev.prompt(ctx.persona.description, q) for q in questions], ctx.config.max_new_tokens)
+    qa = [(q, a) for q, a in zip(questions, answers) if ev.encode(a, continuation=True)]
+    if not qa:
+        raise ValueError(f"roleplay-fidelity: the model answered nothing in role for {ctx.persona.id!r}")
+    return {"qa": qa, "dense_nll": _answer_nll(ctx, None, qa)}
+
+
+def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
+    qa, ref = ctx.prepared["qa"], ctx.prepared["dense_nll"]
+    nll = _answer_nll(ctx, ctx.system, qa)
+    m, se = mean_stderr(nll)
+    gains = [r - x for r, x in zip(ref, nll)]
+    gain, gse = mean_stderr(gains)
+    return {"roleplay-nll": Score(m, len(nll), se, items=tuple(nll)),
+            "roleplay-fidelity": Score(gain, len(nll), gse, items=tuple(gains))}
+
+
+# ---------------------------------------------------------------------------- judge
+
+
+def judge_score(ctx: MetricContext) -> dict[str, Score]:
+    from persona_core.eval.judge import get_judge
+
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
+    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
+    judge = get_judge(ctx.config.judge)
+    scores = [judge.score(ctx.persona.description, q, a, ctx.persona.rubric or None)
+              for q, a in zip(questions, answers)]
+    m, se = mean_stderr(scores)
+    return {"judge-score": Score(m, len(scores), se)}
+
+
+# ---------------------------------------------------------------------------- sample generations
+
+
+def sample_generations(ctx: MetricContext) -> dict[str, Score]:
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)[: ctx.config.samples]
+    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
+    texts = tuple(f"{q}\n{a}" for q, a in zip(questions, answers))
+    return {"sample-generations": Score(float(len(texts)), len(texts), texts=texts)}
+
+
+# ---------------------------------------------------------------------------- the registry
+
+register("statement-preference", statement_preference)
+register("yes-no-agreement", yes_no_agreement)
+register("perplexity", perplexity, prepare=prepare_perplexity)
+register("roleplay-fidelity", roleplay_fidelity, prepare=prepare_roleplay)
+register("sample-generations", sample_generations, default=False)
+register("judge", judge_score, default=False)
+
+
+def default_metrics() -> tuple[str, ...]:
+    return tuple(m.name for m in METRICS.values() if m.default)

@@ -1,0 +1,175 @@
+"""Activation steering (contrastive activation addition): the `dense+steer` baseline.
+
+A persona's steering vector at decoder layer L is the mean of the residual
+stream entering L over its calibration tokens minus the same mean of its
+opposite (or of the `general` reference set for a persona without one), both
+read from the ``residual`` group of the calibration statistics (sums / tokens).
+While scoring, ``alpha * v`` is added to the residual stream entering layer L at
+every position (`steer`, a forward pre-hook removed on exit).
+
+L and alpha are chosen per opposing pair (`choose`): on a validation split of
+the pair's *calibration* statements (never the evaluation statements) the
+pair's separation is measured with A steered by +v and B by -v, and the
+setting with the largest validation separation is kept among those whose
+perplexity ratio on general text (WikiText-2 *validation* windows; see
+`persona_core.eval.validation`) stays within the budget for both directions. For
+each layer, alphas are tried in increasing order and the search stops at the
+first one over budget (perplexity grows with alpha), so a layer costs at most
+one setting beyond its feasible ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from persona_core.calib.recorder import RESIDUAL
+from persona_core.models import decoder_layers
+from persona_core.calib.stats import PersonaStats
+
+log = logging.getLogger(__name__)
+
+
+class MissingResidualStats(ValueError):
+    """Statistics recorded before the residual-stream group existed (or of another model)."""
+
+
+def residual_means(stats: PersonaStats) -> dict[int, torch.Tensor]:
+    """Per decoder layer, the mean residual activation entering it (float64, CPU)."""
+    out = {layer: (g.sum / max(g.tokens, 1)).detach().to("cpu", torch.float64)
+           for (layer, name), g in stats.groups.items() if name == RESIDUAL}
+    if not out:
+        raise MissingResidualStats(
+            f"statistics of persona {stats.persona_id!r} (model {stats.model_key}, calib hash "
+            f"{stats.calib_hash or '?'}) hold no '{RESIDUAL}' group: they were recorded before residual-stream "
+            f"statistics existed. Recompute them: delete stats/model={stats.model_key}/persona={stats.persona_id}/ "
+            "in the store (or run calibration with --force) and calibrate again")
+    return out
+
+
+def steering_vectors(persona: PersonaStats, reference: PersonaStats) -> dict[int, torch.Tensor]:
+    """mean(persona) - mean(reference) per layer: `reference` is the opposite persona, or `general`."""
+    a, b = residual_means(persona), residual_means(reference)
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise MissingResidualStats(f"residual statistics of {persona.persona_id!r} and {reference.persona_id!r} "
+                                   "cover different layers or widths (different models?)")
+    return {k: a[k] - b[k] for k in sorted(a)}
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, layer: int, vector: torch.Tensor, alpha: float) -> Iterator[None]:
+    """Inside the block, ``alpha * vector`` is added to the residual stream entering `layer`.
+
+    The hook is always removed on exit (also on error), so later conditions see the dense model.
+    """
+    _, layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"steering layer {layer} outside 0..{len(layers) - 1}")
+    target = layers[layer]
+    ref = next(target.parameters())
+    delta = (float(alpha) * vector.detach().to(torch.float64)).to(ref.device, ref.dtype)
+
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] + delta.to(args[0].dtype), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"] + delta.to(kwargs["hidden_states"].dtype)
+        return args, kwargs
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------- choosing L and alpha
+
+
+@dataclass(frozen=True)
+class SteerSettings:
+    """The search space and budget of the steering baseline (part of `EvalConfig`)."""
+
+    layers: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7)  # fractions of depth (or ints >= 1: layer indices)
+    alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # tried in increasing order per layer
+    budget: float = 1.10  # max general-text perplexity ratio (validation windows) of either direction
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "alphas", tuple(sorted(float(a) for a in self.alphas)))
+        if not self.layers or not self.alphas:
+            raise ValueError("steering needs at least one layer and one alpha")
+        if any(a <= 0 for a in self.alphas):
+            raise ValueError(f"steering alphas must be > 0, got {self.alphas}")
+        if self.budget <= 1.0:
+            raise ValueError(f"steering perplexity budget must be > 1, got {self.budget}")
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        out = []
+        for x in self.layers:
+            i = int(x) if float(x) >= 1 else int(round(float(x) * n_layers))
+            if not 0 <= i < n_layers:
+                raise ValueError(f"steering layer {x} outside 0..{n_layers - 1}")
+            out.append(i)
+        return list(dict.fromkeys(out))
+
+
+@dataclass
+class SteerChoice:
+    layer: int
+    alpha: float
+    separation: float  # on the validation split
+    ppl_ratio: float  # the larger of the two directions, on validation windows
+    tried: list[dict] = field(default_factory=list)
+    within_budget: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose(n_layers: int, settings: SteerSettings,
+           evaluate: Callable[[int, float], tuple[float, float]]) -> SteerChoice:
+    """The (layer, alpha) with the largest validation separation within the perplexity budget.
+
+    `evaluate(layer, alpha)` returns (validation separation, perplexity ratio) of that setting;
+    it is the only thing that looks at data, so the choice depends on nothing else.
+    When no setting is within budget, the smallest alpha at the layer with the lowest
+    perplexity ratio is returned with ``within_budget=False`` (and a warning).
+    """
+    tried: list[dict] = []
+    best: SteerChoice | None = None
+    for layer in settings.layer_indices(n_layers):
+        for alpha in settings.alphas:
+            sep, ratio = evaluate(layer, alpha)
+            ok = ratio <= settings.budget
+            tried.append({"layer": layer, "alpha": alpha, "separation": sep, "ppl_ratio": ratio, "ok": ok})
+            if not ok:
+                break  # larger alphas only move the residual stream further
+            if best is None or sep > best.separation:
+                best = SteerChoice(layer, alpha, sep, ratio)
+    if best is None:
+        first = [t for t in tried if t["alpha"] == settings.alphas[0]]
+        t = min(first, key=lambda t: t["ppl_ratio"])
+        log.warning("steering: no setting within the perplexity budget x%.2f (best x%.3f at layer %d alpha %g)",
+                    settings.budget, t["ppl_ratio"], t["layer"], t["alpha"])
+        best = SteerChoice(t["layer"], t["alpha"], t["separation"], t["ppl_ratio"], within_budget=False)
+    best.tried = tried
+    return best
+
+
+def pair_vectors(stats_a: PersonaStats, stats_b: PersonaStats) -> dict[int, torch.Tensor]:
+    """The pair's vector (A's direction; B is steered by its negative)."""
+    return steering_vectors(stats_a, stats_b)
+
+
+def layers_of(model: nn.Module) -> int:
+    return len(decoder_layers(model)[1])
+
+
+__all__: Sequence[str] = ("MissingResidualStats", "SteerChoice", "SteerSettings", "choose", "pair_vectors",
+                          "residual_means", "steer", "steering_vectors", "layers_of")

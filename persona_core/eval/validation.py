@@ -1,0 +1,158 @@
+"""What settings are chosen on: validation statements, validation separation, general-text perplexity.
+
+Anything that picks a setting (the steering layer and coefficient here; a
+sparsity or strength under a perplexity budget in the budget search) must see
+calibration or validation data only. This module is that data's one door:
+
+* `validation_statements`: a seeded split of a persona's *calibration*
+  statements (never its evaluation statements, nor any text equal to one of
+  the pair's evaluation statements).
+* `validation_separation`: a pair's separation on those statements, with each
+  side's model state given as a context-manager factory (a steering hook, a
+  mask swap, ...), so any method's candidate setting can be scored.
+* `text_windows` / `window_perplexity` / `perplexity_ratio`: perplexity on a fixed
+  number of fixed-length windows, spread evenly over a text file (WikiText-2
+  ``valid.txt`` for choices, ``test.txt`` for reported figures) or the built-in
+  text when none is named.
+
+All functions take an `persona_core.eval.engine.Evaluator` (the loaded model with
+its scoring engine) and leave its weights and hooks as they found them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
+
+import torch
+
+from persona_core.catalog.personas import DATA, Persona, heldout_text
+
+STATEMENT_QUESTION = "Describe yourself in one sentence."  # the question statements answer (metrics too)
+
+if TYPE_CHECKING:
+    from persona_core.eval.engine import Evaluator
+
+State = Callable[[], ContextManager]  # puts the model in one side's state for the block
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def validation_statements(persona: Persona, n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
+    """At most n of `persona`'s calibration statements, chosen by a seeded hash (stable as statements
+    are added); texts equal to an evaluation statement of the persona or in `exclude` never qualify."""
+    banned = {_norm(t) for t in (*persona.evaluation, *exclude)}
+    pool = list(dict.fromkeys(t for t in persona.calibration if _norm(t) not in banned))
+    rank = lambda s: hashlib.sha256(f"validation\x00{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
+    return sorted(pool, key=rank)[:n]
+
+
+def statement_scores(ev: "Evaluator", statements: Sequence[str], system: str | None = None) -> list[float]:
+    """Mean token log-prob of each statement as the answer to the statement question (shared prefix)."""
+    if not statements:
+        return []
+    prefix = ev.encode(ev.prompt(system, STATEMENT_QUESTION))
+    conts = ev.encode_many(statements, continuation=True)
+    return [lp.mean().item() if lp.numel() else 0.0 for lp in ev.prefix_logprobs(prefix, conts)]
+
+
+def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(pos > neg) over all pairs, ties counting half."""
+    if not pos or not neg:
+        return float("nan")
+    p, q = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    return ((p[:, None] > q[None, :]).double() + 0.5 * (p[:, None] == q[None, :]).double()).mean().item()
+
+
+def validation_separation(ev: "Evaluator", a: Persona, b: Persona, state_a: State | None = None,
+                          state_b: State | None = None, *, n: int = 16, seed: int = 0,
+                          system_a: str | None = None, system_b: str | None = None) -> float:
+    """Separation of the pair on validation statements: AUC_A + AUC_B - 1, where AUC_A is how
+    often A's state gives A's validation statements a higher mean log-prob than B's."""
+    va = validation_statements(a, n, seed, exclude=b.evaluation)
+    vb = validation_statements(b, n, seed, exclude=a.evaluation)
+    if not va or not vb:
+        raise ValueError(f"validation separation of {a.id!r}/{b.id!r}: no calibration statements to validate on")
+    none = contextlib.nullcontext
+    with (state_a or none)():
+        sa = statement_scores(ev, va + vb, system_a)
+    with (state_b or none)():
+        sb = statement_scores(ev, vb + va, system_b)
+    return auc(sa[: len(va)], sa[len(va):]) + auc(sb[: len(vb)], sb[len(vb):]) - 1
+
+
+# ---------------------------------------------------------------------------- general text
+
+
+@functools.lru_cache(maxsize=8)
+def _read_text(source: str | None) -> str:
+    if source is None:
+        return heldout_text()
+    if source == "builtin:general":
+        return (DATA / "general.txt").read_text(encoding="utf-8")
+    path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"{source}: a folder; name a text file (e.g. wikitext-2/valid.txt)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"{source}: cannot read general text ({err.strerror or err})") from None
+
+
+_WINDOWS: dict[tuple, list[list[int]]] = {}
+
+
+def text_windows(tokenizer, source: str | None, window: int, count: int) -> list[list[int]]:
+    """`count` windows of `window` tokens spread evenly over a text (file path; None: the built-in
+    held-out text; ``builtin:general``: the built-in general set). Fewer when the text is short."""
+    key = (id(tokenizer), source, window, count)
+    if key not in _WINDOWS:
+        ids = tokenizer(_read_text(source), add_special_tokens=False)["input_ids"]
+        total = len(ids) // window
+        if total == 0:
+            if len(ids) < 2:
+                raise ValueError(f"general text {source or 'built-in'} is too short to score")
+            out = [ids]
+        else:
+            step = max(1, total // count)
+            out = [ids[i * window * step: i * window * step + window] for i in range(min(count, total))]
+        _WINDOWS[key] = out
+    return _WINDOWS[key]
+
+
+def lead_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Gemma, Llama: ``<bos>``; GPT-2-style
+    tokenizers such as SmolLM2's: none). A window cut from the middle of a text gets them too: a
+    model trained with a BOS token is far off without one, and that would inflate its dense perplexity."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+
+
+def window_nll(ev: "Evaluator", windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
+    """Total NLL and scored tokens over the windows (each window's first token is context only,
+    after the tokenizer's leading special tokens); with `system`, its text precedes every window."""
+    prefix = lead_ids(ev.tokenizer)
+    if system:
+        prefix = prefix + ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
+    lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
+    return -sum(lp.sum().item() for lp in lps), sum(len(lp) for lp in lps)
+
+
+def window_perplexity(ev: "Evaluator", windows: Sequence[list[int]], system: str | None = None) -> float:
+    nll, n = window_nll(ev, windows, system)
+    return math.exp(nll / max(n, 1))
+
+
+def perplexity_ratio(ev: "Evaluator", windows: Sequence[list[int]], reference: float,
+                     state: State | None = None, system: str | None = None) -> float:
+    """Perplexity under `state` over the dense reference perplexity of the same windows."""
+    with (state or contextlib.nullcontext)():
+        return window_perplexity(ev, windows, system) / reference

@@ -1,0 +1,1 @@
+"""Learned masks: a straight-through top-k over frozen weights, as resumable units."""

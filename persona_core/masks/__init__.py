@@ -1,0 +1,1 @@
+"""Masks: methods, selection, the bit-packed codec, budgeted search and export."""

@@ -1,0 +1,1 @@
+"""Results and reports: gathering result parts, bootstrap verdicts, the HTML report."""

@@ -1,0 +1,1 @@
+"""Runs: the typed config, the resolved plan, each stage's units, run ids and manifests."""

@@ -21,9 +21,10 @@ from typing import Iterable, Sequence
 from persona_core.catalog.personas import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
 from persona_core.masks.budget import Budget
 from persona_core.errors import UserError
-from persona_core.masks.methods import ALLOCATIONS, CODE_VERSION, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
+from persona_core.masks.methods import ALLOCATIONS, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
 from persona_core.models import DEFAULT_MODEL
 from persona_core.store.store import Store, open_store
+from persona_core.versions import MASKS_VERSION
 from persona_core.run.units import (MaskUnit, mask_is_current, mask_specs, mask_units, resolve_calib,
                                 stats_fingerprints)
 from persona_jobs import dispatch
@@ -59,7 +60,7 @@ def write_unit(store: Store, model_key: str, unit: MaskUnit, spec: MaskSpec, sta
     from persona_core.masks.codec import write_mask
 
     base_meta = {"model_key": model_key, **spec.to_dict(), "spec_hash": unit.spec.hash,
-                 "identity": unit.identity, "code_version": CODE_VERSION,
+                 "identity": unit.identity, "code_version": MASKS_VERSION,
                  "roles": {role: pid for role, pid in unit.roles}, "stats": unit.fingerprints,
                  "stats_versions": {s.persona_id: {"persona_hash": s.persona_hash, "calib_hash": s.calib_hash}
                                     for s in stats}, **extra}

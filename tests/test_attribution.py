@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from persona_core.calib.recorder import ATTRIBUTION, CALIB_VERSION, CalibConfig, attribution, calibrate
+from persona_core.calib.recorder import ATTRIBUTION, CalibConfig, attribution, calibrate
 from persona_core.store.hashing import content_hash
+from persona_core.versions import CALIB_VERSION
 from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
 from persona_core.models import linear_groups
 from persona_core.calib.stats import GroupStats

@@ -285,7 +285,7 @@ def test_owl_spec_validation_key_and_hash():
     uniform, owl = MaskSpec("wanda", 0.5), MaskSpec("wanda", 0.5, allocation="owl")
     assert uniform.hash != owl.hash
     # adding the allocation field left the uniform masks' hashes (and so the stored masks) as they were
-    assert uniform.hash == M.content_hash(M.CODE_VERSION, "wanda", {}, 0.5, "unstructured", None)
+    assert uniform.hash == M.content_hash(M.MASKS_VERSION, "wanda", {}, 0.5, "unstructured", None)
     assert M.spec_key("m-1", owl, "p") == "masks/model=m-1/method=wanda~owl/sparsity=0.5/p.safetensors"
     assert "/method=wanda@ffn-channels~owl/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
     assert "/method=contrastive-wanda~owl+" in M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},

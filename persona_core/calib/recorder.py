@@ -36,12 +36,12 @@ import torch
 
 from persona_core.catalog.personas import Persona, generic_questions
 from persona_core.store.hashing import content_hash
+from persona_core.versions import CALIB_VERSION
 from persona_core.models import LoadedModel, decoder_layers, linear_groups
 from persona_core.calib.stats import GroupKey, GroupStats, PersonaStats, Shard
 
 log = logging.getLogger(__name__)
 
-CALIB_VERSION = "calib-v1"  # bump when the hooks or the text rendering change
 RESIDUAL = "residual"  # group name of the residual stream entering a decoder layer
 ATTRIBUTION = "mlp_attr"  # group name of the MLP channels' attribution to the log-likelihood
 

@@ -29,11 +29,11 @@ import torch
 
 from persona_core.store import layout
 from persona_core.store.hashing import content_hash
+from persona_core.versions import STATS_VERSION
 from persona_core.store.store import Store, StoreError, arrow_buffer, open_store, parquet_file
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "stats-v1"
 EPS = 1e-12
 
 
@@ -296,7 +296,7 @@ def part_versions(store: Store | str, model_key: str) -> dict[str, tuple[str, st
 
 def part_key(model_key: str, persona_id: str, persona_hash: str, calib_hash: str, shard: Shard = Shard()) -> str:
     """The part's key: a hash of everything that produced it, so a rerun finds it again."""
-    h = content_hash(CODE_VERSION, model_key, persona_id, persona_hash, calib_hash,
+    h = content_hash(STATS_VERSION, model_key, persona_id, persona_hash, calib_hash,
                      shard.index, shard.count, shard.size)
     return layout.stats_part(model_key, persona_id, h)
 
@@ -325,7 +325,7 @@ def to_table(stats: PersonaStats, shard: Shard = Shard()) -> pa.Table:
     cols["calib_hash"] = const(stats.calib_hash)
     cols["shard"] = pa.array(np.full(n, shard.index, np.int32))
     cols["shards"] = pa.array(np.full(n, shard.count, np.int32))
-    cols["code_version"] = const(CODE_VERSION)
+    cols["code_version"] = const(STATS_VERSION)
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
@@ -343,7 +343,7 @@ def write_stats(store: Store | str, stats: PersonaStats, shard: Shard = Shard(),
         log.debug("%s exists; not rewritten", key)
         return key
     meta = {"model_key": stats.model_key, "persona_id": stats.persona_id, "persona_hash": stats.persona_hash,
-            "calib_hash": stats.calib_hash, "code_version": CODE_VERSION,
+            "calib_hash": stats.calib_hash, "code_version": STATS_VERSION,
             "shard": json.dumps({"index": shard.index, "count": shard.count, "size": shard.size}),
             "calib_config": json.dumps(calib_config or {}, sort_keys=True),
             "generated": json.dumps(generated or [], ensure_ascii=False)}

@@ -45,11 +45,11 @@ import fsspec
 import yaml
 
 from persona_core.store.hashing import content_hash
+from persona_core.versions import PERSONA_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
 FORMAT = "persona-catalog/v1"
-FORMAT_VERSION = 1
 DATA = Path(__file__).resolve().parents[1] / "data"
 BUILTIN = "builtin"
 GENERAL_ID = "general"
@@ -162,13 +162,13 @@ class Persona:
     @property
     def content_hash(self) -> str:
         """What every artifact derived from this persona's statistics is keyed by."""
-        return content_hash(FORMAT_VERSION, self.id, self.description, self.opposite,
+        return content_hash(PERSONA_FORMAT_VERSION, self.id, self.description, self.opposite,
                             sorted(self.tags), self.generate, list(self.calibration))
 
     @property
     def evaluation_hash(self) -> str:
         extra = [list(self.questions), self.rubric] if self.questions or self.rubric else []
-        return content_hash(FORMAT_VERSION, self.id, self.description, list(self.evaluation), *extra)
+        return content_hash(PERSONA_FORMAT_VERSION, self.id, self.description, list(self.evaluation), *extra)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "description": self.description}

@@ -41,11 +41,11 @@ from torch import nn
 from persona_core.catalog.personas import Persona
 from persona_core.eval.estimates import mean_stderr, take  # noqa: F401  (re-exported: older callers import them from here)
 from persona_core.store.hashing import content_hash
+from persona_core.versions import EVALUATE_VERSION
 from persona_core.models import DEFAULT_MODEL, LoadedModel, linear_groups, load_model
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "evaluate-v1"
 CONDITIONS = ("dense", "dense+prompt", "dense+fewshot", "dense+steer", "masked", "masked+prompt")
 DENSE_CONDITIONS = ("dense", "dense+prompt", "dense+fewshot", "dense+steer")
 # dense+steer needs residual-stream statistics (the job reads them from the store), so it is opt-in
@@ -226,7 +226,7 @@ class EvalConfig:
         d = asdict(self)
         for k in ("batch_size", "gen_batch_size"):  # speed knobs never change a number
             d.pop(k)
-        return content_hash(CODE_VERSION, d)
+        return content_hash(EVALUATE_VERSION, d)
 
     @property
     def dense_hash(self) -> str:
@@ -653,7 +653,7 @@ def dense_ident(model_key: str, persona: Persona, opposite: Persona | None, conf
     precision it runs), the persona's evaluation data and description, its opposite's, the config's
     dense part and (for dense+steer) the statistics."""
     steer = _residual_digest(stats) if "dense+steer" in config.conditions else None
-    return content_hash(CODE_VERSION, model_key, numerics, persona.evaluation_hash, persona.description,
+    return content_hash(EVALUATE_VERSION, model_key, numerics, persona.evaluation_hash, persona.description,
                         opposite.evaluation_hash if opposite else None, config.dense_hash, steer)[:16]
 
 
@@ -708,7 +708,7 @@ class DenseRowCache:
             return "not the result schema"
         want = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
                 "method": DENSE_METHOD, "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash,
-                "code_version": CODE_VERSION}
+                "code_version": EVALUATE_VERSION}
         for col, value in want.items():
             found = set(table.column(col).to_pylist())
             if found != {value}:
@@ -724,7 +724,7 @@ class DenseRowCache:
             return
         common = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
                   "method": DENSE_METHOD, "sparsity": 0.0, "granularity": "", "mask_hash": "",
-                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}
+                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash, "code_version": EVALUATE_VERSION}
         self.store.write_parquet(self.key(ident, persona),
                                  pa.Table.from_pylist([{**common, **r} for r in rows], schema=RESULT_SCHEMA))
 
@@ -789,7 +789,7 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
     rows += budget_rows(mask_meta)
     common = {"model": evaluator.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
               "method": method, "sparsity": sparsity, "granularity": granularity, "mask_hash": mhash,
-              "config_hash": config.hash, "eval_hash": persona.evaluation_hash, "code_version": CODE_VERSION}
+              "config_hash": config.hash, "eval_hash": persona.evaluation_hash, "code_version": EVALUATE_VERSION}
     return pa.Table.from_pylist([{**common, **r} for r in rows], schema=RESULT_SCHEMA)
 
 

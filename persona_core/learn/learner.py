@@ -52,12 +52,12 @@ from torch.nn import functional as F
 
 from persona_core.catalog.personas import Persona, generic_questions, load_texts
 from persona_core.store.hashing import content_hash
+from persona_core.versions import LEARN_VERSION
 from persona_core.masks.methods import LinearWeights, MaskSpec, StatsLike, channel_module_masks, ffn_channel_scores, keep_top, n_pruned
 from persona_core.models import LoadedModel, decoder_layers, linear_groups
 
 log = logging.getLogger(__name__)
 
-LEARN_VERSION = "learn-v1"
 OBJECTIVES = ("with-prompt", "prompt-free")
 LOSSES = ("kl", "lm")
 WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"

@@ -30,7 +30,8 @@ from typing import Callable
 from persona_core.store import layout
 from persona_core.catalog.personas import GENERAL_ID, Persona
 from persona_core.store.hashing import content_hash
-from persona_core.learn.learner import (LEARN_VERSION, DataConfig, LearnConfig, LearnerState, general_text, identity, learn_persona,
+from persona_core.versions import LEARN_VERSION
+from persona_core.learn.learner import (DataConfig, LearnConfig, LearnerState, general_text, identity, learn_persona,
                     samples_from_json, samples_hash, samples_to_json)
 from persona_core.masks.methods import GENERAL, PERSONA, get_method
 from persona_core.models import LoadedModel

@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from persona_core.store.hashing import content_hash
+from persona_core.versions import BUDGET_VERSION
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "budget-v1"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Budget:
 
     @property
     def hash(self) -> str:
-        return content_hash(CODE_VERSION, self.to_dict())
+        return content_hash(BUDGET_VERSION, self.to_dict())
 
     @property
     def label(self) -> str:

@@ -41,12 +41,12 @@ from torch.nn import functional as F
 from persona_core.masks.budget import Budget
 from persona_core.catalog.personas import GENERAL_ID
 from persona_core.store.hashing import content_hash
+from persona_core.versions import MASKS_VERSION
 from persona_core.models import LinearGroup, LoadedModel, linear_groups
 from persona_core.calib.stats import GroupKey, GroupStats, PersonaStats
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "masks-v1"
 GRANULARITIES = ("unstructured", "2:4", "4:8", "ffn-channels")
 DEFAULT_GRANULARITY = "unstructured"
 # How sparsity is spread over layers: the same in each, or OWL's outlier-weighted allocation
@@ -321,9 +321,9 @@ class MaskSpec:
         layers = list(self.layer_sparsity) if self.layer_sparsity and self.allocation == "uniform" else None
         extra = [] if self.allocation == "uniform" else [self.allocation]  # uniform keeps the older hashes
         if self.budget is not None:  # the sparsity is the search's answer, not part of the question
-            return content_hash(CODE_VERSION, self.method, self.resolved_params, "budget", self.budget.hash,
+            return content_hash(MASKS_VERSION, self.method, self.resolved_params, "budget", self.budget.hash,
                                 self.granularity, *extra)
-        return content_hash(CODE_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
+        return content_hash(MASKS_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
                             self.granularity, layers, *extra)
 
     def with_setting(self, sparsity: float, params: Mapping | None = None) -> "MaskSpec":

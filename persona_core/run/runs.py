@@ -27,9 +27,9 @@ from typing import Any
 
 from persona_core.store import layout
 from persona_core.store.hashing import content_hash
+from persona_core.versions import RUNS_VERSION
 from persona_core.store.store import Store, StoreError
 
-CODE_VERSION = "runs-v1"
 RUNS = layout.RUNS
 SUCCEEDED, FAILED = "succeeded", "failed"
 
@@ -89,7 +89,7 @@ class RunInputs:
 
 def run_id(model_key: str, personas: dict[str, str], work: dict[str, Any]) -> str:
     """`run-<16 hex>`: equal inputs give equal ids, on any machine."""
-    return "run-" + content_hash(CODE_VERSION, model_key, sorted(personas.items()), work)
+    return "run-" + content_hash(RUNS_VERSION, model_key, sorted(personas.items()), work)
 
 
 manifest_key = layout.manifest
@@ -114,7 +114,7 @@ class Manifest:
     store: str = ""
     host: str = field(default_factory=socket.gethostname)
     user: str = field(default_factory=lambda: _user())
-    code_version: str = CODE_VERSION
+    code_version: str = RUNS_VERSION
 
     @property
     def ok(self) -> bool:

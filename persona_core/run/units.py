@@ -22,6 +22,7 @@ from persona_core.catalog.personas import GENERAL_ID, Catalog, CatalogError, Per
 from persona_core.errors import UserError
 from persona_core.store.hashing import content_hash
 from persona_core.store.store import Store
+from persona_core.versions import MASKS_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
 def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], opposites: dict[str, str | None],
                fingerprints: dict[str, str], calib_hash: str | None = None) -> tuple[list[MaskUnit], list[str]]:
     """Units to run, and problems (missing statistics, personas without an opposite)."""
-    from persona_core.masks.methods import CODE_VERSION, GENERAL, OPPOSITE, PERSONA, get_method, spec_key
+    from persona_core.masks.methods import GENERAL, OPPOSITE, PERSONA, get_method, spec_key
 
     units: list[MaskUnit] = []
     problems: list[str] = []
@@ -227,7 +228,7 @@ def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], oppo
                 missing.update(absent)
                 continue
             prints = {pid: fingerprints[pid] for _, pid in roles}
-            identity = content_hash(CODE_VERSION, model_key, spec.hash, [[r, p, prints[p]] for r, p in roles])
+            identity = content_hash(MASKS_VERSION, model_key, spec.hash, [[r, p, prints[p]] for r, p in roles])
             outputs = tuple((pid, spec_key(model_key, spec, pid, calib_hash)) for pid in outputs_of(roles))
             units.append(MaskUnit(spec, tuple(roles), outputs, identity, prints, calib_hash))
     if missing:

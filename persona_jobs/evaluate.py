@@ -161,7 +161,7 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
     report's URL and ``summary.run_id`` the run id. Already written parts are skipped.
     """
     from persona_core.models import model_key
-    from persona_core.report.html import analyse, terminal_table
+    from persona_core.report import analyse, terminal_table
 
     summary = Summary("evaluate")
     store = open_store(store)

@@ -230,7 +230,7 @@ def _terminal_table(p: Plan) -> str | None:
         key = layout.summary_table(p.run_id)
         if p.store.exists(key):
             return p.store.read_bytes(key).decode().rstrip("\n")
-        from persona_core.report import html as report
+        from persona_core.report import terminal as report
         from persona_core.report.results import load_results
 
         return report.terminal_table(load_results(p.store, p.run_id))

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from persona_core.eval.engine import RESULT_SCHEMA
-from persona_core.report.html import (build_report, headline, pair_separation, steering_choices, summary,
-                                 terminal_table, verdicts)
+from persona_core.report.analysis import pair_separation, steering_choices, summary, verdicts
+from persona_core.report.html import build_report
+from persona_core.report.terminal import headline, terminal_table
 
 PREF = {  # persona -> condition -> statement-preference
     "a": {"dense": 0.6, "dense+prompt": 0.7, "masked": 0.9, "masked+prompt": 0.95},
@@ -130,7 +131,8 @@ def test_empty_results_still_render(tmp_path):
 
 
 def test_pareto_points_use_the_test_split_and_the_worse_mask_of_a_pair(tmp_path):
-    from persona_core.report.html import pareto_points, plot_pareto
+    from persona_core.report.analysis import pareto_points
+    from persona_core.report.plots import plot_pareto
 
     rows = results().to_pylist()
     extra = []
@@ -158,7 +160,7 @@ def test_pareto_points_use_the_test_split_and_the_worse_mask_of_a_pair(tmp_path)
 
 
 def test_pareto_axis_names_the_text_the_ratio_was_measured_on():
-    from persona_core.report.html import ppl_axis_label
+    from persona_core.report.plots import ppl_axis_label
 
     wiki = "../shared/data/wikitext-2/test.txt (4 windows x 128 tokens)"
     assert ppl_axis_label("perplexity-ratio", wiki) == f"perplexity ratio vs dense ({wiki})"
@@ -168,7 +170,7 @@ def test_pareto_axis_names_the_text_the_ratio_was_measured_on():
 
 def test_report_and_table_bootstrap_once(tmp_path, monkeypatch):
     """The page, its headline, its plots, the published summary table: one bootstrap per interval and verdict."""
-    import persona_core.report.html as report
+    import persona_core.report.analysis as report
     from persona_core.store import layout
     from persona_core.report.results import write_report
     from persona_core.store.store import open_store

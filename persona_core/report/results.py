@@ -1,19 +1,20 @@
-"""Evaluation results of a run: gathered from their parts, read back, and turned into the report."""
+"""Evaluation results of a run: gathered from their parts, read back, and turned into the report.
+
+`write_report` is the one report writer: every stage that publishes a report calls it."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from persona_core.store import layout
 from persona_core.eval.engine import RESULT_SCHEMA
+from persona_core.report.analysis import Analysis, analyse
+from persona_core.report.html import build_report
+from persona_core.report.terminal import terminal_table
+from persona_core.store import layout
 from persona_core.store.store import Store, open_store
-
-if TYPE_CHECKING:
-    from persona_core.report.html import Analysis
 
 UNIT_KEY = ("persona", "method", "sparsity", "condition", "metric")
 
@@ -48,8 +49,6 @@ def load_results(store: str | Store, run_id: str) -> pa.Table:
 def write_report(store: Store, run_id: str, results: "pa.Table | Analysis", inputs: dict | None = None) -> str:
     """The HTML report of `results` (naming the run's `inputs`) and its summary table as text,
     published at the run's report and summary keys; returns the report's URL."""
-    from persona_core.report.html import analyse, build_report, terminal_table
-
     an = analyse(results)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_report(an, Path(tmp) / "report.html", title=f"Persona subnetworks: {run_id}",

@@ -244,11 +244,11 @@ def test_deletion_strategy_follows_the_crd_rules():
 
 
 def test_readme_states_the_minimum_kuberay_version_of_each_manifest():
-    text = (ROOT / "README.md").read_text() + (CLUSTER / "README.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text() + (CLUSTER / "README.md").read_text()
     for path, doc in ray_docs():
         need = minimum_kuberay(doc)
         assert re.search(rf"`{re.escape(path.name)}`[^\n]*KubeRay >= {re.escape(need)}\b", text), \
-            f"README does not state `{path.name}` ... KubeRay >= {need}"
+            f"docs/operations.md does not state `{path.name}` ... KubeRay >= {need}"
         assert _version(need) <= _version(CRD_VERSION)
         header = path.read_text().split("apiVersion:", 1)[0]
         assert f"KubeRay >= {need}" in header, f"{path.name}'s header comment does not say KubeRay >= {need}"

@@ -134,17 +134,16 @@ def test_open_stats_filters(two_personas):
 
 
 def test_readme_query_top_channels(two_personas):
-    """The README's first query (pyarrow only) agrees with the tensors."""
-    ds = open_stats(two_personas.url)
-    f = (pads.field("layer") == 1) & (pads.field("group") == "mlp_in") & pads.field("persona").isin(["introvert", "extrovert"])
-    t = ds.to_table(filter=f, columns=["persona", "channel", "tokens", "sum"])
-    t = t.group_by(["persona", "channel"]).aggregate([("tokens", "sum"), ("sum", "sum")])
-    t = t.append_column("mean", pc.divide(t["sum_sum"], pc.cast(t["tokens_sum"], pa.float64())))
-    a = t.filter(pc.equal(t["persona"], "introvert")).select(["channel", "mean"])
-    b = t.filter(pc.equal(t["persona"], "extrovert")).select(["channel", "mean"]).rename_columns(["channel", "mean_b"])
-    j = a.join(b, "channel")
-    j = j.append_column("diff", pc.abs(pc.subtract(j["mean"], j["mean_b"]))).sort_by([("diff", "descending")])
-    top = j.slice(0, 5)["channel"].to_pylist()
+    """The documented first query (docs/calibration.md, pyarrow only) agrees with the tensors."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "calibration.md").read_text()
+    block = text.split("```python run\n", 1)[1].split("```", 1)[0]
+    query = block[block.index("# 1."):block.index("# 2.")]
+    assert "(pads.field(\"layer\") == 12)" in query
+    scope = {"ds": open_stats(two_personas.url), "pads": pads, "pc": pc, "pa": pa}
+    exec(query.replace("(pads.field(\"layer\") == 12)", "(pads.field(\"layer\") == 1)"), scope)  # the toy model has 3 layers
+    top = scope["top20"].slice(0, 5)["channel"].to_pylist()
     ia = read_persona_stats(two_personas, MODEL, "introvert")[(1, "mlp_in")]
     ea = read_persona_stats(two_personas, MODEL, "extrovert")[(1, "mlp_in")]
     assert top == torch.topk((ia.mean - ea.mean).abs(), 5).indices.tolist()

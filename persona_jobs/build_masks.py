@@ -15,20 +15,29 @@ harmless.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from persona_core.catalog.personas import GENERAL_ID, Catalog, CatalogError, general_persona, load_catalog
-from persona_core.masks.budget import Budget
+from persona_core.calib.stored import read_persona_stats
+from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, reference_persona
 from persona_core.errors import UserError
-from persona_core.masks.methods import ALLOCATIONS, GRANULARITIES, OPPOSITE, REGISTRY, MaskSpec, get_method
-from persona_core.models import DEFAULT_MODEL
-from persona_core.store.store import Store, open_store
+from persona_core.eval.engine import Evaluator
+from persona_core.masks.allocation import resolve_allocation
+from persona_core.masks.budgeted_build import PairSearch, stored_calib_config
+from persona_core.masks.build import build_pair_masks
+from persona_core.masks.codec import write_mask
+from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.methods import METHODS, OPPOSITE
+from persona_core.masks.spec import ALLOCATIONS, GRANULARITIES, MaskSpec
+from persona_core.models.loading import DEFAULT_MODEL, load_model
+from persona_core.run.plan import Plan, Selection, make_plan
+from persona_core.run.units import MaskUnit, mask_is_current, mask_units, resolve_calib, stats_fingerprints
+from persona_core.store.store import Store
 from persona_core.versions import MASKS_VERSION
-from persona_core.run.units import (MaskUnit, mask_is_current, mask_specs, mask_units, resolve_calib,
-                                stats_fingerprints)
 from persona_jobs import dispatch
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, preflight
+from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +48,6 @@ log = logging.getLogger(__name__)
 def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
                delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
     """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
-    from persona_core.masks.methods import build_pair_masks, resolve_allocation
-
     stats = read_unit_stats(store, model_key, unit, persona_hashes)
     spec = resolve_allocation(weights, stats, unit.spec, device)  # OWL: the layer sparsities, recorded below
     sides = build_pair_masks(weights, *stats, spec=spec, device=device)
@@ -48,8 +55,6 @@ def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_ha
 
 
 def read_unit_stats(store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None]) -> list:
-    from persona_core.calib.stats import read_persona_stats
-
     return [read_persona_stats(store, model_key, pid, persona_hashes.get(pid), unit.calib_hash)
             for _, pid in unit.roles]
 
@@ -57,8 +62,6 @@ def read_unit_stats(store: Store, model_key: str, unit: MaskUnit, persona_hashes
 def write_unit(store: Store, model_key: str, unit: MaskUnit, spec: MaskSpec, stats: list, sides: tuple,
                extra: dict, delta: bool) -> list[tuple[str, int]]:
     """Write one unit's masks (one per side) with their metadata; returns (key, bytes) written."""
-    from persona_core.masks.codec import write_mask
-
     base_meta = {"model_key": model_key, **spec.to_dict(), "spec_hash": unit.spec.hash,
                  "identity": unit.identity, "code_version": MASKS_VERSION,
                  "roles": {role: pid for role, pid in unit.roles}, "stats": unit.fingerprints,
@@ -84,20 +87,15 @@ class BudgetBuilder:
     the shared dense weights (`weights`, zero-copy from the object store), never the live ones.
     """
 
-    def __init__(self, model: str, weights, device: str | None = None, revision: str | None = None):
-        from persona_core.eval.engine import Evaluator
-
-        self.ev = Evaluator(model, device=device or "cpu", revision=revision)
+    def __init__(self, model: str, weights, device: str | None = None):
+        self.ev = Evaluator(model, device=device or "cpu")
         self.weights = weights
         self.device = device
 
     def build(self, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
               personas: dict, delta: bool = False) -> list[tuple[str, int]]:
-        from persona_core.masks.budget_search import PairSearch, stored_calib_config
-        from persona_core.catalog.personas import general_persona
-
         stats = read_unit_stats(store, model_key, unit, persona_hashes)
-        people = dict(personas) | {GENERAL_ID: general_persona()}
+        people = dict(personas) | {REFERENCE_PERSONA_ID: reference_persona()}
         roles = [(role, people[pid]) for role, pid in unit.roles]
         persona = people[unit.roles[0][1]]
         opposite = people.get(persona.opposite) if persona.opposite else None
@@ -112,105 +110,95 @@ class BudgetBuilder:
 # ---------------------------------------------------------------------------- the job
 
 
-def run(store: Store | str | None, model: str = DEFAULT_MODEL, methods: Sequence[str] = ("wanda",),
-        sparsities: Sequence[float] = (0.5,), granularities: Sequence[str] = ("unstructured",),
-        personas: Sequence[str] | None = None, catalog: Catalog | str | None = None,
-        address: str | None = None, *, params: dict[str, dict] | None = None,
-        allocations: Sequence[str] = ("uniform",), delta: bool = False,
-        device: str | None = None, max_in_flight: int = 256, budget: Budget | dict | float | None = None,
-        budget_actors: int | None = None, calib_hash: str | None = None, revision: str | None = None,
-        schedule_timeout_s: float = 300.0) -> Summary:
-    """Build every missing mask from the statistics of calibration config `calib_hash` (None: the
-    only config stored for these personas); returns the closing Summary (also logged)."""
+def run(plan: Plan) -> Summary:
+    """Build every missing mask of the plan's specs; returns the closing Summary (also logged)."""
     summary = Summary("build-masks")
-    store = open_store(store)
-    # ---- check everything before any work starts
-    for what, names, known in (("method", methods, REGISTRY), ("granularity", granularities, GRANULARITIES),
-                               ("allocation", allocations, ALLOCATIONS)):
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise UserError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
-    try:
-        budget = Budget.from_value(budget)
-        specs = mask_specs(methods, sparsities, granularities, params, allocations, budget)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    try:
-        cat = load_catalog(catalog) if isinstance(catalog, str) else catalog
-        if cat is not None and personas:
-            cat = cat.select([p for p in personas if p != GENERAL_ID])
-    except CatalogError as err:
-        raise UserError(str(err)) from err
-    store.check_writable()
+    units, catalog = plan_units(plan)
+    todo = []
+    for unit in units:
+        if mask_is_current(plan.store, unit):
+            summary.skipped += len(unit.outputs)
+        else:
+            todo.append(unit)
+    log.info("%d mask(s) current, %d task(s) to run (%d spec(s))", summary.skipped, len(todo), len(plan.specs))
+    if todo:
+        _build(plan, todo, catalog, summary)
+    summary.finish()
+    log.info(summary.line())
+    return summary
 
-    from persona_core.masks.methods import LinearWeights
-    from persona_core.models import load_model, model_key
 
-    try:
-        mkey = model_key(model, revision=revision)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+def plan_units(plan: Plan) -> tuple[list[MaskUnit], Catalog | None]:
+    """Every unit of the plan's specs, and the catalog that names the personas (None: a standalone
+    build without --catalog, over the personas with statistics); bad input raises UserError before any work."""
+    chosen, specs, store, mkey = plan.selection, plan.specs, plan.store, plan.model_key
+    cat: Catalog | None = plan.catalog
+    calib_hash = plan.calib.hash
+    if chosen is not None:  # standalone: the personas named, the statistics stored
+        cat = plan.catalog if chosen.by_catalog else None
+        try:
+            if cat is not None and chosen.personas:
+                cat = cat.select([p for p in chosen.personas if p != REFERENCE_PERSONA_ID])
+        except CatalogError as err:
+            raise UserError(str(err)) from err
+        calib_hash = chosen.calib_hash
     if cat is not None:
         ids = [p.id for p in cat]
         opposites = {p.id: p.opposite for p in cat}
-        hashes = {p.id: p.content_hash for p in cat} | {GENERAL_ID: general_persona().content_hash}
     else:
-        ids = list(personas) if personas else None
-        opposites, hashes = {}, {}
-        if any(OPPOSITE in get_method(s.method).needs for s in specs):
+        ids = list(chosen.personas) if chosen.personas else None
+        opposites = {}
+        if any(OPPOSITE in METHODS[s.method].needs for s in specs):
             raise UserError("contrastive pair methods need --catalog (it names each persona's opposite)")
     if calib_hash is None:
-        calib_hash = resolve_calib(store, mkey, [*(ids or []), GENERAL_ID] if ids else [])
+        calib_hash = resolve_calib(store, mkey, [*(ids or []), REFERENCE_PERSONA_ID] if ids else [])
     fingerprints = stats_fingerprints(store, mkey, calib_hash or None)
     if ids is None:
-        ids = sorted(p for p in fingerprints if p != GENERAL_ID)
-    if budget is not None and cat is None and any(get_method(s.method).per_persona for s in specs):
+        ids = sorted(p for p in fingerprints if p != REFERENCE_PERSONA_ID)
+    budgeted = plan.config.masks.budget is not None
+    if budgeted and cat is None and any(METHODS[s.method].per_persona for s in specs):
         raise UserError("a capability budget needs --catalog (its search validates on the personas' statements)")
     units, problems = mask_units(mkey, specs, ids, opposites, fingerprints, calib_hash or None)
     if problems:
         raise UserError("\n".join(problems))
     if not units:
         raise UserError("nothing to build: no personas selected (or none with the statistics the methods need)")
-    todo = []
-    for unit in units:
-        if mask_is_current(store, unit):
-            summary.skipped += len(unit.outputs)
-        else:
-            todo.append(unit)
-    log.info("%d mask(s) current, %d task(s) to run (%d spec(s))", summary.skipped, len(todo), len(specs))
-    if not todo:
-        log.info(summary.finish().line())
-        return summary
+    return units, cat
 
-    # ---- run: the weights go into the object store once, every task reads them zero-copy
-    import ray
 
-    ensure_ray(address)
-    loaded = load_model(model, device="cpu", dtype="float32", revision=revision)
+def _build(plan: Plan, todo: list[MaskUnit], catalog: Catalog | None, summary: Summary) -> None:
+    """The units as Ray tasks (plain) and on a pool of budget-search actors (budgeted); counts into `summary`."""
+    import ray  # heavy: ray only when a job runs
+
+    options, store, mkey = plan.config.masks.options, plan.store, plan.model_key
+    hashes = ({p.id: p.content_hash for p in catalog} | {REFERENCE_PERSONA_ID: reference_persona().content_hash}
+              if catalog is not None else {})
+    ensure_ray(plan.config.address)
+    # the weights go into the object store once, every task reads them zero-copy
+    loaded = load_model(plan.model, device="cpu", dtype="float32")
     weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))
     del loaded
     plain = [u for u in todo if u.spec.budget is None]
     budgeted = [u for u in todo if u.spec.budget is not None]
     outs = []
     if plain:
-        outs.append(dispatch.run_tasks(build_unit, plain, lambda u: (weights_ref, store, mkey, u, hashes, delta, device),
-                                       name="build-masks", max_in_flight=max_in_flight, describe=lambda u: u.name))
+        outs.append(dispatch.run_tasks(
+            build_unit, plain, lambda u: (weights_ref, store, mkey, u, hashes, options.delta, options.device),
+            name="build-masks", max_in_flight=options.max_in_flight, describe=lambda u: u.name))
     if budgeted:  # budgeted units score masks on a loaded model: a pool of actors, each loading it once
-        people = {p.id: p for p in cat} if cat is not None else {}
-        pool = dispatch.PoolSpec("budget search", BudgetBuilder, (model, weights_ref, device), {"revision": revision},
-                                 {"num_cpus": 1}, max_restarts=1, max_task_retries=1)
-        n = dispatch.pool_size(budget_actors, pool.resources, len(budgeted))
-        outs.append(dispatch.run_pool(pool, budgeted, "build", num_actors=n, schedule_timeout_s=schedule_timeout_s,
+        people = {p.id: p for p in catalog} if catalog is not None else {}
+        pool = dispatch.PoolSpec("budget search", BudgetBuilder, (plan.model, weights_ref, options.device),
+                                 resources={"num_cpus": 1}, max_restarts=1, max_task_retries=1)
+        n = dispatch.pool_size(None, pool.resources, len(budgeted))
+        outs.append(dispatch.run_pool(pool, budgeted, "build", num_actors=n,
+                                      schedule_timeout_s=plan.config.resources.schedule_timeout_s,
                                       describe=lambda u: u.name,
-                                      call_args=lambda u: (store, mkey, u, hashes, people, delta)))
+                                      call_args=lambda u: (store, mkey, u, hashes, people, options.delta)))
     for out in outs:
         summary.done += sum(len(written) for _, written in out.results)
         for unit, err in out.failed:
             summary.failed += len(unit.outputs)
             summary.errors.append(f"{unit.name}: {err}")
-    summary.finish()
-    log.info(summary.line())
-    return summary
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -226,7 +214,7 @@ def add_parser(sub) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, catalog=True, model_default=DEFAULT_MODEL)
     add_list(p, "--methods", "--method", dest="methods", metavar="M",
-             help=f"mask methods (default wanda; known: {', '.join(REGISTRY)})")
+             help=f"mask methods (default wanda; known: {', '.join(METHODS)})")
     add_list(p, "--sparsities", "--sparsity", dest="sparsities", item_type=float, metavar="S",
              help="fractions of weights removed (default 0.5)")
     add_list(p, "--granularities", "--granularity", dest="granularities", metavar="G", valid=GRANULARITIES,
@@ -247,8 +235,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_params(items: Iterable[str]) -> dict[str, dict]:
-    import json
-
     out: dict[str, dict] = {}
     for item in items:
         lhs, eq, value = item.partition("=")
@@ -263,12 +249,27 @@ def parse_params(items: Iterable[str]) -> dict[str, dict]:
     return out
 
 
+def plan_from_args(args) -> Plan:
+    """The flags as config overrides (the methods named, no baselines), resolved into a plan."""
+    overrides = {**where_overrides(args), "masks.methods": args.methods or ["wanda"], "masks.baselines": [],
+                 "masks.sparsities": args.sparsities or [0.5],
+                 "masks.granularities": args.granularities or ["unstructured"],
+                 "masks.allocations": args.allocations or ["uniform"],
+                 "masks.options.params": parse_params(args.param), "masks.options.delta": args.delta,
+                 "evaluate.enabled": False}
+    if args.device is not None:
+        overrides["masks.options.device"] = args.device
+    if args.budget is not None:
+        overrides["masks.budget"] = args.budget
+    selection = Selection(personas=tuple(args.personas) if args.personas else None, calib_hash=args.calib_hash,
+                          by_catalog=args.catalog is not None)
+    return make_plan(load(None, overrides), selection)
+
+
 def _main(args) -> int:
-    summary = run(args.store, args.model, args.methods or ["wanda"], args.sparsities or [0.5],
-                  args.granularities or ["unstructured"], args.personas, args.catalog, args.address,
-                  params=parse_params(args.param), allocations=args.allocations or ["uniform"],
-                  delta=args.delta, device=args.device, budget=args.budget, calib_hash=args.calib_hash,
-                  revision=args.revision)
+    plan = plan_from_args(args)
+    preflight(plan, need_ray=False)  # Ray is joined once there is work to do
+    summary = run(plan)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")
@@ -276,6 +277,8 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     from persona_jobs.cli import main
 
-    raise SystemExit(main(["build-masks", *__import__("sys").argv[1:]]))
+    raise SystemExit(main(["build-masks", *sys.argv[1:]]))

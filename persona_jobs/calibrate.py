@@ -19,18 +19,20 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from persona_core.calib.recorder import CalibConfig, calibrate_persona
-from persona_core.catalog.personas import Catalog
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate_persona
+from persona_core.calib.parts import read_part, write_stats
+from persona_core.calib.stored import list_parts
 from persona_core.errors import UserError
-from persona_core.models import DEFAULT_MODEL, model_key
-from persona_core.calib.stats import list_parts, read_part, write_stats
-from persona_core.store.store import Store, StoreError, open_store
+from persona_core.models.loading import DEFAULT_MODEL, load_model
+from persona_core.run.plan import Placement, Plan, Selection, make_plan
 from persona_core.run.units import CalibrationUnit, calibration_personas, calibration_units, stale_calibration_parts
+from persona_core.store.store import Store
 from persona_jobs import dispatch
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, preflight
+from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,9 @@ class CalibrationWorker:
     """Holds one loaded model; calibrates units and writes their parts (a Ray actor)."""
 
     def __init__(self, model: str, store: Store, calib: CalibConfig, expected_key: str,
-                 device: str | None = None, dtype: str | None = None, fail_once: str | None = None,
-                 revision: str | None = None):
-        from persona_core.models import load_model
-
+                 device: str | None = None, dtype: str | None = None, fail_once: str | None = None):
         logging.basicConfig(level=logging.INFO)
-        self.loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+        self.loaded = load_model(model, device=device, dtype=dtype)
         if self.loaded.key != expected_key:
             raise RuntimeError(f"model {model!r} loaded as {self.loaded.key}, the driver expected {expected_key}")
         self.store, self.calib, self.fail_once = store, calib, fail_once
@@ -76,57 +75,51 @@ class CalibrationWorker:
             raise RuntimeError(f"injected failure in {unit.name} ({FAIL_ONCE_ENV})")
 
 
-def run(catalog: Catalog | str | Path, model: str = DEFAULT_MODEL, store: Store | str | None = None,
-        personas: list[str] | None = None, shard_size: int | None = DEFAULT_SHARD_SIZE,
-        address: str | None = None, calib: CalibConfig = CalibConfig(), *, include_general: bool = False,
-        num_actors: int | None = None, device: str | None = None, dtype: str | None = None,
-        prune_stale: bool = True, revision: str | None = None, schedule_timeout_s: float = 300.0) -> Summary:
-    """Calibrate `personas` of `catalog` (all when None) on `model`, writing stats parts to `store`."""
+def run(plan: Plan) -> Summary:
+    """Calibrate the plan's personas (a standalone command: those it names, else the whole catalog),
+    writing every missing stats part to the store; returns the closing Summary (also logged)."""
     summary = Summary("calibrate")
-    if shard_size is not None and shard_size < 1:
-        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
-    chosen = calibration_personas(catalog, personas, include_general)
-    store = open_store(store)
-    try:
-        store.check_writable()
-    except (StoreError, OSError, ValueError) as err:
-        raise UserError(f"store {store.url} cannot be written: {err}") from err
-    try:
-        key = model_key(model, revision=revision)
-    except (ValueError, OSError) as err:
-        raise UserError(f"model {model!r} cannot be loaded: {err}") from err
-
-    units = calibration_units(chosen, key, calib, shard_size)
+    named = plan.selection.personas if plan.selection is not None else plan.persona_ids
+    chosen = calibration_personas(plan.catalog, list(named or []), plan.config.calibrate.include_general)
+    store, key, calib = plan.store, plan.model_key, plan.calib
+    units = calibration_units(chosen, key, calib, plan.config.calibrate.shard_size)
     existing = set(list_parts(store, key))
     todo = [u for u in units if u.key not in existing]
     summary.skipped = len(units) - len(todo)
     log.info("calibrate %s: %d personas, %d units (%d already stored)", key, len(chosen), len(units),
              summary.skipped)
     if todo:
-        ensure_ray(address)
-        gpus = gpus_available()
-        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        spec = dispatch.PoolSpec("calibration", CalibrationWorker,
-                                 (model, store, calib, key, device or ("cuda" if gpus else "cpu"), dtype,
-                                  os.environ.get(FAIL_ONCE_ENV), revision),
-                                 resources=resources, max_restarts=2, max_task_retries=2, retry_exceptions=True)
-        # GPU: one actor per GPU the cluster scales to (unplaced ones wait, taking no unit); CPU: free slots, up to 2
-        n = dispatch.pool_size(num_actors or (gpus or None), resources, len(todo), cap=None if gpus else 2)
-        out = dispatch.run_pool(spec, todo, "run", num_actors=n, schedule_timeout_s=schedule_timeout_s,
-                                describe=lambda u: u.name)
-        summary.done = len(out.results)
-        summary.tokens = sum(r["tokens"] for _, r in out.results)
-        for unit, err in out.failed:
-            summary.failed += 1
-            summary.errors.append(f"{unit.name}: {err}".splitlines()[0][:500])
-    if prune_stale:
-        failed = {e.split("[", 1)[0] for e in summary.errors}
-        for k in stale_calibration_parts(store, key, units, failed, calib.hash):
-            log.info("removing stale part %s", store.uri(k))
-            store.delete(k)
+        _calibrate(plan, todo, summary)
+    failed = {e.split("[", 1)[0] for e in summary.errors}
+    for k in stale_calibration_parts(store, key, units, failed, calib.hash):
+        log.info("removing stale part %s", store.uri(k))
+        store.delete(k)
     summary.finish()
     log.info(summary.line())
     return summary
+
+
+def _calibrate(plan: Plan, todo: list[CalibrationUnit], summary: Summary) -> None:
+    """The units on a pool of calibration actors; counts go into `summary`."""
+    ensure_ray(plan.config.address)
+    gpus = gpus_available()
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    where = plan.placement
+    spec = dispatch.PoolSpec("calibration", CalibrationWorker,
+                             (plan.model, plan.store, plan.calib, plan.model_key,
+                              where.device or ("cuda" if gpus else "cpu"), where.dtype,
+                              os.environ.get(FAIL_ONCE_ENV)),
+                             resources=resources, max_restarts=2, max_task_retries=2, retry_exceptions=True)
+    # GPU: one actor per GPU the cluster scales to (unplaced ones wait, taking no unit); CPU: free slots, up to 2
+    n = dispatch.pool_size(plan.config.resources.calibrate_actors or (gpus or None), resources, len(todo),
+                           cap=None if gpus else 2)
+    out = dispatch.run_pool(spec, todo, "run", num_actors=n,
+                            schedule_timeout_s=plan.config.resources.schedule_timeout_s, describe=lambda u: u.name)
+    summary.done = len(out.results)
+    summary.tokens = sum(r["tokens"] for _, r in out.results)
+    for unit, err in out.failed:
+        summary.failed += 1
+        summary.errors.append(f"{unit.name}: {err}".splitlines()[0][:500])
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -145,14 +138,12 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="tokens generated per answer for such personas (default %(default)s)")
 
 
-def calib_from_args(args) -> CalibConfig:
-    try:
-        return replace(CalibConfig(), max_length=args.max_length, batch_size=args.batch_size,
-                       system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
-                       user_prompt=args.user_prompt, gen_questions=args.gen_questions,
-                       gen_max_new_tokens=args.gen_max_new_tokens)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+def calib_overrides(args) -> dict:
+    """The calibration flags as `calibrate.options` (calibration.CalibConfig's fields)."""
+    options = {"max_length": args.max_length, "batch_size": args.batch_size, "system_prompt": args.system_prompt,
+               "chat_template": not args.no_chat_template, "user_prompt": args.user_prompt,
+               "gen_questions": args.gen_questions, "gen_max_new_tokens": args.gen_max_new_tokens}
+    return {f"calibrate.options.{k}": v for k, v in options.items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,11 +167,23 @@ def add_parser(sub) -> None:
                                  description=__doc__.splitlines()[0]))
 
 
+def plan_from_args(args) -> Plan:
+    """The flags as config overrides, resolved into a plan; the personas as named (no opposites added)."""
+    if args.shard_size is not None and args.shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
+    overrides = {**where_overrides(args), **calib_overrides(args), "calibrate.shard_size": args.shard_size,
+                 "calibrate.include_general": args.general, "resources.schedule_timeout_s": args.schedule_timeout,
+                 "evaluate.enabled": False}
+    if args.actors:
+        overrides["resources.calibrate_actors"] = args.actors
+    return make_plan(load(None, overrides), Selection(personas=tuple(args.personas) if args.personas else None),
+                     Placement(device=args.device, dtype=args.dtype))
+
+
 def main(args) -> int:
-    summary = run(args.catalog, args.model, args.store, args.personas, args.shard_size, args.address,
-                  calib_from_args(args), include_general=args.general, num_actors=args.actors,
-                  device=args.device, dtype=args.dtype, revision=args.revision,
-                  schedule_timeout_s=args.schedule_timeout)
+    plan = plan_from_args(args)
+    preflight(plan, need_ray=False)  # Ray is joined once there is work to do
+    summary = run(plan)
     print(summary.line())
     return 0 if summary.ok else 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from persona_core.catalog.personas import Catalog, CatalogError, SplitConfig, load_catalog
+from persona_core.catalog import Catalog, CatalogError, SplitConfig, load_catalog
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,12 @@ import importlib
 import logging
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 
 from persona_core.errors import UserError
+from persona_core.eval.metrics import METRICS
+from persona_core.masks.methods import METHODS
 from persona_core.store.redact import install_logging_redaction, quiet_aws_loggers, redacted_output
 from persona_core.store.store import StoreUnreachable
 
@@ -29,14 +33,12 @@ COMMAND_MODULES = [
     "persona_jobs.pipeline",
     "persona_jobs.nightly",
     "persona_jobs.submit",
+    "persona_jobs.status",
     "persona_jobs.cli",  # methods, metrics
 ]
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
     try:
         return dist_version("persona-subnetworks")
     except PackageNotFoundError:  # running from a checkout that was never installed
@@ -84,10 +86,8 @@ def add_parser(sub) -> None:
 
 
 def _methods(args) -> int:
-    from persona_core.masks.methods import REGISTRY
-
     rows = [("method", "needs", "per persona", "parameters (defaults)")]
-    for m in REGISTRY.values():
+    for m in METHODS.values():
         params = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
         rows.append((m.name, ",".join(m.needs) or "-", "yes" if m.per_persona else "no", params))
     _table(rows)
@@ -95,8 +95,6 @@ def _methods(args) -> int:
 
 
 def _metrics(args) -> int:
-    from persona_core.eval.metrics import METRICS
-
     rows = [("metric", "default", "what it measures")]
     for m in METRICS.values():
         doc = (getattr(m.fn, "__doc__", None) or "").strip().splitlines()

@@ -14,9 +14,22 @@ import logging
 import os
 import socket
 
+from persona_core.errors import UserError
+from persona_core.run.plan import Plan
 from persona_core.run.runs import Summary  # noqa: F401  (the jobs return it)
+from persona_core.store.store import StoreError
 
 log = logging.getLogger(__name__)
+
+
+def preflight(p: Plan, need_ray: bool = True) -> None:
+    """Store writable and (when asked) Ray reachable, checked before any work (nothing is written but a probe)."""
+    try:
+        p.store.check_writable()
+    except (StoreError, OSError, ValueError) as err:
+        raise UserError(f"store {p.config.store} cannot be written: {err}") from None
+    if need_ray:
+        ensure_ray(p.config.address or os.environ.get("RAY_ADDRESS"))  # checks the address first
 
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
@@ -25,7 +38,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     A process that already called `ray.init` (a test session, a driver under
     `ray job submit`) keeps its connection.
     """
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     address = address or os.environ.get("RAY_ADDRESS")
     check_ray_address(address)  # also when connected: a wrong address given is an error, not ignored
@@ -38,8 +51,6 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             init_kwargs.setdefault("include_dashboard", False)
             ray.init(log_to_driver=False, **init_kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        from persona_core.errors import UserError
-
         raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
 
 
@@ -51,8 +62,6 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
     check also completes an HTTP/2 (gRPC) handshake there: a web server, a database
     or a port that never answers fails it.
     """
-    from persona_core.errors import UserError
-
     if not address or address in ("auto", "local"):
         return
     if address.startswith(("http://", "https://")):
@@ -69,7 +78,7 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
         raise UserError(f"cannot reach Ray at {address}: {err.strerror or err}") from None
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return  # a TLS cluster: an insecure handshake proves nothing either way
-    import grpc
+    import grpc  # heavy: grpc only to probe an address given
 
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
@@ -92,22 +101,20 @@ def max_gpus() -> int:
     if not value:
         return 0
     if not value.isdigit():
-        from persona_jobs.cli import UserError
-
         raise UserError(f"{MAX_GPUS_ENV}={value!r}: expected a whole number of GPUs")
     return int(value)
 
 
 def gpus_available() -> int:
     """GPUs to size GPU actor pools for: those present, or more where the cluster autoscales to more."""
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     return max(int(ray.cluster_resources().get("GPU", 0)), max_gpus())
 
 
 def gpus_per_node() -> list[int]:
     """GPUs of each live node, plus the 1-GPU workers the autoscaler may still add (see `max_gpus`)."""
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     nodes = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
     return nodes + [1] * max(0, max_gpus() - sum(nodes))
@@ -177,7 +184,7 @@ def add_common(p, *, model: bool = True, catalog: str | bool = False, address: b
 
 def progress(total: int, desc: str):
     """A tqdm bar on stderr (quiet when not a terminal and PERSONA_PROGRESS=0)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # heavy: tqdm only when a pool runs
 
     disable = os.environ.get("PERSONA_PROGRESS", "1") == "0"
     return tqdm(total=total, desc=desc, unit="unit", disable=disable, dynamic_ncols=True)

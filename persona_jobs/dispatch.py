@@ -48,7 +48,7 @@ class PoolSpec:
 
 
 @dataclass
-class Outcome:
+class UnitResults:
     """What came back: results in completion order, and the units that failed with why."""
 
     results: list[tuple[Any, Any]] = field(default_factory=list)  # (unit, result)
@@ -64,7 +64,7 @@ def free_resources(settle_s: float = SETTLE_S) -> dict:
     as taken and size the next pool (and its torch threads) for one core. Polls until everything
     is free or `settle_s` has passed (on a cluster shared with other jobs: the last snapshot).
     """
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     deadline = time.monotonic() + settle_s
@@ -132,12 +132,12 @@ def _with_ready(worker: type) -> type:
 
 def run_pool(spec: PoolSpec, units: Iterable, method: str, *, num_actors: int,
              schedule_timeout_s: float = 300.0, unit_attempts: int = 3, describe: Callable[[Any], str] = str,
-             call_args: Callable[[Any], tuple] = lambda unit: (unit,)) -> Outcome:
-    """Run `method(*call_args(unit))` for every unit on a pool of `num_actors` actors; returns the `Outcome`."""
-    import ray
+             call_args: Callable[[Any], tuple] = lambda unit: (unit,)) -> UnitResults:
+    """Run `method(*call_args(unit))` for every unit on a pool of `num_actors` actors; returns the `UnitResults`."""
+    import ray  # heavy: ray only when a job runs
 
     queue = deque(units)
-    out = Outcome()
+    out = UnitResults()
     if not queue:
         return out
     opts = {k: v for k, v in spec.resources.items() if v}
@@ -227,7 +227,7 @@ def run_pool(spec: PoolSpec, units: Iterable, method: str, *, num_actors: int,
 
 
 def _timeout_message(spec: PoolSpec, n: int, timeout: float) -> str:
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     asked = ", ".join(f"{k.removeprefix('num_').upper()}={v}" for k, v in spec.resources.items() if v)
     free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
@@ -244,16 +244,16 @@ def short_error(err: BaseException) -> str:
 
 def run_tasks(fn: Callable, units: Iterable, args: Callable[[Any], tuple], *, name: str,
               resources: dict | None = None, max_retries: int = 2, max_in_flight: int = 256,
-              describe: Callable[[Any], str] = str) -> Outcome:
+              describe: Callable[[Any], str] = str) -> UnitResults:
     """Run `fn(*args(unit))` as one Ray task per unit (at most `max_in_flight` submitted at once).
 
     For stateless work (the mask builder); tasks wait in Ray's queue for resources, so a partly
     taken cluster only slows them down. A task that fails after its retries is reported; the rest go on.
     """
-    import ray
+    import ray  # heavy: ray only when a job runs
 
     queue = deque(units)
-    out = Outcome()
+    out = UnitResults()
     task = ray.remote(max_retries=max_retries, **(resources or {"num_cpus": 1}))(fn)
     pending: dict = {}
     with progress(len(queue), name) as bar:

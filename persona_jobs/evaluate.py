@@ -27,18 +27,31 @@ import time
 from dataclasses import replace
 
 import pyarrow as pa
+import torch
 
+from persona_core.calib.stored import read_persona_stats
+from persona_core.catalog import BUILTIN, REFERENCE_PERSONA_ID
+from persona_core.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.dense_cache import DenseRowCache
+from persona_core.eval.engine import Evaluator
+from persona_core.eval.unit import evaluate_unit
+from persona_core.eval.metrics import default_metrics
+from persona_core.masks.budget import Budget
+from persona_core.masks.codec import MaskFile
+from persona_core.masks.spec import budget_segment
+from persona_core.models.loading import DEFAULT_MODEL
+from persona_core.report.results import gather, load_results  # noqa: F401  (load_results: callers read a run through the job too)
 from persona_core.run import runs
-from persona_core.catalog.personas import BUILTIN, GENERAL_ID, Catalog, CatalogError, load_catalog
-from persona_core.errors import UserError
-from persona_core.eval.engine import CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, JudgeSettings
-from persona_core.models import DEFAULT_MODEL
-from persona_core.report.results import gather, load_results, write_report  # noqa: F401  (load_results: callers read a run through the job too)
-from persona_core.store.store import Store, open_store
+from persona_core.run.execution import summary_table
+from persona_core.run.plan import Placement, Plan, Selection, make_plan
 from persona_core.run.units import EvaluationTask, default_eval_run_id, evaluation_tasks
-from persona_jobs import dispatch
-from persona_jobs.dispatch import actor_resources
+from persona_core.store import layout
+from persona_core.store.store import Store
+from persona_jobs import dispatch, report
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_per_node
+from persona_jobs.dispatch import actor_resources
+from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +61,6 @@ log = logging.getLogger(__name__)
 def read_mask(store: Store, key: str) -> tuple[dict, dict]:
     """A verified mask and its metadata; ``content_hash`` is the digest of the masks actually
     decoded from the bytes read (checked against the digest written with them)."""
-    from persona_core.masks.codec import MaskFile
-
     f = MaskFile(store, key)
     masks = f.read()
     return masks, {**f.metadata, "content_hash": f.read_digest}
@@ -78,14 +89,10 @@ class EvalWorker:
     """Holds one Evaluator (one loaded model) for its whole life; scores persona tasks."""
 
     def __init__(self, model: str, store: Store, config: EvalConfig, *, device_map: str | None = None,
-                 threads: int | None = None, revision: str | None = None, calib_hash: str | None = None):
-        import torch
-
-        from persona_core.eval.engine import Evaluator
-
+                 threads: int | None = None, calib_hash: str | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.evaluator = Evaluator(model, device_map=device_map, revision=revision)
+        self.evaluator = Evaluator(model, device_map=device_map)
         self.store, self.config, self.calib_hash = store, config, calib_hash
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -96,16 +103,12 @@ class EvalWorker:
         """The calibration statistics dense+steer needs: the persona's and its opposite's (or general's)."""
         if "dense+steer" not in self.config.conditions:
             return None
-        from persona_core.calib.stats import read_persona_stats
-
-        ids = [task.persona.id, task.opposite.id if task.opposite else GENERAL_ID]
+        ids = [task.persona.id, task.opposite.id if task.opposite else REFERENCE_PERSONA_ID]
         return {pid: read_persona_stats(self.store, self.evaluator.model_key, pid, calib_hash=self.calib_hash)
                 for pid in ids}
 
     def run_task(self, task: EvaluationTask) -> dict:
         """Score every unit of one persona; write each unit's part; return tables and errors."""
-        from persona_core.eval.engine import DenseRowCache, evaluate_unit
-
         rows_cache = DenseRowCache(self.store, self.evaluator.model_key)  # baselines shared across runs
         out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
                "seconds": 0.0, "skipped": 0}
@@ -147,35 +150,15 @@ class EvalWorker:
 # ---------------------------------------------------------------------------- the job
 
 
-def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Catalog = BUILTIN,
-        methods: list[str] | None = None, sparsities: list[float] | None = None,
-        personas: list[str] | None = None, conditions: list[str] | None = None,
-        run_id: str | None = None, address: str | None = None, *, metrics: list[str] | None = None,
-        config: EvalConfig | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
-        device_map: str | None = None, gpus_per_actor: int | None = None, report: bool = True,
-        budgets: list[str] | None = None, calib_hash: str | None = None, revision: str | None = None,
-        schedule_timeout_s: float = 300.0) -> Summary:
-    """Evaluate every selected (persona, mask) unit on a pool of Ray actors.
+def run(plan: Plan) -> Summary:
+    """Evaluate every selected (persona, mask) unit of the plan on a pool of Ray actors.
 
-    Returns a `Summary` (done / skipped / failed units); ``summary.report`` holds the
-    report's URL and ``summary.run_id`` the run id. Already written parts are skipped.
+    Returns a `Summary` (done / skipped / failed units) with ``rows`` (result rows gathered) and
+    ``run_id``; the results parts are under ``results/run=<run id>/``. Already written parts are skipped.
     """
-    from persona_core.models import model_key
-    from persona_core.report import analyse, terminal_table
-
     summary = Summary("evaluate")
-    store = open_store(store)
-    if isinstance(catalog, (str, os.PathLike)):
-        catalog = load_catalog(catalog)
-    config = config or EvalConfig()
-    if conditions:
-        config = replace(config, conditions=tuple(conditions))
-    if metrics:
-        config = replace(config, metrics=tuple(metrics))
-    key = model_key(model, revision=revision)
-    run_id = run_id or default_eval_run_id(key, catalog, config, methods, sparsities, calib_hash)
-    tasks = evaluation_tasks(store, catalog, key, run_id, config, methods, sparsities, personas, budgets,
-                             calib_hash)
+    store, key = plan.store, plan.model_key
+    tasks = evaluation_tasks(store, plan.catalog, key, plan.run_id, plan.eval, *mask_choice(plan))
     n_units = sum(len(t.units) for t in tasks)
     tables: list[pa.Table] = []
     todo = []
@@ -188,45 +171,60 @@ def run(store: str | Store | None, model: str = DEFAULT_MODEL, catalog: str | Ca
         if pending:
             todo.append(EvaluationTask(t.persona, t.opposite, pending))
     log.info("evaluate %s: %d personas, %d units (%d already written), run %s",
-             key, len(tasks), n_units, summary.skipped, run_id)
+             key, len(tasks), n_units, summary.skipped, plan.run_id)
     summary.workers = {}
     if todo:
-        ensure_ray(address)
-
-        free_cpus = max(1, int(dispatch.free_resources().get("CPU", 0)))  # what this job can have now
-        n_layout, resources, threads = actor_resources(
-            gpus_per_node(), free_cpus, len(todo), actors=actors, cpus_per_actor=cpus_per_actor,
-            gpus_per_actor=gpus_per_actor, device_map=device_map)
-        # GPU pools: as many as the cluster scales to (unplaced actors wait for the autoscaler and take no
-        # unit meanwhile); CPU pools: what the free CPUs hold now
-        n = n_layout if actors or resources.get("num_gpus") else dispatch.pool_size(None, resources, len(todo),
-                                                                                     cap=n_layout)
-        log.info("evaluate: %d actor(s), each %s", n, resources)
-        spec = dispatch.PoolSpec("evaluation", EvalWorker, (model, store, config),
-                                 {"device_map": device_map, "threads": threads, "revision": revision,
-                                  "calib_hash": calib_hash}, resources)
-        out = dispatch.run_pool(spec, todo, "run_task", num_actors=n, schedule_timeout_s=schedule_timeout_s,
-                                describe=lambda t: t.persona.id)
-        for _, res in out.results:
-            tables.extend(res["tables"])
-            summary.done += len(res["parts"])
-            summary.skipped += res["skipped"]
-            summary.failed += len(res["errors"])
-            summary.errors.extend(res["errors"])
-            summary.workers[res["worker"]] = summary.workers.get(res["worker"], 0) + 1
-        for task, err in out.failed:
-            summary.failed += len(task.units)
-            summary.errors.append(f"{task.persona.id}: {err}")
-    results = gather(tables)
-    summary.rows = results.num_rows
-    summary.run_id = run_id
-    summary.report = None
-    if report and results.num_rows:
-        analysis = analyse(results)  # the bootstraps once, for the page and the table
-        summary.report = write_report(store, run_id, analysis)
-        log.info("report: %s", summary.report)
-        summary.table = terminal_table(analysis)
+        tables += _evaluate(plan, todo, summary)
+    summary.rows = gather(tables).num_rows
+    summary.run_id = plan.run_id
     return summary.finish()
+
+
+def mask_choice(plan: Plan) -> tuple:
+    """(methods, sparsities, personas, budgets, calib hash) the evaluation takes from the store: the
+    pipeline's own masks; a standalone command's as named (None: every one found)."""
+    chosen = plan.selection
+    if chosen is not None:
+        as_list = (lambda v: list(v) if v else None)  # noqa: E731
+        return as_list(chosen.methods), as_list(chosen.sparsities), as_list(chosen.personas), None, chosen.calib_hash
+    m = plan.config.masks
+    budgeted = m.budget is not None
+    return (list(m.methods) + m.learned.methods(), [] if budgeted else list(m.sparsities), plan.persona_ids,
+            [budget_segment(Budget.from_value(m.budget))] if budgeted else None, plan.calib.hash)
+
+
+def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: Summary) -> list[pa.Table]:
+    """The tasks on a pool of evaluator actors; counts into `summary`, the result tables returned."""
+    ensure_ray(plan.config.address)
+    pool = plan.eval_pool
+    free_cpus = max(1, int(dispatch.free_resources().get("CPU", 0)))  # what this job can have now
+    n_layout, resources, threads = actor_resources(
+        gpus_per_node(), free_cpus, len(todo), actors=pool.get("actors"), cpus_per_actor=pool.get("cpus_per_actor"),
+        gpus_per_actor=plan.placement.gpus_per_actor, device_map=pool.get("device_map"))
+    # GPU pools: as many as the cluster scales to (unplaced actors wait for the autoscaler and take no
+    # unit meanwhile); CPU pools: what the free CPUs hold now
+    n = n_layout if pool.get("actors") or resources.get("num_gpus") else dispatch.pool_size(
+        None, resources, len(todo), cap=n_layout)
+    log.info("evaluate: %d actor(s), each %s", n, resources)
+    calib_hash = mask_choice(plan)[4]
+    spec = dispatch.PoolSpec("evaluation", EvalWorker, (plan.model, plan.store, plan.eval),
+                             {"device_map": pool.get("device_map"), "threads": threads, "calib_hash": calib_hash},
+                             resources)
+    out = dispatch.run_pool(spec, todo, "run_task", num_actors=n,
+                            schedule_timeout_s=plan.config.resources.schedule_timeout_s,
+                            describe=lambda t: t.persona.id)
+    tables = []
+    for _, res in out.results:
+        tables.extend(res["tables"])
+        summary.done += len(res["parts"])
+        summary.skipped += res["skipped"]
+        summary.failed += len(res["errors"])
+        summary.errors.extend(res["errors"])
+        summary.workers[res["worker"]] = summary.workers.get(res["worker"], 0) + 1
+    for task, err in out.failed:
+        summary.failed += len(task.units)
+        summary.errors.append(f"{task.persona.id}: {err}")
+    return tables
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -274,36 +272,52 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
 
 
-def config_from_args(args) -> EvalConfig:
-    from persona_core.eval.metrics import default_metrics
-
-    judge = None
+def eval_overrides(args) -> dict:
+    """The evaluation flags as `evaluate` overrides (EvalConfig's fields and the evaluator pool)."""
     metrics = list(args.metrics or default_metrics())
+    options: dict = {"metrics": metrics, "batch_size": args.batch_size, "max_statements": args.max_statements,
+                     "max_questions": args.max_questions, "ppl_texts": list(args.ppl_text or ())}
     if args.judge_url or args.judge_local:
-        judge = JudgeSettings(url=args.judge_url, model=args.judge_model, local=args.judge_local)
+        options["judge"] = {"url": args.judge_url, "model": args.judge_model, "local": args.judge_local}
         metrics += [] if "judge" in metrics else ["judge"]
-    return EvalConfig(conditions=tuple(args.conditions or DEFAULT_CONDITIONS), metrics=tuple(metrics),
-                      batch_size=args.batch_size, max_statements=args.max_statements,
-                      max_questions=args.max_questions, ppl_texts=tuple(args.ppl_text or ()), judge=judge)
+    for name in ("actors", "cpus_per_actor", "device_map"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    out = {f"evaluate.options.{k}": v for k, v in options.items()}
+    if args.conditions:
+        out["evaluate.conditions"] = list(args.conditions)
+    return out
+
+
+def plan_from_args(args) -> Plan:
+    """The flags as config overrides, resolved into a plan that scores the masks found in the store
+    (those named); its run id is --run-id, else a hash of the evaluation's inputs."""
+    overrides = {**where_overrides(args), **eval_overrides(args),
+                 "resources.schedule_timeout_s": args.schedule_timeout}
+    selection = Selection(personas=tuple(args.personas) if args.personas else None, calib_hash=args.calib_hash,
+                          methods=tuple(args.methods) if args.methods else None,
+                          sparsities=tuple(args.sparsities) if args.sparsities else None)
+    plan = make_plan(load(None, overrides), selection, Placement(gpus_per_actor=args.gpus_per_actor))
+    run_id = args.run_id or default_eval_run_id(plan.model_key, plan.catalog, plan.eval, args.methods,
+                                                args.sparsities, args.calib_hash)
+    return replace(plan, selection=replace(selection, run_id=run_id))
 
 
 def _main(args) -> int:
-    try:
-        config = config_from_args(args)
-        catalog = load_catalog(args.catalog)
-    except (ValueError, CatalogError) as err:
-        raise UserError(str(err)) from err
+    plan = plan_from_args(args)
     started = time.time()
-    summary = run(args.store, args.model, catalog, args.methods, args.sparsities, args.personas,
-                  run_id=args.run_id, address=args.address, config=config, actors=args.actors,
-                  cpus_per_actor=args.cpus_per_actor, device_map=args.device_map,
-                  gpus_per_actor=args.gpus_per_actor, report=not args.no_report, calib_hash=args.calib_hash,
-                  revision=args.revision, schedule_timeout_s=args.schedule_timeout)
-    runs.record_evaluation(open_store(args.store), summary, started, {
+    summary = run(plan)
+    summary.report, table = None, None
+    if not args.no_report and summary.rows:
+        report.run(plan)  # the one report writer: the page and the summary table, in the store
+        summary.report = plan.store.uri(layout.report(plan.run_id))
+        log.info("report: %s", summary.report)
+        table = summary_table(plan)
+    runs.record_evaluation(plan.store, summary, started, {
         "model": args.model, "revision": args.revision, "catalog": args.catalog, "methods": args.methods,
-        "sparsities": args.sparsities, "personas": args.personas, "config_hash": config.hash})
-    if getattr(summary, "table", None):
-        print(summary.table)
+        "sparsities": args.sparsities, "personas": args.personas, "config_hash": plan.eval.hash})
+    if table:
+        print(table)
     print(summary.line())
     if summary.report:
         print(f"report: {summary.report}")
@@ -313,6 +327,8 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     from persona_jobs.cli import main
 
-    raise SystemExit(main(["evaluate", *__import__("sys").argv[1:]]))
+    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

@@ -15,16 +15,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import fields
-from typing import Sequence
+from dataclasses import fields, replace
+from pathlib import Path
 
-from persona_core.catalog.personas import Catalog, CatalogError, load_catalog
-from persona_core.learn.learner import OBJECTIVES, DataConfig, LearnConfig
-from persona_core.models import DEFAULT_MODEL
-from persona_core.store.store import Store, open_store
+from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError
+from persona_core.errors import UserError
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.metrics import heldout_questions
+from persona_core.learn.config import OBJECTIVES, DataConfig, LearnConfig
+from persona_core.learn.task import LearnTask, is_current, run_task
+from persona_core.models.loading import DEFAULT_MODEL, load_model
+from persona_core.run.plan import Placement, Plan, Selection, make_plan
+from persona_core.run.units import resolve_calib, stats_fingerprints
+from persona_core.store.store import Store
 from persona_jobs import dispatch
-from persona_jobs.cli import UserError
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, preflight
+from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,6 @@ class LearnerWorker:
 
     def __init__(self, model: str, store: Store, expected_key: str, device: str | None = None,
                  die_at: str | None = None):
-        from persona_core.models import load_model
-
         logging.basicConfig(level=logging.INFO)
         self.loaded = load_model(model, device=device)
         if self.loaded.key != expected_key:
@@ -45,17 +49,12 @@ class LearnerWorker:
         self.store, self.die_at = store, die_at
 
     def run(self, task) -> dict:
-        from persona_core.learn.task import run_task
-
         return run_task(self.loaded, self.store, task, on_step=self._maybe_die(task))
 
     def _maybe_die(self, task):
         """Test hook: the whole actor process exits once, right after the chosen checkpoint is stored."""
         if not self.die_at:
             return None
-        import os
-        from pathlib import Path
-
         pid, step, marker_dir = self.die_at.split(":", 2)
         marker = Path(marker_dir) / f"{pid}-{task.config.method}-{task.config.sparsity:g}.died"
 
@@ -68,95 +67,77 @@ class LearnerWorker:
         return hook
 
 
-def plan(store: Store, model_key: str, catalog, persona_ids: Sequence[str] | None, objectives: Sequence[str],
-         sparsities: Sequence[float], config: LearnConfig, data: DataConfig, max_questions: int | None = None,
-         export: bool = False, calib_hash: str | None = None) -> tuple[list, list[str]]:
-    """Every task, and problems (missing statistics) found before any work starts."""
-    from persona_core.eval.engine import EvalConfig
-    from persona_core.learn.task import LearnTask
-    from persona_core.eval.metrics import heldout_questions
-    from persona_core.run.units import stats_fingerprints
-
-    cat = catalog.select(persona_ids) if persona_ids else catalog
-    prints = stats_fingerprints(store, model_key, calib_hash or None)
+def learn_tasks(plan: Plan, catalog: Catalog, calib_hash: str | None) -> tuple[list[LearnTask], list[str]]:
+    """Every task of `catalog`'s personas x masks.learned's objectives x sparsities, the scores starting
+    from the statistics of calibration config `calib_hash`; and problems (missing statistics)."""
+    sec, store, mkey = plan.config.masks.learned, plan.store, plan.model_key
+    sparsities = sec.sparsities or plan.config.masks.sparsities
+    prints = stats_fingerprints(store, mkey, calib_hash or None)
     tasks, missing = [], set()
-    for persona in cat:
+    for persona in catalog:
         # every question the evaluation may ask this persona is kept out of its training data
         held = tuple(heldout_questions(EvalConfig(max_questions=10**6), persona))
-        for objective in objectives:
+        for objective in sec.objectives:
             for s in sparsities:
-                cfg = LearnConfig(**{**{f.name: getattr(config, f.name) for f in fields(LearnConfig)},
-                                     "objective": objective, "sparsity": float(s)})
-                probe = LearnTask(persona, cfg, data, held, model_key, export=export)
+                cfg = replace(plan.learn, objective=objective, sparsity=float(s))
+                probe = LearnTask(persona, cfg, plan.learn_data, held, mkey, export=sec.export)
                 need = probe.stats_roles
                 absent = [pid for pid in need if pid not in prints]
                 if absent:
                     missing.update(absent)
                     continue
-                tasks.append(LearnTask(persona, cfg, data, held, model_key,
-                                       tuple((pid, prints[pid]) for pid in need), export, calib_hash or None))
+                tasks.append(LearnTask(persona, cfg, plan.learn_data, held, mkey,
+                                       tuple((pid, prints[pid]) for pid in need), sec.export, calib_hash or None))
     problems = []
     if missing:
-        problems.append(f"no statistics stored for model {model_key} and persona(s) {', '.join(sorted(missing)[:10])}"
+        problems.append(f"no statistics stored for model {mkey} and persona(s) {', '.join(sorted(missing)[:10])}"
                         f": run `persona-jobs calibrate` first (the scores start from them)")
     return tasks, problems
 
 
-def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: "str | Catalog" = "builtin",
-        personas: Sequence[str] | None = None, objectives: Sequence[str] = ("with-prompt",),
-        sparsities: Sequence[float] = (0.25,), config: LearnConfig = LearnConfig(),
-        data: DataConfig = DataConfig(), *, export: bool = False, actors: int | None = None,
-        address: str | None = None, device: str | None = None, retries: int = 2,
-        calib_hash: str | None = None) -> Summary:
-    """Learn every missing mask, the scores starting from the statistics of calibration config
-    `calib_hash` (None: the only one stored for these personas)."""
+def run(plan: Plan) -> Summary:
+    """Learn every missing mask of masks.learned for the plan's personas (a standalone command: those it
+    names), the scores starting from the plan's statistics (standalone: the calibration config named,
+    else the only one stored)."""
     summary = Summary("learn-masks")
-    store = open_store(store)
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad:
-        raise UserError(f"unknown objective(s) {', '.join(bad)} (use {', '.join(OBJECTIVES)})")
-    try:
-        cat = load_catalog(catalog) if isinstance(catalog, str) else catalog
-        if personas:
-            cat = cat.select(personas)
-    except CatalogError as err:
-        raise UserError(str(err)) from err
-    from persona_core.models import model_key as key_of
-
-    try:
-        mkey = key_of(model)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    store.check_writable()
-    if calib_hash is None:
-        from persona_core.run.units import resolve_calib
-
-        calib_hash = resolve_calib(store, mkey, [p.id for p in cat] + ["general"])
-    tasks, problems = plan(store, mkey, cat, None, objectives, sparsities, config, data, export=export,
-                           calib_hash=calib_hash)
+    catalog, calib_hash = plan.catalog, plan.calib.hash
+    if plan.selection is not None:
+        try:
+            catalog = catalog.select(plan.selection.personas)
+        except CatalogError as err:
+            raise UserError(str(err)) from err
+        calib_hash = plan.selection.calib_hash
+        if calib_hash is None:
+            calib_hash = resolve_calib(plan.store, plan.model_key, [p.id for p in catalog] + [REFERENCE_PERSONA_ID])
+    tasks, problems = learn_tasks(plan, catalog, calib_hash)
     if problems:
         raise UserError("\n".join(problems))
-    from persona_core.learn.task import is_current
-
     todo = []
     for t in tasks:
-        if is_current(store, t):
+        if is_current(plan.store, t):
             summary.skipped += 1
         else:
             todo.append(t)
     log.info("%d learned mask(s) current, %d to learn", summary.skipped, len(todo))
-    if not todo:
-        log.info(summary.finish().line())
-        return summary
+    if todo:
+        _learn(plan, todo, summary)
+    summary.finish()
+    log.info(summary.line())
+    return summary
 
-    ensure_ray(address)
+
+def _learn(plan: Plan, todo: list[LearnTask], summary: Summary) -> None:
+    """The tasks on a pool of learner actors; counts into `summary`."""
+    ensure_ray(plan.config.address)
     gpus = gpus_available()
-    n = actors or (gpus if gpus else 1)
+    n = plan.config.masks.learned.actors or (gpus if gpus else 1)
+    where = plan.placement
     # a dead actor is restarted and its task re-run there: the task resumes from its last checkpoint
     spec = dispatch.PoolSpec("learn-masks", LearnerWorker,
-                             (model, store, mkey, device or ("cuda" if gpus else "cpu"), os.environ.get(DIE_AT_ENV)),
+                             (plan.model, plan.store, plan.model_key, where.device or ("cuda" if gpus else "cpu"),
+                              os.environ.get(DIE_AT_ENV)),
                              resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
-                             max_restarts=retries, max_task_retries=retries)
+                             max_restarts=where.retries, max_task_retries=where.retries)
     out = dispatch.run_pool(spec, todo, "run", num_actors=min(n, len(todo)), describe=lambda t: t.name)
     for _, res in out.results:
         summary.done += res["status"] == "done"
@@ -165,9 +146,6 @@ def run(store: Store | str | None, model: str = DEFAULT_MODEL, catalog: "str | C
     for task, err in out.failed:
         summary.failed += 1
         summary.errors.append(f"{task.name}: {err}")
-    summary.finish()
-    log.info(summary.line())
-    return summary
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -199,17 +177,26 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_main)
 
 
-def _main(args) -> int:
+def plan_from_args(args) -> Plan:
+    """The flags as config overrides (masks.learned), resolved into a plan; the personas as named."""
     knobs = {f.name: getattr(args, f.name) for f in fields(LearnConfig) if f.name not in ("objective", "sparsity")}
-    try:
-        config = LearnConfig(**knobs)
-        data = DataConfig(examples=args.examples, max_new_tokens=args.answer_tokens,
-                          instructions=tuple(args.instructions or ()))
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    summary = run(args.store, args.model, args.catalog, args.personas, args.objectives or ["with-prompt"],
-                  args.sparsities or [0.25], config, data, export=args.export, actors=args.actors,
-                  address=args.address, device=args.device, retries=args.retries, calib_hash=args.calib_hash)
+    data = {"examples": args.examples, "max_new_tokens": args.answer_tokens,
+            "instructions": list(args.instructions or ())}
+    overrides = {**where_overrides(args), "masks.learned.enabled": True,
+                 "masks.learned.objectives": args.objectives or ["with-prompt"],
+                 "masks.learned.sparsities": args.sparsities or [0.25], "masks.learned.export": args.export,
+                 **{f"masks.learned.knobs.{k}": v for k, v in knobs.items()},
+                 **{f"masks.learned.data.{k}": v for k, v in data.items()}, "evaluate.enabled": False}
+    if args.actors:
+        overrides["masks.learned.actors"] = args.actors
+    selection = Selection(personas=tuple(args.personas) if args.personas else None, calib_hash=args.calib_hash)
+    return make_plan(load(None, overrides), selection, Placement(device=args.device, retries=args.retries))
+
+
+def _main(args) -> int:
+    plan = plan_from_args(args)
+    preflight(plan, need_ray=False)  # Ray is joined once there is work to do
+    summary = run(plan)
     print(summary.line())
     for err in summary.errors:
         print(f"  {err}")
@@ -217,6 +204,8 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     from persona_jobs.cli import main
 
-    raise SystemExit(main(["learn-masks", *__import__("sys").argv[1:]]))
+    raise SystemExit(main(["learn-masks", *sys.argv[1:]]))

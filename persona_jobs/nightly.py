@@ -26,11 +26,14 @@ import json
 import logging
 import sys
 
-from persona_jobs import pipeline
-from persona_jobs.cli import UserError
+from persona_core.errors import UserError
 from persona_core.run import runs
 from persona_core.run.config import NightlyConfig
+from persona_core.run.execution import print_outcome
+from persona_core.run.plan import Plan, make_plan
 from persona_core.store.lease import Lease, LeaseHeld, LeaseLost
+from persona_jobs.execute import execute
+from persona_jobs.flags import add_config_args, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def run(cfg: NightlyConfig, *, force: bool = False) -> int:
     """One nightly pass; returns the exit code."""
-    p = pipeline.plan(cfg)  # bad input fails here, before the lease or any work
+    p = make_plan(cfg)  # bad input fails here, before the lease or any work
     n = cfg.nightly
     lease = Lease(p.store, f"nightly-{n.name}", ttl_s=n.lease_ttl_s, renew_every_s=n.renew_every_s)
     try:
@@ -56,7 +59,7 @@ def run(cfg: NightlyConfig, *, force: bool = False) -> int:
         lease.release()
 
 
-def _run_locked(p: pipeline.Plan, cfg: NightlyConfig, lease: Lease, force: bool) -> int:
+def _run_locked(p: Plan, cfg: NightlyConfig, lease: Lease, force: bool) -> int:
     n = cfg.nightly
     last_id = runs.read_latest(p.store, n.name)
     last = runs.read_manifest(p.store, last_id) if last_id else None
@@ -66,8 +69,8 @@ def _run_locked(p: pipeline.Plan, cfg: NightlyConfig, lease: Lease, force: bool)
         return EXIT_OK
     print(f"nightly {n.name}: run {p.run_id}; changes since "
           f"{last.run_id if last else 'the first run'}: {json.dumps(changes, sort_keys=True)}")
-    out = pipeline.execute(p, kind="nightly", force=force, do_repair=n.repair, changes=changes, lease=lease)
-    pipeline.print_outcome(p, out)
+    out = execute(p, kind="nightly", force=force, do_repair=n.repair, changes=changes, lease=lease)
+    print_outcome(p, out)
     if out.ok:
         lease.check()
         runs.write_latest(p.store, n.name, out.run_id)
@@ -78,12 +81,12 @@ def _run_locked(p: pipeline.Plan, cfg: NightlyConfig, lease: Lease, force: bool)
 def add_parser(sub) -> None:
     p = sub.add_parser("nightly", help="regenerate what changed since the last successful run (under a lease)",
                        description=__doc__.split("\n\n")[0])
-    pipeline.add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    cfg = pipeline.config_from_args(args, nightly=True)
+    cfg = config_from_args(args, nightly=True)
     if args.repair:
         cfg.nightly.repair = True
     if not isinstance(cfg, NightlyConfig):  # pragma: no cover - config_from_args guarantees it

@@ -16,8 +16,9 @@ import torch
 from persona_core.store import layout
 from persona_core.errors import UserError
 from persona_jobs.common import add_store_arg
-from persona_core.calib.stats import (EPS, StatsError, list_parts, read_generated, read_persona_stats,
-                                stats_summary)
+from persona_core.calib.parts import StatsError
+from persona_core.calib.stats import EPS
+from persona_core.calib.stored import list_parts, read_generated, read_persona_stats, stats_summary
 from persona_core.store.store import open_store
 
 

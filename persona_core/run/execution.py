@@ -1,9 +1,10 @@
-"""Running a plan's stages in order: skip finished stages, repair, write the manifest last.
+"""What running a plan needs besides its stages: the run's record, verification and repair, the closing table.
 
-The stage functions themselves (which start Ray work) are handed in by the
-caller (`persona_jobs.pipeline`); everything here is plain Python: stage order,
-stage markers, artifact verification and repair, the run's manifest, and the
-closing summary printed to the terminal.
+The stage loop itself lives in the Ray layer (`persona_jobs.execute`), which owns
+the stages; it calls down into the plain-Python helpers here: reading a finished
+run's manifest, writing the manifest last, reading back every stats part and mask
+of a run (`verify_artifacts`) and deleting the corrupt ones (`repair`), and the
+summary printed to the terminal when a run ends (`print_outcome`).
 """
 
 from __future__ import annotations
@@ -12,59 +13,68 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
-from persona_core.store import layout
-from persona_core.run import runs
+from persona_core.calib.parts import StatsError, verify_part
 from persona_core.errors import UserError
-from persona_core.store.lease import Lease
+from persona_core.masks.codec import verify_mask
+from persona_core.report.results import load_results
+from persona_core.report.terminal import terminal_table
+from persona_core.run import runs
 from persona_core.run.plan import Plan
-from persona_core.run.runs import Summary
+from persona_core.store import layout
 from persona_core.store.store import Store, StoreError, StoreUnreachable
 
 log = logging.getLogger(__name__)
 
-STAGES = ("calibrate", "masks", "evaluate", "report")
-StageFunc = Callable[[Plan], Summary]
+
+@dataclass
+class Outcome:
+    """How a run ended: its manifest and every stage's summary."""
+
+    run_id: str
+    ok: bool
+    skipped: bool  # nothing to do: the run was already complete
+    manifest: runs.Manifest | None
+    summaries: list[dict] = field(default_factory=list)
 
 
-def stages_for(p: Plan) -> list[str]:
-    return [s for s in STAGES if p.config.evaluate.enabled or s not in ("evaluate", "report")]
+# ---------------------------------------------------------------------------- the run's record
 
 
-# ---------------------------------------------------------------------------- the report stage
+def finished_run(p: Plan, rebuild: bool) -> runs.Manifest | None:
+    """The run's manifest, if it has one; a corrupt one is a UserError unless `rebuild` (--repair, --force)."""
+    try:
+        return runs.read_manifest(p.store, p.run_id)
+    except StoreUnreachable:
+        raise
+    except StoreError as err:
+        if not rebuild:
+            raise UserError(f"{err}; rerun with --repair (or --force) to rebuild it") from None
+        print(f"repair: {err}; it will be rebuilt")
+        return None
+    except OSError as err:
+        raise UserError(f"store {p.config.store} cannot be read or written: {err}") from None
 
 
-def stage_report(p: Plan) -> Summary:
-    """The HTML report of the run's results, published in the store next to its manifest."""
-    from persona_core.report.results import load_results, write_report
-
-    summary = Summary("report")
-    table = load_results(p.store, p.run_id)
-    if table.num_rows == 0:
-        raise RuntimeError(f"no results under {p.store.uri(layout.results_prefix(p.run_id))}")
-    write_report(p.store, p.run_id, table, report_inputs(p))
-    summary.done = 1
-    return summary.finish()
+def failure_report(p: Plan, error: str) -> str:
+    """The error of a failed run, plus every corrupt artifact of the run (the likely cause)."""
+    for k in verify_artifacts(p):
+        error += f"\ncorrupt artifact: {p.store.uri(k)} (rerun with --repair to regenerate it)"
+    return error
 
 
-def report_inputs(p: Plan) -> dict:
-    """What the report names as the run's inputs."""
-    cfg = p.config
-    config = p.eval
-    windows = f"{config.ppl_windows} windows x {config.ppl_window} tokens"
-    return {"run": p.run_id, "catalog": cfg.catalog, "model": p.inputs.model_key,
-            "methods": ", ".join(cfg.masks.methods), "plain-pruning baselines": ", ".join(cfg.masks.baselines),
-            "sparsities": ", ".join(f"{s:g}" for s in cfg.masks.sparsities),
-            "conditions": ", ".join(config.conditions), "metrics": ", ".join(config.metrics),
-            "held-out statements per pole (cap)": config.max_statements,
-            "general text (reported)": f"{config.ppl_text or 'built-in held-out text'} ({windows})",
-            "validation text (choices)": f"{config.val_text or 'built-in general set'} "
-                                         f"({config.val_windows} windows x {config.val_window} tokens)",
-            "perplexity budget (steering)": f"{config.ppl_budget:g}x",
-            "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}, "
-                               f"{config.val_statements} validation statements per pole",
-            "few-shot examples": config.fewshot_k}
+def write_run_manifest(p: Plan, summaries: dict[str, dict], started: float, error: str | None, *,
+                       kind: str = "pipeline", changes: dict | None = None) -> runs.Manifest:
+    """The manifest of the run, written last: the run exists (succeeded or failed) once it is."""
+    rid = p.run_id
+    evaluated = p.config.evaluate.enabled
+    manifest = runs.Manifest(
+        run_id=rid, kind=kind, status=runs.FAILED if error else runs.SUCCEEDED, inputs=p.inputs.to_dict(),
+        stages=summaries, started=started, finished=time.time(), changes=changes, error=error,
+        store=p.store.uri(), results=p.store.uri(layout.results_prefix(rid)) if evaluated else None,
+        report=p.store.uri(layout.report(rid)) if evaluated and not error else None)
+    runs.write_manifest(p.store, manifest)
+    return manifest
 
 
 # ---------------------------------------------------------------------------- repair
@@ -82,9 +92,6 @@ def verify_artifacts(p: Plan) -> list[str]:
 
 def _readable(store: Store, key: str) -> bool:
     """Whether an artifact passes the same verification every read applies."""
-    from persona_core.masks.codec import verify_mask
-    from persona_core.calib.stats import StatsError, verify_part
-
     try:
         if key.endswith(".parquet"):
             verify_part(store, key)
@@ -119,84 +126,7 @@ def _manifest_ok(p: Plan) -> bool:
     return m is not None and m.ok
 
 
-# ---------------------------------------------------------------------------- execution
-
-
-@dataclass
-class Outcome:
-    run_id: str
-    ok: bool
-    skipped: bool  # nothing to do: the run was already complete
-    manifest: runs.Manifest | None
-    summaries: list[dict] = field(default_factory=list)
-
-
-def execute(p: Plan, stage_funcs: Mapping[str, StageFunc], *, preflight: Callable[[Plan], None] = lambda p: None,
-            kind: str = "pipeline", force: bool = False, do_repair: bool = False, changes: dict | None = None,
-            lease: Lease | None = None) -> Outcome:
-    """Run the plan's stages (skipping finished ones); write the manifest last."""
-    rid = p.run_id
-    try:
-        existing = runs.read_manifest(p.store, rid)
-    except StoreUnreachable:
-        raise
-    except StoreError as err:  # a corrupt manifest: --repair / --force rebuild it
-        if not (force or do_repair):
-            raise UserError(f"{err}; rerun with --repair (or --force) to rebuild it") from None
-        print(f"repair: {err}; it will be rebuilt")
-        existing = None
-    except OSError as err:
-        raise UserError(f"store {p.config.store} cannot be read or written: {err}") from None
-    if existing is not None and existing.ok and not force and not do_repair:
-        print(f"run {rid}: nothing changed since it completed; no model work done")
-        return Outcome(rid, True, True, existing, list(existing.stages.values()))
-
-    preflight(p)
-    if do_repair:
-        repair(p)
-    if force:
-        runs.clear_stages(p.store, rid)
-    started = time.time()
-    summaries: dict[str, dict] = {}
-    error = None
-    print(f"run {rid}: {len(p.inputs.personas)} personas, model {p.inputs.model_key}, store {p.store.uri()}")
-    for stage in stages_for(p):
-        marker = runs.stage_done(p.store, rid, stage)
-        if marker is not None:
-            print(f"[{stage}] already finished in an earlier attempt of this run: skipped")
-            summaries[stage] = marker
-            continue
-        print(f"[{stage}] ...", flush=True)
-        try:
-            summary = stage_funcs[stage](p)
-        except UserError:
-            raise
-        except Exception as err:
-            log.debug("stage %s raised", stage, exc_info=True)
-            error = f"{stage}: {type(err).__name__}: {err}"
-            summaries[stage] = {"stage": stage, "failed": 1, "errors": [str(err)[:500]]}
-            break
-        summaries[stage] = summary.to_dict()
-        print(f"[{stage}] {summary.line()}")
-        if not summary.ok:
-            error = f"{stage}: {summary.failed} unit(s) failed: " + "; ".join(summary.errors[:3])
-            break
-        runs.mark_stage(p.store, rid, stage, summary.to_dict())
-
-    if error:
-        bad = verify_artifacts(p)
-        for k in bad:
-            error += f"\ncorrupt artifact: {p.store.uri(k)} (rerun with --repair to regenerate it)"
-    if lease is not None:
-        lease.check()  # fencing: a run that lost its lease must not write run-level records
-    evaluated = p.config.evaluate.enabled
-    manifest = runs.Manifest(
-        run_id=rid, kind=kind, status=runs.FAILED if error else runs.SUCCEEDED, inputs=p.inputs.to_dict(),
-        stages=summaries, started=started, finished=time.time(), changes=changes, error=error,
-        store=p.store.uri(), results=p.store.uri(layout.results_prefix(rid)) if evaluated else None,
-        report=p.store.uri(layout.report(rid)) if evaluated and not error else None)
-    runs.write_manifest(p.store, manifest)
-    return Outcome(rid, not error, False, manifest, list(summaries.values()))
+# ---------------------------------------------------------------------------- the closing table
 
 
 def print_outcome(p: Plan, out: Outcome) -> None:
@@ -211,7 +141,7 @@ def print_outcome(p: Plan, out: Outcome) -> None:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if out.ok and p.config.evaluate.enabled:
-        table = _terminal_table(p)
+        table = summary_table(p)
         if table:
             print()
             print(table)
@@ -224,16 +154,13 @@ def print_outcome(p: Plan, out: Outcome) -> None:
             print(f"report: {m.report}")
 
 
-def _terminal_table(p: Plan) -> str | None:
+def summary_table(p: Plan) -> str | None:
     """The summary table the report stage published (computed afresh for runs from before it did)."""
     try:
         key = layout.summary_table(p.run_id)
         if p.store.exists(key):
             return p.store.read_bytes(key).decode().rstrip("\n")
-        from persona_core.report import terminal as report
-        from persona_core.report.results import load_results
-
-        return report.terminal_table(load_results(p.store, p.run_id))
+        return terminal_table(load_results(p.store, p.run_id))
     except Exception as err:  # the table is a nicety; the report is the record
         log.warning("no summary table: %s", err)
         return None

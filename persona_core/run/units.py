@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from persona_core.store import layout
-from persona_core.catalog.personas import GENERAL_ID, Catalog, CatalogError, Persona, general_persona, load_catalog
+from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, Persona, reference_persona, load_catalog
 from persona_core.errors import UserError
 from persona_core.store.hashing import content_hash
 from persona_core.store.store import Store
@@ -26,7 +26,7 @@ from persona_core.versions import MASKS_VERSION
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("magnitude", "wanda-general")
+PLAIN_PRUNING = ("magnitude", "wanda-general")  # methods shared by every persona: baselines that ride along
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -51,23 +51,24 @@ def calibration_personas(catalog: Catalog | str, personas: list[str] | None, inc
     try:
         cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
         ids = list(personas or [])
-        if GENERAL_ID in ids and GENERAL_ID not in cat:
-            ids.remove(GENERAL_ID)
+        if REFERENCE_PERSONA_ID in ids and REFERENCE_PERSONA_ID not in cat:
+            ids.remove(REFERENCE_PERSONA_ID)
             include_general = True
             if not ids:
-                return [general_persona()]
+                return [reference_persona()]
         chosen = list(cat.select(ids))
     except CatalogError as err:
         raise UserError(str(err)) from err
-    if include_general and all(p.id != GENERAL_ID for p in chosen):
-        chosen.append(general_persona())
+    if include_general and all(p.id != REFERENCE_PERSONA_ID for p in chosen):
+        chosen.append(reference_persona())
     return chosen
 
 
 def calibration_units(personas: list[Persona], model_key: str, calib, shard_size: int | None
                       ) -> list[CalibrationUnit]:
-    from persona_core.calib.recorder import shard_count
-    from persona_core.calib.stats import Shard, part_key
+    from persona_core.calib.texts import shard_count
+    from persona_core.calib.parts import part_key
+    from persona_core.calib.stats import Shard
 
     units = []
     for p in personas:
@@ -85,7 +86,7 @@ def stale_calibration_parts(store: Store, model_key: str, units: list[Calibratio
     Only for personas whose every unit is now stored (none in `failed`), so a failed run never
     loses statistics, and only files `stats.stale_parts` can prove this code wrote for that persona.
     """
-    from persona_core.calib.stats import stale_parts
+    from persona_core.calib.stored import stale_parts
 
     by_persona: dict[str, set[str]] = {}
     for u in units:
@@ -123,7 +124,7 @@ class MaskUnit:
 def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = None) -> dict[str, str]:
     """Persona id -> a hash of its stored stats parts of calibration config `calib_hash` (all parts
     when None); part names hash everything that produced them, persona and calibration included."""
-    from persona_core.calib.stats import list_parts, part_versions
+    from persona_core.calib.stored import list_parts, part_versions
 
     keys = (list(part_versions(store, model_key).items()) if calib_hash
             else [(k, None) for k in list_parts(store, model_key)])
@@ -138,7 +139,7 @@ def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = No
 
 def resolve_calib(store: Store, model_key: str, persona_ids: Sequence[str]) -> str:
     """The one calibration config whose statistics are stored for these personas (when none is named)."""
-    from persona_core.calib.stats import part_versions
+    from persona_core.calib.stored import part_versions
 
     wanted = set(persona_ids)
     found: dict[str, set[str]] = {}
@@ -159,16 +160,16 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
     """Every (method, sparsity, granularity, allocation); an N:M granularity fixes its own
     sparsity N/M and is built uniform only (a layer allocation does not apply to it).
     With a `budget` (budget.Budget), the sparsity of every non-N:M spec is searched instead of `sparsities`."""
-    from persona_core.masks.methods import MaskSpec
+    from persona_core.masks.spec import MaskSpec
 
-    from persona_core.masks.methods import get_method
+    from persona_core.masks.methods import METHODS
 
     specs: dict = {}
     params = params or {}
     granularities = list(granularities)
     for method in methods:
         grans = granularities
-        if get_method(method).reads:  # scores MLP channels: its masks are ffn-channels ones only
+        if METHODS[method].reads:  # scores MLP channels: its masks are ffn-channels ones only
             if "ffn-channels" not in granularities:
                 raise ValueError(f"method {method!r} builds ffn-channels masks only: add ffn-channels to the "
                                  f"granularities (got {', '.join(granularities)})")
@@ -194,18 +195,19 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
 def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], opposites: dict[str, str | None],
                fingerprints: dict[str, str], calib_hash: str | None = None) -> tuple[list[MaskUnit], list[str]]:
     """Units to run, and problems (missing statistics, personas without an opposite)."""
-    from persona_core.masks.methods import GENERAL, OPPOSITE, PERSONA, get_method, spec_key
+    from persona_core.masks.methods import GENERAL, METHODS, OPPOSITE, PERSONA
+    from persona_core.masks.spec import spec_key
 
     units: list[MaskUnit] = []
     problems: list[str] = []
     missing: set[str] = set()
     no_opposite: set[str] = set()
-    targets = [p for p in persona_ids if p != GENERAL_ID]
+    targets = [p for p in persona_ids if p != REFERENCE_PERSONA_ID]
     for spec in specs:
-        method = get_method(spec.method)
+        method = METHODS[spec.method]
         if not method.per_persona:
-            groups = [((GENERAL, GENERAL_ID),) if GENERAL in method.needs else ()]
-            outputs_of = lambda roles: [GENERAL_ID]  # noqa: E731
+            groups = [((GENERAL, REFERENCE_PERSONA_ID),) if GENERAL in method.needs else ()]
+            outputs_of = lambda roles: [REFERENCE_PERSONA_ID]  # noqa: E731
         elif OPPOSITE in method.needs:
             groups, seen = [], set()
             for pid in targets:
@@ -216,11 +218,11 @@ def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], oppo
                 if pid in seen:
                     continue
                 seen.update((pid, opp))
-                groups.append(((PERSONA, pid), (OPPOSITE, opp)) + (((GENERAL, GENERAL_ID),) if GENERAL in method.needs
+                groups.append(((PERSONA, pid), (OPPOSITE, opp)) + (((GENERAL, REFERENCE_PERSONA_ID),) if GENERAL in method.needs
                                                                    else ()))
             outputs_of = lambda roles: [roles[0][1], roles[1][1]]  # noqa: E731
         else:
-            groups = [tuple((r, pid if r == PERSONA else GENERAL_ID) for r in method.needs) for pid in targets]
+            groups = [tuple((r, pid if r == PERSONA else REFERENCE_PERSONA_ID) for r in method.needs) for pid in targets]
             outputs_of = lambda roles: [roles[0][1]]  # noqa: E731
         for roles in groups:
             absent = [pid for _, pid in roles if pid not in fingerprints]
@@ -233,7 +235,7 @@ def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], oppo
             units.append(MaskUnit(spec, tuple(roles), outputs, identity, prints, calib_hash))
     if missing:
         names = sorted(missing)
-        hint = " (calibrate with --general for the general reference set)" if GENERAL_ID in missing else ""
+        hint = " (calibrate with --general for the general reference set)" if REFERENCE_PERSONA_ID in missing else ""
         problems.append(f"no statistics stored for model {model_key} and persona(s) {', '.join(names[:10])}"
                         f"{' ...' if len(names) > 10 else ''}: run `persona-jobs calibrate` first{hint}")
     if no_opposite:
@@ -321,13 +323,13 @@ def evaluation_tasks(store: Store, catalog: Catalog, model_key: str, run_id: str
                                         any(abs(r.sparsity - s) < 1e-9 for s in sparsities or ()))]
     if methods is not None:  # baselines ride along at the sparsities (or budgets) of the chosen masks
         levels = {r.level for r in chosen}
-        chosen += [r for r in refs if r.base in BASELINES and r.level in levels and r not in chosen]
+        chosen += [r for r in refs if r.base in PLAIN_PRUNING and r.level in levels and r not in chosen]
     tasks = []
     for p in selected:
         opposite = catalog.personas.get(p.opposite) if p.opposite else None
         task = EvaluationTask(p, opposite)
         for r in sorted(chosen, key=lambda r: (r.method, r.budget, r.sparsity)):
-            if r.owner == p.id or (r.owner == GENERAL_ID and not any(
+            if r.owner == p.id or (r.owner == REFERENCE_PERSONA_ID and not any(
                     o.owner == p.id and o.method == r.method and o.level == r.level for o in chosen)):
                 task.units.append(EvaluationUnit(p.id, r, result_part_key(run_id, p, opposite, r, model_key, config)))
         if not task.units and any(c.startswith("dense") for c in config.conditions):
@@ -360,11 +362,11 @@ def of_calibration(refs: list[layout.MaskRef], calib_hash: str | None) -> list[l
     A mask key without a config is one written before keys named it: with a config asked
     for, it is never used in its place (its statistics may be another config's).
     """
-    from persona_core.masks.methods import get_method
+    from persona_core.masks.methods import METHODS
 
     def reads_stats(r: layout.MaskRef) -> bool:
         try:
-            return bool(get_method(r.base).needs)
+            return bool(METHODS[r.base].needs)
         except ValueError:
             return True
 

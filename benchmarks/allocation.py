@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.calib.recorder import CalibConfig, calibrate_persona  # noqa: E402
-from persona_core.catalog.personas import general_persona, heldout_text, load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import calibrate_persona  # noqa: E402
+from persona_core.catalog import reference_persona, heldout_text, load_catalog  # noqa: E402
 from persona_core.eval.engine import MaskedModel  # noqa: E402
 from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, owl_sparsities  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -41,7 +42,7 @@ def main() -> None:
     loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     catalog = load_catalog("builtin")
     stats = {}
-    for persona in (general_persona(), catalog["introvert"], catalog["extrovert"]):
+    for persona in (reference_persona(), catalog["introvert"], catalog["extrovert"]):
         capped = replace(persona, calibration=persona.calibration[:args.statements])
         stats[persona.id] = calibrate_persona(loaded, capped, CalibConfig(batch_size=8))[0]
     ids = loaded.tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :args.tokens]

@@ -23,8 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persona_core.calib.recorder import CalibConfig, StatsRecorder, _body, batches, render_reply  # noqa: E402
-from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import StatsRecorder  # noqa: E402
+from persona_core.models.layers import decoder_body  # noqa: E402
+from persona_core.calib.texts import batches, render_reply  # noqa: E402
+from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
@@ -47,7 +50,7 @@ def main() -> None:
     texts = [render_reply(loaded.tokenizer, s, config) for s in statements]
     data = list(batches(loaded, texts, config))
     tokens = sum(int(m.sum()) for _, m in data)
-    body = _body(loaded.model)
+    body = decoder_body(loaded.model)
 
     def sync():
         if loaded.device.type == "cuda":

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
 from persona_core.eval.fewshot import FewShot  # noqa: E402
 from persona_core.eval.metrics import STATEMENT_QUESTION  # noqa: E402

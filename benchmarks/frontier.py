@@ -35,11 +35,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.masks.budget import Budget, Setting  # noqa: E402
 from persona_core.masks.budget_search import PairSearch  # noqa: E402
-from persona_core.calib.recorder import CalibConfig, calibrate_persona  # noqa: E402
-from persona_core.catalog.personas import general_persona, load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import calibrate_persona  # noqa: E402
+from persona_core.catalog import reference_persona, load_catalog  # noqa: E402
 from persona_core.masks.methods import LinearWeights, MaskSpec, get_method  # noqa: E402
 from persona_core.models import DEFAULT_MODEL  # noqa: E402
-from persona_core.calib.stats import read_persona_stats, stats_exist, write_stats  # noqa: E402
+from persona_core.calib.parts import write_stats  # noqa: E402
+from persona_core.calib.stored import read_persona_stats, stats_exist  # noqa: E402
 
 log = logging.getLogger("bench.frontier")
 
@@ -63,13 +65,13 @@ def setup(model: str, catalog, pairs, store, attribution: bool = False):
     lw = LinearWeights.from_model(ev.loaded)
     weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})  # never the live ones
     config = CalibConfig(attribution=attribution)
-    people = [general_persona()] + [catalog[x] for pair in pairs for x in pair]
+    people = [reference_persona()] + [catalog[x] for pair in pairs for x in pair]
     return ev, weights, stats_for(ev, people, store, config), config
 
 
 def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig,
              allocation: str = "uniform") -> PairSearch:
-    people = {"persona": a, "opposite": b, "general": general_persona()}
+    people = {"persona": a, "opposite": b, "general": reference_persona()}
     m = get_method(method)
     roles = [(r, people[r]) for r in m.needs]
     granularity = "ffn-channels" if m.reads else "unstructured"  # channel-scoring methods build channel masks

@@ -36,8 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import calibrate  # noqa: E402
+from persona_core.calib.texts import render_samples  # noqa: E402
+from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.learn.learner import (DataConfig, LearnConfig, MaskLearner, _pad, general_text,  # noqa: E402
                                 general_windows, generate_training_data, initial_scores, prepare_examples,
                                 prepare_general)

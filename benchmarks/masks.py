@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.catalog.personas import SplitConfig, load_catalog  # noqa: E402
+from persona_core.catalog import SplitConfig, load_catalog  # noqa: E402
 from persona_core.masks.codec import encode_mask, read_mask  # noqa: E402
 from persona_core.masks.methods import LinearWeights, MaskSpec, iter_masks, n_pruned, spec_key  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -51,8 +51,9 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "
 
 
 def calibrate_all(loaded, catalog, store) -> float:
-    from persona_core.calib.recorder import CalibConfig, calibrate_persona
-    from persona_core.calib.stats import write_stats
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate_persona
+    from persona_core.calib.parts import write_stats
 
     config = CalibConfig(batch_size=8)
     t0 = time.time()
@@ -70,12 +71,14 @@ def synthetic_all(loaded, catalog, store, seed: int = 0) -> float:
     Each persona's channel j is scaled by exp(0.15 * N(0, 1)) (seeded by its position):
     realistic magnitudes and outlier channels, persona-specific differences. Seconds, not minutes.
     """
-    from persona_core.calib.recorder import CalibConfig, calibrate
-    from persona_core.catalog.personas import general_persona
-    from persona_core.calib.stats import GroupStats, PersonaStats, write_stats
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate
+    from persona_core.catalog import reference_persona
+    from persona_core.calib.parts import write_stats
+    from persona_core.calib.stats import GroupStats, PersonaStats
 
     t0 = time.time()
-    base = calibrate(loaded, list(general_persona().calibration[:16]), CalibConfig(batch_size=8))
+    base = calibrate(loaded, list(reference_persona().calibration[:16]), CalibConfig(batch_size=8))
     for i, persona in enumerate(catalog):
         g = torch.Generator().manual_seed(seed + i)
         groups = {}
@@ -94,7 +97,8 @@ def real_pairs(catalog, n_pairs: int, statements: int) -> dict:
     For each pair: both sides' `wanda` masks (seed 1's per-persona masks) and the
     `contrastive-wanda` pair at 50%; the opposite's mask delta-coded against the persona's.
     """
-    from persona_core.calib.recorder import CalibConfig, calibrate_persona
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate_persona
     from persona_core.masks.methods import build_pair_masks
 
     loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
@@ -202,7 +206,7 @@ def main() -> None:
     weights = LinearWeights.from_model(loaded)
     calib_s = (calibrate_all if args.stats == "calibrated" else synthetic_all)(loaded, catalog, store)
 
-    from persona_core.calib.stats import read_persona_stats
+    from persona_core.calib.stored import read_persona_stats
 
     first = next(iter(catalog))
     ratio, t_ours = speedup(weights, read_persona_stats(store, loaded.key, first.id))

@@ -43,8 +43,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog.personas import general_persona, load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import calibrate  # noqa: E402
+from persona_core.calib.texts import render_samples  # noqa: E402
+from persona_core.catalog import reference_persona, load_catalog  # noqa: E402
 from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
 from persona_core.learn.learner import DataConfig, LearnConfig, generate_training_data, learn_persona  # noqa: E402
 from persona_core.masks.methods import MaskSpec, build_masks  # noqa: E402
@@ -279,7 +281,7 @@ def main() -> None:
     if not args.summary_only:
         loaded = load_model(cfg.get("model", "smollm2-135m"), device="cpu")
         ev = Evaluator(loaded, device="cpu")
-        general = general_persona()
+        general = reference_persona()
         calib = CalibConfig()
         t0 = time.perf_counter()
         gstats = {k: v.to("cpu") for k, v in calibrate(loaded, [t for t in general.calibration], calib).items()}

@@ -32,8 +32,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from study_pruner import ROOT, _path, bootstrap_ratio, start  # noqa: E402
 
-from persona_core.calib.recorder import CalibConfig, calibrate, render_samples  # noqa: E402
-from persona_core.catalog.personas import load_catalog  # noqa: E402
+from persona_core.calib.config import CalibConfig  # noqa: E402
+from persona_core.calib.recorder import calibrate  # noqa: E402
+from persona_core.calib.texts import render_samples  # noqa: E402
+from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
 from persona_core.learn.learner import (WIKITEXT, DataConfig, LearnConfig, generate_training_data, learn_persona,  # noqa: E402
                                 training_instructions)

@@ -4,5 +4,3 @@ A plain library (torch, transformers, pyarrow, fsspec); it never imports Ray.
 """
 
 __version__ = "0.1.0"
-
-from persona_core.catalog import pruner_eval  # noqa: E402,F401  (registers its catalog folder format with persona_core.catalog.personas)

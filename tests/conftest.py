@@ -100,7 +100,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def builtin_catalog():
-    from persona_core.catalog.personas import load_catalog
+    from persona_core.catalog import load_catalog
 
     return load_catalog("builtin")
 

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from persona_core.calib.recorder import ATTRIBUTION, CalibConfig, attribution, calibrate
+from persona_core.calib.attribution import ATTRIBUTION, attribution
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate
 from persona_core.store.hashing import content_hash
 from persona_core.versions import CALIB_VERSION
 from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
@@ -22,7 +24,7 @@ CFG = CalibConfig(chat_template=False, attribution=True, batch_size=4)
 def log_likelihood(tiny, texts, config, scale: dict[int, tuple[int, float]] | None = None) -> float:
     """sum log p of every real token after the first, each text run alone (no padding), optionally
     with MLP channel c of layer l scaled by f (scale: {layer: (c, f)})."""
-    from persona_core.calib.recorder import batches
+    from persona_core.calib.texts import batches
 
     handles = []
     for g in linear_groups(tiny.model):
@@ -179,8 +181,9 @@ def test_refuses_weight_granularities_and_missing_statistics(lw):
 
 def test_attribution_statistics_round_trip_through_the_store(tiny, tmp_path):
     from persona_core.calib.recorder import calibrate_persona
-    from persona_core.catalog.personas import load_catalog
-    from persona_core.calib.stats import read_persona_stats, write_stats
+    from persona_core.catalog import load_catalog
+    from persona_core.calib.parts import write_stats
+    from persona_core.calib.stored import read_persona_stats
     from persona_core.store.store import open_store
 
     store = open_store(str(tmp_path))

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from persona_core.calib.recorder import CalibConfig, calibrate
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate
 from persona_core.catalog.personas import Persona
 from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit
 from persona_core.eval.fewshot import FewShot

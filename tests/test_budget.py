@@ -149,8 +149,9 @@ def test_budget_knob_checks_and_hashes():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from persona_core.calib.recorder import CalibConfig, calibrate_persona
-    from persona_core.catalog.personas import general_persona, load_catalog
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate_persona
+    from persona_core.catalog import reference_persona, load_catalog
     from persona_core.eval.engine import Evaluator
     from persona_core.masks.methods import LinearWeights
     from persona_core.models import load_model
@@ -162,7 +163,7 @@ def tiny_setup(tmp_path_factory):
     cat = load_catalog("builtin")
     a, b = cat["introvert"], cat["extrovert"]
     cc = CalibConfig(max_length=64)
-    stats = {p.id: calibrate_persona(loaded, p, cc)[0] for p in (a, b, general_persona())}
+    stats = {p.id: calibrate_persona(loaded, p, cc)[0] for p in (a, b, reference_persona())}
     folder = tmp_path_factory.mktemp("wikitext")
     words = " ".join(f"the {w} of a river is long and the sea" for w in range(400))
     (folder / "valid.txt").write_text(words)
@@ -172,13 +173,13 @@ def tiny_setup(tmp_path_factory):
 
 def run_search(tiny_setup, monkeypatch, a=None, b=None, method="contrastive-penalty", **budget):
     from persona_core.masks.budget_search import PairSearch
-    from persona_core.catalog.personas import general_persona
+    from persona_core.catalog import reference_persona
     from persona_core.masks.methods import MaskSpec, get_method
 
     ev, lw, a0, b0, stats, cc, folder = tiny_setup
     a, b = a or a0, b or b0
     monkeypatch.setenv("PERSONA_WIKITEXT2", str(folder))
-    people = {"persona": a, "opposite": b, "general": general_persona()}
+    people = {"persona": a, "opposite": b, "general": reference_persona()}
     roles = [(r, people[r]) for r in get_method(method).needs]
     b_ = Budget(**{"steps": 8, "ppl_windows": 2, "ppl_window": 32, "max_sparsity": 0.6, **budget})
     return PairSearch(ev, lw, MaskSpec(method, 0.1), b_, roles, [stats[p.id] for _, p in roles],
@@ -253,17 +254,18 @@ def test_budgeted_channel_attribution_search_on_the_tiny_model(tiny_setup, monke
     from dataclasses import replace
 
     from persona_core.masks.budget_search import PairSearch
-    from persona_core.calib.recorder import ATTRIBUTION, calibrate_persona
-    from persona_core.catalog.personas import general_persona
+    from persona_core.calib.attribution import ATTRIBUTION
+    from persona_core.calib.recorder import calibrate_persona
+    from persona_core.catalog import reference_persona
     from persona_core.masks.methods import MaskSpec, n_pruned
 
     ev, lw, a, b, _, cc, folder = tiny_setup
     cc = replace(cc, attribution=True)
-    stats = [calibrate_persona(ev.loaded, p, cc)[0] for p in (a, b, general_persona())]
+    stats = [calibrate_persona(ev.loaded, p, cc)[0] for p in (a, b, reference_persona())]
     assert all((0, ATTRIBUTION) in s.groups for s in stats)
     monkeypatch.setenv("PERSONA_WIKITEXT2", str(folder))
     budget = Budget(steps=8, ppl_windows=2, ppl_window=32, max_sparsity=0.6, perplexity_ratio=1.05)
-    roles = [("persona", a), ("opposite", b), ("general", general_persona())]
+    roles = [("persona", a), ("opposite", b), ("general", reference_persona())]
     search = PairSearch(ev, lw, MaskSpec("contrastive-attribution", 0.1, "ffn-channels"), budget, roles, stats,
                         calib_config=cc)
     held = search.fit_stats[0].groups[(0, ATTRIBUTION)]

@@ -9,10 +9,12 @@ from persona_jobs import build_masks as job
 from persona_jobs.cli import UserError, build_parser
 from persona_core.store.layout import parse_mask
 from persona_core.run.units import list_masks, mask_specs
-from persona_core.catalog.personas import GENERAL_ID, general_persona
+from persona_core.catalog import REFERENCE_PERSONA_ID, reference_persona
 from persona_core.masks.codec import read_mask
 from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, spec_key
-from persona_core.calib.stats import PersonaStats, Shard, list_parts, read_persona_stats, write_stats
+from persona_core.calib.parts import write_stats
+from persona_core.calib.stats import PersonaStats, Shard
+from persona_core.calib.stored import list_parts, read_persona_stats
 from persona_core.store.store import open_store
 from tests.test_masks import random_stats
 
@@ -29,7 +31,7 @@ def store(tmp_path, tiny, builtin_catalog):
     store = open_store(str(tmp_path / "store"))
     for seed, pid in enumerate(PAIR):
         put_stats(store, tiny, builtin_catalog[pid], seed)
-    put_stats(store, tiny, general_persona(), 99)
+    put_stats(store, tiny, reference_persona(), 99)
     return store
 
 
@@ -50,7 +52,7 @@ def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, sto
     assert len(files) == 14
 
     # what the tasks wrote equals what the library builds in-process
-    stats = {pid: read_persona_stats(store, tiny.key, pid) for pid in (*PAIR, GENERAL_ID)}
+    stats = {pid: read_persona_stats(store, tiny.key, pid) for pid in (*PAIR, REFERENCE_PERSONA_ID)}
     spec = MaskSpec("contrastive-wanda", 0.5)
     plus, minus = build_pair_masks(tiny, stats["introvert"], stats["extrovert"], spec=spec)
     for pid, expected in (("introvert", plus), ("extrovert", minus)):
@@ -131,11 +133,12 @@ def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog
 def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin_catalog):
     """A budget searches each pair's setting on a loaded model; the key names the budget, the metadata the choice."""
     from persona_core.masks.budget import Budget
-    from persona_core.calib.recorder import CalibConfig, calibrate_persona
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate_persona
 
     store = open_store(str(tmp_path / "store"))
     cc = CalibConfig(max_length=64)
-    for p in (builtin_catalog["introvert"], builtin_catalog["extrovert"], general_persona()):
+    for p in (builtin_catalog["introvert"], builtin_catalog["extrovert"], reference_persona()):
         write_stats(store, calibrate_persona(tiny, p, cc)[0], calib_config=cc.to_dict())
     text = tmp_path / "valid.txt"
     text.write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(300)))

@@ -14,7 +14,7 @@ from conftest import tiny_pipeline_config
 from persona_jobs import calibrate, evaluate, pipeline
 from persona_core.run import units
 from persona_core.masks.methods import mask_key
-from persona_core.calib.stats import list_parts, part_versions
+from persona_core.calib.stored import list_parts, part_versions
 from persona_core.store.store import open_store
 
 FIELDS = ("persona", "method", "sparsity", "condition", "metric")

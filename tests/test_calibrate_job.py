@@ -14,10 +14,12 @@ from persona_core.run.units import calibration_personas as resolve
 from persona_core.run.units import calibration_units as plan
 from persona_jobs.calibrate import FAIL_ONCE_ENV, run
 from persona_jobs.cli import main as cli_main
-from persona_core.calib.recorder import CalibConfig, calibrate_persona
-from persona_core.catalog.personas import GENERAL_ID, general_persona
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate_persona
+from persona_core.catalog import REFERENCE_PERSONA_ID, reference_persona
 from persona_core.models import model_key
-from persona_core.calib.stats import list_parts, read_generated, read_persona_stats, write_stats
+from persona_core.calib.parts import write_stats
+from persona_core.calib.stored import list_parts, read_generated, read_persona_stats
 from persona_core.store.store import open_store
 
 PERSONAS = ["introvert", "extrovert", "optimist", "pessimist"]
@@ -42,9 +44,9 @@ def test_bad_input_fails_before_work(tmp_path, builtin_catalog):
 
 
 def test_resolve_general(builtin_catalog):
-    assert [p.id for p in resolve(builtin_catalog, ["introvert"], True)] == ["introvert", GENERAL_ID]
-    assert [p.id for p in resolve(builtin_catalog, [GENERAL_ID], False)] == [GENERAL_ID]
-    assert len(general_persona().calibration) > 0
+    assert [p.id for p in resolve(builtin_catalog, ["introvert"], True)] == ["introvert", REFERENCE_PERSONA_ID]
+    assert [p.id for p in resolve(builtin_catalog, [REFERENCE_PERSONA_ID], False)] == [REFERENCE_PERSONA_ID]
+    assert len(reference_persona().calibration) > 0
 
 
 def test_job_on_local_cluster(ray_cluster, tiny, builtin_catalog, tmp_path, monkeypatch):

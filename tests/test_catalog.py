@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from persona_core.catalog.personas import (
-    Catalog, CatalogError, SplitConfig, general_persona, generic_questions, load_catalog,
+    Catalog, CatalogError, SplitConfig, reference_persona, generic_questions, load_catalog,
 )
 
 
@@ -44,7 +44,7 @@ def test_builtin_catalog_is_complete(builtin_catalog):
         assert len(p.calibration) + len(p.evaluation) >= 40
         assert len(p.evaluation) >= 10
         assert not set(p.calibration) & set(p.evaluation)
-    assert len(general_persona().calibration) >= 40
+    assert len(reference_persona().calibration) >= 40
     assert len(generic_questions()) >= 40
     cal, held = generic_questions("calibration"), generic_questions("evaluation")
     assert cal + held == generic_questions() and not set(cal) & set(held) and len(held) >= 20

@@ -106,7 +106,7 @@ def test_describe_lists_resources_and_options_once():
 
 
 def _catalog_problems(tmp_path, name: str, text: str) -> list[str]:
-    from persona_core.catalog.personas import CatalogError, load_catalog
+    from persona_core.catalog import CatalogError, load_catalog
 
     path = tmp_path / name
     path.write_text(text)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from persona_core.catalog.personas import load_catalog
+from persona_core.catalog import load_catalog
 from persona_core.eval.engine import (CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, Evaluator, MaskedModel,
                                    evaluate_unit, mask_content_hash)
 from persona_core.models import load_model

@@ -15,8 +15,8 @@ import torch
 
 from persona_core.run import runs
 from persona_core.masks.codec import read_mask
-from persona_core.catalog.personas import general_persona
-from persona_core.calib.stats import list_parts
+from persona_core.catalog import reference_persona
+from persona_core.calib.stored import list_parts
 from persona_core.run.units import calibration_units
 from persona_core.store.store import open_store
 
@@ -79,7 +79,7 @@ def test_calibration_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     assert killed.is_set(), "the actor was never killed mid-run"
     assert out.ok, out.manifest.error
 
-    planned = calibration_units(list(p.catalog) + [general_persona()], p.inputs.model_key, p.calib,
+    planned = calibration_units(list(p.catalog) + [reference_persona()], p.inputs.model_key, p.calib,
                                 cfg.calibrate.shard_size)
     parts = list_parts(p.store, p.inputs.model_key)
     assert sorted(parts) == sorted(u.key for u in planned)  # complete, and not one part twice

@@ -10,10 +10,12 @@ import json
 import pytest
 import torch
 
-from persona_core.catalog.personas import (CatalogError, Persona, check_id, id_problem, load_catalog,
-                                  persona_id_problem)
+from persona_core.catalog import CatalogError, Persona, load_catalog, persona_id_problem
+from persona_core.store.ids import check_id, id_problem
 from persona_core.run.config import ConfigError, NightlyConfig, parse_config
-from persona_core.calib.stats import GroupStats, PersonaStats, list_parts, part_key, persona_prefix, stale_parts, write_stats
+from persona_core.calib.parts import part_key, write_stats
+from persona_core.calib.stats import GroupStats, PersonaStats
+from persona_core.calib.stored import list_parts, persona_prefix, stale_parts
 from persona_core.store.store import open_store
 
 HOSTILE = ["../../../../../../tmp/x/victim", "a/b", "..", "a..b", ".hidden", "-flag", "_x", "x" * 129, "with space",
@@ -175,7 +177,7 @@ def test_stale_parts_are_only_parts_this_code_wrote(tmp_path):
 
 def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_path):
     """End to end: the files planted in a persona's partition survive the job's stale-part cleanup."""
-    from persona_core.calib.recorder import CalibConfig
+    from persona_core.calib.config import CalibConfig
     from persona_core.models import model_key
     from persona_jobs.calibrate import run
 

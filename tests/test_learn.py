@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from persona_core.catalog.personas import Persona, generic_questions
+from persona_core.catalog import Persona, generic_questions
 from persona_core.learn.learner import (ChannelGate, DataConfig, Example, LearnConfig, LearnerState, MaskLearner,
                                 _teacher, channels_kept, hard_topk, initial_scores, learn_persona,
                                 prepare_examples, straight_through, training_instructions)

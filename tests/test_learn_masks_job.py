@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.calib.recorder import CalibConfig, calibrate_persona
-from persona_core.catalog.personas import load_catalog
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate_persona
+from persona_core.catalog import load_catalog
 from persona_core.learn.learner import DataConfig, LearnConfig, LearnerState
 from persona_core.learn.task import LearnTask, checkpoint_key, is_current, run_task
 from persona_core.masks.codec import read_mask
-from persona_core.calib.stats import write_stats
+from persona_core.calib.parts import write_stats
 from persona_core.store.store import open_store
 from persona_core.run.units import list_masks, of_calibration, stats_fingerprints
 

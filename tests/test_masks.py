@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persona_core.masks import methods as M
-from persona_core.catalog.personas import GENERAL_ID
+from persona_core.catalog import REFERENCE_PERSONA_ID
 from persona_core.masks.methods import GRANULARITIES, REGISTRY, LinearWeights, MaskSpec, build_masks, build_pair_masks
 from persona_core.calib.stats import GroupStats
 
@@ -205,7 +205,7 @@ def test_wrong_number_of_stats(lw, stats):
 def test_mask_key_layout():
     assert M.mask_key("m-1", "wanda", 0.5, "introvert") == "masks/model=m-1/method=wanda/sparsity=0.5/introvert.safetensors"
     assert M.mask_key("m-1", "wanda-general", 0.3, "introvert").endswith("sparsity=0.3/general.safetensors")
-    assert M.mask_key("m-1", "magnitude", 0.3, "x").endswith(f"/{GENERAL_ID}.safetensors")
+    assert M.mask_key("m-1", "magnitude", 0.3, "x").endswith(f"/{REFERENCE_PERSONA_ID}.safetensors")
     assert "/method=wanda@2of4/" in M.mask_key("m-1", "wanda", 0.5, "p", "2:4")
     assert "/method=wanda@ffn-channels/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels")
     relu = M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"})

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from persona_jobs.cli import main as cli_main
-from persona_core.calib.stats import (GroupStats, PersonaStats, Shard, StatsError, list_parts, open_stats, part_key,
-                                part_metadata, read_generated, read_persona_stats, stats_exist, stats_summary,
-                                write_stats)
+from persona_core.calib.parts import StatsError, part_key, part_metadata, write_stats
+from persona_core.calib.stats import GroupStats, PersonaStats, Shard
+from persona_core.calib.stored import list_parts, open_stats, read_generated, read_persona_stats, stats_exist, stats_summary
 from persona_core.store.store import open_store
 
 MODEL = "toy-model-0123abcd"
@@ -237,7 +237,7 @@ def test_part_without_digests_is_unverifiable(tmp_path):
 
 
 def test_column_digest_ignores_chunking_and_dictionary_width():
-    from persona_core.calib.stats import column_digest
+    from persona_core.calib.parts import column_digest
 
     a = pa.array(["x", "y", "x", "z"])
     d8 = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0, 2], pa.int8()), ["x", "y", "z"])

@@ -6,10 +6,13 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from persona_core.calib.recorder import RESIDUAL, CalibConfig, calibrate, calibrate_persona
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import RESIDUAL, calibrate, calibrate_persona
 from persona_core.catalog.personas import Persona
 from persona_core.models import decoder_layers
-from persona_core.calib.stats import PersonaStats, open_stats, read_persona_stats, write_stats
+from persona_core.calib.parts import write_stats
+from persona_core.calib.stats import PersonaStats
+from persona_core.calib.stored import open_stats, read_persona_stats
 from persona_core.eval.steering import (MissingResidualStats, SteerSettings, choose, residual_means, steer,
                                    steering_vectors)
 from persona_core.store.store import open_store

@@ -79,7 +79,7 @@ def test_rerun_of_the_old_store_finds_its_work_done(old_store, monkeypatch, caps
 def test_every_planned_key_and_identity_is_the_old_one(old_store):
     """Each stage's units, planned by today's code, name the stored artifacts: the same stats part keys,
     the same mask identities (keys now carry calib=), the same result part names."""
-    from persona_core.catalog.personas import general_persona
+    from persona_core.catalog import reference_persona
     from persona_core.run.units import calibration_units, evaluation_tasks, mask_units, stats_fingerprints
     from persona_jobs import pipeline
 
@@ -87,7 +87,7 @@ def test_every_planned_key_and_identity_is_the_old_one(old_store):
     store = p.store
     stored = set(_keys(old_store))
 
-    calib = calibration_units([*p.catalog, general_persona()], p.model_key, p.calib, p.config.calibrate.shard_size)
+    calib = calibration_units([*p.catalog, reference_persona()], p.model_key, p.calib, p.config.calibrate.shard_size)
     assert {u.key for u in calib} == {k for k in stored if k.startswith("stats/")}
 
     # Masks: the same identities (what they derive from); their keys now name the calibration config

@@ -13,7 +13,8 @@ from conftest import tiny_pipeline_config
 
 from persona_core.run import runs
 from persona_core.masks.codec import MaskFile, verify_mask
-from persona_core.calib.stats import StatsError, list_parts, verify_part
+from persona_core.calib.parts import StatsError, verify_part
+from persona_core.calib.stored import list_parts
 from persona_jobs import evaluate, pipeline
 from persona_jobs.cli import UserError
 

@@ -1,4 +1,5 @@
-"""Persona-Pruner's role-play evaluation sets as a catalog of description-only personas.
+"""Persona-Pruner's role-play evaluation sets as a catalog of description-only personas (format
+``persona-pruner-eval``).
 
 The format (one JSON object per file, ``<set>_<kind>_user_<i>.json``): ``persona_description``,
 ``system_prompt`` (the description as a system prompt), ``questions`` (evaluation questions)
@@ -22,7 +23,8 @@ import logging
 import re
 from pathlib import Path
 
-from persona_core.catalog.personas import Catalog, CatalogError, Persona, register_folder_format, validate
+from persona_core.catalog.formats import CatalogSource, catalog_format
+from persona_core.catalog.personas import Catalog, CatalogError, Persona, SplitConfig, checked
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,16 @@ _NAME = re.compile(r"^(?P<set>[a-z][a-z0-9_]*?)_(?P<kind>specific|general)_user_
 _FIELDS = ("persona_description", "system_prompt", "questions", "eval_prompt")
 
 
-def is_pruner_eval(files: list[str]) -> bool:
+def is_pruner_eval(source: CatalogSource) -> bool:
     """Whether a folder's files are this format (every .json file is named like it)."""
-    names = [Path(f).name for f in files if f.endswith(".json")]
+    names = [Path(f).name for f in source.listing or () if f.endswith(".json")]
     return bool(names) and all(_NAME.match(n) for n in names)
 
 
-def load_pruner_eval(fs, files: list[str], shown: str) -> Catalog:
+@catalog_format(FORMAT, detect=is_pruner_eval)
+def load_pruner_eval(source: CatalogSource, split: SplitConfig) -> Catalog:
+    """One persona per (set, index); `split` is unused (these personas have no statements to split)."""
+    fs, files, shown = source.fs, source.listing, source.shown
     problems: list[str] = []
     groups: dict[str, list[tuple[str, str, dict]]] = {}
     for fpath in sorted(files):
@@ -100,11 +105,4 @@ def load_pruner_eval(fs, files: list[str], shown: str) -> Catalog:
     if not personas:
         raise CatalogError([f"{shown}: no persona-pruner-eval files found"])
     ordered = dict(sorted(personas.items(), key=lambda kv: (kv[0].rsplit("-", 1)[0], int(kv[0].rsplit("-", 1)[1]))))
-    catalog = Catalog(Path(shown.rstrip("/")).name, ordered, shown)
-    problems = validate(catalog)
-    if problems:
-        raise CatalogError(problems)
-    return catalog
-
-
-register_folder_format(is_pruner_eval, load_pruner_eval)
+    return checked(Catalog(Path(shown.rstrip("/")).name, ordered, shown))

@@ -580,12 +580,12 @@ class Evaluator:
         The choice reads only calibration statistics, validation statements (carved from
         the calibration statements) and the validation general text (`config.val_text`).
         """
-        from persona_core.catalog.personas import GENERAL_ID
+        from persona_core.catalog import REFERENCE_PERSONA_ID
         from persona_core.eval.steering import MissingResidualStats, choose, layers_of, steer, steering_vectors
         from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_windows, validation_separation,
                                  validation_statements, window_perplexity)
 
-        ref_id = opposite.id if opposite is not None else GENERAL_ID
+        ref_id = opposite.id if opposite is not None else REFERENCE_PERSONA_ID
         missing = [pid for pid in (persona.id, ref_id) if not stats or pid not in stats]
         if missing:
             raise MissingResidualStats(
@@ -595,9 +595,9 @@ class Evaluator:
             a, b = sorted([persona, opposite], key=lambda p: p.id)
         else:
             a, b = persona, None
-        ident = (a.id, b.id if b else GENERAL_ID, _stats_ident(stats), config.hash)
+        ident = (a.id, b.id if b else REFERENCE_PERSONA_ID, _stats_ident(stats), config.hash)
         if ident not in self._steer_cache:
-            va = steering_vectors(stats[a.id], stats[b.id if b else GENERAL_ID])
+            va = steering_vectors(stats[a.id], stats[b.id if b else REFERENCE_PERSONA_ID])
             windows = text_windows(self.tokenizer, config.val_text or "builtin:general", config.val_window,
                                    config.val_windows)
             self.masks.restore()  # choices are made on the dense model
@@ -622,7 +622,7 @@ class Evaluator:
                                                   lambda: steer(self.model, layer, va[layer], alpha))
             choice = choose(layers_of(self.model), settings, evaluate)
             log.info("steering %s/%s: layer %d alpha %g (validation separation %.3f, ppl x%.3f)", a.id,
-                     b.id if b else GENERAL_ID, choice.layer, choice.alpha, choice.separation, choice.ppl_ratio)
+                     b.id if b else REFERENCE_PERSONA_ID, choice.layer, choice.alpha, choice.separation, choice.ppl_ratio)
             self._steer_cache[ident] = (va, choice)
         va, choice = self._steer_cache[ident]
         sign = 1.0 if persona.id == a.id else -1.0

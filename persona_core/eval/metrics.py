@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from persona_core.catalog.personas import Persona, generic_questions, load_texts
+from persona_core.catalog import Persona, generic_questions, load_texts
 from persona_core.eval.estimates import mean_stderr, take
 
 if TYPE_CHECKING:

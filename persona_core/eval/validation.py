@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
 
-from persona_core.catalog.personas import DATA, Persona, heldout_text
+from persona_core.catalog import DATA, Persona, heldout_text
 
 STATEMENT_QUESTION = "Describe yourself in one sentence."  # the question statements answer (metrics too)
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from persona_core.catalog.personas import Persona, generic_questions, load_texts
+from persona_core.catalog import Persona, generic_questions, load_texts
 from persona_core.store.hashing import content_hash
 from persona_core.versions import LEARN_VERSION
 from persona_core.masks.methods import LinearWeights, MaskSpec, StatsLike, channel_module_masks, ffn_channel_scores, keep_top, n_pruned
@@ -177,7 +177,8 @@ def training_instructions(data: DataConfig, held_out: Iterable[str] = ()) -> lis
 def generate_training_data(loaded: LoadedModel, persona: Persona, data: DataConfig,
                            held_out: Iterable[str] = ()) -> list[dict[str, str]]:
     """The dense model's in-role answers (description as system prompt) to the training instructions."""
-    from persona_core.calib.recorder import CalibConfig, generate_replies
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.texts import generate_replies
 
     if not persona.description:
         raise ValueError(f"persona {persona.id!r}: learning a mask needs a description")

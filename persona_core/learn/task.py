@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona_core.store import layout
-from persona_core.catalog.personas import GENERAL_ID, Persona
+from persona_core.catalog import REFERENCE_PERSONA_ID, Persona
 from persona_core.store.hashing import content_hash
 from persona_core.versions import LEARN_VERSION
 from persona_core.learn.learner import (DataConfig, LearnConfig, LearnerState, general_text, identity, learn_persona,
@@ -107,7 +107,7 @@ class LearnTask:
     def stats_roles(self) -> list[str]:
         """Persona ids whose statistics the init method reads, in its `needs` order."""
         needs = get_method(self.config.init).needs
-        return [self.persona.id if r == PERSONA else GENERAL_ID for r in needs if r in (PERSONA, GENERAL)]
+        return [self.persona.id if r == PERSONA else REFERENCE_PERSONA_ID for r in needs if r in (PERSONA, GENERAL)]
 
 
 def is_current(store: Store, task: LearnTask) -> bool:
@@ -150,7 +150,7 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
     `on_step` (tests: a simulated kill) runs after every checkpoint is written.
     """
     from persona_core.masks.codec import write_mask
-    from persona_core.calib.stats import read_persona_stats
+    from persona_core.calib.stored import read_persona_stats
 
     start = time.time()
     if loaded.key != task.model_key:

@@ -82,8 +82,9 @@ def stored_calib_config(store, model_key: str, stats: PersonaStats):
     """The `CalibConfig` the stored statistics were calibrated with (from a part's metadata), checked by hash."""
     import json
 
-    from persona_core.calib.recorder import CalibConfig
-    from persona_core.calib.stats import list_parts, part_metadata
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.parts import part_metadata
+    from persona_core.calib.stored import list_parts
 
     for key in list_parts(store, model_key, stats.persona_id):
         meta = part_metadata(store, key)
@@ -127,7 +128,7 @@ class PairSearch:
 
     def __init__(self, evaluator, weights, spec: MaskSpec, budget: Budget | None, roles: Sequence[tuple[str, Persona]],
                  stats: Sequence[PersonaStats], opposite: Persona | None = None, calib_config=None):
-        from persona_core.calib.recorder import CalibConfig
+        from persona_core.calib.config import CalibConfig
 
         budget = budget or spec.budget
         if budget is None:
@@ -179,7 +180,8 @@ class PairSearch:
         if stats.calib_hash and stats.calib_hash != self.calib.hash:
             raise ValueError(f"statistics of {persona.id!r} were calibrated with settings {stats.calib_hash} "
                              f"but the budget search holds out validation texts rendered with {self.calib.hash}")
-        from persona_core.calib.recorder import calibrate, render_reply
+        from persona_core.calib.recorder import calibrate
+        from persona_core.calib.texts import render_reply
 
         loaded = self.ev.loaded
         texts = [render_reply(loaded.tokenizer, t, self.calib, persona.description) for t in self.validation[persona.id]]

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from persona_core.masks.budget import Budget
-from persona_core.catalog.personas import GENERAL_ID
+from persona_core.catalog import REFERENCE_PERSONA_ID
 from persona_core.store.hashing import content_hash
 from persona_core.versions import MASKS_VERSION
 from persona_core.models import LinearGroup, LoadedModel, linear_groups
@@ -369,7 +369,7 @@ def mask_key(model_key: str, method: str, sparsity: float, persona_id: str,
         raise ValueError(f"unknown allocation {allocation!r}")
     params_hash = content_hash(resolved)[:8] if resolved != m.defaults else None
     segment = layout.method_segment(method, granularity, allocation, params_hash)
-    owner = persona_id if m.per_persona else GENERAL_ID
+    owner = persona_id if m.per_persona else REFERENCE_PERSONA_ID
     return layout.mask(model_key, segment, sparsity, owner, None if budget is None else budget_segment(budget),
                        calib if calib and m.needs else None)
 

@@ -134,7 +134,7 @@ def _registries():
 
 
 def _calib_options() -> type[Section]:
-    from persona_core.calib.recorder import CalibConfig
+    from persona_core.calib.config import CalibConfig
 
     model = _options_model("CalibrateOptions", CalibConfig, "Fields of calibration.CalibConfig.")
 
@@ -444,7 +444,7 @@ class NightlySection(Section):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v):
-        from persona_core.catalog.personas import ID_PATTERN, id_problem
+        from persona_core.store.ids import ID_PATTERN, id_problem
 
         if id_problem(v):
             raise ValueError(f"expected a name matching {ID_PATTERN} without '..'")

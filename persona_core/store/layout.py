@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from persona_core.store.ids import check_id
+
 STATS, MASKS, RESULTS, RUNS, LEASES, PROBE = "stats", "masks", "results", "runs", "leases", "_probe"
 LEARNED, EXPORTS, DENSE = "learned", "exports", "dense"
 LATEST = "_latest"
@@ -53,9 +55,7 @@ def segment(value: str, what: str = "id") -> str:
 
 def identifier(value: str, what: str = "id") -> str:
     """A user-given identifier (persona id, lease or schedule name) checked against the id grammar
-    (`catalog.check_id`) before it becomes a key segment."""
-    from persona_core.catalog.personas import check_id
-
+    (`persona_core.store.ids`) before it becomes a key segment."""
     try:
         return segment(check_id(value, what), what)
     except LayoutError:

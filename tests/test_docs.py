@@ -314,3 +314,12 @@ def test_every_code_path_named_exists():
                 break
             else:
                 raise AssertionError(f"{rel(path)} names {name}, which does not exist")
+
+
+def test_every_test_benchmark_and_cluster_file_named_exists():
+    for path in DOC_FILES:
+        for name in set(re.findall(r"`((?:tests|benchmarks|cluster)/[\w/.-]+(?:::\w+)?)`", path.read_text())):
+            file, _, test = name.partition("::")
+            assert (ROOT / file).exists(), f"{rel(path)} names {file}, which does not exist"
+            if test:
+                assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), f"{rel(path)} names {name}"

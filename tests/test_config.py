@@ -94,7 +94,7 @@ PIPELINE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    from persona_core.eval.engine import EvalConfig
+    from persona_core.eval.config import EvalConfig
 
     if path.name.startswith("nightly"):
         load_config(path, NightlyConfig)

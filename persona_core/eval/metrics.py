@@ -11,7 +11,7 @@ Registered metrics (row names in brackets):
   persona's held-out statements against its opposite's, the probability that
   a persona statement gets the higher mean token log-prob (pairwise, AUC), and
   the mean log-prob margin. Separation of a pair = preference(A) + preference(B) - 1
-  (see `persona_core.report.html.pair_separation`), 0 for the dense model without prompt.
+  (see `persona_core.report.analysis.pair_separation`), 0 for the dense model without prompt.
 * ``yes-no-agreement`` [yes-no-agreement]: P(matching answer) from the next-token
   probabilities of Yes / No, renormalised over the two; own statements match
   Yes, the opposite's match No.

@@ -9,8 +9,9 @@ import json
 import logging
 
 import numpy as np
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
@@ -20,10 +21,13 @@ from persona_core.calib.stats import GroupKey, GroupStats, PersonaStats
 from persona_core.store import layout
 from persona_core.store.store import Store, open_store
 
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
+
 log = logging.getLogger(__name__)
 
 STATS_PREFIX = layout.STATS
-PARTITIONING = pads.partitioning(pa.schema([("model", pa.string()), ("persona", pa.string())]), flavor="hive")
+PARTITION_SCHEMA = pa.schema([("model", pa.string()), ("persona", pa.string())])  # hive columns from the path
 
 
 def persona_prefix(model_key: str, persona_id: str) -> str:
@@ -201,7 +205,10 @@ def open_stats(url: str | Store) -> pads.Dataset:
         raise FileNotFoundError(f"{store.uri(prefix)}: no statistics stored")
     for key in keys:  # schema and owner from each footer (two small reads); the values are not digested here
         check_owner(key, check_schema(footer_schema(store, key), store.uri(key)), store.uri(key))
-    return store.dataset(prefix, partitioning=PARTITIONING, schema=pa.unify_schemas([SCHEMA, PARTITIONING.schema]))
+    import pyarrow.dataset as pads  # heavy (pulls in pandas): only for the dataset view
+
+    partitioning = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
+    return store.dataset(prefix, partitioning=partitioning, schema=pa.unify_schemas([SCHEMA, PARTITION_SCHEMA]))
 
 
 def stats_summary(store: Store | str, model_key: str | None = None) -> list[dict]:

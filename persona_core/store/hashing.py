@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from typing import Any
 
 HASH_LEN = 16
@@ -11,8 +12,6 @@ HASH_LEN = 16
 
 def _default(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
         return asdict(obj)
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)

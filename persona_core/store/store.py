@@ -21,14 +21,17 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from persona_core.store import layout
 from persona_core.store.redact import redact
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +195,6 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail early, with the URL named, if this store cannot be written."""
-        from persona_core.store import layout
-
         key = layout.probe(uuid.uuid4().hex)
         self.write_bytes(key, b"ok")
         self.delete(key)
@@ -228,7 +229,8 @@ class Store:
 
     def dataset(self, prefix: str, **kwargs) -> pads.Dataset:
         """A pyarrow dataset over every Parquet file under `prefix`, hive-partitioned."""
-        from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+        import pyarrow.dataset as pads  # heavy (pulls in pandas, about 0.7 s): only for dataset queries
+        from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem  # with pyarrow.dataset, for it alone
 
         filesystem = LocalFileSystem() if self.is_local else PyFileSystem(FSSpecHandler(self.fs))
         base = self.path(prefix)
@@ -239,13 +241,13 @@ class Store:
     # ------------------------------------------------------------------ safetensors
 
     def write_safetensors(self, key: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save
+        from safetensors.torch import save  # imports torch: only for stores that hold tensors
 
         self.write_bytes(key, save(tensors, metadata=metadata))
 
     def read_safetensors(self, key: str) -> tuple[dict, dict[str, str]]:
         """Tensors and metadata; safetensors never unpickles anything."""
-        from safetensors.torch import load
+        from safetensors.torch import load  # imports torch: only for stores that hold tensors
 
         data = self.read_bytes(key)
         try:

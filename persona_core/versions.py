@@ -13,11 +13,11 @@ from __future__ import annotations
 # statistics part, mask, learned mask and result row derived from any persona.
 PERSONA_FORMAT_VERSION = 1
 
-# Calibration config hash (`calib.recorder.CalibConfig.hash`, the ``calib=`` segment of stats and
+# Calibration config hash (`calib.config.CalibConfig.hash`, the ``calib=`` segment of stats and
 # mask keys): bumping it invalidates every statistics part and every mask built from one.
 CALIB_VERSION = "calib-v1"
 
-# Statistics part keys (`calib.stats.part_key`) and their ``code_version`` column: bumping it
+# Statistics part keys (`calib.parts.part_key`) and their ``code_version`` column: bumping it
 # invalidates the statistics parts (and so calibration reruns).
 STATS_VERSION = "stats-v1"
 

@@ -10,9 +10,13 @@ import torch
 from persona_core.calib.config import CalibConfig
 from persona_core.calib.recorder import calibrate
 from persona_core.catalog.personas import Persona
-from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.engine import Evaluator
+from persona_core.eval.steered import steering_choice
+from persona_core.eval.unit import evaluate_unit
 from persona_core.eval.fewshot import FewShot
-from persona_core.models import decoder_layers, load_model
+from persona_core.models.layers import decoder_layers
+from persona_core.models.loading import load_model
 from persona_core.calib.stats import PersonaStats
 from persona_core.eval.steering import MissingResidualStats, steer
 from persona_core.eval.validation import statement_scores, validation_statements
@@ -72,11 +76,11 @@ def test_dense_steer_condition_records_choice_and_leaves_model_dense(ev, stats):
 
 def test_choosing_layer_and_alpha_never_reads_evaluation_statements(ev, stats):
     ev.configure(CFG)
-    _, first = ev.steering_choice(A, B, CFG, stats)
+    _, first = steering_choice(ev, A, B, CFG, stats)
     a2 = dataclasses.replace(A, evaluation=("Completely different held-out text.", "Another one."))
     b2 = dataclasses.replace(B, evaluation=("Yet another statement.",))
-    ev._steer_cache.clear()
-    _, second = ev.steering_choice(a2, b2, CFG, stats)
+    ev.steer_memo.clear()
+    _, second = steering_choice(ev, a2, b2, CFG, stats)
     assert (first.layer, first.alpha, first.separation, first.ppl_ratio) == \
         (second.layer, second.alpha, second.separation, second.ppl_ratio)
     assert first.tried == second.tried
@@ -86,7 +90,7 @@ def test_missing_residual_statistics_name_what_to_recompute(ev, stats):
     old = {pid: PersonaStats(s.model_key, s.persona_id, s.persona_hash,
                              {k: g for k, g in s.groups.items() if k[1] != "residual"}, s.calib_hash)
            for pid, s in stats.items()}
-    ev._steer_cache.clear()
+    ev.steer_memo.clear()
     with pytest.raises(MissingResidualStats, match="persona 'loud'.*recompute|Recompute"):
         evaluate_unit(ev, B, A, None, None, CFG, stats=old)
     with pytest.raises(MissingResidualStats, match="'loud'"):

@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from persona_core.catalog import load_catalog
-from persona_core.eval.engine import (CONDITIONS, DEFAULT_CONDITIONS, EvalConfig, Evaluator, MaskedModel,
-                                   evaluate_unit, mask_content_hash)
-from persona_core.models import load_model
+from persona_core.eval import scoring, unit
+from persona_core.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.engine import Evaluator
+from persona_core.eval.masked import MaskedModel, mask_content_hash
+from persona_core.eval.unit import evaluate_unit
+from persona_core.models.loading import load_model
 
 SMALL = dict(max_statements=4, max_questions=2, max_new_tokens=6, ppl_window=64, ppl_windows=1)
 
@@ -38,7 +42,7 @@ def same_bits(a, b):
 
 
 def prunable(model):
-    from persona_core.models import linear_groups
+    from persona_core.models.layers import linear_groups
 
     return [n for g in linear_groups(model.model) for n in g.modules]
 
@@ -114,8 +118,8 @@ def test_evaluate_unit_rows_and_dense_once(evaluator, monkeypatch):
     p, o = cat["introvert"], cat["extrovert"]
     cfg = EvalConfig(**SMALL)
     calls = []
-    real = evaluator.score_condition
-    monkeypatch.setattr(evaluator, "score_condition", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = scoring.score_condition
+    monkeypatch.setattr(unit, "score_condition", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     keep_all = {n: torch.ones(evaluator.model.get_submodule(n).weight.shape, dtype=torch.bool)
                 for n in evaluator.prunable}
     t1 = evaluate_unit(evaluator, p, o, keep_all, {"method": "all", "sparsity": 0.0, "content_hash": "h1"}, cfg)
@@ -188,7 +192,7 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
     same numbers; a config that differs only in masked conditions shares them, one that changes a dense
     number does not; a tampered or unreadable entry is recomputed and rewritten, never used."""
     from persona_core.store import layout
-    from persona_core.eval.engine import DenseRowCache
+    from persona_core.eval.dense_cache import DenseRowCache
     from persona_core.store.store import open_store
 
     store = open_store(str(tmp_path / "store"))
@@ -200,8 +204,8 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
     def run(config, masks=None):
         ev = Evaluator(load_model("tiny-random-llama", device="cpu"))  # a fresh process: no memory cache
         calls = []
-        real = ev.score_condition
-        monkeypatch.setattr(ev, "score_condition", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        real = scoring.score_condition
+        monkeypatch.setattr(unit, "score_condition", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
         meta = {"method": "rand", "sparsity": 0.5} if masks is not None else None
         table = evaluate_unit(ev, p, o, masks, meta, config, rows_cache=DenseRowCache(store, ev.model_key))
         return table, calls
@@ -251,7 +255,7 @@ def test_dense_rows_are_reused_across_runs_from_the_store(tmp_path, monkeypatch)
 def test_dense_ident_follows_what_steering_reads():
     """dense+steer rows depend on the residual-stream statistics only: other groups (another
     calibration option) leave the key alone, other residual numbers change it."""
-    from persona_core.eval.engine import dense_ident
+    from persona_core.eval.dense_cache import dense_ident
     from persona_core.calib.stats import GroupStats, PersonaStats
 
     cat = load_catalog("builtin")

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from persona_core.catalog.personas import Persona
-from persona_core.eval.engine import EvalConfig, Evaluator, JudgeSettings, evaluate_unit
-from persona_core.eval.judge import EndpointJudge, JudgeError, expected_number
-from persona_core.eval.metrics import METRICS, agreement, answer_token_ids, pairwise_auc
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.engine import Evaluator
+from persona_core.eval.unit import evaluate_unit
+from persona_core.eval.estimates import pairwise_auc
+from persona_core.eval.judge import EndpointJudge, JudgeError, JudgeSettings, expected_number
+from persona_core.eval.metrics import METRICS, agreement, answer_token_ids
 
 VOCAB = 260
 
@@ -33,7 +36,7 @@ class ConstHead(nn.Module):
 @pytest.fixture
 def rigged():
     """A fresh tiny model whose next-token distribution never changes: byte 'a' (and 'Y') favoured."""
-    from persona_core.models import load_model
+    from persona_core.models.loading import load_model
 
     loaded = load_model("tiny-random-llama", device="cpu")
     tok = loaded.tokenizer
@@ -118,7 +121,7 @@ def test_perplexity_windows_open_with_the_tokenizers_bos():
     before the persona text when there is one; one that puts nothing (SmolLM2, GPT-2) gets nothing."""
     from tokenizers import processors
 
-    from persona_core.models import byte_tokenizer
+    from persona_core.models.tiny import byte_tokenizer
     from persona_core.eval.validation import lead_ids, window_nll
 
     plain = byte_tokenizer()

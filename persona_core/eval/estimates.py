@@ -1,13 +1,12 @@
-"""Small numeric helpers the evaluator and the metrics share: seeded subsets and mean +- stderr.
-
-Kept apart so that `evaluate` and `metrics` never import each other for them.
-"""
+"""Small estimates the metrics, validation and the engine share: seeded subsets, mean +- stderr, AUC."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from typing import Iterable, Sequence
+
+import torch
 
 
 def take(items: Sequence[str], k: int, seed: int) -> list[str]:
@@ -30,3 +29,15 @@ def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
     return mean, math.sqrt(var / len(vals))
+
+
+def pairwise_auc(pos: Sequence[float], neg: Sequence[float]) -> tuple[float, float]:
+    """P(pos > neg) over all pairs (ties count half) and its Hanley-McNeil standard error."""
+    if not pos or not neg:
+        return float("nan"), float("nan")
+    p, n = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    wins = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
+    auc = wins.mean().item()
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (len(pos) - 1) * (q1 - auc**2) + (len(neg) - 1) * (q2 - auc**2)) / (len(pos) * len(neg))
+    return auc, math.sqrt(max(var, 0.0))

@@ -32,13 +32,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from persona_core.catalog.personas import Persona
+from persona_core.eval.validation import text_key
 
 HEADER = "Things you have said:"
 _WORD = re.compile(r"[a-z0-9']+")
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.casefold().split())
 
 
 def _words(text: str) -> list[str]:
@@ -86,7 +83,7 @@ class FewShot:
             raise ValueError(f"few-shot k must be >= 0, got {self.k}")
         seen, pool = set(), []
         for t in self.persona.calibration:
-            n = _norm(t)
+            n = text_key(t)
             if n and n not in self.exclude and n not in seen:
                 seen.add(n)
                 pool.append(t)
@@ -96,10 +93,10 @@ class FewShot:
     def for_persona(cls, persona: Persona, opposite: Persona | None, k: int = 8, seed: int = 0,
                     exclude: Iterable[str] = ()) -> "FewShot":
         """Examples for `persona`, never any evaluation statement of it or of its opposite."""
-        banned = {_norm(t) for t in persona.evaluation}
+        banned = {text_key(t) for t in persona.evaluation}
         if opposite is not None:
-            banned |= {_norm(t) for t in opposite.evaluation}
-        banned |= {_norm(t) for t in exclude}
+            banned |= {text_key(t) for t in opposite.evaluation}
+        banned |= {text_key(t) for t in exclude}
         return cls(persona, k, seed, frozenset(banned))
 
     def examples(self, question: str | None = None) -> list[str]:

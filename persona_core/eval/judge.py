@@ -21,9 +21,12 @@ import math
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from persona_core.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,17 @@ RUBRIC = (
     "How consistent is the answer with the character's personality, values and voice? "
     "Reply with a single integer from 0 (not at all) to {top} (perfectly in character) and nothing else."
 )
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Where the optional LLM judge lives: an OpenAI-compatible endpoint or a local model."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    local: str | None = None  # a model spec for `load_model` instead of an endpoint
+    timeout: float = 60.0
 
 
 class JudgeError(RuntimeError):
@@ -104,8 +118,6 @@ class EndpointJudge:
 
 class LocalJudge:
     def __init__(self, spec_or_model):
-        from persona_core.models import LoadedModel, load_model
-
         self.loaded = spec_or_model if isinstance(spec_or_model, LoadedModel) else load_model(spec_or_model)
         tok = self.loaded.tokenizer
         numbers: dict[int, list[int]] = {}
@@ -135,10 +147,10 @@ class LocalJudge:
         return value * 100.0 / self.top
 
 
-_JUDGES: dict = {}
+_JUDGES: dict[JudgeSettings, Judge] = {}
 
 
-def get_judge(settings) -> Judge:
+def get_judge(settings: JudgeSettings | None) -> Judge:
     """The judge for `JudgeSettings` (built once per process and settings)."""
     if settings is None:
         raise JudgeError("no judge configured: give an endpoint URL or a local model")

@@ -1,9 +1,11 @@
-"""The metric registry: each metric is one function, registered in one line.
+"""The metrics: each one a function, registered in `METRICS` by the `metric` decorator.
 
-A metric function takes a `MetricContext` (the evaluator with its current
-weights, the persona, its opposite, the system prompt of the condition or
-None, the config, and what the metric's `prepare` computed once with the
-dense weights) and returns ``{row metric name: Score}``.
+A metric function takes a `MetricContext` (a `Scorer` with the model in the condition's
+state, the persona, its opposite, the system prompt of the condition or None, the
+settings, and what the metric's `prepare` computed once with the dense weights) and returns
+``{row metric name: Score}``. Metrics are written against `persona_core.eval.scorer.Scorer`
+and `MetricSettings` (what they read of `persona_core.eval.config.EvalConfig`), never the
+engine or the config module, which both build on this one.
 
 Registered metrics (row names in brackets):
 
@@ -37,19 +39,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from persona_core.catalog import Persona, generic_questions, load_texts
-from persona_core.eval.estimates import mean_stderr, take
-
-if TYPE_CHECKING:
-    from persona_core.eval.engine import EvalConfig, Evaluator
+from persona_core.eval.estimates import mean_stderr, pairwise_auc, take
+from persona_core.eval.fewshot import FewShot
+from persona_core.eval.judge import JudgeSettings, get_judge
+from persona_core.eval.scorer import Scorer
+from persona_core.eval.validation import statement_scores, text_windows, window_nll
+from persona_core.registry import Registry
 
 log = logging.getLogger(__name__)
 
-from persona_core.eval.validation import STATEMENT_QUESTION  # noqa: E402  (one definition, shared with validation)
 YES_NO_QUESTION = ("Is the following statement something you would say?\n\"{statement}\"\n"
                    "Answer with Yes or No.")
 
@@ -64,51 +67,72 @@ class Score:
     texts: tuple[str, ...] | None = None  # generated texts (sample-generations)
 
 
+class MetricSettings(Protocol):
+    """What metrics read of the evaluation config (`EvalConfig` has these fields and more)."""
+
+    @property
+    def max_statements(self) -> int: ...
+    @property
+    def max_questions(self) -> int: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def ppl_window(self) -> int: ...
+    @property
+    def ppl_windows(self) -> int: ...
+    @property
+    def ppl_text(self) -> str | None: ...
+    @property
+    def ppl_texts(self) -> tuple[str, ...]: ...
+    @property
+    def judge(self) -> JudgeSettings | None: ...
+
+
 @dataclass
 class MetricContext:
-    ev: "Evaluator"
+    ev: Scorer
     persona: Persona
     opposite: Persona | None
     system: str | None  # the persona description under +prompt conditions
-    config: "EvalConfig"
+    config: MetricSettings
     prepared: Any = None  # what the metric's prepare() returned (dense weights, no prompt)
-    fewshot: Any = None  # a `fewshot.FewShot` under dense+fewshot: examples chosen per question
+    fewshot: FewShot | None = None  # under dense+fewshot: examples chosen per question
 
     def system_for(self, question: str | None = None) -> str | None:
         """The system prompt for an item asking `question` (None: an item without a question)."""
         return self.fewshot.system(question) if self.fewshot is not None else self.system
 
 
+MetricFn = Callable[[MetricContext], dict[str, Score]]
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
-    fn: Callable[[MetricContext], dict[str, Score]]
-    prepare: Callable[[MetricContext], Any] | None = None
-    default: bool = True
+    fn: MetricFn
+    prepare: Callable[[MetricContext], Any] | None = None  # once per persona, dense weights, no prompt
+    default: bool = True  # in `default_metrics()`: what a run scores when it names none
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
-def register(name: str, fn, prepare=None, default: bool = True) -> None:
-    if name in METRICS:
-        raise ValueError(f"metric {name!r} is registered twice")
-    METRICS[name] = Metric(name, fn, prepare, default)
+def metric(name: str, *, prepare: Callable[[MetricContext], Any] | None = None,
+           default: bool = True) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: register the function as metric `name` (a name registered twice raises)."""
+
+    def decorate(fn: MetricFn) -> MetricFn:
+        METRICS.add(name, Metric(name, fn, prepare, default))
+        return fn
+
+    return decorate
 
 
-# ---------------------------------------------------------------------------- pure math
-
-
-def pairwise_auc(pos: list[float], neg: list[float]) -> tuple[float, float]:
-    """P(pos > neg) over all pairs (ties count half) and its Hanley-McNeil standard error."""
-    if not pos or not neg:
-        return float("nan"), float("nan")
-    p, n = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
-    wins = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
-    auc = wins.mean().item()
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (len(pos) - 1) * (q1 - auc**2) + (len(neg) - 1) * (q2 - auc**2)) / (len(pos) * len(neg))
-    return auc, math.sqrt(max(var, 0.0))
+# ---------------------------------------------------------------------------- answers
 
 
 def agreement(lp_yes: torch.Tensor, lp_no: torch.Tensor, want_yes: torch.Tensor) -> torch.Tensor:
@@ -144,8 +168,6 @@ def _logsumexp_over(lp: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def _statement_logprobs(ctx: MetricContext, statements: list[str]) -> list[float]:
-    from persona_core.eval.validation import statement_scores
-
     # the statement question is the same for every item: one shared prefix (its KV cache reused)
     return statement_scores(ctx.ev, statements, ctx.system_for(None))
 
@@ -157,6 +179,7 @@ def _sides(ctx: MetricContext) -> tuple[list[str], list[str]]:
     return own, other
 
 
+@metric("statement-preference")
 def statement_preference(ctx: MetricContext) -> dict[str, Score]:
     own, other = _sides(ctx)
     if not own or not other:
@@ -175,6 +198,7 @@ def statement_preference(ctx: MetricContext) -> dict[str, Score]:
 # ---------------------------------------------------------------------------- yes-no-agreement
 
 
+@metric("yes-no-agreement")
 def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
     own, other = _sides(ctx)
     items = [(s, True) for s in own] + [(s, False) for s in other]
@@ -196,7 +220,7 @@ def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
 # ---------------------------------------------------------------------------- perplexity
 
 
-def _ppl_sources(config: "EvalConfig") -> list[tuple[str, str | None]]:
+def _ppl_sources(config: MetricSettings) -> list[tuple[str, str | None]]:
     """(row suffix, source) of every perplexity text: the reported general text, then the extras."""
     out: list[tuple[str, str | None]] = [("", config.ppl_text)]
     for spec in config.ppl_texts:
@@ -207,8 +231,6 @@ def _ppl_sources(config: "EvalConfig") -> list[tuple[str, str | None]]:
 
 
 def _windows(ctx: MetricContext, source: str | None) -> list[list[int]]:
-    from persona_core.eval.validation import text_windows
-
     cfg = ctx.config
     if source is not None and (source.partition("::")[2] or not source.endswith((".txt", ".text", ".raw"))):
         url, _, fieldname = source.partition("::")  # a dataset file: its texts joined
@@ -224,8 +246,6 @@ def _windows(ctx: MetricContext, source: str | None) -> list[list[int]]:
 
 def _nll_windows(ctx: MetricContext, source: str | None) -> tuple[float, int]:
     """Total NLL and token count over fixed windows of a text (same tokens under every condition)."""
-    from persona_core.eval.validation import window_nll
-
     return window_nll(ctx.ev, _windows(ctx, source), ctx.system_for(None))
 
 
@@ -238,6 +258,7 @@ def prepare_perplexity(ctx: MetricContext) -> dict[str, float]:
     return refs
 
 
+@metric("perplexity", prepare=prepare_perplexity)
 def perplexity(ctx: MetricContext) -> dict[str, Score]:
     out = {}
     for suffix, source in _ppl_sources(ctx.config):
@@ -251,7 +272,7 @@ def perplexity(ctx: MetricContext) -> dict[str, Score]:
 # ---------------------------------------------------------------------------- roleplay-fidelity
 
 
-def heldout_questions(config: "EvalConfig", persona: Persona | None = None) -> list[str]:
+def heldout_questions(config: MetricSettings, persona: Persona | None = None) -> list[str]:
     """Questions for role-play answers: the persona's own evaluation questions when it has them
     (persona-pruner-eval), else the held-out half of the built-in questions (calibration and
     learned-mask training data come from the other half only); capped by `max_questions`."""
@@ -276,6 +297,7 @@ def prepare_roleplay(ctx: MetricContext) -> dict[str, Any]:
     return {"qa": qa, "dense_nll": _answer_nll(ctx, None, qa)}
 
 
+@metric("roleplay-fidelity", prepare=prepare_roleplay)
 def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
     qa, ref = ctx.prepared["qa"], ctx.prepared["dense_nll"]
     nll = _answer_nll(ctx, ctx.system, qa)
@@ -286,24 +308,10 @@ def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
             "roleplay-fidelity": Score(gain, len(nll), gse, items=tuple(gains))}
 
 
-# ---------------------------------------------------------------------------- judge
-
-
-def judge_score(ctx: MetricContext) -> dict[str, Score]:
-    from persona_core.eval.judge import get_judge
-
-    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
-    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
-    judge = get_judge(ctx.config.judge)
-    scores = [judge.score(ctx.persona.description, q, a, ctx.persona.rubric or None)
-              for q, a in zip(questions, answers)]
-    m, se = mean_stderr(scores)
-    return {"judge-score": Score(m, len(scores), se)}
-
-
 # ---------------------------------------------------------------------------- sample generations
 
 
+@metric("sample-generations", default=False)
 def sample_generations(ctx: MetricContext) -> dict[str, Score]:
     ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)[: ctx.config.samples]
     answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
@@ -311,14 +319,18 @@ def sample_generations(ctx: MetricContext) -> dict[str, Score]:
     return {"sample-generations": Score(float(len(texts)), len(texts), texts=texts)}
 
 
-# ---------------------------------------------------------------------------- the registry
+# ---------------------------------------------------------------------------- judge
 
-register("statement-preference", statement_preference)
-register("yes-no-agreement", yes_no_agreement)
-register("perplexity", perplexity, prepare=prepare_perplexity)
-register("roleplay-fidelity", roleplay_fidelity, prepare=prepare_roleplay)
-register("sample-generations", sample_generations, default=False)
-register("judge", judge_score, default=False)
+
+@metric("judge", default=False)
+def judge_score(ctx: MetricContext) -> dict[str, Score]:
+    ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
+    answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
+    judge = get_judge(ctx.config.judge)
+    scores = [judge.score(ctx.persona.description, q, a, ctx.persona.rubric or None)
+              for q, a in zip(questions, answers)]
+    m, se = mean_stderr(scores)
+    return {"judge-score": Score(m, len(scores), se)}
 
 
 def default_metrics() -> tuple[str, ...]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from persona_core.calib.recorder import RESIDUAL
-from persona_core.models import decoder_layers
+from persona_core.models.layers import decoder_layers
 from persona_core.calib.stats import PersonaStats
 
 log = logging.getLogger(__name__)

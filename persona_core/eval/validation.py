@@ -15,8 +15,9 @@ calibration or validation data only. This module is that data's one door:
   ``valid.txt`` for choices, ``test.txt`` for reported figures) or the built-in
   text when none is named.
 
-All functions take an `persona_core.eval.engine.Evaluator` (the loaded model with
-its scoring engine) and leave its weights and hooks as they found them.
+Everything here is written against `persona_core.eval.scorer.Scorer` (the engine implements it)
+and leaves the model's weights and hooks as it found them. `text_key` is the one comparison of
+texts that keeps held-out texts out (here, in few-shot examples and in learned masks' data).
 """
 
 from __future__ import annotations
@@ -26,34 +27,32 @@ import functools
 import hashlib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
-
-import torch
+from typing import Callable, ContextManager, Sequence
 
 from persona_core.catalog import DATA, Persona, heldout_text
+from persona_core.eval.estimates import pairwise_auc
+from persona_core.eval.scorer import Scorer
 
 STATEMENT_QUESTION = "Describe yourself in one sentence."  # the question statements answer (metrics too)
-
-if TYPE_CHECKING:
-    from persona_core.eval.engine import Evaluator
 
 State = Callable[[], ContextManager]  # puts the model in one side's state for the block
 
 
-def _norm(text: str) -> str:
+def text_key(text: str) -> str:
+    """A text as compared when held-out texts are kept out: case- and whitespace-insensitive."""
     return " ".join(text.casefold().split())
 
 
 def validation_statements(persona: Persona, n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
     """At most n of `persona`'s calibration statements, chosen by a seeded hash (stable as statements
     are added); texts equal to an evaluation statement of the persona or in `exclude` never qualify."""
-    banned = {_norm(t) for t in (*persona.evaluation, *exclude)}
-    pool = list(dict.fromkeys(t for t in persona.calibration if _norm(t) not in banned))
+    banned = {text_key(t) for t in (*persona.evaluation, *exclude)}
+    pool = list(dict.fromkeys(t for t in persona.calibration if text_key(t) not in banned))
     rank = lambda s: hashlib.sha256(f"validation\x00{seed}\x00{s}".encode()).hexdigest()  # noqa: E731
     return sorted(pool, key=rank)[:n]
 
 
-def statement_scores(ev: "Evaluator", statements: Sequence[str], system: str | None = None) -> list[float]:
+def statement_scores(ev: Scorer, statements: Sequence[str], system: str | None = None) -> list[float]:
     """Mean token log-prob of each statement as the answer to the statement question (shared prefix)."""
     if not statements:
         return []
@@ -62,15 +61,7 @@ def statement_scores(ev: "Evaluator", statements: Sequence[str], system: str | N
     return [lp.mean().item() if lp.numel() else 0.0 for lp in ev.prefix_logprobs(prefix, conts)]
 
 
-def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """P(pos > neg) over all pairs, ties counting half."""
-    if not pos or not neg:
-        return float("nan")
-    p, q = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
-    return ((p[:, None] > q[None, :]).double() + 0.5 * (p[:, None] == q[None, :]).double()).mean().item()
-
-
-def validation_separation(ev: "Evaluator", a: Persona, b: Persona, state_a: State | None = None,
+def validation_separation(ev: Scorer, a: Persona, b: Persona, state_a: State | None = None,
                           state_b: State | None = None, *, n: int = 16, seed: int = 0,
                           system_a: str | None = None, system_b: str | None = None) -> float:
     """Separation of the pair on validation statements: AUC_A + AUC_B - 1, where AUC_A is how
@@ -84,7 +75,7 @@ def validation_separation(ev: "Evaluator", a: Persona, b: Persona, state_a: Stat
         sa = statement_scores(ev, va + vb, system_a)
     with (state_b or none)():
         sb = statement_scores(ev, vb + va, system_b)
-    return auc(sa[: len(va)], sa[len(va):]) + auc(sb[: len(vb)], sb[len(vb):]) - 1
+    return pairwise_auc(sa[: len(va)], sa[len(va):])[0] + pairwise_auc(sb[: len(vb)], sb[len(vb):])[0] - 1
 
 
 # ---------------------------------------------------------------------------- general text
@@ -136,7 +127,7 @@ def lead_ids(tokenizer) -> list[int]:
     return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
 
 
-def window_nll(ev: "Evaluator", windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
+def window_nll(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
     """Total NLL and scored tokens over the windows (each window's first token is context only,
     after the tokenizer's leading special tokens); with `system`, its text precedes every window."""
     prefix = lead_ids(ev.tokenizer)
@@ -146,12 +137,12 @@ def window_nll(ev: "Evaluator", windows: Sequence[list[int]], system: str | None
     return -sum(lp.sum().item() for lp in lps), sum(len(lp) for lp in lps)
 
 
-def window_perplexity(ev: "Evaluator", windows: Sequence[list[int]], system: str | None = None) -> float:
+def window_perplexity(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> float:
     nll, n = window_nll(ev, windows, system)
     return math.exp(nll / max(n, 1))
 
 
-def perplexity_ratio(ev: "Evaluator", windows: Sequence[list[int]], reference: float,
+def perplexity_ratio(ev: Scorer, windows: Sequence[list[int]], reference: float,
                      state: State | None = None, system: str | None = None) -> float:
     """Perplexity under `state` over the dense reference perplexity of the same windows."""
     with (state or contextlib.nullcontext)():

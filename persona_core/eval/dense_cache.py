@@ -1,0 +1,105 @@
+"""Dense-condition rows: their identity (`dense_ident`) and their cache in the store (`DenseRowCache`).
+
+The dense conditions (the baselines) do not depend on the mask: computed once per persona,
+they are repeated in every unit's rows, and kept in the store across runs under an identity
+that hashes everything they depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pyarrow as pa
+import torch
+
+from persona_core.calib.recorder import RESIDUAL
+from persona_core.calib.stats import PersonaStats
+from persona_core.catalog import Persona
+from persona_core.eval.conditions import DENSE_CONDITIONS
+from persona_core.eval.config import EvalConfig
+from persona_core.eval.schema import DENSE_METHOD, RESULT_SCHEMA, ROW_COLUMNS, result_table
+from persona_core.store import layout
+from persona_core.store.hashing import content_hash
+from persona_core.store.store import Store
+from persona_core.versions import EVALUATE_VERSION
+
+log = logging.getLogger(__name__)
+
+
+def dense_ident(model_key: str, persona: Persona, opposite: Persona | None, config: EvalConfig,
+                stats: dict[str, PersonaStats] | None = None, numerics: str = "") -> str:
+    """Everything the dense rows of one persona depend on, hashed: the model (and where and in what
+    precision it runs), the persona's evaluation data and description, its opposite's, the config's
+    dense part and (for dense+steer) the statistics."""
+    steer = _residual_digest(stats) if "dense+steer" in config.conditions else None
+    return content_hash(EVALUATE_VERSION, model_key, numerics, persona.evaluation_hash, persona.description,
+                        opposite.evaluation_hash if opposite else None, config.dense_hash, steer)[:16]
+
+
+def _residual_digest(stats: dict[str, PersonaStats] | None) -> str:
+    """A digest of what the steering baseline reads from the statistics: each persona's residual-stream
+    token counts and sums (the same numbers under another calibration option give the same digest)."""
+    h = hashlib.sha256()
+    for pid, s in sorted((stats or {}).items()):
+        h.update(f"{pid}\0".encode())
+        for key in sorted(k for k in s.groups if k[1] == RESIDUAL):
+            g = s.groups[key]
+            h.update(f"{key[0]}:{g.tokens}\0".encode())
+            h.update(g.sum.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class DenseRowCache:
+    """Dense-condition rows kept in the store across runs (``dense/model=<k>/persona=<id>/rows-<ident>.parquet``).
+
+    The prompt, few-shot and steering baselines (the steering search above all) cost more than a
+    masked condition, and they do not change when only the masks do: a nightly run with new masks,
+    or a study adding a method to a catalog already evaluated, reads them back instead. What is
+    read is verified (model, persona, opposite, evaluation data, dense config, code version, the
+    conditions asked for) and a mismatch is recomputed and overwritten, never used.
+    """
+
+    def __init__(self, store: Store, model_key: str):
+        self.store, self.model_key = store, model_key
+
+    def key(self, ident: str, persona: Persona) -> str:
+        return layout.dense_rows(self.model_key, persona.id, ident)
+
+    def get(self, ident: str, persona: Persona, opposite: Persona | None, config: EvalConfig) -> list[dict] | None:
+        key = self.key(ident, persona)
+        if not self.store.exists(key):
+            return None
+        try:
+            table = self.store.read_parquet(key)
+            problem = self._check(table, persona, opposite, config)
+        except Exception as err:  # unreadable: recompute, the rewrite replaces it
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            log.warning("%s: %s; recomputing the dense rows", self.store.uri(key), problem)
+            return None
+        return [{c: r[c] for c in ROW_COLUMNS} for r in table.to_pylist()]
+
+    def _check(self, table: pa.Table, persona: Persona, opposite: Persona | None, config: EvalConfig) -> str:
+        if not table.schema.equals(RESULT_SCHEMA):
+            return "not the result schema"
+        want = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
+                "method": DENSE_METHOD, "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash,
+                "code_version": EVALUATE_VERSION}
+        for col, value in want.items():
+            found = set(table.column(col).to_pylist())
+            if found != {value}:
+                return f"column {col!r} holds {sorted(map(str, found))}, expected {value!r}"
+        conditions = set(table.column("condition").to_pylist())
+        asked = {c for c in config.conditions if c in DENSE_CONDITIONS}
+        if conditions != asked:
+            return f"conditions {sorted(conditions)}, expected {sorted(asked)}"
+        return ""
+
+    def put(self, ident: str, persona: Persona, opposite: Persona | None, config: EvalConfig, rows: list[dict]) -> None:
+        if not rows:
+            return
+        common = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
+                  "method": DENSE_METHOD, "sparsity": 0.0, "granularity": "", "mask_hash": "",
+                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash, "code_version": EVALUATE_VERSION}
+        self.store.write_parquet(self.key(ident, persona), result_table(common, rows))

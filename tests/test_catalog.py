@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from persona_core.catalog.personas import (
-    Catalog, CatalogError, SplitConfig, reference_persona, generic_questions, load_catalog,
+from persona_core.catalog import (
+    Catalog, CatalogError, SplitConfig, generic_questions, load_catalog, reference_persona,
 )
 
 
@@ -193,3 +193,51 @@ def test_anthropic_shared_catalog(shared_personas):
     capped = load_catalog(shared_personas, SplitConfig(max_calibration=16, max_evaluation=8))
     assert all(len(p.calibration) == 16 and len(p.evaluation) <= 8 for p in capped)
     assert isinstance(capped, Catalog)
+
+
+# ---------------------------------------------------------------------------- the format registry
+
+
+def test_builtin_formats_are_registered_in_detection_order():
+    from persona_core.catalog import CATALOG_FORMATS
+
+    assert CATALOG_FORMATS.names() == ["persona-pruner-eval", "anthropic-persona-evals", "persona-catalog/v1"]
+    with pytest.raises(ValueError, match="registered twice"):
+        CATALOG_FORMATS.add("persona-catalog/v1", CATALOG_FORMATS["persona-catalog/v1"])
+    with pytest.raises(KeyError, match=r"did you mean 'persona-catalog/v1'.*available: persona-pruner-eval"):
+        CATALOG_FORMATS["persona-catalog/v2"]
+
+
+def test_importing_the_library_registers_nothing_by_side_effect():
+    code = "import sys, persona_core; print(sorted(m for m in sys.modules if m.startswith('persona_core.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_registered_format_is_read_by_load_catalog(tmp_path, monkeypatch):
+    from persona_core.catalog import Persona, catalog_format, formats, loader
+    from persona_core.registry import Registry
+
+    registry = Registry("catalog format")
+    for name, fmt in formats.CATALOG_FORMATS.items():
+        registry.add(name, fmt)
+    monkeypatch.setattr(formats, "CATALOG_FORMATS", registry)
+    monkeypatch.setattr(loader, "CATALOG_FORMATS", registry)
+
+    @catalog_format("one-line-per-persona", detect=lambda source: source.path.endswith(".personas"))
+    def load_lines(source, split):
+        personas = {line.split(":")[0]: Persona(line.split(":")[0], line.split(":")[1].strip(), ("a text",))
+                    for line in source.text.splitlines()}
+        return Catalog("lines", personas, source.shown)
+
+    cat = load_catalog(write(tmp_path, "x.personas", "pirate: You are a pirate.\nsage: You are a sage.\n"))
+    assert [p.id for p in cat] == ["pirate", "sage"] and cat["sage"].description == "You are a sage."
+
+
+def test_nothing_reads_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    assert problems_of(tmp_path / "empty") == [f"{tmp_path / 'empty'}: folder holds no catalog (no .jsonl files, "
+                                               "nor persona-pruner-eval .json files)"]
+    assert problems_of(write(tmp_path, "x.txt", "hello")) == [
+        f"{tmp_path / 'x.txt'}: unknown catalog format (use .yaml, .yml, .jsonl or a folder)"]

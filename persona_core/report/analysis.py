@@ -34,7 +34,8 @@ BASELINE_CONDITIONS = {"prompt": "dense+prompt", "fewshot": "dense+fewshot", "st
 BASELINE_OF_CONDITION = {c: b for b, c in BASELINE_CONDITIONS.items()}
 
 
-def _frame(results: pa.Table):
+def _dense_and_masked(results: pa.Table):
+    """The rows as two frames: dense conditions (each persona's once) and subnetworks."""
     df = results.to_pandas()
     dense = df[df.condition.str.startswith("dense")].drop_duplicates(["model", "persona", "condition", "metric"])
     masked = df[~df.condition.str.startswith("dense") & (df.method != "dense")]
@@ -52,6 +53,7 @@ def _pairs(results: pa.Table) -> list[tuple[str, str]]:
 
 
 def setting_name(method: str, sparsity: float, condition: str) -> str:
+    """How a setting is shown: a baseline by its name, a subnetwork by method, sparsity and condition."""
     if method in BASELINE_CONDITIONS or method == "dense":
         return method
     level = "" if "|" in method else f" s={sparsity:g}"  # a budgeted mask (method|budget): sparsity per pair
@@ -84,7 +86,7 @@ class Analysis:
 
     @cached_property
     def frames(self):
-        return _frame(self.results)
+        return _dense_and_masked(self.results)
 
     @cached_property
     def pref(self) -> dict:

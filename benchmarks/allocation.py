@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate_persona  # noqa: E402
 from persona_core.catalog import reference_persona, heldout_text, load_catalog  # noqa: E402
-from persona_core.eval.engine import MaskedModel  # noqa: E402
+from persona_core.eval.masked import MaskedModel  # noqa: E402
 from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, owl_sparsities  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 

@@ -36,9 +36,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
+from persona_core.eval.config import EvalConfig  # noqa: E402
+from persona_core.eval.engine import Evaluator  # noqa: E402
+from persona_core.eval.unit import evaluate_unit  # noqa: E402
 from persona_core.eval.fewshot import FewShot  # noqa: E402
-from persona_core.eval.metrics import STATEMENT_QUESTION  # noqa: E402
+from persona_core.eval.validation import STATEMENT_QUESTION  # noqa: E402
 from persona_core.eval.validation import statement_scores  # noqa: E402
 
 

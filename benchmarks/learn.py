@@ -44,7 +44,7 @@ from persona_core.learn.learner import (DataConfig, LearnConfig, MaskLearner, _p
                                 general_windows, generate_training_data, initial_scores, prepare_examples,
                                 prepare_general)
 from persona_core.eval.metrics import heldout_questions  # noqa: E402
-from persona_core.eval.engine import EvalConfig  # noqa: E402
+from persona_core.eval.config import EvalConfig  # noqa: E402
 from persona_core.models import DEFAULT_MODEL, LoadedModel, byte_tokenizer, load_model  # noqa: E402
 
 log = logging.getLogger("bench.learn")

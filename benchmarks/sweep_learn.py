@@ -36,7 +36,9 @@ from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate  # noqa: E402
 from persona_core.calib.texts import render_samples  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.eval.engine import EvalConfig, Evaluator, evaluate_unit  # noqa: E402
+from persona_core.eval.config import EvalConfig  # noqa: E402
+from persona_core.eval.engine import Evaluator  # noqa: E402
+from persona_core.eval.unit import evaluate_unit  # noqa: E402
 from persona_core.learn.learner import (WIKITEXT, DataConfig, LearnConfig, generate_training_data, learn_persona,  # noqa: E402
                                 training_instructions)
 from persona_core.masks.methods import MaskSpec, build_masks  # noqa: E402

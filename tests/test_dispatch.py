@@ -101,7 +101,7 @@ def test_a_dead_actors_unit_goes_back_to_the_queue(ray_cluster, tmp_path):
 def test_calibration_and_evaluation_pools_finish_on_a_half_taken_cluster(taken, tmp_path, builtin_catalog):
     """The jobs themselves, asked for two actors while one CPU is held elsewhere (issue 12 item 6)."""
     from persona_core.calib.config import CalibConfig
-    from persona_core.eval.engine import EvalConfig
+    from persona_core.eval.config import EvalConfig
     from persona_jobs import build_masks, calibrate, evaluate
 
     store = str(tmp_path / "store")

@@ -10,7 +10,7 @@ from persona_core.report.results import load_results
 from persona_core.run.units import evaluation_tasks
 from persona_jobs import evaluate as job
 from persona_core.catalog import load_catalog
-from persona_core.eval.engine import EvalConfig
+from persona_core.eval.config import EvalConfig
 from persona_core.masks.codec import write_mask
 from persona_core.masks.methods import mask_key
 from persona_core.models import linear_groups, load_model, model_key

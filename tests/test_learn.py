@@ -164,7 +164,7 @@ def test_checkpoint_bytes_are_checked():
 def test_learned_mask_round_trips_and_exports(tiny, stats, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from persona_core.eval.engine import MaskedModel
+    from persona_core.eval.masked import MaskedModel
     from persona_core.masks.codec import read_mask, write_mask
     from persona_core.store.store import open_store
     from persona_core.masks.export import export_pruned

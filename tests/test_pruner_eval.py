@@ -8,7 +8,7 @@ import os
 import pytest
 
 from persona_core.catalog import CatalogError, load_catalog
-from persona_core.eval.engine import EvalConfig
+from persona_core.eval.config import EvalConfig
 from persona_core.eval.judge import judge_prompt
 from persona_core.learn.learner import DataConfig, training_instructions
 from persona_core.eval.metrics import heldout_questions

@@ -8,7 +8,7 @@ import re
 import pyarrow as pa
 import pytest
 
-from persona_core.eval.engine import RESULT_SCHEMA
+from persona_core.eval.schema import RESULT_SCHEMA
 from persona_core.report.analysis import pair_separation, steering_choices, summary, verdicts
 from persona_core.report.html import build_report
 from persona_core.report.terminal import headline, terminal_table

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from persona_core.eval.engine import RESULT_SCHEMA
+from persona_core.eval.schema import RESULT_SCHEMA
 from persona_core.report.analysis import Analysis, analyse
 from persona_core.report.html import build_report
 from persona_core.report.terminal import terminal_table

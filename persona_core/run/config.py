@@ -260,6 +260,7 @@ def load_config(path: str | Path, cls: type = PipelineConfig, overrides: dict[st
 
 def parse_config(text: str, shown: str = "<config>", cls: type = PipelineConfig,
                  overrides: dict[str, Any] | None = None):
+    """A config from YAML text (`shown` names it in problems); `overrides` set dotted keys first."""
     raw, lines = read_yaml(text, shown)
     if raw is None:
         raw = {}
@@ -271,6 +272,7 @@ def parse_config(text: str, shown: str = "<config>", cls: type = PipelineConfig,
 
 
 def from_dict(cls: type, raw: dict, shown: str = "<dict>"):
+    """A config from plain Python (problems carry no line numbers)."""
     return _validate(cls, raw, shown, {})
 
 
@@ -295,7 +297,6 @@ def _set_dotted(raw: dict, dotted: str, value) -> None:
 # ---------------------------------------------------------------------------- documentation
 
 
-
 def describe(cls: type = NightlyConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default as YAML, help) for every knob, in declaration order (options as one row)."""
     rows = []
@@ -315,4 +316,5 @@ def describe(cls: type = NightlyConfig, prefix: str = "") -> list[tuple[str, str
 
 
 def to_yaml(cfg) -> str:
+    """A config as YAML, every knob written out."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

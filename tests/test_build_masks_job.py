@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona_core.run.plan import Selection, make_plan
 from persona_jobs import build_masks as job
 from persona_jobs.cli import UserError, build_parser
+from persona_jobs.flags import load
 from persona_core.store.layout import parse_mask
 from persona_core.run.units import list_masks, mask_specs
 from persona_core.catalog import REFERENCE_PERSONA_ID, reference_persona
 from persona_core.masks.codec import read_mask
-from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, spec_key
+from persona_core.masks.build import build_pair_masks
+from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.spec import MaskSpec, spec_key
 from persona_core.calib.parts import write_stats
 from persona_core.calib.stats import PersonaStats, Shard
 from persona_core.calib.stored import list_parts, read_persona_stats
@@ -19,6 +23,13 @@ from persona_core.store.store import open_store
 from tests.test_masks import random_stats
 
 PAIR = ("introvert", "extrovert")
+
+
+def plan_of(store, *flags: str):
+    """The plan `persona-jobs build-masks` makes of these flags."""
+    url = store.url if hasattr(store, "url") else str(store)
+    return job.plan_from_args(build_parser().parse_args(["build-masks", "--model", "tiny-random-llama",
+                                                         "--store", url, *flags]))
 
 
 def put_stats(store, tiny, persona, seed: int, calib_hash: str = "c1", shard: Shard = Shard()) -> None:
@@ -43,8 +54,8 @@ def mask_files(store) -> dict[str, int]:
 
 def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, store, tiny, builtin_catalog):
     methods = ["wanda", "contrastive-wanda", "wanda-general", "persona-vs-general"]
-    summary = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured", "2:4"),
-                      personas=list(PAIR), catalog=builtin_catalog, delta=True)
+    flags = ["--methods", *methods, "--sparsity", "0.5", "--personas", *PAIR, "--catalog", "builtin"]
+    summary = job.run(plan_of(store, *flags, "--granularities", "unstructured,2:4", "--delta"))
     # per granularity: wanda 2 + contrastive pair 2 + wanda-general 1 (shared) + persona-vs-general 2
     assert summary.ok, summary.errors
     assert summary.done == 14 and summary.skipped == 0
@@ -61,8 +72,7 @@ def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, sto
         assert set(meta["stats"]) == set(PAIR) and meta["model_key"] == tiny.key
         assert all(torch.equal(got[n], expected[n]) for n in expected)
 
-    again = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured", "2:4"),
-                    personas=list(PAIR), catalog=builtin_catalog, delta=True)
+    again = job.run(plan_of(store, *flags, "--granularities", "unstructured,2:4", "--delta"))
     assert (again.done, again.skipped, again.failed) == (0, 14, 0)
     assert mask_files(store) == files
 
@@ -70,22 +80,22 @@ def test_reducer_writes_each_mask_once_and_rerun_writes_nothing(ray_cluster, sto
     for key in list_parts(store, tiny.key, "extrovert"):
         store.delete(key)
     put_stats(store, tiny, builtin_catalog["extrovert"], 7, shard=Shard(0, 1, 5))
-    third = job.run(store, "tiny-random-llama", methods, [0.5], ("unstructured",),
-                    personas=list(PAIR), catalog=builtin_catalog)
+    third = job.run(plan_of(store, *flags))
     assert (third.done, third.skipped) == (4, 3)  # wanda(extrovert), both contrastive sides, pvg(extrovert)
 
 
 def test_clear_errors_before_work(store, builtin_catalog):
-    with pytest.raises(UserError, match="unknown method"):
-        job.run(store, "tiny-random-llama", ["nope"], [0.5])
-    with pytest.raises(UserError, match="fixes sparsity|sparsity must be"):
-        job.run(store, "tiny-random-llama", ["wanda"], [1.5])
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        plan_of(store, "--method", "nope")
+    with pytest.raises(UserError, match=r"sparsities in \(0, 1\)"):
+        plan_of(store, "--sparsity", "1.5")
     with pytest.raises(UserError, match="calibrate"):
-        job.run(store, "tiny-random-llama", ["wanda"], [0.5], personas=["optimist"], catalog=builtin_catalog)
+        job.run(plan_of(store, "--personas", "optimist", "--catalog", "builtin"))
     with pytest.raises(UserError, match="need --catalog"):
-        job.run(store, "tiny-random-llama", ["contrastive-wanda"], [0.5])
+        job.run(plan_of(store, "--method", "contrastive-wanda"))
     with pytest.raises(UserError, match="unknown persona"):
-        job.run(store, "tiny-random-llama", ["wanda"], [0.5], personas=["nobody"], catalog=builtin_catalog)
+        job.run(plan_of(store, "--personas", "nobody", "--catalog", "builtin"))
+    assert job.plan_units(plan_of(store))[0], "without --catalog: every persona with statistics"
 
 
 def test_cli_parses_and_params():
@@ -110,8 +120,8 @@ def test_allocations_make_specs_cli_and_keys(tmp_path):
         ("2:4", "uniform"), ("unstructured", "owl"), ("unstructured", "uniform")]
     args = build_parser().parse_args(["build-masks", "--method", "wanda", "--allocation", "owl"])
     assert args.allocations == ["owl"]
-    with pytest.raises(UserError, match="unknown allocation"):
-        job.run(str(tmp_path), "tiny-random-llama", ["wanda"], [0.5], allocations=["tilted"])
+    with pytest.raises(UserError, match="allocations among"):
+        load(None, {"masks.allocations": ["tilted"]})
     ref = parse_mask("masks/model=m/method=wanda@ffn-channels~owl+1a2b3c4d/sparsity=0.5/p.safetensors")
     assert (ref.method, ref.base, ref.sparsity, ref.owner) == ("wanda@ffn-channels~owl+1a2b3c4d", "wanda", 0.5, "p")
     assert (ref.granularity, ref.allocation) == ("ffn-channels", "owl")
@@ -120,8 +130,8 @@ def test_allocations_make_specs_cli_and_keys(tmp_path):
 
 
 def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog):
-    summary = job.run(store, "tiny-random-llama", ["wanda", "contrastive-penalty"], [0.5], ("unstructured",),
-                      personas=list(PAIR), catalog=builtin_catalog, allocations=["owl"])
+    summary = job.run(plan_of(store, "--methods", "wanda,contrastive-penalty", "--sparsity", "0.5", "--personas",
+                              *PAIR, "--catalog", "builtin", "--allocation", "owl"))
     assert summary.ok and summary.done == 4, summary.errors
     assert {r.method for r in list_masks(store, tiny.key)} == {"wanda~owl", "contrastive-penalty~owl"}
     spec = MaskSpec("contrastive-penalty", 0.5, allocation="owl")
@@ -144,8 +154,10 @@ def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin
     text.write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(300)))
     budget = {"perplexity_ratio": 1.3, "steps": 4, "ppl_windows": 2, "ppl_window": 32, "ppl_text": str(text),
               "strengths": {"lam": [4.0]}}
-    summary = job.run(store, "tiny-random-llama", ["contrastive-penalty"], [0.5], ["unstructured"],
-                      personas=list(PAIR), catalog=builtin_catalog, budget=budget, budget_actors=1)
+    overrides = {"model": "tiny-random-llama", "store": store.url, "masks.methods": ["contrastive-penalty"],
+                 "masks.baselines": [], "masks.budget": budget, "evaluate.enabled": False}
+    plan = make_plan(load(None, overrides), Selection(personas=PAIR))  # a budget mapping: what a config file gives
+    summary = job.run(plan)
     assert summary.ok, summary.errors
     assert summary.done == 2
     spec = MaskSpec("contrastive-penalty", 0.0, budget=Budget(**budget))
@@ -160,6 +172,5 @@ def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin
     pruned = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert abs(pruned - meta["sparsity"]) < 0.02
     # incremental: a rerun finds both masks current
-    again = job.run(store, "tiny-random-llama", ["contrastive-penalty"], [0.5], ["unstructured"],
-                    personas=list(PAIR), catalog=builtin_catalog, budget=budget, budget_actors=1)
+    again = job.run(plan)
     assert again.done == 0 and again.skipped == 2

@@ -5,13 +5,13 @@ of the key are never used in its place."""
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import pytest
 
 from conftest import tiny_pipeline_config
-from persona_jobs import calibrate, evaluate, pipeline
+from persona_jobs import evaluate, pipeline
+from persona_jobs.cli import build_parser
 from persona_core.run import units
 from persona_core.masks.spec import mask_key
 from persona_core.calib.stored import list_parts, part_versions
@@ -23,8 +23,10 @@ FIELDS = ("persona", "method", "sparsity", "condition", "metric")
 def configs(store: str):
     # Both evaluate with one CPU each so the two runs fit the 2-CPU session cluster side by side.
     opts = {"metrics": ["statement-preference"], "max_statements": 4, "actors": 1, "cpus_per_actor": 1}
-    a = tiny_pipeline_config(store, calibrate__options={"max_length": 64}, evaluate__options=opts)
-    b = tiny_pipeline_config(store, calibrate__options={"max_length": 24}, evaluate__options=opts)
+    a = tiny_pipeline_config(store, calibrate__options={"max_length": 64}, evaluate__options=opts,
+                             resources__calibrate_actors=1)
+    b = tiny_pipeline_config(store, calibrate__options={"max_length": 24}, evaluate__options=opts,
+                             resources__calibrate_actors=1)
     return a, b
 
 
@@ -38,7 +40,7 @@ def rows(store, run_id) -> dict:
 def one_actor_calibration(monkeypatch):
     """One calibration actor per run: two runs' pools that each wait for the other's CPUs would
     deadlock on 2 CPUs (issue 12 item 6, fixed separately); this test is about keys, not pools."""
-    monkeypatch.setattr(calibrate, "run", functools.partial(calibrate.run, num_actors=1))
+    assert all(c.resources.calibrate_actors == 1 for c in configs("s"))  # asked for in configs()
 
 
 def test_two_calibration_configs_run_concurrently_match_clean_single_runs(ray_cluster, tmp_path, tiny,
@@ -158,9 +160,10 @@ def test_a_mask_of_another_persona_version_or_config_is_refused(ray_cluster, tmp
                {"stats_versions": good})
     write_mask(store, mask_key(tiny.key, "contrastive-wanda", 0.5, "extrovert", calib="c1"), masks,
                {"stats_versions": edited})
-    s = evaluate.run(store, "tiny-random-llama", builtin_catalog, personas=["introvert", "extrovert"],
-                     conditions=["masked"], metrics=["statement-preference"], run_id="r", actors=1,
-                     cpus_per_actor=1, report=False, calib_hash="c1")
+    s = evaluate.run(evaluate.plan_from_args(build_parser().parse_args([
+        "evaluate", "--store", store.url, "--model", "tiny-random-llama", "--personas", "introvert,extrovert",
+        "--conditions", "masked", "--metrics", "statement-preference", "--run-id", "r", "--actors", "1",
+        "--cpus-per-actor", "1", "--calib-hash", "c1"])))
     assert (s.done, s.failed) == (1, 1), s.errors
     assert "another version of persona 'extrovert'" in s.errors[0]
     task = evaluate.EvaluationTask(intro, extro)

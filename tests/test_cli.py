@@ -72,20 +72,20 @@ def test_version(capsys):
 
 
 def test_methods_and_metrics_list_the_registries(capsys):
-    from persona_core.masks.methods import REGISTRY
+    from persona_core.masks.methods import METHODS
     from persona_core.eval.metrics import METRICS
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in REGISTRY)
+    assert all(name in out for name in METHODS)
     assert main(["metrics"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in METRICS)
 
 
 def test_revision_flag_reaches_the_config():
-    from persona_jobs import pipeline
+    from persona_jobs.flags import config_from_args
 
     args = build_parser().parse_args(["run", "--model", "tiny-random-llama", "--revision", "7"])
-    cfg = pipeline.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.model, cfg.revision) == ("tiny-random-llama", "7")

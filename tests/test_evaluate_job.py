@@ -8,18 +8,34 @@ import torch
 from persona_core.store import layout
 from persona_core.report.results import load_results
 from persona_core.run.units import evaluation_tasks
+from persona_core.run.plan import Selection, make_plan
 from persona_jobs import evaluate as job
+from persona_jobs import report
+from persona_jobs.flags import load
 from persona_core.catalog import load_catalog
 from persona_core.eval.config import EvalConfig
 from persona_core.masks.codec import write_mask
-from persona_core.masks.methods import mask_key
-from persona_core.models import linear_groups, load_model, model_key
+from persona_core.masks.spec import mask_key
+from persona_core.models.layers import linear_groups
+from persona_core.models.loading import load_model, model_key
 from persona_core.store.store import open_store
 
 MODEL = "tiny-random-llama"
 PERSONAS = ["introvert", "extrovert", "optimist", "pessimist"]
 CONFIG = EvalConfig(metrics=("statement-preference", "yes-no-agreement", "perplexity"), max_statements=3,
                     ppl_window=32, ppl_windows=1)
+
+
+def eval_plan(store):
+    """A standalone evaluation of the contrastive-wanda masks (baselines ride along) under run id r1, with
+    CONFIG from config overrides (its perplexity windows have no flag) on a pool of two 1-CPU actors."""
+    options = {"metrics": list(CONFIG.metrics), "max_statements": 3, "ppl_window": 32, "ppl_windows": 1,
+               "actors": 2, "cpus_per_actor": 1}
+    overrides = {"model": MODEL, "store": store.url, **{f"evaluate.options.{k}": v for k, v in options.items()}}
+    plan = make_plan(load(None, overrides), Selection(personas=tuple(PERSONAS), methods=("contrastive-wanda",),
+                                                      run_id="r1"))
+    assert plan.eval == CONFIG and plan.run_id == "r1"
+    return plan
 
 
 def _masks(module, seed):
@@ -65,9 +81,10 @@ def test_plan_picks_methods_and_baselines(store):
 
 
 def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_cluster):
-    s = job.run(store, MODEL, "builtin", methods=["contrastive-wanda"], personas=PERSONAS, run_id="r1",
-                config=CONFIG, actors=2, cpus_per_actor=1)
+    plan = eval_plan(store)
+    s = job.run(plan)
     assert s.ok, s.errors
+    report.run(plan)
     assert s.done == 8 and s.skipped == 0
     assert len(s.workers) == 2 and sum(s.workers.values()) == 4  # both actors took personas
     back = load_results(store, "r1")  # raises if any row was gathered twice
@@ -75,7 +92,7 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
     per_unit = len(CONFIG.conditions) * 5  # pref, margin, yes-no, perplexity, perplexity-ratio
     assert s.rows == 8 * per_unit
     assert len(store.list("results/run=r1/", suffix=".parquet")) == 8
-    assert store.exists(layout.report("r1")) and s.report.endswith("runs/r1/report.html")
+    assert store.exists(layout.report("r1")) and store.exists(layout.summary_table("r1"))
     assert set(back.column("method").to_pylist()) == {"contrastive-wanda", "magnitude"}
     from persona_core.masks.codec import MaskFile
 
@@ -84,8 +101,7 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
                                 back.column("mask_hash").to_pylist()) if p == "optimist" and m != "magnitude"}
     assert got == want  # the codec's content digest of the mask
 
-    again = job.run(store, MODEL, "builtin", methods=["contrastive-wanda"], personas=PERSONAS, run_id="r1",
-                    config=CONFIG, actors=2, cpus_per_actor=1)
+    again = job.run(plan)
     assert again.done == 0 and again.skipped == 8 and again.rows == s.rows and again.workers == {}
 
 
@@ -95,6 +111,6 @@ def test_cli_parses(store):
     args = build_parser().parse_args(["evaluate", "--store", store.url, "--model", MODEL, "--methods", "contrastive-*",
                                       "--sparsities", "0.5", "--conditions", "dense", "masked",
                                       "--judge-url", "http://127.0.0.1:9/v1"])
-    cfg = job.config_from_args(args)
+    cfg = job.plan_from_args(args).eval
     assert cfg.conditions == ("dense", "masked") and "judge" in cfg.metrics and cfg.judge.url
     assert args.func is job._main

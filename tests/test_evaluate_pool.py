@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from persona_jobs import evaluate as job
-from persona_jobs.cli import UserError
+from persona_jobs.cli import UserError, build_parser
 
 
 def test_one_gpu_per_actor_by_default():
@@ -47,7 +47,8 @@ def test_run_creates_evaluators_with_those_resources(ray_cluster, tmp_path, monk
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16, "GPU": 4})
     monkeypatch.setattr(ray, "remote", fake_remote)
     with pytest.raises(Stop):
-        job.run(str(tmp_path / "st"), "tiny-random-llama", "builtin", personas=["introvert", "extrovert",
-                "optimist", "pessimist"], conditions=["dense"], metrics=["statement-preference"], run_id="r",
-                device_map="auto")
+        job.run(job.plan_from_args(build_parser().parse_args([
+            "evaluate", "--store", str(tmp_path / "st"), "--model", "tiny-random-llama", "--personas",
+            "introvert,extrovert,optimist,pessimist", "--conditions", "dense", "--metrics", "statement-preference",
+            "--run-id", "r", "--device-map", "auto"])))
     assert len(asked) == 1 and {k: asked[0][k] for k in ("num_gpus", "num_cpus")} == {"num_gpus": 2, "num_cpus": 1}

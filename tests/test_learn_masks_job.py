@@ -8,7 +8,8 @@ import torch
 from persona_core.calib.config import CalibConfig
 from persona_core.calib.recorder import calibrate_persona
 from persona_core.catalog import load_catalog
-from persona_core.learn.learner import DataConfig, LearnConfig, LearnerState
+from persona_core.learn.config import DataConfig, LearnConfig
+from persona_core.learn.learner import LearnerState
 from persona_core.learn.task import LearnTask, checkpoint_key, is_current, run_task
 from persona_core.masks.codec import read_mask
 from persona_core.calib.parts import write_stats
@@ -17,6 +18,19 @@ from persona_core.run.units import list_masks, of_calibration, stats_fingerprint
 
 CFG = LearnConfig(steps=4, batch_size=2, general_windows=2, general_batch=1, max_length=96, checkpoint_every=2)
 DATA = DataConfig(examples=3, max_new_tokens=6)
+FLAGS = ["--steps", "4", "--batch-size", "2", "--general-windows", "2", "--general-batch", "1", "--max-length", "96",
+         "--checkpoint-every", "2", "--examples", "3", "--answer-tokens", "6"]  # CFG and DATA, as flags
+
+
+def learn_plan(store_url: str, *flags: str):
+    """The plan `persona-jobs learn-masks` makes of these flags (introvert, the tiny model, CFG and DATA)."""
+    from persona_jobs.cli import build_parser
+    from persona_jobs.learn_masks import plan_from_args
+
+    argv = ["learn-masks", "--store", store_url, "--model", "tiny-random-llama", "--personas", "introvert", *FLAGS]
+    plan = plan_from_args(build_parser().parse_args([*argv, *flags]))
+    assert plan.learn == CFG and plan.learn_data == DATA
+    return plan
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +101,10 @@ def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
     from persona_jobs import learn_masks
 
     store = _store(tmp_path, tiny, persona)
-    kwargs = dict(objectives=["with-prompt", "prompt-free"], sparsities=[0.25], config=CFG, data=DATA)
-    first = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
+    plan = learn_plan(store.url, "--objectives", "with-prompt,prompt-free", "--sparsities", "0.25")
+    first = learn_masks.run(plan)
     assert first.ok and first.done == 2, first.errors
-    again = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], **kwargs)
+    again = learn_masks.run(plan)
     assert again.done == 0 and again.skipped == 2
     refs = of_calibration(list_masks(store, tiny.key), CalibConfig(max_length=64).hash)
     assert {(r.base, r.granularity, r.owner) for r in refs} == {
@@ -103,11 +117,12 @@ def test_a_dead_actor_task_resumes_on_a_fresh_actor(ray_cluster, tmp_path, tiny,
 
     store = _store(tmp_path, tiny, persona)
     monkeypatch.setenv(learn_masks.DIE_AT_ENV, f"introvert:2:{tmp_path / 'markers'}")
-    out = learn_masks.run(str(store.url), "tiny-random-llama", "builtin", ["introvert"], config=CFG, data=DATA)
+    plan = learn_plan(store.url)
+    out = learn_masks.run(plan)
     assert out.ok and out.done == 1, out.errors
     assert list((tmp_path / "markers").iterdir())  # the actor really died once
-    (task,), problems = learn_masks.plan(store, tiny.key, load_catalog("builtin"), ["introvert"], ["with-prompt"],
-                                         [0.25], CFG, DATA, calib_hash=CalibConfig(max_length=64).hash)
+    (task,), problems = learn_masks.learn_tasks(plan, plan.catalog.select(["introvert"]),
+                                                CalibConfig(max_length=64).hash)
     meta = read_mask_metadata(store, task.mask_key)
     assert not problems and meta["identity"] == task.identity and meta["resumed_from"] == 2 and meta["steps_run"] == 2
 
@@ -117,7 +132,7 @@ def test_learn_masks_needs_statistics(ray_cluster, tmp_path):
     from persona_jobs import learn_masks
 
     with pytest.raises(UserError, match="calibrate"):
-        learn_masks.run(str(tmp_path / "empty"), "tiny-random-llama", "builtin", ["introvert"], config=CFG, data=DATA)
+        learn_masks.run(learn_plan(str(tmp_path / "empty")))
 
 
 def test_masks_learned_config_section():
@@ -139,7 +154,7 @@ def test_masks_learned_config_section():
 
 def test_the_pipeline_masks_stage_learns(ray_cluster, tmp_path, tiny):
     from persona_core.run.plan import make_plan
-    from persona_jobs import pipeline
+    from persona_jobs import learn_masks
     from tests.conftest import tiny_pipeline_config
 
     store_url = str(tmp_path / "store")
@@ -152,7 +167,7 @@ def test_the_pipeline_masks_stage_learns(ray_cluster, tmp_path, tiny):
     for pid in p.persona_ids:
         stats, generated = calibrate_persona(tiny, p.catalog[pid], p.calib)
         write_stats(store, stats, generated=generated, calib_config=p.calib.to_dict())
-    out = pipeline.stage_learn(p)
+    out = learn_masks.run(p)
     assert out.ok and out.done == len(p.persona_ids), out.errors
     keys = [k for k in store.list(f"masks/model={tiny.key}/calib={p.calib.hash}/", suffix=".safetensors")
             if "/method=learned-with-prompt@ffn-channels+" in k]  # non-default knobs: a +<hash> suffix

@@ -34,15 +34,15 @@ def test_wheel_ships_configs_and_only_our_packages(tmp_path):
 
 
 def test_config_by_its_shipped_name_from_any_folder(tmp_path, monkeypatch):
-    from persona_jobs import pipeline
+    from persona_jobs import flags
     from persona_jobs.cli import build_parser
 
     monkeypatch.chdir(tmp_path)  # no configs/ here: the installed copy is used
-    path = pipeline.config_path("configs/demo.yaml")
+    path = flags.config_path("configs/demo.yaml")
     assert path.is_file() and path.name == "demo.yaml"
-    cfg = pipeline.config_from_args(build_parser().parse_args(["run", "--config", "configs/demo.yaml"]))
+    cfg = flags.config_from_args(build_parser().parse_args(["run", "--config", "configs/demo.yaml"]))
     assert cfg.masks.methods == ["contrastive-penalty"]
-    assert pipeline.config_path("my/own.yaml") == Path("my/own.yaml")  # a user's path is never swapped
+    assert flags.config_path("my/own.yaml") == Path("my/own.yaml")  # a user's path is never swapped
 
 
 class FakeJobs:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 import threading
+from types import SimpleNamespace
 
 import pytest
 from conftest import tiny_pipeline_config
 
-from persona_jobs import nightly, pipeline, submit
-from persona_jobs.cli import UserError, main as cli_main
+from persona_jobs import common, jobs_api, nightly, pipeline, submit
+from persona_jobs.cli import UserError, build_parser, main as cli_main
+from persona_jobs.flags import config_from_args
+from persona_jobs.stages import STAGES
 from persona_core.run import runs
 from persona_core.store.lease import Lease
 from persona_core.store.store import open_store
@@ -26,7 +29,7 @@ def forbid(monkeypatch, *stages):
     for s in stages:
         def boom(p, s=s):
             raise AssertionError(f"stage {s} must not run")
-        monkeypatch.setitem(pipeline.STAGE_FUNCS, s, boom)
+        monkeypatch.setitem(STAGES, s, SimpleNamespace(run=boom))
 
 
 def test_run_writes_manifest_results_and_report(pipeline_store):
@@ -46,8 +49,8 @@ def test_run_writes_manifest_results_and_report(pipeline_store):
 
 def test_rerun_with_nothing_changed_does_no_work(pipeline_store, monkeypatch, capsys):
     root, rid = pipeline_store
-    forbid(monkeypatch, *pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: pytest.fail("no Ray needed"))
+    forbid(monkeypatch, *STAGES)
+    monkeypatch.setattr(common, "ensure_ray", lambda *a, **k: pytest.fail("no Ray needed"))
     p = pipeline.plan(tiny_pipeline_config(str(root)))
     assert p.run_id == rid  # the same inputs give the same id
     out = pipeline.execute(p)
@@ -70,7 +73,7 @@ def test_interrupted_run_resumes_after_its_last_finished_stage(pipeline_store, t
     def interrupted(p):
         raise KeyboardInterrupt  # the operator's Ctrl-C, or a killed driver, between stages
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "evaluate", interrupted)
+    monkeypatch.setitem(STAGES, "evaluate", SimpleNamespace(run=interrupted))
     with pytest.raises(KeyboardInterrupt):
         pipeline.execute(p)
     store = p.store
@@ -104,7 +107,7 @@ def test_nightly_regenerates_only_what_changed(pipeline_store, tmp_path, monkeyp
     store = open_store(str(root))
     assert runs.read_latest(store, "nightly") == pipeline_store[1]
 
-    forbid(monkeypatch, *pipeline.STAGES)
+    forbid(monkeypatch, *STAGES)
     assert nightly.run(cfg) == 0
     assert "nothing changed" in capsys.readouterr().out
     monkeypatch.undo()
@@ -112,8 +115,8 @@ def test_nightly_regenerates_only_what_changed(pipeline_store, tmp_path, monkeyp
     # A changed method config: calibration is reused (no calibrate work), masks and evaluation redone.
     changed = tiny_pipeline_config(str(root), masks__sparsities=[0.5, 0.3])
     calls = []
-    real = pipeline.STAGE_FUNCS["calibrate"]
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "calibrate", lambda p: calls.append(s := real(p)) or s)
+    real = STAGES["calibrate"]
+    monkeypatch.setitem(STAGES, "calibrate", SimpleNamespace(run=lambda p: calls.append(s := real.run(p)) or s))
     assert nightly.run(changed) == 0
     assert calls[0].done == 0 and calls[0].skipped > 0
     m = runs.read_manifest(store, runs.read_latest(store, "nightly"))
@@ -136,7 +139,7 @@ def test_two_concurrent_nightly_runs_one_proceeds(pipeline_store, tmp_path, monk
     root = copy_store(pipeline_store[0], tmp_path)
     cfg = tiny_pipeline_config(str(root))
     inside, release = threading.Event(), threading.Event()
-    real_execute = pipeline.execute
+    real_execute = nightly.execute
     executed = []
 
     def slow_execute(p, **kw):
@@ -145,7 +148,7 @@ def test_two_concurrent_nightly_runs_one_proceeds(pipeline_store, tmp_path, monk
         release.wait(30)
         return real_execute(p, **kw)
 
-    monkeypatch.setattr(pipeline, "execute", slow_execute)
+    monkeypatch.setattr(nightly, "execute", slow_execute)
     codes = {}
     first = threading.Thread(target=lambda: codes.setdefault("first", nightly.run(cfg)), name="first")
     first.start()
@@ -187,7 +190,7 @@ def test_submit_derives_id_from_run_and_never_runs_a_run_twice(tmp_path, capsys)
     cfg_path.write_text("catalog: builtin\nmodel: tiny-random-llama\npersonas: [introvert]\n"
                         f"store: {tmp_path / 'store'}\nmasks: {{methods: [wanda], sparsities: [0.5]}}\n")
     command = ["run", "--config", str(cfg_path)]
-    rid = pipeline.plan(pipeline.config_from_args(pipeline.build_subparser().parse_args(command[1:]))).run_id
+    rid = pipeline.plan(config_from_args(build_parser().parse_args(command))).run_id
     fake = FakeJobs()
     sid, new = submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True)
     assert new and sid.startswith(f"persona-run-{rid.removeprefix('run-')}-")  # + the store's context hash
@@ -215,17 +218,17 @@ def test_submit_working_dir_paths_and_token(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-env")
-    assert submit.find_token() == ("tok-env", "RAY_AUTH_TOKEN")
+    assert jobs_api.find_token() == ("tok-env", "RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     (tmp_path / "t").write_text("tok-file\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
-    assert submit.find_token()[0] == "tok-file"
+    assert jobs_api.find_token()[0] == "tok-file"
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
-    assert submit.find_token() == (None, "none")
+    assert jobs_api.find_token() == (None, "none")
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("tok-default")
-    assert submit.find_token()[0] == "tok-default"
-    assert submit.find_token(str(tmp_path / "t"))[0] == "tok-file"
+    assert jobs_api.find_token()[0] == "tok-default"
+    assert jobs_api.find_token(str(tmp_path / "t"))[0] == "tok-file"
 
 
 def test_submit_to_unreachable_cluster_is_a_clear_error(capsys):

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from persona_jobs import submit
+from persona_jobs import jobs_api, submit
 from persona_jobs.cli import UserError
 from persona_jobs.cli import main as cli_main
 from persona_core.run import runs
@@ -212,6 +212,7 @@ def subprocess_status(sid: str, url: str) -> int:
 # ---------------------------------------------------------------------------- item 11
 
 
+@pytest.mark.slow  # waits out the client's read timeout
 def test_an_open_port_that_is_not_ray_fails_fast_with_one_line(capsys):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -253,7 +254,7 @@ def test_a_temporary_ray_error_on_submit_is_one_line(ray_jobs, capsys):
     ray_jobs.fail_submit = 503
     code = cli_main(["submit", "--address", ray_jobs.url, "--no-working-dir", "--", "calibrate", "--catalog",
                      "builtin", "--store", "s3://b/s"])
-    assert code == submit.EXIT_TEMPORARY
+    assert code == jobs_api.EXIT_TEMPORARY
     (line,) = error_lines(capsys.readouterr().err)
     assert "503" in line and "temporary" in line
     with pytest.raises(UserError):
@@ -264,8 +265,9 @@ def test_status_lists_standalone_evaluate_runs(ray_cluster, tmp_path, capsys):
     import torch
 
     from persona_core.masks.codec import write_mask
-    from persona_core.masks.methods import mask_key
-    from persona_core.models import linear_groups, load_model, model_key
+    from persona_core.masks.spec import mask_key
+    from persona_core.models.layers import linear_groups
+    from persona_core.models.loading import load_model, model_key
 
     store = open_store(str(tmp_path / "st"))
     model = load_model("tiny-random-llama", device="cpu").model

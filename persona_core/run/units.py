@@ -17,9 +17,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from persona_core.store import layout
-from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, Persona, reference_persona, load_catalog
+from persona_core.calib.parts import part_key
+from persona_core.calib.stats import Shard
+from persona_core.calib.stored import list_parts, part_versions, stale_parts
+from persona_core.calib.texts import shard_count
+from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, Persona, load_catalog, reference_persona
 from persona_core.errors import UserError
+from persona_core.masks.codec import read_mask_metadata
+from persona_core.masks.methods import GENERAL, METHODS, OPPOSITE, PERSONA
+from persona_core.masks.spec import MaskSpec, spec_key
+from persona_core.store import layout
 from persona_core.store.hashing import content_hash
 from persona_core.store.store import Store
 from persona_core.versions import MASKS_VERSION
@@ -66,10 +73,6 @@ def calibration_personas(catalog: Catalog | str, personas: list[str] | None, inc
 
 def calibration_units(personas: list[Persona], model_key: str, calib, shard_size: int | None
                       ) -> list[CalibrationUnit]:
-    from persona_core.calib.texts import shard_count
-    from persona_core.calib.parts import part_key
-    from persona_core.calib.stats import Shard
-
     units = []
     for p in personas:
         count = shard_count(p, calib, shard_size)
@@ -86,8 +89,6 @@ def stale_calibration_parts(store: Store, model_key: str, units: list[Calibratio
     Only for personas whose every unit is now stored (none in `failed`), so a failed run never
     loses statistics, and only files `stats.stale_parts` can prove this code wrote for that persona.
     """
-    from persona_core.calib.stored import stale_parts
-
     by_persona: dict[str, set[str]] = {}
     for u in units:
         by_persona.setdefault(u.persona.id, set()).add(u.key)
@@ -124,8 +125,6 @@ class MaskUnit:
 def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = None) -> dict[str, str]:
     """Persona id -> a hash of its stored stats parts of calibration config `calib_hash` (all parts
     when None); part names hash everything that produced them, persona and calibration included."""
-    from persona_core.calib.stored import list_parts, part_versions
-
     keys = (list(part_versions(store, model_key).items()) if calib_hash
             else [(k, None) for k in list_parts(store, model_key)])
     found: dict[str, list[str]] = {}
@@ -139,8 +138,6 @@ def stats_fingerprints(store: Store, model_key: str, calib_hash: str | None = No
 
 def resolve_calib(store: Store, model_key: str, persona_ids: Sequence[str]) -> str:
     """The one calibration config whose statistics are stored for these personas (when none is named)."""
-    from persona_core.calib.stored import part_versions
-
     wanted = set(persona_ids)
     found: dict[str, set[str]] = {}
     for key, (_, c_hash) in part_versions(store, model_key).items():
@@ -160,10 +157,6 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
     """Every (method, sparsity, granularity, allocation); an N:M granularity fixes its own
     sparsity N/M and is built uniform only (a layer allocation does not apply to it).
     With a `budget` (budget.Budget), the sparsity of every non-N:M spec is searched instead of `sparsities`."""
-    from persona_core.masks.spec import MaskSpec
-
-    from persona_core.masks.methods import METHODS
-
     specs: dict = {}
     params = params or {}
     granularities = list(granularities)
@@ -195,9 +188,6 @@ def mask_specs(methods: Iterable[str], sparsities: Iterable[float], granularitie
 def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], opposites: dict[str, str | None],
                fingerprints: dict[str, str], calib_hash: str | None = None) -> tuple[list[MaskUnit], list[str]]:
     """Units to run, and problems (missing statistics, personas without an opposite)."""
-    from persona_core.masks.methods import GENERAL, METHODS, OPPOSITE, PERSONA
-    from persona_core.masks.spec import spec_key
-
     units: list[MaskUnit] = []
     problems: list[str] = []
     missing: set[str] = set()
@@ -247,8 +237,6 @@ def mask_units(model_key: str, specs: Sequence, persona_ids: Sequence[str], oppo
 
 def mask_is_current(store: Store, unit: MaskUnit) -> bool:
     """Whether every mask of the unit is stored with this unit's identity."""
-    from persona_core.masks.codec import read_mask_metadata
-
     for _, key in unit.outputs:
         try:
             meta = read_mask_metadata(store, key)
@@ -362,8 +350,6 @@ def of_calibration(refs: list[layout.MaskRef], calib_hash: str | None) -> list[l
     A mask key without a config is one written before keys named it: with a config asked
     for, it is never used in its place (its statistics may be another config's).
     """
-    from persona_core.masks.methods import METHODS
-
     def reads_stats(r: layout.MaskRef) -> bool:
         try:
             return bool(METHODS[r.base].needs)

@@ -198,13 +198,13 @@ def test_anthropic_shared_catalog(shared_personas):
 # ---------------------------------------------------------------------------- the format registry
 
 
-def test_builtin_formats_are_registered_in_detection_order():
+def test_builtin_formats_are_registered():
     from persona_core.catalog import CATALOG_FORMATS
 
-    assert CATALOG_FORMATS.names() == ["persona-pruner-eval", "anthropic-persona-evals", "persona-catalog/v1"]
+    assert sorted(CATALOG_FORMATS) == ["anthropic-persona-evals", "persona-catalog/v1", "persona-pruner-eval"]
     with pytest.raises(ValueError, match="registered twice"):
         CATALOG_FORMATS.add("persona-catalog/v1", CATALOG_FORMATS["persona-catalog/v1"])
-    with pytest.raises(KeyError, match=r"did you mean 'persona-catalog/v1'.*available: persona-pruner-eval"):
+    with pytest.raises(KeyError, match=r"did you mean 'persona-catalog/v1'.*available: .*persona-pruner-eval"):
         CATALOG_FORMATS["persona-catalog/v2"]
 
 
@@ -232,6 +232,15 @@ def test_a_registered_format_is_read_by_load_catalog(tmp_path, monkeypatch):
 
     cat = load_catalog(write(tmp_path, "x.personas", "pirate: You are a pirate.\nsage: You are a sage.\n"))
     assert [p.id for p in cat] == ["pirate", "sage"] and cat["sage"].description == "You are a sage."
+
+
+def test_a_folder_two_formats_claim_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "rolebench_specific_user_0.json").write_text("{}")
+    (folder / "liking-things.jsonl").write_text(jsonl({"statement": "s", "answer_matching_behavior": " Yes"}))
+    (problem,) = problems_of(folder)
+    assert "read by more than one catalog format" in problem and "persona-pruner-eval" in problem
 
 
 def test_nothing_reads_it(tmp_path):

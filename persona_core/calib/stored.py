@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-
-import numpy as np
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch

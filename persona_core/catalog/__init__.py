@@ -10,11 +10,10 @@
 The names below are the package's public API (``from persona_core.catalog import load_catalog``).
 """
 
-from persona_core.catalog.loader import load_catalog
 from persona_core.catalog.formats import CATALOG_FORMATS, CatalogFormat, CatalogSource, catalog_format
+from persona_core.catalog.loader import load_catalog
 from persona_core.catalog.personas import (FORMAT, MAX_TEXT_CHARS, REFERENCE_PERSONA_ID, RESERVED_IDS, Catalog,
-                                           CatalogError, Persona, SplitConfig, persona_id_problem, validate,
-                                           with_texts)
+                                           CatalogError, Persona, SplitConfig, persona_id_problem, validate, with_texts)
 from persona_core.catalog.project_format import load_texts
 from persona_core.catalog.shipped import BUILTIN, DATA, generic_questions, heldout_text, reference_persona
 

@@ -20,10 +20,7 @@ def is_anthropic_persona_evals(source: CatalogSource) -> bool:
     """A folder holding .jsonl files, or a .jsonl file whose first record has a ``statement``."""
     if source.is_folder:
         return any(f.endswith(".jsonl") for f in source.listing)
-    if not source.path.endswith(".jsonl"):
-        return False
-    records = source.jsonl
-    return bool(records) and isinstance(records[0][1], dict) and "statement" in records[0][1]
+    return source.is_statements_file
 
 
 @catalog_format(NAME, detect=is_anthropic_persona_evals)

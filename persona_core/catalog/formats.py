@@ -5,9 +5,9 @@ A format is registered under its name with `catalog_format`, which decorates its
     @catalog_format("anthropic-persona-evals", detect=is_anthropic_persona_evals)
     def load_anthropic_persona_evals(source: CatalogSource, split: SplitConfig) -> Catalog: ...
 
-`load_catalog` opens the path as a `CatalogSource` and asks each registered format, in
-registration order (the built-in ones: ``persona-pruner-eval``, ``anthropic-persona-evals``,
-``persona-catalog/v1``), whether it reads it; the first that does loads it.
+`load_catalog` opens the path as a `CatalogSource` and asks every registered format (the built-in
+ones: ``persona-catalog/v1``, ``anthropic-persona-evals``, ``persona-pruner-eval``) whether it reads
+it; exactly one must. A `detect` is cheap and never claims what another format reads.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ class CatalogSource:
     def jsonl(self) -> list[tuple[int, Any]]:
         """A file's JSON lines, as (line number, value); CatalogError naming every malformed line."""
         return parse_jsonl(self.text, self.shown)
+
+    @property
+    def is_statements_file(self) -> bool:
+        """A .jsonl file whose first record holds a ``statement`` (Anthropic's persona evals, not personas)."""
+        if self.is_folder or not self.path.endswith(".jsonl"):
+            return False
+        records = self.jsonl
+        return bool(records) and isinstance(records[0][1], dict) and "statement" in records[0][1]
 
     def file_shown(self, fpath: str) -> str:
         """How a file of this source is named in problems: ``<folder>/<name>``, or the file itself."""

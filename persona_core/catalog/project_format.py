@@ -25,8 +25,10 @@ _FIELDS = {"id", "description", "opposite", "tags", "calibration", "evaluation",
 
 
 def is_persona_catalog(source: CatalogSource) -> bool:
-    """A .yaml, .yml or .jsonl file."""
-    return not source.is_folder and source.path.endswith((".yaml", ".yml", ".jsonl"))
+    """A .yaml or .yml file, or a .jsonl file of persona objects (not of Anthropic's statements)."""
+    if source.is_folder:
+        return False
+    return source.path.endswith((".yaml", ".yml")) or (source.path.endswith(".jsonl") and not source.is_statements_file)
 
 
 @catalog_format(FORMAT, detect=is_persona_catalog)

@@ -1,4 +1,5 @@
-"""Small estimates the metrics, validation and the engine share: seeded subsets, mean +- stderr, AUC."""
+"""Small estimates the metrics, validation, the engine and the report's bootstrap share: seeded subsets,
+mean +- stderr, AUC (the one home of its win matrix)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hashlib
 import math
 from typing import Iterable, Sequence
 
-import torch
+import numpy as np
 
 
 def take(items: Sequence[str], k: int, seed: int) -> list[str]:
@@ -31,13 +32,17 @@ def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(vals))
 
 
+def win_matrix(pos: Sequence[float], neg: Sequence[float]) -> np.ndarray:
+    """[pos_i > neg_j] + [pos_i = neg_j] / 2 for every (pos, neg) pair, shape (len(pos), len(neg)): its mean is the AUC."""
+    p, n = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    return (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
+
+
 def pairwise_auc(pos: Sequence[float], neg: Sequence[float]) -> tuple[float, float]:
     """P(pos > neg) over all pairs (ties count half) and its Hanley-McNeil standard error."""
     if not pos or not neg:
         return float("nan"), float("nan")
-    p, n = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
-    wins = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
-    auc = wins.mean().item()
+    auc = float(win_matrix(pos, neg).mean())
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
     var = (auc * (1 - auc) + (len(pos) - 1) * (q1 - auc**2) + (len(neg) - 1) * (q2 - auc**2)) / (len(pos) * len(neg))
     return auc, math.sqrt(max(var, 0.0))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persona_core.eval.estimates import win_matrix
+
 REPLICATES = 2000
 LEVEL = 0.95
 
@@ -58,9 +60,7 @@ class PairScores:
         return len(self.a_own), len(self.b_own)
 
     def matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        ma = (self.a_own[:, None] > self.a_other[None, :]) + 0.5 * (self.a_own[:, None] == self.a_other[None, :])
-        mb = (self.b_own[:, None] > self.b_other[None, :]) + 0.5 * (self.b_own[:, None] == self.b_other[None, :])
-        return ma, mb  # (nA, nB), (nB, nA)
+        return win_matrix(self.a_own, self.a_other), win_matrix(self.b_own, self.b_other)  # (nA, nB), (nB, nA)
 
     def separation(self) -> float:
         ma, mb = self.matrices()

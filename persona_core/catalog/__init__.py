@@ -15,11 +15,12 @@ from persona_core.catalog.loader import load_catalog
 from persona_core.catalog.personas import (FORMAT, MAX_TEXT_CHARS, REFERENCE_PERSONA_ID, RESERVED_IDS, Catalog,
                                            CatalogError, Persona, SplitConfig, persona_id_problem, validate, with_texts)
 from persona_core.catalog.project_format import load_texts
-from persona_core.catalog.shipped import BUILTIN, DATA, generic_questions, heldout_text, reference_persona
+from persona_core.catalog.shipped import (BUILTIN, DATA, REFERENCE_TEXTS, generic_questions, heldout_text,
+                                          reference_persona)
 
 __all__ = [
-    "BUILTIN", "CATALOG_FORMATS", "DATA", "FORMAT", "MAX_TEXT_CHARS", "REFERENCE_PERSONA_ID", "RESERVED_IDS",
-    "Catalog", "CatalogError", "CatalogFormat", "CatalogSource", "Persona", "SplitConfig", "catalog_format",
-    "generic_questions", "heldout_text", "load_catalog", "load_texts", "persona_id_problem", "reference_persona",
-    "validate", "with_texts",
+    "BUILTIN", "CATALOG_FORMATS", "DATA", "FORMAT", "MAX_TEXT_CHARS", "REFERENCE_PERSONA_ID", "REFERENCE_TEXTS",
+    "RESERVED_IDS", "Catalog", "CatalogError", "CatalogFormat", "CatalogSource", "Persona", "SplitConfig",
+    "catalog_format", "generic_questions", "heldout_text", "load_catalog", "load_texts", "persona_id_problem",
+    "reference_persona", "validate", "with_texts",
 ]

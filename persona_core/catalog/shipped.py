@@ -18,7 +18,7 @@ from persona_core.catalog.personas import REFERENCE_PERSONA_ID, Persona
 DATA = Path(__file__).resolve().parents[1] / "data"
 BUILTIN = "builtin"  # the name `load_catalog` reads the built-in catalog by
 BUILTIN_CATALOG = DATA / "catalog.yaml"
-REFERENCE_TEXTS = DATA / "general.txt"
+REFERENCE_TEXTS = DATA / "general.txt"  # the reference persona's texts (general, persona-neutral text)
 
 
 def reference_persona() -> Persona:
@@ -42,5 +42,5 @@ def generic_questions(part: str = "all") -> list[str]:
 
 
 def heldout_text() -> str:
-    """The project's own held-out general text (perplexity)."""
+    """The project's own held-out text, no persona's (what perplexity is measured on)."""
     return (DATA / "heldout.txt").read_text()

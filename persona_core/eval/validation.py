@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-from persona_core.catalog import DATA, Persona, heldout_text
+from persona_core.catalog import REFERENCE_TEXTS, Persona, heldout_text
 from persona_core.eval.estimates import pairwise_auc
 from persona_core.eval.scorer import Scorer
 
@@ -86,7 +86,7 @@ def _read_text(source: str | None) -> str:
     if source is None:
         return heldout_text()
     if source == "builtin:general":
-        return (DATA / "general.txt").read_text(encoding="utf-8")
+        return REFERENCE_TEXTS.read_text(encoding="utf-8")
     path = Path(source)
     if path.is_dir():
         raise ValueError(f"{source}: a folder; name a text file (e.g. wikitext-2/valid.txt)")

@@ -1,1 +1,2 @@
-"""The store: one API over any fsspec URL, every key it holds, leases, content hashes, redaction."""
+"""The store: one API over any fsspec URL (`store`), every key it holds (`layout`), the grammar of
+identifiers in keys (`ids`), leases (`lease`), content hashes (`hashing`), redaction (`redact`)."""

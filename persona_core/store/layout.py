@@ -23,7 +23,8 @@ Layout under the store root::
     _probe/<random>                                                   write probe (deleted at once)
 
 A mask's method segment is ``<method>[@<granularity>][~<allocation>][+<params-hash>]``
-(``2:4`` written ``2of4``); masks shared by every persona have the owner ``general``.
+(``2:4`` written ``2of4``); masks shared by every persona have the owner ``general`` (the reference
+persona's id, `persona_core.catalog.personas.REFERENCE_PERSONA_ID`).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class MaskRef:
     method: str  # the whole method segment, e.g. contrastive-wanda@2of4+1a2b3c4d or wanda~owl
     base: str  # the method's registered name, e.g. contrastive-wanda
     sparsity: float  # NaN for a budgeted mask (its metadata holds the sparsity the search chose)
-    owner: str  # a persona id, or "general" for masks shared by every persona
+    owner: str  # a persona id, or "general" (the reference persona) for masks shared by every persona
     granularity: str = DEFAULT_GRANULARITY
     allocation: str = DEFAULT_ALLOCATION
     params_hash: str | None = None

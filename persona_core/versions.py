@@ -32,7 +32,7 @@ MASKS_VERSION = "masks-v1"
 # bumping it invalidates learned masks and their training data.
 LEARN_VERSION = "learn-v1"
 
-# Evaluation config and dense-row identities (`eval.engine.EvalConfig.hash`, `dense_ident`) and the
+# Evaluation config and dense-row identities (`eval.config.EvalConfig.hash`, `eval.dense_cache.dense_ident`) and the
 # ``code_version`` of result parts: bumping it invalidates every evaluated result.
 EVALUATE_VERSION = "evaluate-v1"
 

@@ -27,8 +27,11 @@ from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate_persona  # noqa: E402
 from persona_core.catalog import reference_persona, heldout_text, load_catalog  # noqa: E402
 from persona_core.eval.masked import MaskedModel  # noqa: E402
-from persona_core.masks.methods import LinearWeights, MaskSpec, build_pair_masks, owl_sparsities  # noqa: E402
-from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from persona_core.masks.allocation import owl_sparsities  # noqa: E402
+from persona_core.masks.build import build_pair_masks  # noqa: E402
+from persona_core.masks.inputs import LinearWeights  # noqa: E402
+from persona_core.masks.spec import MaskSpec  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 SETTINGS = (("wanda-general", 0.5), ("wanda-general", 0.6), ("contrastive-penalty", 0.3), ("contrastive-penalty", 0.4))
 

@@ -28,7 +28,7 @@ from persona_core.calib.recorder import StatsRecorder  # noqa: E402
 from persona_core.models.layers import decoder_body  # noqa: E402
 from persona_core.calib.texts import batches, render_reply  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def main() -> None:

@@ -34,12 +34,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.masks.budget import Budget, Setting  # noqa: E402
-from persona_core.masks.budget_search import PairSearch  # noqa: E402
+from persona_core.masks.budgeted_build import PairSearch  # noqa: E402
 from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate_persona  # noqa: E402
 from persona_core.catalog import reference_persona, load_catalog  # noqa: E402
-from persona_core.masks.methods import LinearWeights, MaskSpec, get_method  # noqa: E402
-from persona_core.models import DEFAULT_MODEL  # noqa: E402
+from persona_core.masks.inputs import LinearWeights  # noqa: E402
+from persona_core.masks.methods import METHODS  # noqa: E402
+from persona_core.masks.spec import MaskSpec  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
 from persona_core.calib.parts import write_stats  # noqa: E402
 from persona_core.calib.stored import read_persona_stats, stats_exist  # noqa: E402
 
@@ -72,7 +74,7 @@ def setup(model: str, catalog, pairs, store, attribution: bool = False):
 def searcher(ev, weights, method: str, a, b, stats, budget: Budget, config: CalibConfig,
              allocation: str = "uniform") -> PairSearch:
     people = {"persona": a, "opposite": b, "general": reference_persona()}
-    m = get_method(method)
+    m = METHODS[method]
     roles = [(r, people[r]) for r in m.needs]
     granularity = "ffn-channels" if m.reads else "unstructured"  # channel-scoring methods build channel masks
     return PairSearch(ev, weights, MaskSpec(method, 0.0, granularity, budget=budget, allocation=allocation), budget,
@@ -121,7 +123,7 @@ def main() -> None:
     pairs = catalog.pairs() if args.pairs == ["all"] else [tuple(p.split(",")) for p in args.pairs]
     t0 = time.time()
     ev, weights, stats, config = setup(args.model, catalog, pairs, args.store,
-                                       attribution=any(get_method(m).reads for m in args.methods))
+                                       attribution=any(METHODS[m].reads for m in args.methods))
     setup_s = time.time() - t0  # model load and calibration
     budget = Budget(perplexity_ratio=args.budget)
     sweeps = {m: [float(v) for v in vals.split(",")] for m, _, vals in (s.partition("=") for s in args.strength)}
@@ -129,7 +131,7 @@ def main() -> None:
     frontier: dict = {}
     if not args.no_frontier:
         for method in args.methods:
-            m = get_method(method)
+            m = METHODS[method]
             strengths = sweeps.get(method) or ([m.defaults[m.strength[0]]] if m.strength else [None])
             for a_id, b_id in pairs:
                 ps = searcher(ev, weights, method, catalog[a_id], catalog[b_id], stats, budget, config,

@@ -40,12 +40,14 @@ from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate  # noqa: E402
 from persona_core.calib.texts import render_samples  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.learn.learner import (DataConfig, LearnConfig, MaskLearner, _pad, general_text,  # noqa: E402
-                                general_windows, generate_training_data, initial_scores, prepare_examples,
-                                prepare_general)
+from persona_core.learn.config import DataConfig, LearnConfig
+from persona_core.learn.data import general_text, general_windows, generate_training_data
+from persona_core.learn.distill import pad_sequences, prepare_examples, prepare_general
+from persona_core.learn.learner import MaskLearner, initial_scores
 from persona_core.eval.metrics import heldout_questions  # noqa: E402
 from persona_core.eval.config import EvalConfig  # noqa: E402
-from persona_core.models import DEFAULT_MODEL, LoadedModel, byte_tokenizer, load_model  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL, LoadedModel, load_model  # noqa: E402
+from persona_core.models.tiny import byte_tokenizer  # noqa: E402
 
 log = logging.getLogger("bench.learn")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona-pruner-eval")
@@ -70,7 +72,7 @@ def random_llama_1b(device: str) -> LoadedModel:
 
 def plain_step(loaded: LoadedModel, seqs, pad: int, trainable: bool) -> None:
     model = loaded.model
-    ids, att = _pad(seqs, pad, loaded.device)
+    ids, att = pad_sequences(seqs, pad, loaded.device)
     labels = ids.masked_fill(att == 0, -100)
     if trainable:
         out = model(input_ids=ids, attention_mask=att, labels=labels, use_cache=False)

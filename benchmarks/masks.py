@@ -42,8 +42,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.catalog import SplitConfig, load_catalog  # noqa: E402
 from persona_core.masks.codec import encode_mask, read_mask  # noqa: E402
-from persona_core.masks.methods import LinearWeights, MaskSpec, iter_masks, n_pruned, spec_key  # noqa: E402
-from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from persona_core.masks.build import iter_masks  # noqa: E402
+from persona_core.masks.inputs import LinearWeights  # noqa: E402
+from persona_core.masks.select import n_pruned  # noqa: E402
+from persona_core.masks.spec import MaskSpec, spec_key  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from persona_core.store.store import open_store  # noqa: E402
 
 log = logging.getLogger("bench.masks")
@@ -99,7 +102,7 @@ def real_pairs(catalog, n_pairs: int, statements: int) -> dict:
     """
     from persona_core.calib.config import CalibConfig
     from persona_core.calib.recorder import calibrate_persona
-    from persona_core.masks.methods import build_pair_masks
+    from persona_core.masks.build import build_pair_masks
 
     loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     config = CalibConfig(batch_size=8)
@@ -223,7 +226,7 @@ def main() -> None:
     ray.shutdown()
 
     spec = MaskSpec("contrastive-wanda", 0.5)
-    from persona_core.models import model_key
+    from persona_core.models.loading import model_key
 
     mkey = model_key(DEFAULT_MODEL)
     pairs = catalog.pairs()[: args.sample_pairs]

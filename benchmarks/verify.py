@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.masks.codec import MaskFile, unpack, write_mask  # noqa: E402
-from persona_core.masks.methods import LinearWeights  # noqa: E402
-from persona_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from persona_core.masks.inputs import LinearWeights  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from persona_core.calib.parts import read_part, write_stats  # noqa: E402
 from persona_core.calib.stats import GroupStats, PersonaStats  # noqa: E402
 from persona_core.store.store import open_store, parquet_file  # noqa: E402

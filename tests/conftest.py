@@ -93,7 +93,7 @@ def s3_url(s3_endpoint):
 @pytest.fixture(scope="session")
 def tiny():
     """tiny-random-llama, loaded once per session (treat as read-only)."""
-    from persona_core.models import load_model
+    from persona_core.models.loading import load_model
 
     return load_model("tiny-random-llama", device="cpu")
 

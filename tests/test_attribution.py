@@ -12,8 +12,12 @@ from persona_core.calib.config import CalibConfig
 from persona_core.calib.recorder import calibrate
 from persona_core.store.hashing import content_hash
 from persona_core.versions import CALIB_VERSION
-from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
-from persona_core.models import linear_groups
+from persona_core.masks.build import build_pair_masks
+from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.methods import METHODS
+from persona_core.masks.select import n_pruned
+from persona_core.masks.spec import MaskSpec
+from persona_core.models.layers import linear_groups
 from persona_core.calib.stats import GroupStats
 
 TEXTS = ["I love long evenings alone with a good book.", "Parties drain me.",
@@ -176,7 +180,7 @@ def test_refuses_weight_granularities_and_missing_statistics(lw):
     plain = [random_stats(lw.groups, s) for s in (1, 2, 3)]
     with pytest.raises(KeyError, match="mlp_attr"):
         build_pair_masks(lw, *plain, spec=MaskSpec("contrastive-attribution", 0.1, "ffn-channels"))
-    assert REGISTRY["contrastive-attribution"].reads == ATTRIBUTION
+    assert METHODS["contrastive-attribution"].reads == ATTRIBUTION
 
 
 def test_attribution_statistics_round_trip_through_the_store(tiny, tmp_path):

@@ -153,8 +153,8 @@ def tiny_setup(tmp_path_factory):
     from persona_core.calib.recorder import calibrate_persona
     from persona_core.catalog import reference_persona, load_catalog
     from persona_core.eval.engine import Evaluator
-    from persona_core.masks.methods import LinearWeights
-    from persona_core.models import load_model
+    from persona_core.masks.inputs import LinearWeights
+    from persona_core.models.loading import load_model
 
     loaded = load_model("tiny-random-llama", device="cpu")
     ev = Evaluator(loaded)
@@ -172,15 +172,16 @@ def tiny_setup(tmp_path_factory):
 
 
 def run_search(tiny_setup, monkeypatch, a=None, b=None, method="contrastive-penalty", **budget):
-    from persona_core.masks.budget_search import PairSearch
+    from persona_core.masks.budgeted_build import PairSearch
     from persona_core.catalog import reference_persona
-    from persona_core.masks.methods import MaskSpec, get_method
+    from persona_core.masks.methods import METHODS
+    from persona_core.masks.spec import MaskSpec
 
     ev, lw, a0, b0, stats, cc, folder = tiny_setup
     a, b = a or a0, b or b0
     monkeypatch.setenv("PERSONA_WIKITEXT2", str(folder))
     people = {"persona": a, "opposite": b, "general": reference_persona()}
-    roles = [(r, people[r]) for r in get_method(method).needs]
+    roles = [(r, people[r]) for r in METHODS[method].needs]
     b_ = Budget(**{"steps": 8, "ppl_windows": 2, "ppl_window": 32, "max_sparsity": 0.6, **budget})
     return PairSearch(ev, lw, MaskSpec(method, 0.1), b_, roles, [stats[p.id] for _, p in roles],
                       calib_config=cc).run()
@@ -223,7 +224,7 @@ def test_search_never_reads_evaluation_statements_or_the_test_split(tiny_setup, 
 
 
 def test_unreachable_budget_on_the_tiny_model_keeps_the_dense_most_setting(tiny_setup, monkeypatch):
-    from persona_core.masks.budget_search import PairSearch
+    from persona_core.masks.budgeted_build import PairSearch
 
     real = PairSearch._ratio
     monkeypatch.setattr(PairSearch, "_ratio", lambda self, masks, limit=None: 1.5 + real(self, masks))
@@ -253,11 +254,12 @@ def test_budgeted_channel_attribution_search_on_the_tiny_model(tiny_setup, monke
     held out of it too), ffn-channel masks, the chosen setting within the budget."""
     from dataclasses import replace
 
-    from persona_core.masks.budget_search import PairSearch
+    from persona_core.masks.budgeted_build import PairSearch
     from persona_core.calib.attribution import ATTRIBUTION
     from persona_core.calib.recorder import calibrate_persona
     from persona_core.catalog import reference_persona
-    from persona_core.masks.methods import MaskSpec, n_pruned
+    from persona_core.masks.select import n_pruned
+    from persona_core.masks.spec import MaskSpec
 
     ev, lw, a, b, _, cc, folder = tiny_setup
     cc = replace(cc, attribution=True)

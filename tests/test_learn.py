@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from persona_core.catalog import Persona, generic_questions
-from persona_core.learn.learner import (ChannelGate, DataConfig, Example, LearnConfig, LearnerState, MaskLearner,
-                                _teacher, channels_kept, hard_topk, initial_scores, learn_persona,
-                                prepare_examples, straight_through, training_instructions)
-from persona_core.masks.methods import LinearWeights, MaskSpec, build_masks
-from persona_core.models import LoadedModel
+from persona_core.learn.config import DataConfig, LearnConfig
+from persona_core.learn.data import training_instructions
+from persona_core.learn.distill import Example, prepare_examples, teacher_targets
+from persona_core.learn.gate import ChannelGate, channels_kept, hard_topk, straight_through
+from persona_core.learn.learner import LearnerState, MaskLearner, initial_scores, learn_persona
+from persona_core.masks.build import build_masks
+from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.spec import MaskSpec
+from persona_core.models.loading import LoadedModel
 from tests.test_masks import random_stats
 
 PERSONA = Persona("pirate", "You are a pirate who speaks in nautical slang.")
@@ -115,7 +119,7 @@ def test_learning_recovers_the_channels_the_teacher_needs(tiny):
     texts = [torch.randint(0, 256, (24,), generator=g).tolist() for _ in range(8)]
     with gate:
         gate.values = target.float()
-        examples = _teacher(toy.model, 0, [(t, 0, t[1:]) for t in texts], topk=260, batch=8)
+        examples = teacher_targets(toy.model, 0, [(t, 0, t[1:]) for t in texts], topk=260, batch=8)
     cfg = LearnConfig(sparsity=0.5, steps=20, lr=0.3, batch_size=8, temperature=0.5, general_weight=0.0,
                       general_windows=0, teacher_topk=260)
     scores = torch.randn(layers, width, generator=g, dtype=torch.float64) * 0.1
@@ -247,7 +251,7 @@ def test_config_errors_name_the_field():
 
 
 def test_a_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradient(tiny, stats):
-    from persona_core.learn.learner import shared_prefix
+    from persona_core.learn.distill import shared_prefix
 
     learner = _learner(tiny, stats, batch_size=4)
     persona, _ = learner.batch(0)

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.masks import methods as M
-from persona_core.catalog import REFERENCE_PERSONA_ID
-from persona_core.masks.methods import GRANULARITIES, REGISTRY, LinearWeights, MaskSpec, build_masks, build_pair_masks
 from persona_core.calib.stats import GroupStats
+from persona_core.catalog import REFERENCE_PERSONA_ID
+from persona_core.masks import allocation as A
+from persona_core.masks.build import build_masks, build_pair_masks
+from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.methods import METHODS, PERSONA, register
+from persona_core.masks.select import keep_top, n_pruned
+from persona_core.masks.spec import GRANULARITIES, MaskSpec, mask_key, spec_key
+from persona_core.store.hashing import content_hash
+from persona_core.versions import MASKS_VERSION
 
 
 def random_stats(groups, seed: int, tokens: int = 40, samples: int = 4) -> dict:
@@ -37,7 +43,7 @@ def stats(lw):
 
 
 def args_for(method: str, stats: dict) -> list:
-    return [stats[role] for role in REGISTRY[method].needs]
+    return [stats[role] for role in METHODS[method].needs]
 
 
 def reference_keep(score: torch.Tensor, absw: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,14 +55,14 @@ def reference_keep(score: torch.Tensor, absw: torch.Tensor, k: int) -> torch.Ten
     return keep
 
 
-WEIGHT_METHODS = sorted(m for m in REGISTRY if not REGISTRY[m].reads)  # the rest score MLP channels only
+WEIGHT_METHODS = sorted(m for m in METHODS if not METHODS[m].reads)  # the rest score MLP channels only
 
 
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
 @pytest.mark.parametrize("sparsity", [0.3, 0.5])
 def test_unstructured_exact_sparsity_per_row(lw, stats, method, sparsity):
     out = build_pair_masks(lw, *args_for(method, stats), spec=MaskSpec(method, sparsity))
-    assert len(out) == REGISTRY[method].sides
+    assert len(out) == METHODS[method].sides
     for masks in out:
         assert set(masks) == set(lw.tensors)
         for name, mask in masks.items():
@@ -135,13 +141,13 @@ def test_contrastive_relu_zero_scores_are_filled_by_magnitude(lw, stats):
 def test_keep_top_ties_by_magnitude_then_index():
     score = torch.zeros(3, 6)
     absw = torch.tensor([[1., 5, 3, 5, 2, 4], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    keep = M.keep_top(score, 3, absw)
+    keep = keep_top(score, 3, absw)
     assert keep[0].tolist() == [False, True, False, True, False, True]  # the 3 largest |W| (5, 5, 4)
     assert keep[1].tolist() == [True, True, True, False, False, False]  # all equal: lowest index first
     assert keep[2].tolist() == [True, True, True, False, False, False]
     score = torch.tensor([[2., 1, 1, 1, 0, 0]])
     absw = torch.tensor([[0., 1, 3, 3, 9, 9]])
-    assert M.keep_top(score, 3, absw)[0].tolist() == [True, False, True, True, False, False]
+    assert keep_top(score, 3, absw)[0].tolist() == [True, False, True, True, False, False]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -150,12 +156,12 @@ def test_keep_top_matches_reference_on_heavy_ties(seed):
     score = torch.randint(0, 3, (7, 16), generator=g).float()
     absw = torch.randint(0, 3, (7, 16), generator=g).float()
     for k in (0, 1, 5, 8, 15, 16):
-        assert torch.equal(M.keep_top(score, k, absw), reference_keep(score, absw, k))
+        assert torch.equal(keep_top(score, k, absw), reference_keep(score, absw, k))
 
 
 def test_keep_top_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
-        M.keep_top(torch.tensor([[1.0, float("nan"), 0.5]]), 1, torch.ones(1, 3))
+        keep_top(torch.tensor([[1.0, float("nan"), 0.5]]), 1, torch.ones(1, 3))
 
 
 def test_deterministic_and_input_order_independent(lw, stats):
@@ -203,31 +209,31 @@ def test_wrong_number_of_stats(lw, stats):
 
 
 def test_mask_key_layout():
-    assert M.mask_key("m-1", "wanda", 0.5, "introvert") == "masks/model=m-1/method=wanda/sparsity=0.5/introvert.safetensors"
-    assert M.mask_key("m-1", "wanda-general", 0.3, "introvert").endswith("sparsity=0.3/general.safetensors")
-    assert M.mask_key("m-1", "magnitude", 0.3, "x").endswith(f"/{REFERENCE_PERSONA_ID}.safetensors")
-    assert "/method=wanda@2of4/" in M.mask_key("m-1", "wanda", 0.5, "p", "2:4")
-    assert "/method=wanda@ffn-channels/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels")
-    relu = M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"})
-    assert relu != M.mask_key("m-1", "contrastive-wanda", 0.5, "p")
-    assert M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "softplus"}) == \
-        M.mask_key("m-1", "contrastive-wanda", 0.5, "p")
+    assert mask_key("m-1", "wanda", 0.5, "introvert") == "masks/model=m-1/method=wanda/sparsity=0.5/introvert.safetensors"
+    assert mask_key("m-1", "wanda-general", 0.3, "introvert").endswith("sparsity=0.3/general.safetensors")
+    assert mask_key("m-1", "magnitude", 0.3, "x").endswith(f"/{REFERENCE_PERSONA_ID}.safetensors")
+    assert "/method=wanda@2of4/" in mask_key("m-1", "wanda", 0.5, "p", "2:4")
+    assert "/method=wanda@ffn-channels/" in mask_key("m-1", "wanda", 0.5, "p", "ffn-channels")
+    relu = mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"})
+    assert relu != mask_key("m-1", "contrastive-wanda", 0.5, "p")
+    assert mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "softplus"}) == \
+        mask_key("m-1", "contrastive-wanda", 0.5, "p")
     assert set(GRANULARITIES) == {"unstructured", "2:4", "4:8", "ffn-channels"}
 
 
 def test_register_a_method_in_one_line(lw, stats):
     try:
-        @M.register("test-inverse-rms", needs=(M.PERSONA,), power=1.0)
+        @register("test-inverse-rms", needs=(PERSONA,), power=1.0)
         def inverse(absw, st, p):
             return (absw / (st[0].rms.float() ** p["power"] + 1e-6),)
 
         masks = build_masks(lw, stats["persona"], spec=MaskSpec("test-inverse-rms", 0.5))
         wanda = build_masks(lw, stats["persona"], spec=MaskSpec("wanda", 0.5))
         assert any(not torch.equal(masks[n], wanda[n]) for n in masks)
-        with pytest.raises(ValueError, match="already registered"):
-            M.register("test-inverse-rms")(inverse)
+        with pytest.raises(ValueError, match="registered twice"):
+            register("test-inverse-rms")(inverse)
     finally:
-        REGISTRY.pop("test-inverse-rms", None)
+        METHODS._entries.pop("test-inverse-rms", None)  # tests only: the registry has no public removal
 
 
 def test_model_and_weights_inputs_agree(tiny, lw, stats):
@@ -247,26 +253,26 @@ def test_owl_sparsities_keep_the_mean_and_favour_outlier_layers(lw, stats):
             for name in g.modules:
                 tensors[name].view(-1)[::37] *= 50
     skewed = LinearWeights(lw.groups, tensors)
-    sp = M.owl_sparsities(skewed, [stats["persona"]], 0.5)
+    sp = A.owl_sparsities(skewed, [stats["persona"]], 0.5)
     assert len(sp) == lw.num_layers == 2
     assert sum(sp) / len(sp) == pytest.approx(0.5)
-    assert sp[1] == pytest.approx(0.5 - M.OWL_LAMBDA) and sp[0] == pytest.approx(0.5 + M.OWL_LAMBDA)
+    assert sp[1] == pytest.approx(0.5 - A.OWL_LAMBDA) and sp[0] == pytest.approx(0.5 + A.OWL_LAMBDA)
     # without statistics the scores are |W| alone; equal outlier ratios give the uniform sparsity
-    assert M.owl_sparsities(skewed, [], 0.3)[1] < 0.3
+    assert A.owl_sparsities(skewed, [], 0.3)[1] < 0.3
     same = LinearWeights([g for g in lw.groups if g.layer == 0], lw.tensors)
-    assert M.owl_sparsities(same, [stats["persona"]], 0.3) == (0.3,)
+    assert A.owl_sparsities(same, [stats["persona"]], 0.3) == (0.3,)
 
 
 def test_owl_masks_prune_each_layer_at_its_allocated_sparsity(lw, stats):
     spec = MaskSpec("wanda", 0.5, allocation="owl")
-    resolved = M.resolve_allocation(lw, [stats["persona"]], spec)
-    assert resolved.layer_sparsity == M.owl_sparsities(lw, [stats["persona"]], 0.5)
+    resolved = A.resolve_allocation(lw, [stats["persona"]], spec)
+    assert resolved.layer_sparsity == A.owl_sparsities(lw, [stats["persona"]], 0.5)
     assert resolved.hash == spec.hash  # the request, not its resolution, names the mask
     masks = build_masks(lw, stats["persona"], spec=spec)
     for g in lw.groups:
         for name in g.modules:
             m = masks[name]
-            assert (m.shape[1] - m.sum(1) == M.n_pruned(m.shape[1], resolved.layer_sparsity[g.layer])).all()
+            assert (m.shape[1] - m.sum(1) == n_pruned(m.shape[1], resolved.layer_sparsity[g.layer])).all()
 
 
 def test_owl_is_one_allocation_for_both_sides_of_a_pair(lw, stats):
@@ -285,10 +291,10 @@ def test_owl_spec_validation_key_and_hash():
     uniform, owl = MaskSpec("wanda", 0.5), MaskSpec("wanda", 0.5, allocation="owl")
     assert uniform.hash != owl.hash
     # adding the allocation field left the uniform masks' hashes (and so the stored masks) as they were
-    assert uniform.hash == M.content_hash(M.MASKS_VERSION, "wanda", {}, 0.5, "unstructured", None)
-    assert M.spec_key("m-1", owl, "p") == "masks/model=m-1/method=wanda~owl/sparsity=0.5/p.safetensors"
-    assert "/method=wanda@ffn-channels~owl/" in M.mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
-    assert "/method=contrastive-wanda~owl+" in M.mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},
+    assert uniform.hash == content_hash(MASKS_VERSION, "wanda", {}, 0.5, "unstructured", None)
+    assert spec_key("m-1", owl, "p") == "masks/model=m-1/method=wanda~owl/sparsity=0.5/p.safetensors"
+    assert "/method=wanda@ffn-channels~owl/" in mask_key("m-1", "wanda", 0.5, "p", "ffn-channels", None, "owl")
+    assert "/method=contrastive-wanda~owl+" in mask_key("m-1", "contrastive-wanda", 0.5, "p", params={"f": "relu"},
                                                          allocation="owl")
     from persona_core.run.config import parse_config  # the config checks against these very tuples
 
@@ -310,18 +316,18 @@ def _differ_in_layer(stats: dict, layer: int) -> dict:
 def test_focus_prunes_only_the_layers_where_the_pair_differs(lw, stats):
     persona = stats["persona"]
     opposite = _differ_in_layer(persona, 1)
-    d = M.layer_divergence(lw, persona, opposite)
+    d = A.layer_divergence(lw, persona, opposite)
     assert d[0] == 0.0 and d[1] > 0.0
-    assert M.focus_sparsities(lw, [persona, opposite], 0.2) == (0.0, 0.4)  # share 0.25 of 2 layers: 1 layer
-    assert M.focus_sparsities(lw, [persona, opposite], 0.2, share=1.0) == (0.2, 0.2)
-    assert M.focus_sparsities(lw, [persona, opposite], 0.7) == (0.0, 0.99)  # the cap binds
+    assert A.focus_sparsities(lw, [persona, opposite], 0.2) == (0.0, 0.4)  # share 0.25 of 2 layers: 1 layer
+    assert A.focus_sparsities(lw, [persona, opposite], 0.2, share=1.0) == (0.2, 0.2)
+    assert A.focus_sparsities(lw, [persona, opposite], 0.7) == (0.0, 0.99)  # the cap binds
     spec = MaskSpec("contrastive-penalty", 0.2, allocation="focus")
     plus, minus = build_pair_masks(lw, persona, opposite, spec=spec)
     minus2, plus2 = build_pair_masks(lw, opposite, persona, spec=spec)  # one allocation for both sides
     for g in lw.groups:
         for name in g.modules:
             for m in (plus[name], minus[name]):
-                assert (m.shape[1] - m.sum(1) == M.n_pruned(m.shape[1], 0.4 if g.layer == 1 else 0.0)).all()
+                assert (m.shape[1] - m.sum(1) == n_pruned(m.shape[1], 0.4 if g.layer == 1 else 0.0)).all()
             assert torch.equal(plus[name], plus2[name]) and torch.equal(minus[name], minus2[name])
     # the two sides' masks differ in the focused layer, where their statistics differ
     assert any(not torch.equal(plus[n], minus[n]) for g in lw.groups if g.layer == 1 for n in g.modules)
@@ -329,11 +335,11 @@ def test_focus_prunes_only_the_layers_where_the_pair_differs(lw, stats):
 
 def test_focus_follows_the_statistics_and_needs_a_pair(lw, stats):
     persona = stats["persona"]
-    assert M.focus_sparsities(lw, [persona, _differ_in_layer(persona, 0)], 0.2) == (0.4, 0.0)
-    assert M.focus_sparsities(lw, [persona, persona], 0.2) == (0.4, 0.0)  # a tie: the earlier layer
+    assert A.focus_sparsities(lw, [persona, _differ_in_layer(persona, 0)], 0.2) == (0.4, 0.0)
+    assert A.focus_sparsities(lw, [persona, persona], 0.2) == (0.4, 0.0)  # a tie: the earlier layer
     with pytest.raises(ValueError, match="contrastive"):
         build_masks(lw, persona, spec=MaskSpec("wanda", 0.2, allocation="focus"))
-    assert "/method=contrastive-penalty~focus/" in M.mask_key("m-1", "contrastive-penalty", 0.2, "p", allocation="focus")
+    assert "/method=contrastive-penalty~focus/" in mask_key("m-1", "contrastive-penalty", 0.2, "p", allocation="focus")
     from persona_core.run.config import parse_config
 
     assert parse_config("masks: {allocations: [focus]}").masks.allocations == ["focus"]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_core.masks.methods import REGISTRY, LinearWeights, MaskSpec, build_pair_masks, n_pruned
+from persona_core.masks.build import build_pair_masks
+
+from persona_core.masks.inputs import LinearWeights
+
+from persona_core.masks.methods import METHODS
+
+from persona_core.masks.select import n_pruned
+
+from persona_core.masks.spec import MaskSpec
 from persona_core.calib.stats import GroupStats
 
 from test_masks import random_stats, reference_keep
@@ -47,7 +55,7 @@ def test_gated_prunes_only_unprotected_weights_in_contrast_order(lw, stats):
     protect, sparsity = 0.7, 0.2
     gated = build_pair_masks(lw, *stats, spec=MaskSpec("general-gated", sparsity, params={"protect": protect}))
     plain = build_pair_masks(lw, *stats[:2], spec=MaskSpec("contrastive-penalty", sparsity))
-    contrast = REGISTRY["contrastive-penalty"]
+    contrast = METHODS["contrastive-penalty"]
     for g in lw.groups:
         key = (g.layer, g.name)
         for name in g.modules:

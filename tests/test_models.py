@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from persona_core import models
-from persona_core.models import linear_groups, load_model, model_key
+from persona_core.models import builtin
+from persona_core.models.layers import linear_groups
+from persona_core.models.loading import load_model, model_key, pick_dtype
 
 
 def test_tiny_random_llama_is_seeded_and_keyed(tiny):
@@ -85,16 +86,16 @@ def test_unknown_model_is_a_clear_error(monkeypatch):
 
 
 def test_dtype_choice():
-    assert models.pick_dtype(None, torch.device("cpu")) == torch.float32
-    assert models.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype(None, torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
-        models.pick_dtype("int3", torch.device("cpu"))
+        pick_dtype("int3", torch.device("cpu"))
 
 
 @pytest.mark.slow
 def test_default_model_loads_from_cache_the_second_time(monkeypatch):
     first = load_model()
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(builtin, "convert_gguf", lambda *a: pytest.fail("converted again"))
     second = load_model()
     assert first.key == second.key and first.key.startswith("smollm2-135m-")
     groups = linear_groups(second.model)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_pipeline_config
 from persona_core.errors import UserError
-from persona_core.models import model_key
+from persona_core.models.loading import model_key
 from persona_core.run.plan import make_plan
 from persona_core.store.store import open_store
 

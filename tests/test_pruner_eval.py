@@ -10,7 +10,8 @@ import pytest
 from persona_core.catalog import CatalogError, load_catalog
 from persona_core.eval.config import EvalConfig
 from persona_core.eval.judge import judge_prompt
-from persona_core.learn.learner import DataConfig, training_instructions
+from persona_core.learn.config import DataConfig
+from persona_core.learn.data import training_instructions
 from persona_core.eval.metrics import heldout_questions
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona-pruner-eval")

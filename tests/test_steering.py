@@ -9,7 +9,7 @@ import torch
 from persona_core.calib.config import CalibConfig
 from persona_core.calib.recorder import RESIDUAL, calibrate, calibrate_persona
 from persona_core.catalog.personas import Persona
-from persona_core.models import decoder_layers
+from persona_core.models.layers import decoder_layers
 from persona_core.calib.parts import write_stats
 from persona_core.calib.stats import PersonaStats
 from persona_core.calib.stored import open_stats, read_persona_stats

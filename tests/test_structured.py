@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from persona_core.masks.methods import LinearWeights, MaskSpec, build_masks
+from persona_core.masks.build import build_masks
+
+from persona_core.masks.inputs import LinearWeights
+
+from persona_core.masks.spec import MaskSpec
 from persona_core.masks.export import export_pruned, kept_channels
 from tests.test_masks import random_stats
 

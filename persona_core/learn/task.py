@@ -20,6 +20,7 @@ publishes the mask last (a killed worker leaves at most a checkpoint behind).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -27,15 +28,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from persona_core.store import layout
+from persona_core.calib.stored import read_persona_stats
 from persona_core.catalog import REFERENCE_PERSONA_ID, Persona
+from persona_core.learn.config import DataConfig, LearnConfig
+from persona_core.learn.data import (general_text, generate_training_data, normalize_question, samples_from_json,
+                                     samples_hash)
+from persona_core.learn.learner import LearnerState, identity, learn_persona
+from persona_core.masks.codec import read_mask_metadata, write_mask
+from persona_core.masks.export import export_pruned
+from persona_core.masks.methods import GENERAL, METHODS, PERSONA
+from persona_core.models.loading import LoadedModel
+from persona_core.store import layout
 from persona_core.store.hashing import content_hash
-from persona_core.versions import LEARN_VERSION
-from persona_core.learn.learner import (DataConfig, LearnConfig, LearnerState, general_text, identity, learn_persona,
-                    samples_from_json, samples_hash, samples_to_json)
-from persona_core.masks.methods import GENERAL, PERSONA, get_method
-from persona_core.models import LoadedModel
 from persona_core.store.store import Store
+from persona_core.versions import LEARN_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: 
 
 def data_identity(model_key: str, persona: Persona, data: DataConfig, held_out) -> str:
     return content_hash(LEARN_VERSION, "data", model_key, persona.description, data.hash,
-                        sorted(" ".join(q.split()).casefold() for q in held_out))
+                        sorted(normalize_question(q) for q in held_out))
 
 
 def data_key(model_key: str, persona_id: str, data_id: str) -> str:
@@ -106,13 +112,11 @@ class LearnTask:
     @property
     def stats_roles(self) -> list[str]:
         """Persona ids whose statistics the init method reads, in its `needs` order."""
-        needs = get_method(self.config.init).needs
+        needs = METHODS[self.config.init].needs
         return [self.persona.id if r == PERSONA else REFERENCE_PERSONA_ID for r in needs if r in (PERSONA, GENERAL)]
 
 
 def is_current(store: Store, task: LearnTask) -> bool:
-    from persona_core.masks.codec import read_mask_metadata
-
     try:
         meta = read_mask_metadata(store, task.mask_key)
     except Exception as err:  # unreadable: learn it again
@@ -124,14 +128,12 @@ def is_current(store: Store, task: LearnTask) -> bool:
 
 def training_data(loaded: LoadedModel, store: Store, task: LearnTask) -> tuple[list[dict[str, str]], str]:
     """The persona's stored training data for this recipe, generated and stored first if absent."""
-    from persona_core.learn.learner import generate_training_data
-
     key = data_key(task.model_key, task.persona.id, data_identity(task.model_key, task.persona, task.data,
                                                                   task.held_out))
     if store.exists(key):
         try:
             doc = store.read_json(key)
-            samples = samples_from_json(__import__("json").dumps(doc["samples"]))
+            samples = samples_from_json(json.dumps(doc["samples"]))
             if doc.get("hash") == samples_hash(samples):
                 return samples, key
             log.warning("%s: content hash does not match; generating again", key)
@@ -149,9 +151,6 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
 
     `on_step` (tests: a simulated kill) runs after every checkpoint is written.
     """
-    from persona_core.masks.codec import write_mask
-    from persona_core.calib.stored import read_persona_stats
-
     start = time.time()
     if loaded.key != task.model_key:
         raise ValueError(f"{task.name}: planned for model {task.model_key}, worker holds {loaded.key}")
@@ -185,8 +184,6 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
                 code_version=LEARN_VERSION, data_key=dkey, stats=dict(task.stats_fingerprints),
                 resumed_from=resumed_from, evaluation_questions=len(task.held_out))
     if task.export:
-        from persona_core.masks.export import export_pruned
-
         with tempfile.TemporaryDirectory() as tmp:
             out = export_pruned(loaded, result.masks, Path(tmp) / "model")
             prefix = export_prefix(task.mask_key)

@@ -16,7 +16,7 @@ strength.
 
 This module is the search and nothing else: it works on two callables,
 ``perplexity_ratio(setting) -> float`` and ``separation(setting) -> float``, so it is
-tested with rigged functions. `persona_core.masks.budget_search` builds the real ones from
+tested with rigged functions. `persona_core.masks.budgeted_build` builds the real ones from
 `persona_core.eval.validation` (WikiText-2 validation windows, validation statements carved from
 the calibration statements: the same door the steering baseline's choice goes through).
 
@@ -26,6 +26,7 @@ result says ``within_budget=False`` with a message, and holds the dense-most set
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -258,8 +259,6 @@ def _largest_feasible(settings: list[Setting], ok: Callable[[Setting], bool], hi
 
 def _call_ratio(fn: Callable, setting: Setting, budget: float) -> float:
     """`fn(setting, limit=budget)` when `fn` takes a limit (it may stop early once over it), else `fn(setting)`."""
-    import inspect
-
     try:
         takes_limit = "limit" in inspect.signature(fn).parameters
     except (TypeError, ValueError):

@@ -21,6 +21,7 @@ Nothing here reads a persona's evaluation statements or a test split.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,10 +31,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from persona_core.masks.budget import Budget, SearchResult, Setting, search
-from persona_core.catalog.personas import Persona
-from persona_core.masks.methods import MaskSpec, build_pair_masks, get_method
+from persona_core.calib.config import CalibConfig
+from persona_core.calib.recorder import calibrate
+from persona_core.calib.texts import render_reply
+from persona_core.calib.parts import part_metadata
 from persona_core.calib.stats import GroupStats, PersonaStats
+from persona_core.calib.stored import list_parts
+from persona_core.catalog.personas import Persona
+from persona_core.eval.validation import (perplexity_ratio, text_windows, validation_separation,
+                                          validation_statements, window_perplexity)
+from persona_core.masks.budget import Budget, SearchResult, Setting, search
+from persona_core.masks.build import build_pair_masks
+from persona_core.masks.methods import METHODS
+from persona_core.masks.spec import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +90,6 @@ def subtract(full: PersonaStats, part: dict) -> PersonaStats:
 
 def stored_calib_config(store, model_key: str, stats: PersonaStats):
     """The `CalibConfig` the stored statistics were calibrated with (from a part's metadata), checked by hash."""
-    import json
-
-    from persona_core.calib.config import CalibConfig
-    from persona_core.calib.parts import part_metadata
-    from persona_core.calib.stored import list_parts
-
     for key in list_parts(store, model_key, stats.persona_id):
         meta = part_metadata(store, key)
         if meta.get("calib_hash") != stats.calib_hash:
@@ -128,17 +132,13 @@ class PairSearch:
 
     def __init__(self, evaluator, weights, spec: MaskSpec, budget: Budget | None, roles: Sequence[tuple[str, Persona]],
                  stats: Sequence[PersonaStats], opposite: Persona | None = None, calib_config=None):
-        from persona_core.calib.config import CalibConfig
-
         budget = budget or spec.budget
         if budget is None:
             raise ValueError(f"budget search for {spec.method!r}: no budget given")
         self.ev, self.weights, self.spec, self.budget = evaluator, weights, spec, budget
-        self.method = get_method(spec.method)
+        self.method = METHODS[spec.method]
         self.roles, self.full_stats = list(roles), list(stats)
         self.calib = calib_config or CalibConfig()
-        from persona_core.eval.validation import text_windows, validation_statements, window_perplexity
-
         self.evaluator_restore()
         self._windows = text_windows(evaluator.tokenizer, resolve_validation_text(budget.ppl_text),
                                      budget.ppl_window, budget.ppl_windows)
@@ -180,9 +180,6 @@ class PairSearch:
         if stats.calib_hash and stats.calib_hash != self.calib.hash:
             raise ValueError(f"statistics of {persona.id!r} were calibrated with settings {stats.calib_hash} "
                              f"but the budget search holds out validation texts rendered with {self.calib.hash}")
-        from persona_core.calib.recorder import calibrate
-        from persona_core.calib.texts import render_reply
-
         loaded = self.ev.loaded
         texts = [render_reply(loaded.tokenizer, t, self.calib, persona.description) for t in self.validation[persona.id]]
         with torch.inference_mode():
@@ -226,8 +223,6 @@ class PairSearch:
         return self._ratio(self._masks(setting), limit)
 
     def _ratio(self, masks: tuple, limit: float | None = None) -> float:
-        from persona_core.eval.validation import perplexity_ratio
-
         worst = 0.0
         for m in masks:
             worst = max(worst, perplexity_ratio(self.ev, self._windows, self.dense_ppl, self._state(m)))
@@ -237,8 +232,6 @@ class PairSearch:
 
     def separation(self, setting: Setting) -> float:
         """The pair's validation separation (for a one-sided method: the persona's side masked, the other dense)."""
-        from persona_core.eval.validation import validation_separation
-
         a, b = self.pair
         masks = self._masks(setting)
         state_b = self._state(masks[1]) if len(masks) == 2 else None

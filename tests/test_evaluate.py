@@ -111,6 +111,25 @@ def test_config_validation_and_hash():
         EvalConfig(metrics=("vibes",))
     with pytest.raises(ValueError, match="judge"):
         EvalConfig(metrics=("judge",))
+    with pytest.raises(ValueError, match=r"EvalConfig\.conditions: unknown condition 'masked\+promt' \(did you mean "
+                                         r"'masked\+prompt'\?\); available: dense, dense\+prompt"):
+        EvalConfig(conditions=("dense", "masked+promt"))
+
+
+def test_condition_registry():
+    from persona_core.eval.conditions import DENSE_CONDITIONS, condition
+
+    assert list(CONDITIONS) == ["dense", "dense+prompt", "dense+fewshot", "dense+steer", "masked", "masked+prompt"]
+    assert DENSE_CONDITIONS == ("dense", "dense+prompt", "dense+fewshot", "dense+steer")
+    assert [c for c in CONDITIONS if CONDITIONS[c].steered] == ["dense+steer"]
+    p = load_catalog("builtin")["introvert"]
+    assert CONDITIONS["masked+prompt"].system(p) == p.description and CONDITIONS["dense+fewshot"].system(p) is None
+    assert CONDITIONS["dense+fewshot"].fewshot(p, None, 2, 0).examples() and CONDITIONS["dense"].fewshot(p, None, 2, 0) is None
+    with pytest.raises(ValueError, match="registered twice"):
+        condition("dense", masked=False)
+    with pytest.raises(ValueError, match="prompt"):
+        condition("dense+shout", masked=False, prompt="loud")
+    assert "dense+shout" not in CONDITIONS
 
 
 def test_evaluate_unit_rows_and_dense_once(evaluator, monkeypatch):

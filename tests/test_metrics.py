@@ -230,3 +230,70 @@ def test_judge_unreachable_is_a_clear_error():
         port = s.getsockname()[1]
     with pytest.raises(JudgeError, match=f"127.0.0.1:{port}"):
         EndpointJudge(f"http://127.0.0.1:{port}/v1", timeout=5).score("p", "q", "a")
+
+
+class OnlyScorer:
+    """A `Scorer` and nothing more: every request goes to an evaluator through the protocol's members."""
+
+    def __init__(self, ev: Evaluator):
+        self._ev = ev
+
+    @property
+    def tokenizer(self):
+        return self._ev.tokenizer
+
+    def prompt(self, system, user):
+        return self._ev.prompt(system, user)
+
+    def encode(self, text, *, continuation=False):
+        return self._ev.encode(text, continuation=continuation)
+
+    def encode_many(self, texts, *, continuation=False):
+        return self._ev.encode_many(texts, continuation=continuation)
+
+    def continuation_logprobs(self, pairs):
+        return self._ev.continuation_logprobs(pairs)
+
+    def prefix_logprobs(self, prefix, conts):
+        return self._ev.prefix_logprobs(prefix, conts)
+
+    def next_token_logprobs(self, contexts):
+        return self._ev.next_token_logprobs(contexts)
+
+    def generate(self, prompts, max_new_tokens):
+        return self._ev.generate(prompts, max_new_tokens)
+
+
+def test_metrics_need_only_the_scorer_protocol(rigged):
+    """The engine is a Scorer; every metric scores the same through an object that is only a Scorer."""
+    from persona_core.eval.metrics import MetricSettings
+    from persona_core.eval.scorer import Scorer
+    from persona_core.eval.scoring import prepare_metrics, score_condition
+
+    ev, _ = rigged
+    assert isinstance(ev, Scorer) and isinstance(OnlyScorer(ev), Scorer)
+    cfg = EvalConfig(metrics=("statement-preference", "yes-no-agreement", "perplexity", "roleplay-fidelity",
+                              "sample-generations"), **SMALL)
+    assert isinstance(cfg, MetricSettings)
+    ev.configure(cfg)
+    for condition in ("dense", "dense+prompt", "dense+fewshot"):
+        direct = score_condition(ev, PERSONA, OPPOSITE, condition, cfg, prepare_metrics(ev, PERSONA, OPPOSITE, cfg))
+        only = OnlyScorer(ev)
+        through = score_condition(only, PERSONA, OPPOSITE, condition, cfg,
+                                  prepare_metrics(only, PERSONA, OPPOSITE, cfg))
+        assert through == direct and {r["metric"] for r in direct} >= {"statement-preference", "perplexity-ratio"}
+
+
+def test_metric_registry_decorator_and_errors():
+    from persona_core.eval.metrics import default_metrics, metric
+
+    assert list(METRICS) == ["statement-preference", "yes-no-agreement", "perplexity", "roleplay-fidelity",
+                             "sample-generations", "judge"]
+    assert default_metrics() == EvalConfig().metrics
+    with pytest.raises(ValueError, match="registered twice"):
+        metric("perplexity")(lambda ctx: {})
+    with pytest.raises(ValueError, match=r"EvalConfig\.metrics: unknown metric 'perplexty' \(did you mean "
+                                         r"'perplexity'\?\); available: statement-preference"):
+        EvalConfig(metrics=("perplexty",))
+    with pytest.raises(ValueError, match=r"EvalConfig\.metrics: none given"):
+        EvalConfig(metrics=())

@@ -41,7 +41,7 @@ class Evaluator:
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, *, device: str | None = None,
                  dtype: str | None = None, device_map: str | dict | None = None,
                  snapshot_device: str | None = None, revision: str | None = None):
-        from accelerate import Accelerator  # heavy: accelerate only once a model is scored
+        from accelerate import Accelerator  # heavy: accelerate loads only when an evaluator is made
 
         cpu = device == "cpu" or not torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -67,6 +67,7 @@ class Score:
     texts: tuple[str, ...] | None = None  # generated texts (sample-generations)
 
 
+@runtime_checkable
 class MetricSettings(Protocol):
     """What metrics read of the evaluation config (`EvalConfig` has these fields and more)."""
 

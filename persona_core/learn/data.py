@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 from persona_core.calib.config import CalibConfig
 from persona_core.calib.texts import generate_replies
 from persona_core.catalog import Persona, generic_questions, load_texts
-from persona_core.eval.validation import text_windows
+from persona_core.eval.validation import text_key, text_windows
 from persona_core.learn.config import DataConfig
 from persona_core.models.loading import LoadedModel
 from persona_core.store.hashing import content_hash
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
 
 
-def normalize_question(text: str) -> str:
-    """A question compared case- and whitespace-insensitively."""
-    return " ".join(text.split()).casefold()
-
-
 def training_instructions(data: DataConfig, held_out: Iterable[str] = ()) -> list[str]:
     """The instructions a persona's training data answers: never one of `held_out` (compared
     case- and whitespace-insensitively) nor one of the project's evaluation questions."""
@@ -40,10 +35,10 @@ def training_instructions(data: DataConfig, held_out: Iterable[str] = ()) -> lis
     for spec in data.instructions:
         url, _, fieldname = spec.partition("::")
         pool.extend(load_texts(url, fieldname or "text"))
-    banned = {normalize_question(q) for q in (*held_out, *generic_questions("evaluation"))}
+    banned = {text_key(q) for q in (*held_out, *generic_questions("evaluation"))}
     seen, out = set(), []
     for q in pool:
-        n = normalize_question(q)
+        n = text_key(q)
         if n and n not in banned and n not in seen:
             seen.add(n)
             out.append(q.strip())

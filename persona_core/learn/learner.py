@@ -48,9 +48,9 @@ from safetensors.torch import load, save
 from torch import nn
 
 from persona_core.catalog.personas import Persona
+from persona_core.eval.validation import text_key
 from persona_core.learn.config import DataConfig, LearnConfig
-from persona_core.learn.data import (general_text, general_windows, generate_training_data, normalize_question,
-                                     samples_hash)
+from persona_core.learn.data import general_text, general_windows, generate_training_data, samples_hash
 from persona_core.learn.distill import (MIN_SHARED_PREFIX, Example, distill_loss, lm_loss, prepare_examples,
                                         prepare_general, scored_logits, scored_logits_shared, shared_prefix)
 from persona_core.learn.gate import ChannelGate, channels_kept, hard_topk, straight_through
@@ -259,7 +259,7 @@ def identity(model_key: str, persona: Persona, init_fingerprint: str, config: Le
     """What a learned mask is keyed by: persona, base model, objective and knobs, data recipe,
     the statistics its scores start from, the held-out questions and the general text."""
     return content_hash(LEARN_VERSION, model_key, persona.content_hash, persona.description, init_fingerprint,
-                        config.hash, data.hash, sorted(normalize_question(q) for q in held_out), general_name)
+                        config.hash, data.hash, sorted(text_key(q) for q in held_out), general_name)
 
 
 def learn_persona(loaded: LoadedModel, persona: Persona, stats: Sequence[StatsLike], config: LearnConfig,
@@ -276,7 +276,7 @@ def learn_persona(loaded: LoadedModel, persona: Persona, stats: Sequence[StatsLi
     held_out = list(held_out)
     t0 = time.perf_counter()
     samples = list(samples) if samples is not None else generate_training_data(loaded, persona, data, held_out)
-    leaks = {normalize_question(s["question"]) for s in samples} & {normalize_question(q) for q in held_out}
+    leaks = {text_key(s["question"]) for s in samples} & {text_key(q) for q in held_out}
     if leaks:
         raise ValueError(f"persona {persona.id!r}: {len(leaks)} training question(s) are evaluation questions")
     t_data = time.perf_counter()

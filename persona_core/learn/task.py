@@ -30,9 +30,9 @@ from typing import Callable
 
 from persona_core.calib.stored import read_persona_stats
 from persona_core.catalog import REFERENCE_PERSONA_ID, Persona
+from persona_core.eval.validation import text_key
 from persona_core.learn.config import DataConfig, LearnConfig
-from persona_core.learn.data import (general_text, generate_training_data, normalize_question, samples_from_json,
-                                     samples_hash)
+from persona_core.learn.data import general_text, generate_training_data, samples_from_json, samples_hash
 from persona_core.learn.learner import LearnerState, identity, learn_persona
 from persona_core.masks.codec import read_mask_metadata, write_mask
 from persona_core.masks.export import export_pruned
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 def knobs_suffix(config: LearnConfig, data: DataConfig) -> str:
     """``+<hash>`` when the knobs (other than sparsity and checkpointing) or the data recipe
-    differ from the defaults, else empty (as `masks.mask_key` does for method parameters)."""
+    differ from the defaults, else empty (as `persona_core.masks.spec.mask_key` does for method parameters)."""
     base = replace(config, sparsity=LearnConfig.sparsity, checkpoint_every=LearnConfig.checkpoint_every)
     if base == replace(LearnConfig(), objective=config.objective) and data == DataConfig():
         return ""
@@ -56,7 +56,7 @@ def knobs_suffix(config: LearnConfig, data: DataConfig) -> str:
     return "+" + content_hash(LEARN_VERSION, knobs, data.hash)[:8]
 
 
-def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: str, calib: str | None = None
+def learned_mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: str, calib: str | None = None
              ) -> str:
     """As every mask's key: ``calib=<c>`` names the calibration config of the statistics the scores
     started from (absent for an init that reads none, e.g. magnitude)."""
@@ -67,19 +67,11 @@ def mask_key(model_key: str, config: LearnConfig, data: DataConfig, persona_id: 
 
 def data_identity(model_key: str, persona: Persona, data: DataConfig, held_out) -> str:
     return content_hash(LEARN_VERSION, "data", model_key, persona.description, data.hash,
-                        sorted(normalize_question(q) for q in held_out))
-
-
-def data_key(model_key: str, persona_id: str, data_id: str) -> str:
-    return layout.learned_data(model_key, persona_id, data_id)
+                        sorted(text_key(q) for q in held_out))
 
 
 def checkpoint_key(model_key: str, persona_id: str, unit_identity: str) -> str:
     return layout.learned_checkpoint(model_key, persona_id, unit_identity)
-
-
-def export_prefix(mask: str) -> str:
-    return layout.export_prefix(mask)
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ class LearnTask:
 
     @property
     def mask_key(self) -> str:
-        return mask_key(self.model_key, self.config, self.data, self.persona.id,
+        return learned_mask_key(self.model_key, self.config, self.data, self.persona.id,
                         self.calib_hash if self.stats_roles else None)
 
     @property
@@ -123,12 +115,12 @@ def is_current(store: Store, task: LearnTask) -> bool:
         log.warning("%s: unreadable (%s); learning again", task.mask_key, err)
         return False
     return bool(meta) and meta.get("identity") == task.identity and (not task.export or store.exists(
-        export_prefix(task.mask_key) + "/config.json"))
+        layout.export_prefix(task.mask_key) + "/config.json"))
 
 
 def training_data(loaded: LoadedModel, store: Store, task: LearnTask) -> tuple[list[dict[str, str]], str]:
     """The persona's stored training data for this recipe, generated and stored first if absent."""
-    key = data_key(task.model_key, task.persona.id, data_identity(task.model_key, task.persona, task.data,
+    key = layout.learned_data(task.model_key, task.persona.id, data_identity(task.model_key, task.persona, task.data,
                                                                   task.held_out))
     if store.exists(key):
         try:
@@ -186,7 +178,7 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
     if task.export:
         with tempfile.TemporaryDirectory() as tmp:
             out = export_pruned(loaded, result.masks, Path(tmp) / "model")
-            prefix = export_prefix(task.mask_key)
+            prefix = layout.export_prefix(task.mask_key)
             for f in sorted(out.iterdir()):
                 if f.is_file():
                     store.write_bytes(f"{prefix}/{f.name}", f.read_bytes())

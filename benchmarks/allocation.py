@@ -6,7 +6,7 @@ introvert side of `contrastive-penalty` at 30% and 40%, each built with the unif
 the OWL allocation, plus OWL's per-layer sparsities at 50%. Statistics are calibrated
 here: the general reference set and both personas, ``--statements`` texts each.
 
-    python benchmarks/allocation.py [--statements 16] [--tokens 1024]
+    python benchmarks/allocation.py [--model smollm2-135m] [--statements 16] [--tokens 1024]
 """
 
 from __future__ import annotations
@@ -36,13 +36,23 @@ from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 SETTINGS = (("wanda-general", 0.5), ("wanda-general", 0.6), ("contrastive-penalty", 0.3), ("contrastive-penalty", 0.4))
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--statements", "2", "--tokens", "64"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--statements", type=int, default=16, help="calibration texts per persona")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens scored")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     t0 = time.time()
-    loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device="cpu", dtype="float32")
     catalog = load_catalog("builtin")
     stats = {}
     for persona in (reference_persona(), catalog["introvert"], catalog["extrovert"]):

@@ -31,7 +31,12 @@ from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--texts", "4", "--batch-size", "2", "--max-length", "32", "--repeats", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--texts", type=int, default=64)
@@ -40,7 +45,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

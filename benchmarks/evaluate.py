@@ -55,15 +55,24 @@ def magnitude_masks(ev: Evaluator, sparsity: float, jitter: int) -> dict[str, to
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--repeats", "1", "--statements", "4"]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--personas", type=int, default=1)
     ap.add_argument("--masks", type=int, default=2, help="masks per persona")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--statements", type=int, default=48, help="statements for the scoring throughput")
     ap.add_argument("--skip-units", action="store_true", help="only the scoring throughput figures")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     ev = Evaluator(args.model)

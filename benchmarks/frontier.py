@@ -100,7 +100,13 @@ def time_searches(ev, weights, catalog, pairs, methods, stats, budget: Budget, c
     return searches
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--methods", "contrastive-penalty", "--sparsities", "0.1",
+         "--store", "{tmp}/frontier-store", "--threads", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default="builtin")
     ap.add_argument("--pairs", nargs="+", default=["introvert,extrovert"], help="A,B pairs (or 'all')")
@@ -115,7 +121,11 @@ def main() -> None:
     ap.add_argument("--no-budget", action="store_true", help="only sweep the frontier")
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-frontier"))
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 

@@ -84,7 +84,12 @@ def plain_step(loaded: LoadedModel, seqs, pad: int, trainable: bool) -> None:
     (grad,) = torch.autograd.grad(out.loss, emb)
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--steps", "1", "--examples", "2", "--max-new-tokens", "8", "--threads", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--gpu-shape", choices=["llama-3.2-1b"], default=None)
@@ -92,7 +97,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=8, help="training examples generated")
     ap.add_argument("--max-new-tokens", type=int, default=DataConfig.max_new_tokens)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
@@ -164,7 +173,7 @@ def main() -> None:
     default_steps = LearnConfig().steps
     s_per_persona = (t1 - t0) + (t2 - t1) + (t3 - t2) + default_steps / steps_per_s
     out = {
-        "model": loaded.key, "device": device, "threads": args.threads if device == "cpu" else None,
+        "benchmark": "learn", "model": loaded.key, "device": device, "threads": args.threads if device == "cpu" else None,
         "persona": persona.id, "examples": len(samples), "steps_measured": args.steps,
         "default_steps": default_steps, "batch_size": config.batch_size, "general_batch": config.general_batch,
         "tokens_per_step": tok, "data_s": round(t1 - t0, 2), "stats_s": round(t2 - t1, 2),

@@ -294,3 +294,23 @@ def test_dense_ident_follows_what_steering_reads():
     assert dense_ident("m", p, o, cfg, stats(1.0, 2.0), "cuda-bfloat16") != base
     no_steer = EvalConfig(conditions=("dense+prompt", "masked"), **SMALL)
     assert dense_ident("m", p, o, no_steer, stats(1.0, 2.0)) == dense_ident("m", p, o, no_steer, stats(1.5, 2.0))
+
+
+def test_eval_modules_import_only_those_listed_before_them():
+    """persona_core/eval/__init__.py lists the package's modules lowest first; each imports only earlier ones
+    (every import counts, wherever it stands), and every module is listed."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import persona_core.eval as package
+
+    root = Path(package.__file__).parent
+    order = [re.match(r"`(\w+)`", line[2:]).group(1) for line in package.__doc__.splitlines() if line.startswith("* `")]
+    assert sorted(order) == sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__")
+    for i, mod in enumerate(order):
+        for node in ast.walk(ast.parse((root / f"{mod}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("persona_core.eval"):
+                parts = node.module.split(".")
+                targets = parts[2:3] or [a.name for a in node.names]
+                assert all(t in order[:i] for t in targets), f"eval/{mod}.py imports {targets}: not listed before it"

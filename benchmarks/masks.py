@@ -23,7 +23,7 @@ general texts with channel scales perturbed per persona (seconds); ``--stats cal
 runs `calibrate_persona` on a few statements per persona (slow on 2 shared cores).
 ``stats`` in the JSON says which.
 
-    python benchmarks/masks.py [--catalog PATH] [--statements 4] [--sample-pairs 8]
+    python benchmarks/masks.py [--model smollm2-135m] [--catalog PATH] [--statements 4] [--sample-pairs 8]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def synthetic_all(loaded, catalog, store, seed: int = 0) -> float:
     return time.time() - t0
 
 
-def real_pairs(catalog, n_pairs: int, statements: int) -> dict:
+def real_pairs(catalog, n_pairs: int, statements: int, model: str = DEFAULT_MODEL) -> dict:
     """Diff and delta figures from *calibrated* statistics of opposing pairs (synthetic
     per-persona noise exaggerates how much opposing masks differ).
 
@@ -104,7 +104,7 @@ def real_pairs(catalog, n_pairs: int, statements: int) -> dict:
     from persona_core.calib.recorder import calibrate_persona
     from persona_core.masks.build import build_pair_masks
 
-    loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
+    loaded = load_model(model, device="cpu", dtype="float32")
     config = CalibConfig(batch_size=8)
     figures: dict[str, list[float]] = {}
     t0 = time.time()
@@ -170,7 +170,7 @@ def speedup(weights: LinearWeights, stats, layers: int = 2, repeats: int = 3) ->
     return t_ref / t_ours, t_ours
 
 
-def budget_seconds(pairs: list[str], methods: list[str], tmp: str) -> dict:
+def budget_seconds(pairs: list[str], methods: list[str], tmp: str, model: str = DEFAULT_MODEL) -> dict:
     """Seconds per budgeted pair on the default model (frontier.py's timed search, built-in catalog)."""
     from frontier import setup, time_searches
 
@@ -178,14 +178,21 @@ def budget_seconds(pairs: list[str], methods: list[str], tmp: str) -> dict:
 
     builtin = load_catalog("builtin")
     pairs_ = [tuple(p.split(",")) for p in pairs]
-    ev, weights, stats, config = setup(DEFAULT_MODEL, builtin, pairs_, os.path.join(tmp, "budget-store"))
+    ev, weights, stats, config = setup(model, builtin, pairs_, os.path.join(tmp, "budget-store"))
     budget = Budget(perplexity_ratio=1.10)
     out = time_searches(ev, weights, builtin, pairs_, methods, stats, budget, config)
     return {"budget": budget.perplexity_ratio, "val_text": budget.ppl_text, "threads": torch.get_num_threads(), **out}
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--catalog", "builtin", "--sample-pairs", "1", "--real-statements", "2",
+         "--budget-pairs"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--catalog", default=SHARED if os.path.isdir(SHARED) else "builtin")
     ap.add_argument("--statements", type=int, default=4, help="calibration statements per persona")
     ap.add_argument("--sample-pairs", type=int, default=8, help="pairs read back for diff and delta figures")
@@ -198,21 +205,25 @@ def main() -> None:
     ap.add_argument("--budget-pairs", nargs="*", default=["introvert,extrovert"],
                     help="built-in A,B pairs whose budgeted search is timed (none: skip)")
     ap.add_argument("--budget-methods", nargs="+", default=["contrastive-penalty"])
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("PERSONA_PROGRESS", "0")
 
     catalog = load_catalog(args.catalog, SplitConfig(max_calibration=args.statements))
     tmp = tempfile.mkdtemp(prefix="bench-masks-")
     store = open_store(args.store or os.path.join(tmp, "store"))
-    loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device="cpu", dtype="float32")
     weights = LinearWeights.from_model(loaded)
     calib_s = (calibrate_all if args.stats == "calibrated" else synthetic_all)(loaded, catalog, store)
 
     from persona_core.calib.stored import read_persona_stats
 
-    first = next(iter(catalog))
-    ratio, t_ours = speedup(weights, read_persona_stats(store, loaded.key, first.id))
+    first = read_persona_stats(store, loaded.key, next(iter(catalog)).id)
+    ratio, t_ours = speedup(weights, first)
     del loaded, weights
 
     import ray
@@ -221,18 +232,19 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     t0 = time.time()
-    summary = build_masks.run(store, DEFAULT_MODEL, ["contrastive-wanda"], [0.5], catalog=catalog)
+    summary = build_masks.run(store, args.model, ["contrastive-wanda"], [0.5], catalog=catalog)
     seconds = time.time() - t0
     ray.shutdown()
 
     spec = MaskSpec("contrastive-wanda", 0.5)
     from persona_core.models.loading import model_key
 
-    mkey = model_key(DEFAULT_MODEL)
+    mkey = model_key(args.model)
     pairs = catalog.pairs()[: args.sample_pairs]
     plain_bits, delta_bits, diff = [], [], []
     for a, b in pairs:
-        ka, kb = spec_key(mkey, spec, a), spec_key(mkey, spec, b)
+        # masks derived from statistics live under calib=<the statistics' calibration config>
+        ka, kb = (spec_key(mkey, spec, p, calib=first.calib_hash) for p in (a, b))
         ma, _ = read_mask(store, ka)
         mb, _ = read_mask(store, kb)
         numel = sum(m.numel() for m in ma.values())
@@ -240,10 +252,10 @@ def main() -> None:
         delta_bits.append(8 * len(encode_mask(mb, {}, base=ma, base_key=ka)) / numel)
         diff.append(sum(int((ma[n] ^ mb[n]).sum()) for n in ma) / numel)
     n_weights = numel
-    real = real_pairs(catalog, args.sample_pairs, args.real_statements)
-    budget = budget_seconds(args.budget_pairs, args.budget_methods, tmp) if args.budget_pairs else None
+    real = real_pairs(catalog, args.sample_pairs, args.real_statements, args.model)
+    budget = budget_seconds(args.budget_pairs, args.budget_methods, tmp, args.model) if args.budget_pairs else None
     print(json.dumps({
-        "benchmark": "masks", "model": DEFAULT_MODEL, "catalog": catalog.name, "personas": len(catalog),
+        "benchmark": "masks", "model": args.model, "catalog": catalog.name, "personas": len(catalog),
         "pairs": len(catalog.pairs()), "method": "contrastive-wanda", "sparsity": 0.5,
         "stats": (f"calibrated: calibrate_persona, {args.statements} statements per persona ({calib_s:.0f} s)"
                   if args.stats == "calibrated" else

@@ -269,7 +269,7 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/study-pruner.yaml")
     ap.add_argument("--personas", nargs="+", default=None, help="override the config's personas")
@@ -277,7 +277,11 @@ def main() -> None:
     ap.add_argument("--stop-at", default=None, metavar="HH:MM", help="start no new persona after this UTC time")
     ap.add_argument("--out", default=None, help="results folder (default: the config's out, under the checkout)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     cfg = start(args)
     out = Path(args.out) if args.out else ROOT / cfg.get("out", "study-pruner")
     out.mkdir(parents=True, exist_ok=True)

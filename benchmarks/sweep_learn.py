@@ -144,7 +144,7 @@ def summarise(table: pa.Table, objective: str) -> tuple[list[dict], dict | None]
     return out, best
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/study-pruner.yaml")
     ap.add_argument("--personas", nargs="+", default=["rolebench-0", "persona-alpaca-0"])
@@ -153,7 +153,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results folder (default: <config's out>/sweep)")
     ap.add_argument("--settings", nargs="+", default=list(GRID), choices=list(GRID), help="a subset of the grid")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     cfg = start(args)
     out = Path(args.out) if args.out else ROOT / cfg.get("out", "study-pruner") / "sweep"
     out.mkdir(parents=True, exist_ok=True)

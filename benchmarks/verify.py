@@ -32,6 +32,7 @@ from persona_core.masks.inputs import LinearWeights  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from persona_core.calib.parts import read_part, write_stats  # noqa: E402
 from persona_core.calib.stats import GroupStats, PersonaStats  # noqa: E402
+from persona_core.store import layout  # noqa: E402
 from persona_core.store.store import open_store, parquet_file  # noqa: E402
 
 
@@ -58,11 +59,20 @@ class UnverifiedMaskFile(MaskFile):
         return {name: unpack(self.packed(name), self.shapes[name]) for name in (names or self.names)}
 
 
-def main() -> None:
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--repeats", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(args.model, device="cpu")
     weights = LinearWeights.from_model(loaded)
@@ -72,7 +82,8 @@ def main() -> None:
     numel = sum(m.numel() for m in masks.values())
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(tmp)
-        a, b = f"masks/model={loaded.key}/a.safetensors", f"masks/model={loaded.key}/b.safetensors"
+        # keys as the store layout builds them (a persona's mask and its opposite's)
+        a, b = (layout.mask(loaded.key, "bench", 0.5, who, calib="c") for who in ("introvert", "extrovert"))
         write_mask(store, a, masks, {"bench": "a"})
         write_mask(store, b, other, {"bench": "b"}, base_key=a)
         mask_read, mask_plain = best_pair(lambda: MaskFile(store, a).read(),
@@ -89,7 +100,7 @@ def main() -> None:
         part_read, part_plain = best_pair(lambda: read_part(store, key),
                                           lambda: parquet_file(store.read_bytes(key)).read(), args.repeats)
     print(json.dumps({
-        "model": loaded.key, "weights": numel, "mask_bytes": (numel + 7) // 8,
+        "benchmark": "verify", "model": loaded.key, "weights": numel, "mask_bytes": (numel + 7) // 8,
         "mask_read_s": round(mask_read, 4), "mask_unverified_s": round(mask_plain, 4),
         "mask_overhead": round(mask_read / mask_plain - 1, 3), "delta_read_s": round(delta_read, 4),
         "delta_unverified_s": round(delta_plain, 4),

@@ -1,8 +1,10 @@
 """Shared fixtures: one local Ray cluster and one S3 server (moto) per test session.
 
 Every test that uses the Ray cluster (directly or through a fixture built on it) is marked
-``ray`` at collection, so ``pytest -m "not ray and not slow"`` is the fast inner loop; a test
-that starts Ray some other way without the mark fails, naming itself.
+``ray`` at collection, so ``pytest -m "not ray and not slow"`` is the fast inner loop (`make
+check`); a test that starts Ray some other way without the mark fails, naming itself. With
+pytest-xdist (`-n 2 --dist loadgroup`, `make test`) every ``ray`` test runs on one worker, so
+the session starts one Ray cluster, not one per worker.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import pytest
 os.environ.setdefault("PERSONA_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (-n 2): one torch (OpenMP) thread each, for them and the CLI
+    # processes they start; two workers of two threads each on two cores spin-wait on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED_PERSONAS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "anthropic-persona")
 
@@ -27,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(autouse=True)

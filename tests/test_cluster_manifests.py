@@ -168,7 +168,7 @@ def crd_schemas():
         pytest.skip(f"{CRDS} is absent")
     out = {}
     for kind, name in CRD_FILES.items():
-        crd = yaml.safe_load((CRDS / name).read_text())
+        crd = yaml.load((CRDS / name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         out[kind] = _strict(version["schema"]["openAPIV3Schema"])
     return out

@@ -194,6 +194,7 @@ def run_cli_pipeline(tmp_path, store_url: str, env: dict) -> str:
     return run_id
 
 
+@pytest.mark.ray  # `persona-jobs run` in a subprocess starts its own local Ray
 def test_whole_pipeline_on_s3(s3_endpoint, s3_url, tmp_path, capsys):
     run_id = run_cli_pipeline(tmp_path, s3_url, {"AWS_ENDPOINT_URL": s3_endpoint})
     store = open_store(s3_url)

@@ -248,6 +248,7 @@ def test_column_digest_ignores_chunking_and_dictionary_width():
     assert column_digest(pa.array([1.0, 2.0])) != column_digest(pa.array([1.0, 2.5]))
 
 
+@pytest.mark.slow  # 12 CLI processes
 def test_stats_list_exits_cleanly_every_time(tmp_path):
     """Issue 12 item 10: `stats list` aborted at exit ~1 run in 3 (`terminate called without an
     active exception`, exit 134): an Arrow pool thread dropped the last reference to a

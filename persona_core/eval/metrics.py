@@ -182,6 +182,7 @@ def _sides(ctx: MetricContext) -> tuple[list[str], list[str]]:
 
 @metric("statement-preference")
 def statement_preference(ctx: MetricContext) -> dict[str, Score]:
+    """P(own held-out statement scores above the opposite's) (AUC), and the mean log-prob margin."""
     own, other = _sides(ctx)
     if not own or not other:
         log.warning("statement-preference: persona %r needs held-out statements of its own and of an "
@@ -201,6 +202,7 @@ def statement_preference(ctx: MetricContext) -> dict[str, Score]:
 
 @metric("yes-no-agreement")
 def yes_no_agreement(ctx: MetricContext) -> dict[str, Score]:
+    """P(matching Yes/No answer) to "is this something you would say?" over both sides' statements."""
     own, other = _sides(ctx)
     items = [(s, True) for s in own] + [(s, False) for s in other]
     if not items:
@@ -261,6 +263,7 @@ def prepare_perplexity(ctx: MetricContext) -> dict[str, float]:
 
 @metric("perplexity", prepare=prepare_perplexity)
 def perplexity(ctx: MetricContext) -> dict[str, Score]:
+    """General-text perplexity, absolute and as a ratio to the dense model without prompt."""
     out = {}
     for suffix, source in _ppl_sources(ctx.config):
         nll, n = _nll_windows(ctx, source)
@@ -300,6 +303,7 @@ def prepare_roleplay(ctx: MetricContext) -> dict[str, Any]:
 
 @metric("roleplay-fidelity", prepare=prepare_roleplay)
 def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
+    """NLL of the dense model's in-role answers; fidelity = dense no-prompt NLL minus this NLL."""
     qa, ref = ctx.prepared["qa"], ctx.prepared["dense_nll"]
     nll = _answer_nll(ctx, ctx.system, qa)
     m, se = mean_stderr(nll)
@@ -314,6 +318,7 @@ def roleplay_fidelity(ctx: MetricContext) -> dict[str, Score]:
 
 @metric("sample-generations", default=False)
 def sample_generations(ctx: MetricContext) -> dict[str, Score]:
+    """Greedy answers to a few held-out questions, kept as text for the report."""
     ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)[: ctx.config.samples]
     answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
     texts = tuple(f"{q}\n{a}" for q, a in zip(questions, answers))
@@ -325,6 +330,7 @@ def sample_generations(ctx: MetricContext) -> dict[str, Score]:
 
 @metric("judge", default=False)
 def judge_score(ctx: MetricContext) -> dict[str, Score]:
+    """An LLM judge's 0-100 role-play score of answers generated under the condition."""
     ev, questions = ctx.ev, heldout_questions(ctx.config, ctx.persona)
     answers = ev.generate([ev.prompt(ctx.system_for(q), q) for q in questions], ctx.config.max_new_tokens)
     judge = get_judge(ctx.config.judge)

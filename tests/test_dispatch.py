@@ -100,22 +100,23 @@ def test_a_dead_actors_unit_goes_back_to_the_queue(ray_cluster, tmp_path):
 
 def test_calibration_and_evaluation_pools_finish_on_a_half_taken_cluster(taken, tmp_path, builtin_catalog):
     """The jobs themselves, asked for two actors while one CPU is held elsewhere (issue 12 item 6)."""
-    from persona_core.calib.config import CalibConfig
-    from persona_core.eval.config import EvalConfig
     from persona_jobs import build_masks, calibrate, evaluate
+    from persona_jobs.cli import build_parser
+
+    def plan(job, *flags):
+        return job.plan_from_args(build_parser().parse_args([*flags, "--store", store, "--model", "tiny-random-llama",
+                                                             "--catalog", "builtin", "--personas", "introvert,extrovert"]))
 
     store = str(tmp_path / "store")
     taken(1)
-    s = calibrate.run(builtin_catalog, "tiny-random-llama", store, personas=["introvert", "extrovert"],
-                      shard_size=16, calib=CalibConfig(max_length=32), num_actors=2, schedule_timeout_s=120)
+    s = calibrate.run(plan(calibrate, "calibrate", "--shard-size", "16", "--max-length", "32", "--actors", "2",
+                           "--schedule-timeout", "120"))
     assert s.ok and s.done > 2, s.errors
-    b = build_masks.run(store, "tiny-random-llama", ["contrastive-wanda"], [0.5], personas=["introvert", "extrovert"],
-                        catalog=builtin_catalog)
+    b = build_masks.run(plan(build_masks, "build-masks", "--method", "contrastive-wanda", "--sparsity", "0.5"))
     assert b.ok, b.errors
-    e = evaluate.run(store, "tiny-random-llama", builtin_catalog, ["contrastive-wanda"], [0.5],
-                     ["introvert", "extrovert"], run_id="half", actors=2, cpus_per_actor=1, report=False,
-                     config=EvalConfig(conditions=("masked",), metrics=("statement-preference",), max_statements=4),
-                     schedule_timeout_s=120)
+    e = evaluate.run(plan(evaluate, "evaluate", "--method", "contrastive-wanda", "--sparsity", "0.5", "--run-id", "half",
+                          "--actors", "2", "--cpus-per-actor", "1", "--conditions", "masked", "--metrics",
+                          "statement-preference", "--max-statements", "4", "--schedule-timeout", "120"))
     assert e.ok and e.done == 2 and len(e.workers) == 1, e.errors  # one actor placed, it did both
 
 

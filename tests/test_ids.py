@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 
-from persona_core.catalog import CatalogError, Persona, load_catalog, persona_id_problem
+from persona_core.catalog import CatalogError, load_catalog, persona_id_problem
 from persona_core.store.ids import check_id, id_problem
 from persona_core.run.config import ConfigError, NightlyConfig, parse_config
 from persona_core.calib.parts import part_key, write_stats
 from persona_core.calib.stats import GroupStats, PersonaStats
-from persona_core.calib.stored import list_parts, persona_prefix, stale_parts
+from persona_core.calib.stored import list_parts, stale_parts
+from persona_core.store import layout
 from persona_core.store.store import open_store
 
 HOSTILE = ["../../../../../../tmp/x/victim", "a/b", "..", "a..b", ".hidden", "-flag", "_x", "x" * 129, "with space",
@@ -133,14 +134,14 @@ def small_stats(pid="a", calib_hash="c1", persona_hash="p1", model="m-k") -> Per
 def test_key_builders_refuse_bad_ids(tmp_path, pid):
     store = open_store(str(tmp_path / "st"))
     with pytest.raises(ValueError, match="identifier|must be"):
-        persona_prefix("m-k", pid)
+        layout.stats_prefix("m-k", pid)
     with pytest.raises(ValueError):
         part_key("m-k", pid, "p", "c")
     with pytest.raises(ValueError):  # a Persona built in code, bypassing the catalog, writes nothing
         write_stats(store, small_stats(pid))
     assert not (tmp_path / "st").exists() or not any((tmp_path / "st").rglob("*.parquet"))
     with pytest.raises(ValueError):
-        persona_prefix("../m", "a")
+        layout.stats_prefix("../m", "a")
 
 
 def test_nightly_name_is_checked_with_file_and_line():
@@ -164,7 +165,7 @@ def test_stale_parts_are_only_parts_this_code_wrote(tmp_path):
     store = open_store(str(tmp_path / "st"))
     current = write_stats(store, small_stats("a", "c2"))
     old = write_stats(store, small_stats("a", "c1"))
-    prefix = persona_prefix("m-k", "a")
+    prefix = layout.stats_prefix("m-k", "a")
     foreign = f"{prefix}/part-2025-sales.parquet"  # a stranger's file with a similar name
     store.write_bytes(foreign, b"not ours")
     nested = f"{prefix}/b/{old.rsplit('/', 1)[1]}"  # a folder below the partition (today: persona "a/b")
@@ -185,7 +186,7 @@ def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_p
     key = model_key("tiny-random-llama")
     calib = CalibConfig(max_length=32, batch_size=8)
     cat = builtin_catalog.select(["introvert"])
-    prefix = persona_prefix(key, "introvert")
+    prefix = layout.stats_prefix(key, "introvert")
     planted = {f"{prefix}/part-2025-sales.parquet": b"theirs", f"{prefix}/b/part-{'1' * 16}.parquet": b"theirs",
                f"{prefix}/notes.txt": b"theirs"}
     for k, v in planted.items():

@@ -25,12 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATS_PREFIX = layout.STATS
 PARTITION_SCHEMA = pa.schema([("model", pa.string()), ("persona", pa.string())])  # hive columns from the path
-
-
-def persona_prefix(model_key: str, persona_id: str) -> str:
-    return layout.stats_prefix(model_key, persona_id)
 
 
 def list_parts(store: Store | str, model_key: str | None = None, persona_id: str | None = None) -> list[str]:
@@ -121,7 +116,7 @@ def read_persona_stats(store: Store | str, model_key: str, persona_id: str, pers
     """
     store = open_store(store)
     keys = list_parts(store, model_key, persona_id)
-    where = store.uri(persona_prefix(model_key, persona_id))
+    where = store.uri(layout.stats_prefix(model_key, persona_id))
     if not keys:
         raise FileNotFoundError(f"{where}: no statistics stored")
     head_cols = ["persona_hash", "calib_hash", "shard", "shards"]
@@ -196,8 +191,8 @@ def open_stats(url: str | Store) -> pads.Dataset:
     against their digests, read through `read_part` / `read_persona_stats`.
     """
     store = open_store(url)
-    prefix = STATS_PREFIX
-    if store.url.rstrip("/").endswith("/" + STATS_PREFIX) or store.url.rstrip("/") == STATS_PREFIX:
+    prefix = layout.STATS
+    if store.url.rstrip("/").endswith("/" + layout.STATS) or store.url.rstrip("/") == layout.STATS:
         prefix = ""
     keys = [k for k in store.list(prefix, suffix=".parquet")]
     if not keys:

@@ -90,6 +90,9 @@ def _unit(seed: int, text: str) -> float:
 
 @dataclass(frozen=True)
 class Persona:
+    """One persona: what it is (id, description, opposite, tags) and the texts it is calibrated and
+    evaluated on. `content_hash` and `evaluation_hash` key everything derived from it."""
+
     id: str
     description: str
     calibration: tuple[str, ...] = ()
@@ -131,6 +134,8 @@ def with_texts(p: Persona, calibration: Iterable[str]) -> Persona:
 
 @dataclass
 class Catalog:
+    """Personas by id, in catalog order; `source` is where they were read from."""
+
     name: str
     personas: dict[str, Persona] = field(default_factory=dict)
     source: str = ""

@@ -247,7 +247,9 @@ def test_the_runnable_blocks_are_the_ones_expected():
     assert {doc for doc, _, _ in RUN_BLOCKS} == {"README.md", "docs/calibration.md", "docs/evaluation.md"}
 
 
-@pytest.mark.parametrize("doc,info,body", [pytest.param(*b, id=b[0]) for b in RUN_BLOCKS])
+# The notebook evaluation loads a model and writes a report (many seconds): slow, so not in `make check`.
+@pytest.mark.parametrize("doc,info,body", [
+    pytest.param(*b, id=b[0], marks=[pytest.mark.slow] if b[0] == "docs/evaluation.md" else []) for b in RUN_BLOCKS])
 def test_runnable_python_block_runs(doc, info, body, doc_store):
     scope: dict = {"__name__": "__doc__"}
     if doc == "docs/evaluation.md":

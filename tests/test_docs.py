@@ -325,3 +325,22 @@ def test_every_test_benchmark_and_cluster_file_named_exists():
             assert (ROOT / file).exists(), f"{rel(path)} names {file}, which does not exist"
             if test:
                 assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), f"{rel(path)} names {name}"
+
+
+def test_learner_knob_table_states_the_defaults():
+    """docs/learned-masks.md's knob table agrees with `LearnConfig`'s defaults."""
+    import dataclasses
+
+    from persona_core.learn.config import LearnConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LearnConfig)}
+    text = (ROOT / "docs" / "learned-masks.md").read_text()
+    checked = 0
+    for names, values in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| ([^|]+) \|", text, re.M):
+        names = re.findall(r"`(\w+)`", names)
+        values = [v.strip() for v in values.split(",")]
+        for name, value in zip(names, values):
+            if name in defaults:
+                assert value == str(defaults[name]), f"docs/learned-masks.md: {name} {value}, LearnConfig {defaults[name]}"
+                checked += 1
+    assert checked >= 10

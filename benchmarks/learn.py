@@ -40,10 +40,10 @@ from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import calibrate  # noqa: E402
 from persona_core.calib.texts import render_samples  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.learn.config import DataConfig, LearnConfig
-from persona_core.learn.data import general_text, general_windows, generate_training_data
-from persona_core.learn.distill import pad_sequences, prepare_examples, prepare_general
-from persona_core.learn.learner import MaskLearner, initial_scores
+from persona_core.learn.config import DataConfig, LearnConfig  # noqa: E402
+from persona_core.learn.data import general_text, general_windows, generate_training_data  # noqa: E402
+from persona_core.learn.distill import pad_sequences, prepare_examples, prepare_general  # noqa: E402
+from persona_core.learn.learner import MaskLearner, initial_scores  # noqa: E402
 from persona_core.eval.metrics import heldout_questions  # noqa: E402
 from persona_core.eval.config import EvalConfig  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL, LoadedModel, load_model  # noqa: E402

@@ -39,9 +39,9 @@ from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.eval.config import EvalConfig  # noqa: E402
 from persona_core.eval.engine import Evaluator  # noqa: E402
 from persona_core.eval.unit import evaluate_unit  # noqa: E402
-from persona_core.learn.config import DataConfig, LearnConfig
-from persona_core.learn.data import WIKITEXT, generate_training_data, training_instructions
-from persona_core.learn.learner import learn_persona
+from persona_core.learn.config import DataConfig, LearnConfig  # noqa: E402
+from persona_core.learn.data import WIKITEXT, generate_training_data, training_instructions  # noqa: E402
+from persona_core.learn.learner import learn_persona  # noqa: E402
 from persona_core.masks.build import build_masks  # noqa: E402
 from persona_core.masks.spec import MaskSpec  # noqa: E402
 from persona_core.eval.metrics import heldout_questions  # noqa: E402

@@ -164,7 +164,6 @@ def test_ties_are_broken_by_weight_then_index_and_builds_are_deterministic(lw):
 
 
 def test_refuses_weight_granularities_and_missing_statistics(lw):
-    stats = [attr_stats(lw, s) for s in (1, 2, 3)]
     with pytest.raises(ValueError, match="ffn-channels"):
         MaskSpec("contrastive-attribution", 0.1)
     from persona_core.run.units import mask_specs

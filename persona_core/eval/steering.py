@@ -162,14 +162,9 @@ def choose(n_layers: int, settings: SteerSettings,
     return best
 
 
-def pair_vectors(stats_a: PersonaStats, stats_b: PersonaStats) -> dict[int, torch.Tensor]:
-    """The pair's vector (A's direction; B is steered by its negative)."""
-    return steering_vectors(stats_a, stats_b)
-
-
 def layers_of(model: nn.Module) -> int:
     return len(decoder_layers(model)[1])
 
 
-__all__: Sequence[str] = ("MissingResidualStats", "SteerChoice", "SteerSettings", "choose", "pair_vectors",
+__all__: Sequence[str] = ("MissingResidualStats", "SteerChoice", "SteerSettings", "choose",
                           "residual_means", "steer", "steering_vectors", "layers_of")

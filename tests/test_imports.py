@@ -53,7 +53,8 @@ def _spans(tree: ast.AST, kinds: tuple[type, ...], test=None) -> set[int]:
 def import_edges(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[Edge]:
     """Every import of a package module by a package module, wherever it stands."""
     files = {_module_name(root, p): p for pkg in packages for p in (root / pkg).rglob("*.py")}
-    edges = []
+    edges: list[Edge] = []
+    seen: set[tuple[str, str, int]] = set()
     for mod, path in files.items():
         tree = ast.parse(path.read_text(), str(path))
         in_function = _spans(tree, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -72,7 +73,8 @@ def import_edges(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> lis
             for t in targets:
                 while t and t not in files:
                     t = t.rpartition(".")[0]
-                if t and t != mod:
+                if t and t != mod and (mod, t, node.lineno) not in seen:
+                    seen.add((mod, t, node.lineno))
                     edges.append(Edge(mod, t, path, node.lineno, node.lineno in in_function,
                                       node.lineno in type_only))
     return edges

@@ -47,7 +47,7 @@ class EvalConfig:
     val_windows: int = 8
     judge: JudgeSettings | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "ppl_texts", tuple(self.ppl_texts))

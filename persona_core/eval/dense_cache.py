@@ -101,5 +101,6 @@ class DenseRowCache:
             return
         common = {"model": self.model_key, "persona": persona.id, "opposite": opposite.id if opposite else "",
                   "method": DENSE_METHOD, "sparsity": 0.0, "granularity": "", "mask_hash": "",
-                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash, "code_version": EVALUATE_VERSION}
+                  "config_hash": config.dense_hash, "eval_hash": persona.evaluation_hash,
+                  "code_version": EVALUATE_VERSION}
         self.store.write_parquet(self.key(ident, persona), result_table(common, rows))

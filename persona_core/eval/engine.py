@@ -62,7 +62,8 @@ class Evaluator:
         self.timings: dict[str, float] = {}  # seconds per metric, summed over the conditions scored
 
     @staticmethod
-    def _load_dispatched(spec: str, device_map, dtype, revision: str | None = None) -> LoadedModel:
+    def _load_dispatched(spec: str, device_map: str | dict, dtype: str | None,
+                         revision: str | None = None) -> LoadedModel:
         """Big-model loading: weights on CPU first, then spread over the visible GPUs."""
         from accelerate import dispatch_model, infer_auto_device_map  # heavy: only for models spread over GPUs
 
@@ -149,7 +150,7 @@ class Evaluator:
                 self._cache_kw = "cache" if "cache" in params else "past_key_values"
         return self._parts
 
-    def _hidden(self, ids: torch.Tensor, att: torch.Tensor, **kw):
+    def _hidden(self, ids: torch.Tensor, att: torch.Tensor, **kw: Any) -> Any:
         body, _ = self._split()
         with torch.inference_mode(), self.accelerator.autocast():
             return body(input_ids=ids, attention_mask=att, **kw)

@@ -33,7 +33,8 @@ def mean_stderr(values: Iterable[float]) -> tuple[float, float]:
 
 
 def win_matrix(pos: Sequence[float], neg: Sequence[float]) -> np.ndarray:
-    """[pos_i > neg_j] + [pos_i = neg_j] / 2 for every (pos, neg) pair, shape (len(pos), len(neg)): its mean is the AUC."""
+    """[pos_i > neg_j] + [pos_i = neg_j] / 2 for every (pos, neg) pair, shape (len(pos), len(neg)):
+    its mean is the AUC."""
     p, n = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     return (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
 

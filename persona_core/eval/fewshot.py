@@ -78,7 +78,7 @@ class FewShot:
     pool: list[str] = field(init=False)
     _index: TfIdf | None = field(init=False, default=None)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"few-shot k must be >= 0, got {self.k}")
         seen, pool = set(), []

@@ -117,7 +117,7 @@ class EndpointJudge:
 
 
 class LocalJudge:
-    def __init__(self, spec_or_model):
+    def __init__(self, spec_or_model: str | LoadedModel) -> None:
         self.loaded = spec_or_model if isinstance(spec_or_model, LoadedModel) else load_model(spec_or_model)
         tok = self.loaded.tokenizer
         numbers: dict[int, list[int]] = {}

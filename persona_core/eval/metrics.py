@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -50,6 +50,9 @@ from persona_core.eval.judge import JudgeSettings, get_judge
 from persona_core.eval.scorer import Scorer
 from persona_core.eval.validation import statement_scores, text_windows, window_nll
 from persona_core.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ def agreement(lp_yes: torch.Tensor, lp_no: torch.Tensor, want_yes: torch.Tensor)
     return torch.where(want_yes, p_yes, 1 - p_yes)
 
 
-def answer_token_ids(tokenizer, answer: str) -> list[int]:
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
     """First tokens that start `answer` in this tokenizer: "Yes", " Yes", "yes", " yes".
 
     A token counts only if its text, stripped, is a non-empty prefix of the

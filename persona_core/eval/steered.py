@@ -30,7 +30,9 @@ STEER_ROWS = ("steer-layer", "steer-alpha", "steer-val-separation", "steer-val-p
 
 
 def _stats_ident(stats: dict[str, PersonaStats] | None) -> tuple:
-    return tuple(sorted((pid, s.persona_hash, s.calib_hash, s.tokens, len(s.groups)) for pid, s in (stats or {}).items()))
+    """What identifies the statistics a steering choice was made on (per persona: hashes, tokens, groups)."""
+    return tuple(sorted((pid, s.persona_hash, s.calib_hash, s.tokens, len(s.groups))
+                        for pid, s in (stats or {}).items()))
 
 
 def steering_choice(ev: Evaluator, persona: Persona, opposite: Persona | None, config: EvalConfig,

@@ -99,7 +99,7 @@ class SteerSettings:
     alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # tried in increasing order per layer
     budget: float = 1.10  # max general-text perplexity ratio (validation windows) of either direction
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "alphas", tuple(sorted(float(a) for a in self.alphas)))
         if not self.layers or not self.alphas:

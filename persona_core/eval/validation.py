@@ -27,11 +27,14 @@ import functools
 import hashlib
 import math
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 from persona_core.catalog import REFERENCE_TEXTS, Persona, heldout_text
 from persona_core.eval.estimates import pairwise_auc
 from persona_core.eval.scorer import Scorer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STATEMENT_QUESTION = "Describe yourself in one sentence."  # the question statements answer (metrics too)
 
@@ -99,7 +102,7 @@ def _read_text(source: str | None) -> str:
 _WINDOWS: dict[tuple, list[list[int]]] = {}
 
 
-def text_windows(tokenizer, source: str | None, window: int, count: int) -> list[list[int]]:
+def text_windows(tokenizer: PreTrainedTokenizerBase, source: str | None, window: int, count: int) -> list[list[int]]:
     """`count` windows of `window` tokens spread evenly over a text (file path; None: the built-in
     held-out text; ``builtin:general``: the built-in general set). Fewer when the text is short."""
     key = (id(tokenizer), source, window, count)
@@ -117,7 +120,7 @@ def text_windows(tokenizer, source: str | None, window: int, count: int) -> list
     return _WINDOWS[key]
 
 
-def lead_ids(tokenizer) -> list[int]:
+def lead_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the tokenizer puts before any text (Gemma, Llama: ``<bos>``; GPT-2-style
     tokenizers such as SmolLM2's: none). A window cut from the middle of a text gets them too: a
     model trained with a BOS token is far off without one, and that would inflate its dense perplexity."""

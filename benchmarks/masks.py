@@ -228,11 +228,17 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from persona_core.run.plan import Selection, make_plan
     from persona_jobs import build_masks
+    from persona_jobs.flags import load
 
+    plan = make_plan(load(None, {"catalog": args.catalog, "model": args.model, "store": store.url,
+                                 "split.max_calibration": args.statements, "masks.methods": ["contrastive-wanda"],
+                                 "masks.baselines": [], "masks.sparsities": [0.5], "evaluate.enabled": False}),
+                     Selection())  # what `persona-jobs build-masks` plans: the statistics stored
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     t0 = time.time()
-    summary = build_masks.run(store, args.model, ["contrastive-wanda"], [0.5], catalog=catalog)
+    summary = build_masks.run(plan)
     seconds = time.time() - t0
     ray.shutdown()
 

@@ -178,21 +178,21 @@ def test_stale_parts_are_only_parts_this_code_wrote(tmp_path):
 
 def test_calibrate_prunes_only_its_own_parts(ray_cluster, builtin_catalog, tmp_path):
     """End to end: the files planted in a persona's partition survive the job's stale-part cleanup."""
-    from persona_core.calib.config import CalibConfig
     from persona_core.models.loading import model_key
-    from persona_jobs.calibrate import run
+    from persona_jobs.calibrate import plan_from_args, run
+    from persona_jobs.cli import build_parser
 
     store = open_store(str(tmp_path / "st"))
     key = model_key("tiny-random-llama")
-    calib = CalibConfig(max_length=32, batch_size=8)
-    cat = builtin_catalog.select(["introvert"])
     prefix = layout.stats_prefix(key, "introvert")
     planted = {f"{prefix}/part-2025-sales.parquet": b"theirs", f"{prefix}/b/part-{'1' * 16}.parquet": b"theirs",
                f"{prefix}/notes.txt": b"theirs"}
     for k, v in planted.items():
         store.write_bytes(k, v)
     stale = write_stats(store, dataclasses.replace(small_stats("introvert", "old"), model_key=key))
-    summary = run(cat, "tiny-random-llama", store, shard_size=None, calib=calib, num_actors=1)
+    summary = run(plan_from_args(build_parser().parse_args([  # one shard: the persona's texts in one part
+        "calibrate", "--catalog", "builtin", "--model", "tiny-random-llama", "--store", store.url, "--personas",
+        "introvert", "--max-length", "32", "--batch-size", "8", "--actors", "1", "--shard-size", "100000"])))
     assert summary.ok and summary.done == 1, summary.errors
     assert not store.exists(stale)  # ours, stale: removed
     for k, v in planted.items():

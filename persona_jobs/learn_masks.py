@@ -12,7 +12,6 @@ smaller model) in the store; `persona_core.learn.task` has the keys.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import fields, replace

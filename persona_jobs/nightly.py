@@ -21,7 +21,6 @@ Exit codes: 0 succeeded, nothing to do, or another run holds the lease;
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys

@@ -97,7 +97,6 @@ def test_training_data_is_stored_once_and_shared(tmp_path, tiny, persona):
 
 
 def test_learn_masks_job(ray_cluster, tmp_path, tiny, persona):
-    from persona_jobs import evaluate as evaluate_job
     from persona_jobs import learn_masks
 
     store = _store(tmp_path, tiny, persona)

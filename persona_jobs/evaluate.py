@@ -43,13 +43,14 @@ from persona_core.masks.spec import budget_segment
 from persona_core.models.loading import DEFAULT_MODEL
 from persona_core.report.results import gather, load_results  # noqa: F401  (load_results: callers read a run through the job too)
 from persona_core.run import runs
+from persona_core.run.runs import EvaluationSummary
 from persona_core.run.execution import summary_table
 from persona_core.run.plan import Placement, Plan, Selection, make_plan
 from persona_core.run.units import EvaluationTask, default_eval_run_id, evaluation_tasks
 from persona_core.store import layout
 from persona_core.store.store import Store
 from persona_jobs import dispatch, report
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_per_node
+from persona_jobs.common import add_common, add_list, ensure_ray, gpus_per_node
 from persona_jobs.dispatch import actor_resources
 from persona_jobs.flags import load, where_overrides
 
@@ -150,13 +151,13 @@ class EvalWorker:
 # ---------------------------------------------------------------------------- the job
 
 
-def run(plan: Plan) -> Summary:
+def run(plan: Plan) -> EvaluationSummary:
     """Evaluate every selected (persona, mask) unit of the plan on a pool of Ray actors.
 
-    Returns a `Summary` (done / skipped / failed units) with ``rows`` (result rows gathered) and
-    ``run_id``; the results parts are under ``results/run=<run id>/``. Already written parts are skipped.
+    Returns the units done / skipped / failed, the result rows gathered and the actors that scored them;
+    the results parts are under ``results/run=<run id>/``. Already written parts are skipped.
     """
-    summary = Summary("evaluate")
+    summary = EvaluationSummary("evaluate", run_id=plan.run_id)
     store, key = plan.store, plan.model_key
     tasks = evaluation_tasks(store, plan.catalog, key, plan.run_id, plan.eval, *mask_choice(plan))
     n_units = sum(len(t.units) for t in tasks)
@@ -172,11 +173,9 @@ def run(plan: Plan) -> Summary:
             todo.append(EvaluationTask(t.persona, t.opposite, pending))
     log.info("evaluate %s: %d personas, %d units (%d already written), run %s",
              key, len(tasks), n_units, summary.skipped, plan.run_id)
-    summary.workers = {}
     if todo:
         tables += _evaluate(plan, todo, summary)
     summary.rows = gather(tables).num_rows
-    summary.run_id = plan.run_id
     return summary.finish()
 
 
@@ -193,7 +192,7 @@ def mask_choice(plan: Plan) -> tuple:
             [budget_segment(Budget.from_value(m.budget))] if budgeted else None, plan.calib.hash)
 
 
-def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: Summary) -> list[pa.Table]:
+def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary) -> list[pa.Table]:
     """The tasks on a pool of evaluator actors; counts into `summary`, the result tables returned."""
     ensure_ray(plan.config.address)
     pool = plan.eval_pool
@@ -307,7 +306,7 @@ def _main(args) -> int:
     plan = plan_from_args(args)
     started = time.time()
     summary = run(plan)
-    summary.report, table = None, None
+    table = None
     if not args.no_report and summary.rows:
         report.run(plan)  # the one report writer: the page and the summary table, in the store
         summary.report = plan.store.uri(layout.report(plan.run_id))

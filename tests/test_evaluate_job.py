@@ -114,3 +114,23 @@ def test_cli_parses(store):
     cfg = job.plan_from_args(args).eval
     assert cfg.conditions == ("dense", "masked") and "judge" in cfg.metrics and cfg.judge.url
     assert args.func is job._main
+
+
+def test_the_command_writes_the_report_through_the_report_stage(store, ray_cluster, capsys):
+    """`persona-jobs evaluate` runs the evaluate stage, then the one report writer (the pipeline's report
+    stage), prints the summary table it published and records the evaluation for `status`."""
+    from persona_core.run import runs
+    from persona_jobs.cli import main as cli_main
+
+    flags = ["evaluate", "--store", store.url, "--model", MODEL, "--methods", "contrastive-wanda", "--personas",
+             "introvert", "--conditions", "masked", "--metrics", "statement-preference", "--max-statements", "3",
+             "--actors", "1", "--cpus-per-actor", "1", "--run-id", "cli"]
+    assert cli_main(flags) == 0
+    out = capsys.readouterr().out
+    assert store.exists(layout.report("cli")) and f"report: {store.uri(layout.report('cli'))}" in out
+    assert store.read_bytes(layout.summary_table("cli")).decode().rstrip("\n") in out
+    page = store.read_bytes(layout.report("cli")).decode()
+    assert "Inputs" in page and "contrastive-wanda" in page
+    m = runs.read_manifest(store, "cli")
+    assert m.kind == "evaluate" and m.ok and m.report == store.uri(layout.report("cli"))
+    assert cli_main([*flags, "--no-report"]) == 0 and "report:" not in capsys.readouterr().out

@@ -69,6 +69,16 @@ class Summary:
 
 
 @dataclass
+class EvaluationSummary(Summary):
+    """An evaluation's counts, and where its results went."""
+
+    run_id: str = ""
+    rows: int = 0  # result rows gathered (stored earlier or written now)
+    workers: dict[str, int] = field(default_factory=dict)  # personas scored, per evaluator actor
+    report: str | None = None  # the report's URL, once it is written
+
+
+@dataclass
 class RunInputs:
     """What a run's artifacts depend on; its hash is the run id."""
 
@@ -227,7 +237,7 @@ def diff_inputs(old: dict | None, new: dict) -> dict:
     return changes
 
 
-def record_evaluation(store: Store, summary: Summary, started: float, inputs: dict) -> None:
+def record_evaluation(store: Store, summary: EvaluationSummary, started: float, inputs: dict) -> None:
     """A manifest (kind ``evaluate``) for a standalone evaluation, so `status` lists it; never over a
     manifest of another kind (a pipeline run evaluated again under its own id keeps its record)."""
     existing = read_manifest(store, summary.run_id)

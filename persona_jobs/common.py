@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 
+from tqdm import tqdm
+
 from persona_core.errors import UserError
 from persona_core.run.plan import Plan
 from persona_core.run.runs import Summary  # noqa: F401  (the jobs return it)
@@ -184,7 +186,5 @@ def add_common(p, *, model: bool = True, catalog: str | bool = False, address: b
 
 def progress(total: int, desc: str):
     """A tqdm bar on stderr (quiet when not a terminal and PERSONA_PROGRESS=0)."""
-    from tqdm import tqdm  # heavy: tqdm only when a pool runs
-
     disable = os.environ.get("PERSONA_PROGRESS", "1") == "0"
     return tqdm(total=total, desc=desc, unit="unit", disable=disable, dynamic_ncols=True)

@@ -24,6 +24,7 @@ cluster (retry).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -284,8 +285,6 @@ def _passthrough_env() -> dict[str, str]:
 def wait(jobs_client, sid: str, poll_s: float = 5.0, follow: bool = True) -> str:
     """Follow a job's logs (or poll) until it ends; its final status."""
     if follow:
-        import asyncio  # only to follow a job's logs
-
         async def tail():
             async for lines in jobs_client.tail_job_logs(sid):
                 print(lines, end="", flush=True)

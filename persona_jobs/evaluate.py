@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
@@ -159,7 +159,9 @@ def run(plan: Plan) -> EvaluationSummary:
     """
     summary = EvaluationSummary("evaluate", run_id=plan.run_id)
     store, key = plan.store, plan.model_key
-    tasks = evaluation_tasks(store, plan.catalog, key, plan.run_id, plan.eval, *mask_choice(plan))
+    chosen = mask_choice(plan)
+    tasks = evaluation_tasks(store, plan.catalog, key, plan.run_id, plan.eval, chosen.methods, chosen.sparsities,
+                             chosen.personas, chosen.budgets, chosen.calib_hash)
     n_units = sum(len(t.units) for t in tasks)
     tables: list[pa.Table] = []
     todo = []
@@ -179,17 +181,31 @@ def run(plan: Plan) -> EvaluationSummary:
     return summary.finish()
 
 
-def mask_choice(plan: Plan) -> tuple:
-    """(methods, sparsities, personas, budgets, calib hash) the evaluation takes from the store: the
-    pipeline's own masks; a standalone command's as named (None: every one found)."""
-    chosen = plan.selection
-    if chosen is not None:
-        as_list = (lambda v: list(v) if v else None)  # noqa: E731
-        return as_list(chosen.methods), as_list(chosen.sparsities), as_list(chosen.personas), None, chosen.calib_hash
+@dataclass(frozen=True)
+class MaskChoice:
+    """Which stored masks an evaluation scores, for which personas (None: every one found)."""
+
+    methods: list[str] | None
+    sparsities: list[float] | None
+    personas: list[str] | None
+    budgets: list[str] | None  # budget segments of budgeted masks
+    calib_hash: str | None  # the calibration config the masks come from (None: the only one stored)
+
+
+def mask_choice(plan: Plan) -> MaskChoice:
+    """The pipeline's own masks (methods, learned ones, sparsities or budget, its calibration config);
+    a standalone command's as named."""
+    named = plan.selection
+    if named is not None:
+        def as_list(v):
+            return list(v) if v else None
+        return MaskChoice(as_list(named.methods), as_list(named.sparsities), as_list(named.personas), None,
+                          named.calib_hash)
     m = plan.config.masks
     budgeted = m.budget is not None
-    return (list(m.methods) + m.learned.methods(), [] if budgeted else list(m.sparsities), plan.persona_ids,
-            [budget_segment(Budget.from_value(m.budget))] if budgeted else None, plan.calib.hash)
+    return MaskChoice(list(m.methods) + m.learned.methods(), [] if budgeted else list(m.sparsities),
+                      plan.persona_ids, [budget_segment(Budget.from_value(m.budget))] if budgeted else None,
+                      plan.calib.hash)
 
 
 def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary) -> list[pa.Table]:
@@ -205,7 +221,7 @@ def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary
     n = n_layout if pool.get("actors") or resources.get("num_gpus") else dispatch.pool_size(
         None, resources, len(todo), cap=n_layout)
     log.info("evaluate: %d actor(s), each %s", n, resources)
-    calib_hash = mask_choice(plan)[4]
+    calib_hash = mask_choice(plan).calib_hash
     spec = dispatch.PoolSpec("evaluation", EvalWorker, (plan.model, plan.store, plan.eval),
                              {"device_map": pool.get("device_map"), "threads": threads, "calib_hash": calib_hash},
                              resources)

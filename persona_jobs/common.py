@@ -1,4 +1,4 @@
-"""What every job shares: connecting to Ray, progress, and the command-line conventions.
+"""What every job shares: the preflight check, connecting to Ray, progress, and the command-line conventions.
 
 Every subcommand spells its shared options the same way (`add_common`): ``--store``,
 ``--model`` (and ``--revision``), ``--catalog``, ``--address``, ``--config``; and every

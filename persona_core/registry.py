@@ -61,6 +61,12 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def remove(self, name: str) -> T:
+        """Take an entry out again (a plug-in unloading, a test cleaning up); unknown names raise UnknownName."""
+        entry = self[name]
+        del self._entries[name]
+        return entry
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]

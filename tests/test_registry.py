@@ -37,3 +37,12 @@ def test_unknown_name_suggests_and_lists_what_is_available():
     assert msg == "unknown mask method 'wandda' (did you mean 'wanda'?); available: wanda, magnitude"
     assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
     assert reg.check(["wanda", "zzz"]) == ["unknown mask method 'zzz'; available: wanda, magnitude"]
+
+
+def test_remove_takes_an_entry_out_and_frees_its_name():
+    reg: Registry = Registry("widget")
+    reg.add("x", 1)
+    assert reg.remove("x") == 1 and "x" not in reg
+    reg.add("x", 2)
+    with pytest.raises(UnknownName, match="unknown widget 'y'"):
+        reg.remove("y")

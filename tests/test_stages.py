@@ -76,3 +76,35 @@ def test_the_parameter_count_sees_every_kind_of_parameter():
     code = "def f(a, /, b, *c, d, **e): pass\nclass K:\n    def m(self, a, *, b): pass\n"
     found = {fn.name: _param_count(fn, method) for fn, method in _functions(ast.parse(code))}
     assert found == {"f": 5, "m": 2}
+
+
+def test_every_subcommand_turns_its_flags_into_a_plan(tmp_path):
+    """Flags are config overrides, resolved once by make_plan; what the config has no key for (the
+    personas as named, the statistics stored, where actors run) is the plan's Selection and Placement."""
+    from persona_core.run.plan import make_plan
+    from persona_jobs.cli import build_parser
+    from persona_jobs.flags import config_from_args
+
+    where = ["--store", str(tmp_path / "st"), "--model", "tiny-random-llama"]
+
+    def parse(*argv):
+        return build_parser().parse_args([*argv[:1], *where, *argv[1:]])
+
+    c = calibrate.plan_from_args(parse("calibrate", "--catalog", "builtin", "--personas", "introvert",
+                                       "--max-length", "32", "--shard-size", "8", "--device", "cpu"))
+    assert c.calib.max_length == 32 and c.config.calibrate.shard_size == 8
+    assert c.selection.personas == ("introvert",) and c.placement.device == "cpu"
+    b = build_masks.plan_from_args(parse("build-masks", "--method", "wanda", "--sparsity", "0.3",
+                                         "--granularity", "2:4", "--delta"))
+    assert [(s.method, s.sparsity, s.granularity) for s in b.specs] == [("wanda", 0.5, "2:4")]  # N:M fixes it
+    assert b.config.masks.options.delta and not b.selection.by_catalog
+    lm = learn_masks.plan_from_args(parse("learn-masks", "--steps", "3", "--objective", "prompt-free",
+                                          "--retries", "1"))
+    assert lm.learn.steps == 3 and lm.config.masks.learned.objectives == ["prompt-free"]
+    assert lm.placement.retries == 1
+    e = evaluate.plan_from_args(parse("evaluate", "--methods", "contrastive-*", "--max-statements", "5",
+                                      "--run-id", "r"))
+    assert e.eval.max_statements == 5 and e.selection.methods == ("contrastive-*",) and e.run_id == "r"
+    r = make_plan(config_from_args(parse("run", "--personas", "introvert", "--sparsities", "0.3")))
+    assert r.selection is None and set(r.persona_ids) == {"introvert", "extrovert"}  # opposites come along
+    assert {s.sparsity for s in r.specs} == {0.3}

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_pipeline_config
-from persona_core.run import runs
-from persona_core.store.store import open_store
 
 OLD_STORE = Path(__file__).parent / "data" / "store-v1"
 RUN_ID = "run-d0eca91bdd3a0f74"

@@ -19,14 +19,13 @@ import json
 import logging
 import sys
 
-from persona_core.run.execution import Outcome, print_outcome, verify_artifacts  # noqa: F401  (callers read a run through the job)
+from persona_core.run.execution import print_outcome
 from persona_core.run.plan import make_plan
 from persona_jobs.execute import execute
 from persona_jobs.flags import add_config_args, config_from_args
 
 log = logging.getLogger(__name__)
 
-plan = make_plan  # the one resolution of a config (persona_core.run.plan)
 
 
 def add_parser(sub) -> None:

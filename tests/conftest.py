@@ -155,10 +155,11 @@ def tiny_pipeline_config(store: str, **changes):
 @pytest.fixture(scope="session")
 def pipeline_store(ray_cluster, tmp_path_factory):
     """One finished tiny pipeline run in a local store (copy it before changing anything)."""
+    from persona_core.run.plan import make_plan
     from persona_jobs import pipeline
 
     root = tmp_path_factory.mktemp("pipeline") / "store"
-    plan = pipeline.plan(tiny_pipeline_config(str(root)))
+    plan = make_plan(tiny_pipeline_config(str(root)))
     out = pipeline.execute(plan)
     assert out.ok, out.manifest.error
     return root, plan.run_id

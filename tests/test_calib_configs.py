@@ -16,6 +16,8 @@ from persona_core.run import units
 from persona_core.masks.spec import mask_key
 from persona_core.calib.stored import list_parts, part_versions
 from persona_core.store.store import open_store
+from persona_core.run.plan import make_plan
+from persona_core.run.execution import Outcome
 
 FIELDS = ("persona", "method", "sparsity", "condition", "metric")
 
@@ -48,10 +50,10 @@ def test_two_calibration_configs_run_concurrently_match_clean_single_runs(ray_cl
     # `tiny`: the model is loaded once here first, as transformers' lazy imports are not safe to
     # race from two threads of one driver (two real runs are two processes).
     shared = str(tmp_path / "shared")
-    plan_a, plan_b = (pipeline.plan(c) for c in configs(shared))
+    plan_a, plan_b = (make_plan(c) for c in configs(shared))
     assert plan_a.calib.hash != plan_b.calib.hash and plan_a.run_id != plan_b.run_id
 
-    outcomes: dict[str, pipeline.Outcome] = {}
+    outcomes: dict[str, Outcome] = {}
     errors: list[BaseException] = []
 
     def go(name, p):
@@ -82,7 +84,7 @@ def test_two_calibration_configs_run_concurrently_match_clean_single_runs(ray_cl
     concurrent = {n: rows(store, p.run_id) for n, p in (("a", plan_a), ("b", plan_b))}
     for i, name in enumerate(("a", "b")):
         clean_store = str(tmp_path / f"clean-{name}")
-        p = pipeline.plan(configs(clean_store)[i])
+        p = make_plan(configs(clean_store)[i])
         assert p.run_id == (plan_a, plan_b)[i].run_id
         assert pipeline.execute(p).ok
         clean = rows(open_store(clean_store), p.run_id)
@@ -136,7 +138,7 @@ def test_a_pinned_revision_reaches_every_stage(monkeypatch, tmp_path):
 
     cfg = from_dict(PipelineConfig, {"model": "org/m", "revision": "r1", "store": str(tmp_path / "st"),
                                      "masks": {"methods": ["wanda"], "sparsities": [0.5]}})
-    p = pipeline.plan(cfg)
+    p = make_plan(cfg)
     assert p.model == "org/m@r1" and models.model_key(p.model) == p.inputs.model_key
     # every stage takes only the plan (persona_jobs.stages): each keys and loads the plan's model, revision included
     assert p.model_key == models.model_key("org/m", revision="r1")

@@ -19,6 +19,8 @@ from persona_core.catalog import reference_persona
 from persona_core.calib.stored import list_parts
 from persona_core.run.units import calibration_units
 from persona_core.store.store import open_store
+from persona_core.run.plan import make_plan
+from persona_core.run.execution import verify_artifacts
 
 
 def snapshot(root) -> dict:
@@ -39,7 +41,7 @@ def test_calibration_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     ray = ray_cluster
     cfg = tiny_pipeline_config(str(tmp_path / "store"), personas=["introvert", "optimist"],
                                calibrate__shard_size=4, evaluate__enabled=False)
-    p = pipeline.plan(cfg)
+    p = make_plan(cfg)
     handles, real_remote = [], ray.remote
 
     def spy_remote(*args, **kwargs):  # record the calibration actors' handles as they are created
@@ -92,7 +94,7 @@ def test_calibration_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
 def test_corrupt_stats_part_is_named_and_repair_regenerates_only_it(stored, capsys):
     root, rid = stored
     cfg = tiny_pipeline_config(str(root), masks__sparsities=[0.3], evaluate__enabled=False)  # needs the stats
-    p = pipeline.plan(cfg)
+    p = make_plan(cfg)
     parts = list_parts(p.store, p.inputs.model_key)
     victim = next(k for k in parts if "persona=introvert" in k)
     p.store.write_bytes(victim, b"PAR1 this is not parquet")
@@ -114,17 +116,17 @@ def test_corrupt_stats_part_is_named_and_repair_regenerates_only_it(stored, caps
 
 def test_corrupt_mask_is_repaired_alone(stored, tmp_path, capsys):
     root, rid = stored
-    p = pipeline.plan(tiny_pipeline_config(str(root)))
+    p = make_plan(tiny_pipeline_config(str(root)))
     masks = p.store.list("masks/", suffix=".safetensors")
     victim = masks[0]
     p.store.write_bytes(victim, b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     others = [k for k in masks if k != victim]
     shutil.copytree(root, tmp_path / "before")
-    assert pipeline.verify_artifacts(p) == [victim]
+    assert verify_artifacts(p) == [victim]
 
     out = pipeline.execute(p, do_repair=True)
     assert out.ok, out.manifest.error
-    assert pipeline.verify_artifacts(p) == []
+    assert verify_artifacts(p) == []
     stage = next(s for s in out.summaries if s["stage"] == "build-masks")
     assert stage["done"] == 2  # the one unit holding it: an opposing pair's two masks come from one task
     for k in others:  # its partner is rebuilt with it, bit for bit the same mask

@@ -16,6 +16,7 @@ from persona_jobs.stages import STAGES
 from persona_core.run import runs
 from persona_core.store.lease import Lease
 from persona_core.store.store import open_store
+from persona_core.run.plan import make_plan
 
 
 def copy_store(src, tmp_path):
@@ -51,7 +52,7 @@ def test_rerun_with_nothing_changed_does_no_work(pipeline_store, monkeypatch, ca
     root, rid = pipeline_store
     forbid(monkeypatch, *STAGES)
     monkeypatch.setattr(common, "ensure_ray", lambda *a, **k: pytest.fail("no Ray needed"))
-    p = pipeline.plan(tiny_pipeline_config(str(root)))
+    p = make_plan(tiny_pipeline_config(str(root)))
     assert p.run_id == rid  # the same inputs give the same id
     out = pipeline.execute(p)
     assert out.ok and out.skipped
@@ -59,16 +60,16 @@ def test_rerun_with_nothing_changed_does_no_work(pipeline_store, monkeypatch, ca
 
 
 def test_run_id_follows_content(tmp_path):
-    base = pipeline.plan(tiny_pipeline_config(str(tmp_path / "a"))).run_id
-    assert pipeline.plan(tiny_pipeline_config(str(tmp_path / "b"))).run_id == base  # the store is not content
-    assert pipeline.plan(tiny_pipeline_config(str(tmp_path), masks__sparsities=[0.3])).run_id != base
-    assert pipeline.plan(tiny_pipeline_config(str(tmp_path), personas=["optimist"])).run_id != base
+    base = make_plan(tiny_pipeline_config(str(tmp_path / "a"))).run_id
+    assert make_plan(tiny_pipeline_config(str(tmp_path / "b"))).run_id == base  # the store is not content
+    assert make_plan(tiny_pipeline_config(str(tmp_path), masks__sparsities=[0.3])).run_id != base
+    assert make_plan(tiny_pipeline_config(str(tmp_path), personas=["optimist"])).run_id != base
 
 
 def test_interrupted_run_resumes_after_its_last_finished_stage(pipeline_store, tmp_path, monkeypatch):
     root = copy_store(pipeline_store[0], tmp_path)
     cfg = tiny_pipeline_config(str(root), evaluate__conditions=["dense"])  # a new run over stored masks
-    p = pipeline.plan(cfg)
+    p = make_plan(cfg)
 
     def interrupted(p):
         raise KeyboardInterrupt  # the operator's Ctrl-C, or a killed driver, between stages
@@ -190,7 +191,7 @@ def test_submit_derives_id_from_run_and_never_runs_a_run_twice(tmp_path, capsys)
     cfg_path.write_text("catalog: builtin\nmodel: tiny-random-llama\npersonas: [introvert]\n"
                         f"store: {tmp_path / 'store'}\nmasks: {{methods: [wanda], sparsities: [0.5]}}\n")
     command = ["run", "--config", str(cfg_path)]
-    rid = pipeline.plan(config_from_args(build_parser().parse_args(command))).run_id
+    rid = make_plan(config_from_args(build_parser().parse_args(command))).run_id
     fake = FakeJobs()
     sid, new = submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True)
     assert new and sid.startswith(f"persona-run-{rid.removeprefix('run-')}-")  # + the store's context hash

@@ -55,7 +55,7 @@ def test_two_revisions_never_share_a_model_key_anywhere(ray_cluster, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(OLD_STORE, root)
     before = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    p = pipeline.plan(tiny_pipeline_config(str(root), revision="1"))
+    p = make_plan(tiny_pipeline_config(str(root), revision="1"))
     new_key = p.model_key
     assert new_key != OLD_KEY
     out = pipeline.execute(p)

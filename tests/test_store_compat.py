@@ -16,6 +16,8 @@ import pytest
 
 from conftest import tiny_pipeline_config
 
+from persona_core.run.plan import make_plan
+
 OLD_STORE = Path(__file__).parent / "data" / "store-v1"
 RUN_ID = "run-d0eca91bdd3a0f74"
 MODEL_KEY = "tiny-random-llama-cf1551e6"
@@ -57,9 +59,7 @@ def test_old_store_pinned_content():
 
 
 def test_same_inputs_give_the_old_run_id_and_model_key(old_store):
-    from persona_jobs import pipeline
-
-    p = pipeline.plan(tiny_pipeline_config(str(old_store)))
+    p = make_plan(tiny_pipeline_config(str(old_store)))
     assert (p.run_id, p.inputs.model_key) == (RUN_ID, MODEL_KEY)
     manifest = json.loads((old_store / "runs" / RUN_ID / "manifest.json").read_text())
     assert p.inputs.to_dict()["personas"] == manifest["inputs"]["personas"]
@@ -69,7 +69,7 @@ def test_same_inputs_give_the_old_run_id_and_model_key(old_store):
 def test_rerun_of_the_old_store_finds_its_work_done(old_store, monkeypatch, capsys):
     from persona_jobs import pipeline
 
-    p = pipeline.plan(tiny_pipeline_config(str(old_store)))
+    p = make_plan(tiny_pipeline_config(str(old_store)))
     out = pipeline.execute(p)
     assert out.ok and out.skipped and "nothing changed" in capsys.readouterr().out
 
@@ -79,9 +79,8 @@ def test_every_planned_key_and_identity_is_the_old_one(old_store):
     the same mask identities (keys now carry calib=), the same result part names."""
     from persona_core.catalog import reference_persona
     from persona_core.run.units import calibration_units, evaluation_tasks, mask_units, stats_fingerprints
-    from persona_jobs import pipeline
 
-    p = pipeline.plan(tiny_pipeline_config(str(old_store)))
+    p = make_plan(tiny_pipeline_config(str(old_store)))
     store = p.store
     stored = set(_keys(old_store))
 

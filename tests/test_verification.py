@@ -17,6 +17,8 @@ from persona_core.calib.parts import StatsError, verify_part
 from persona_core.calib.stored import list_parts
 from persona_jobs import evaluate, pipeline
 from persona_jobs.cli import UserError
+from persona_core.run.plan import make_plan
+from persona_core.run.execution import verify_artifacts
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def _flip_body_bit(store, key: str) -> None:
 
 def test_result_rows_carry_the_digest_of_the_mask_read(stored):
     root, rid = stored
-    store = pipeline.plan(tiny_pipeline_config(str(root))).store
+    store = make_plan(tiny_pipeline_config(str(root))).store
     table = evaluate.load_results(store, rid)
     hashes = set(table.column("mask_hash").to_pylist()) - {None, ""}
     keys = [k for k in store.list("masks/", suffix=".safetensors")]
@@ -44,12 +46,12 @@ def test_result_rows_carry_the_digest_of_the_mask_read(stored):
 
 def test_mask_with_flipped_bits_fails_evaluation_and_repair_rebuilds_it(stored, capsys):
     root, rid = stored
-    p = pipeline.plan(tiny_pipeline_config(str(root), evaluate__options__max_statements=3))  # a new run id
+    p = make_plan(tiny_pipeline_config(str(root), evaluate__options__max_statements=3))  # a new run id
     victim = next(k for k in p.store.list("masks/", suffix=".safetensors") if "contrastive" in k)
     good = verify_mask(p.store, victim)
     _flip_body_bit(p.store, victim)
     MaskFile(p.store, victim)  # the header alone still reads
-    assert pipeline.verify_artifacts(p) == [victim]  # the same check every read applies
+    assert verify_artifacts(p) == [victim]  # the same check every read applies
 
     out = pipeline.execute(p)
     assert not out.ok  # evaluated as if whole before; now its unit fails, naming the file
@@ -66,7 +68,7 @@ def test_mask_with_flipped_bits_fails_evaluation_and_repair_rebuilds_it(stored, 
 
 def test_stats_part_with_the_wrong_schema_is_regenerated_by_repair(stored, capsys):
     root, rid = stored
-    p = pipeline.plan(tiny_pipeline_config(str(root), masks__sparsities=[0.3], evaluate__enabled=False))
+    p = make_plan(tiny_pipeline_config(str(root), masks__sparsities=[0.3], evaluate__enabled=False))
     victim = next(k for k in list_parts(p.store, p.inputs.model_key) if "persona=introvert" in k)
     table = pq.read_table(pa.BufferReader(p.store.read_bytes(victim)))
     i = table.schema.get_field_index("layer")
@@ -89,7 +91,7 @@ def test_stats_part_with_the_wrong_schema_is_regenerated_by_repair(stored, capsy
                                            ("do_repair", b'{"run_id": "other", "status": "succeeded"}')])
 def test_corrupt_run_manifest_is_rebuilt_by_repair_or_force(stored, flag, garbage, capsys):
     root, rid = stored
-    p = pipeline.plan(tiny_pipeline_config(str(root)))
+    p = make_plan(tiny_pipeline_config(str(root)))
     assert p.run_id == rid
     p.store.write_bytes(runs.manifest_key(rid), garbage)
     with pytest.raises(UserError, match=r"manifest.json: not .*--repair"):

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.calib.recorder import StatsRecorder  # noqa: E402
-from persona_core.models.layers import decoder_body  # noqa: E402
 from persona_core.calib.texts import batches, render_reply  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
+from persona_core.models.layers import decoder_body  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 

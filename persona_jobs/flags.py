@@ -27,7 +27,7 @@ WHERE = ("catalog", "model", "revision", "store", "address")  # what every stand
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML config (every knob: README, 'Operations'); a shipped one by name, e.g. configs/demo.yaml")
+                   help="YAML config (every knob: docs/operations.md); a shipped one by name, e.g. configs/demo.yaml")
     add_common(p, catalog=True)
     add_list(p, "--personas", metavar="ID", help="persona ids (default: all); opposites come along")
     add_list(p, "--methods", "--method", dest="methods", metavar="M", help="mask methods (masks.methods)")

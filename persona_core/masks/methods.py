@@ -100,7 +100,7 @@ def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequen
 def _f(z: torch.Tensor, p: dict) -> torch.Tensor:
     """The contrast function. softplus(z / tau) is the default: with relu every channel with
     z <= 0 scores 0, so at 30% sparsity whole channels fall to |W| order alone and the
-    default model's perplexity grows ~20x (softplus: ~1.8x, see README)."""
+    default model's perplexity grows ~20x (softplus: ~1.8x, see results/2026-11-22-issue5-first-study.md)."""
     if p["f"] == "relu":
         return torch.relu(z)
     if p["f"] == "softplus":

@@ -10,7 +10,7 @@ every problem at once, each naming the file, the line and the dotted key
     configs/x.yaml:7: masks.sparsity: unknown key (did you mean 'sparsities'?)
     configs/x.yaml:9: calibrate.shard_size: expected an integer, got 'many'
 
-`describe()` lists every knob with its default (the README's table is checked against it by the
+`describe()` lists every knob with its default (docs/operations.md's table is checked against it by the
 tests). This module never imports Ray.
 """
 

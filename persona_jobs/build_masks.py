@@ -36,7 +36,7 @@ from persona_core.run.units import MaskUnit, mask_is_current, mask_units, resolv
 from persona_core.store.store import Store
 from persona_core.versions import MASKS_VERSION
 from persona_jobs import dispatch
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, preflight
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, run_alone
 from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,7 @@ def plan_from_args(args) -> Plan:
 
 
 def _main(args) -> int:
-    plan = plan_from_args(args)
-    preflight(plan, need_ray=False)  # Ray is joined once there is work to do
-    summary = run(plan)
-    print(summary.line())
-    for err in summary.errors:
-        print(f"  {err}")
-    return 0 if summary.ok else 1
+    return run_alone(plan_from_args(args), run)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from persona_core.run.plan import Placement, Plan, Selection, make_plan
 from persona_core.run.units import CalibrationUnit, calibration_personas, calibration_units, stale_calibration_parts
 from persona_core.store.store import Store
 from persona_jobs import dispatch
-from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, preflight
+from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, run_alone
 from persona_jobs.flags import load, where_overrides
 
 log = logging.getLogger(__name__)
@@ -181,11 +181,7 @@ def plan_from_args(args) -> Plan:
 
 
 def main(args) -> int:
-    plan = plan_from_args(args)
-    preflight(plan, need_ray=False)  # Ray is joined once there is work to do
-    summary = run(plan)
-    print(summary.line())
-    return 0 if summary.ok else 1
+    return run_alone(plan_from_args(args), run)
 
 
 if __name__ == "__main__":

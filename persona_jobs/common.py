@@ -13,12 +13,13 @@ import argparse
 import logging
 import os
 import socket
+from typing import Callable
 
 from tqdm import tqdm
 
 from persona_core.errors import UserError
 from persona_core.run.plan import Plan
-from persona_core.run.runs import Summary  # noqa: F401  (the jobs return it)
+from persona_core.run.runs import Summary
 from persona_core.store.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,16 @@ def preflight(p: Plan, need_ray: bool = True) -> None:
         raise UserError(f"store {p.config.store} cannot be written: {err}") from None
     if need_ray:
         ensure_ray(p.config.address or os.environ.get("RAY_ADDRESS"))  # checks the address first
+
+
+def run_alone(plan: Plan, stage: Callable[[Plan], Summary]) -> int:
+    """A standalone subcommand: preflight (Ray is joined once there is work to do), one stage, its summary."""
+    preflight(plan, need_ray=False)
+    summary = stage(plan)
+    print(summary.line())
+    for err in summary.errors:
+        print(f"  {err}")
+    return 0 if summary.ok else 1
 
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:

@@ -5,7 +5,7 @@ Every import counts: module-level ones, those inside functions and those under
 design). The library is layered, lowest first::
 
     errors, registry, versions < store < catalog < models < calib < eval < masks
-        < learn < report < run < persona_jobs
+        < learn < report < run < api (the public API) < persona_jobs
 
 and a module imports only from its own layer or lower ones. An import inside a
 function is allowed only to keep a heavy dependency off an import path that does
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("persona_core", "persona_jobs")
 LAYERS = (("errors", "registry", "versions"), ("store",), ("catalog",), ("models",), ("calib",), ("eval",),
-          ("masks",), ("learn",), ("report",), ("run",))
+          ("masks",), ("learn",), ("report",), ("run",), ("api",))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
 Masks are applied in place: the first time a module is masked its dense weight is copied
 once, so no model is reloaded per persona, and restoring is one `copy_` per module.
+`apply_masks(model, masks)` is the reversible call user code gets (through
+`persona_core.api.apply_mask`): it returns an `AppliedMask` handle, a context manager, over the
+one `MaskedModel` kept per model (`masked_model_of`), so masks swap into one another as they do
+in the evaluator, and nested handles restore in order.
 `mask_content_hash` identifies a mask set built in memory.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -56,6 +61,7 @@ class MaskedModel:
         self.snapshot_device = snapshot_device
         self._dense: dict[str, torch.Tensor] = {}
         self.active: dict[str, torch.Tensor] | None = None
+        self._handles: list[AppliedMask] = []  # `push`ed masks, innermost last
 
     @torch.no_grad()
     def apply(self, masks: dict[str, torch.Tensor]) -> None:
@@ -77,11 +83,34 @@ class MaskedModel:
 
     @torch.no_grad()
     def restore(self) -> None:
+        """The dense weights back, bit-exact (every `push`ed handle is released too)."""
+        self._handles.clear()
         if self.active is None:
             return
         for name, weight in self.active.items():
             weight.copy_(self._dense[name], non_blocking=True)
         self.active = None
+
+    def push(self, masks: dict[str, torch.Tensor]) -> "AppliedMask":
+        """Apply `masks` over whatever is applied now and return the handle that takes them off again
+        (back to the mask pushed before, or to the dense weights). A bad mask changes nothing."""
+        self.apply(masks)
+        handle = AppliedMask(self, masks)
+        self._handles.append(handle)
+        return handle
+
+    def release(self, handle: "AppliedMask") -> None:
+        """Take `handle`'s mask off (a handle already released, or cleared by `restore`, is a no-op)."""
+        if not any(h is handle for h in self._handles):
+            return
+        if self._handles[-1] is not handle:
+            raise RuntimeError("a mask applied after this one is still on: restore that one first")
+        self._handles.pop()
+        if self._handles:
+            rest = list(self._handles)
+            self.apply(rest[-1].masks)  # apply() leaves the handle list alone
+        else:
+            self.restore()
 
     @contextlib.contextmanager
     def masked(self, masks: dict[str, torch.Tensor] | None) -> Iterator[None]:
@@ -94,6 +123,44 @@ class MaskedModel:
             yield
         finally:
             self.restore()
+
+
+class AppliedMask:
+    """A mask applied to a model: `restore()` (or leaving its ``with`` block) takes it off again,
+    bit-exactly. Handles nest: restoring the inner one brings back the outer one's mask."""
+
+    def __init__(self, owner: MaskedModel, masks: dict[str, torch.Tensor]):
+        self.owner, self.masks = owner, masks
+
+    @property
+    def applied(self) -> bool:
+        return any(h is self for h in self.owner._handles)
+
+    def restore(self) -> None:
+        self.owner.release(self)
+
+    def __enter__(self) -> "AppliedMask":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+# one MaskedModel per model, so every caller shares its dense snapshot and sees what is applied
+_MASKED: "weakref.WeakKeyDictionary[nn.Module, MaskedModel]" = weakref.WeakKeyDictionary()
+
+
+def masked_model_of(model: nn.Module, snapshot_device: str | torch.device | None = None) -> MaskedModel:
+    """The `MaskedModel` over `model` (made on first use; the same one on every later call)."""
+    if model not in _MASKED:
+        _MASKED[model] = MaskedModel(model, snapshot_device)
+    return _MASKED[model]
+
+
+def apply_masks(model: nn.Module | MaskedModel, masks: dict[str, torch.Tensor]) -> AppliedMask:
+    """Mask `model` in place now; the handle (a context manager) restores it, bit-exactly."""
+    owner = model if isinstance(model, MaskedModel) else masked_model_of(model)
+    return owner.push(masks)
 
 
 def mask_content_hash(masks: dict[str, torch.Tensor]) -> str:

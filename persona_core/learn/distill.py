@@ -14,7 +14,7 @@ prefix (a persona's system prompt) run it once and repeat its key/value cache ov
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -22,6 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from persona_core.catalog.personas import Persona
+# the scoring and KL pieces live with the contrastive objective (eval layer, shared with the learned steering
+# vector); named here too for the learner and its tests
+from persona_core.eval.objective import (Example, distill_loss, pad_sequences, scored_logits,  # noqa: F401
+                                         teacher_targets)
 from persona_core.eval.validation import lead_ids
 from persona_core.learn.config import LearnConfig
 from persona_core.models.layers import body_and_head
@@ -33,46 +37,6 @@ def chat_prompt(tokenizer, system: str | None, user: str) -> str:
     """The text before the assistant's answer, with `system` as system prompt (none for None)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-
-@dataclass
-class Example:
-    """One training sequence: the student's input ids, where the scored tokens are, and the
-    dense teacher's top-K log-probs for each of them (teacher_lp, teacher_ix: [A, K]; tail: [A])."""
-
-    ids: list[int]
-    start: int  # the first scored position predicts ids[start + 1]
-    targets: list[int]  # the A scored tokens
-    teacher_lp: torch.Tensor
-    teacher_ix: torch.Tensor
-    tail: torch.Tensor  # log of the teacher's probability outside its top K
-
-    @property
-    def positions(self) -> range:
-        return range(self.start, self.start + len(self.targets))
-
-
-def pad_sequences(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        att[i, : len(s)] = 1
-    return ids.to(device), att.to(device)
-
-
-def scored_logits(model: nn.Module, seqs: Sequence[Sequence[int]], spans: Sequence[range], pad: int
-                   ) -> torch.Tensor:
-    """Logits (fp32) at the scored positions of every sequence, concatenated: [sum A, V].
-    The LM head runs on those positions only."""
-    body, head = body_and_head(model)
-    device = next(model.parameters()).device
-    ids, att = pad_sequences(seqs, pad, device)
-    hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-    rows = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(spans)]).to(device)
-    cols = torch.cat([torch.tensor(list(r), dtype=torch.long) for r in spans]).to(device)
-    return head(hidden[rows, cols]).float()
 
 
 MIN_SHARED_PREFIX = 16  # tokens a batch's sequences must share before the prefix runs once
@@ -111,26 +75,6 @@ def scored_logits_shared(model: nn.Module, seqs: Sequence[Sequence[int]], spans:
     rows = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(spans)]).to(device)
     cols = torch.cat([torch.tensor(list(r), dtype=torch.long) - prefix for r in spans]).to(device)
     return head(hidden[rows, cols]).float()
-
-
-def teacher_targets(model: nn.Module, pad: int, items: list[tuple[list[int], int, list[int]]], topk: int,
-             batch: int) -> list[Example]:
-    out = []
-    for b in range(0, len(items), batch):
-        chunk = items[b: b + batch]
-        spans = [range(s, s + len(t)) for _, s, t in chunk]
-        with torch.inference_mode():
-            lp = torch.log_softmax(scored_logits(model, [i for i, _, _ in chunk], spans, pad), -1)
-            k = min(topk, lp.shape[-1])
-            top, ix = lp.topk(k, dim=-1)
-            tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
-        n = 0
-        for (ids, start, targets) in chunk:
-            a = len(targets)
-            out.append(Example(ids, start, targets, top[n: n + a].cpu().clone(), ix[n: n + a].cpu().clone(),
-                               tail[n: n + a].cpu().clone()))
-            n += a
-    return out
 
 
 def prepare_examples(loaded: LoadedModel, persona: Persona, samples: Sequence[Mapping[str, str]],
@@ -177,18 +121,6 @@ def teacher_memo(loaded: LoadedModel, pad: int, items, topk: int, batch: int) ->
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = teacher_targets(loaded.model, pad, items, topk, batch)
     return list(_MEMO[key])
-
-
-def distill_loss(logits: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
-    """Mean over scored tokens of KL(teacher || student) over the teacher's top K + its tail."""
-    lp = torch.log_softmax(logits, -1)
-    t_lp = torch.cat([e.teacher_lp for e in examples]).to(lp.device)
-    t_ix = torch.cat([e.teacher_ix for e in examples]).to(lp.device)
-    t_tail = torch.cat([e.tail for e in examples]).to(lp.device)
-    s_top = lp.gather(1, t_ix)
-    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-7))
-    kl = (t_lp.exp() * (t_lp - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
-    return kl.mean()
 
 
 def lm_loss(logits: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:

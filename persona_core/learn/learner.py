@@ -37,14 +37,13 @@ optimiser is a plain Adam on one tensor, so a learner resumed from a checkpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import nn
 
 from persona_core.catalog.personas import Persona
@@ -53,6 +52,7 @@ from persona_core.learn.config import DataConfig, LearnConfig
 from persona_core.learn.data import general_text, general_windows, generate_training_data, samples_hash
 from persona_core.learn.distill import (MIN_SHARED_PREFIX, Example, distill_loss, lm_loss, prepare_examples,
                                         prepare_general, scored_logits, scored_logits_shared, shared_prefix)
+from persona_core.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from persona_core.learn.gate import ChannelGate, channels_kept, hard_topk, straight_through
 from persona_core.masks.build import channel_module_masks, ffn_channel_scores
 from persona_core.masks.inputs import LinearWeights, StatsLike
@@ -73,25 +73,32 @@ class LearnerState:
     m: torch.Tensor
     v: torch.Tensor
 
+    FORMAT = "persona-learner/v2"
+
     def to_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
-        meta = {"format": "persona-learner/v1", "step": str(self.step), **(metadata or {})}
-        return save({"scores": self.scores.cpu().contiguous(), "m": self.m.cpu().contiguous(),
-                     "v": self.v.cpu().contiguous()}, metadata=meta)
+        """Checkpoint bytes: the tensors, the step, `metadata` (owner fields) and a content digest."""
+        return save_checkpoint({"scores": self.scores, "m": self.m, "v": self.v}, self.step, self.FORMAT,
+                               dict(metadata or {}))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> tuple["LearnerState", dict[str, str]]:
+    def from_bytes(cls, data: bytes, owner: Mapping[str, str] | None = None, shape: tuple[int, int] | None = None,
+                   max_step: int = 2**62) -> tuple["LearnerState", dict[str, str]]:
+        """A verified checkpoint (`persona_core.learn.checkpoint`): digest, `owner` fields, the scores'
+        `shape` (when given: else the three tensors must agree), finite values, step <= `max_step`;
+        anything else raises `CheckpointError` (a ValueError)."""
+        if shape is None:
+            try:
+                shape = tuple(load(data)["scores"].shape)
+            except Exception:
+                raise CheckpointError("not a learner checkpoint (unreadable)") from None
         try:
-            tensors = load(data)
-            n = int.from_bytes(data[:8], "little")
-            meta = dict(json.loads(data[8: 8 + n]).get("__metadata__") or {})
-        except Exception as err:
-            raise ValueError(f"not a learner checkpoint ({err})") from None
-        if meta.get("format") != "persona-learner/v1" or set(tensors) != {"scores", "m", "v"}:
-            raise ValueError("not a learner checkpoint")
-        shapes = {t.shape for t in tensors.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"learner checkpoint: tensors disagree in shape {sorted(map(tuple, shapes))}")
-        return cls(int(meta["step"]), tensors["scores"], tensors["m"], tensors["v"]), meta
+            tensors, meta, step = load_checkpoint(data, cls.FORMAT, owner or {},
+                                                  {k: tuple(shape) for k in ("scores", "m", "v")}, max_step)
+        except CheckpointError as err:
+            raise CheckpointError(f"not a learner checkpoint to resume: {err}") from None
+        if len(shape) != 2:
+            raise CheckpointError(f"not a learner checkpoint to resume: scores of shape {tuple(shape)}")
+        return cls(step, tensors["scores"], tensors["m"], tensors["v"]), meta
 
 
 def initial_scores(loaded: LoadedModel | nn.Module, stats: Sequence[StatsLike], config: LearnConfig,
@@ -198,7 +205,14 @@ class MaskLearner:
         scores = st.scores.detach().requires_grad_(True)
         mask = straight_through(scores, self.k, self.tiebreak, c.temperature).float()
         total, info = self.loss(mask, st.step)
+        if not torch.isfinite(total.detach()):
+            raise FloatingPointError(f"mask learner ({c.method}, sparsity {c.sparsity:g}): the loss is not finite at "
+                                     f"step {st.step + 1} ({info}); lower lr (now {c.lr:g}) or check the model's "
+                                     "numerics (dtype)")
         (grad,) = torch.autograd.grad(total, scores)
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(f"mask learner ({c.method}, sparsity {c.sparsity:g}): non-finite gradient at "
+                                     f"step {st.step + 1}; lower lr (now {c.lr:g}) or check the model's numerics")
         b1, b2 = self.betas
         t = st.step + 1
         with torch.no_grad():

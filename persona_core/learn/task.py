@@ -33,6 +33,7 @@ from persona_core.catalog import REFERENCE_PERSONA_ID, Persona
 from persona_core.eval.validation import text_key
 from persona_core.learn.config import DataConfig, LearnConfig
 from persona_core.learn.data import general_text, generate_training_data, samples_from_json, samples_hash
+from persona_core.learn.gate import ChannelGate
 from persona_core.learn.learner import LearnerState, identity, learn_persona
 from persona_core.masks.codec import read_mask_metadata, write_mask
 from persona_core.masks.export import export_pruned
@@ -137,6 +138,11 @@ def training_data(loaded: LoadedModel, store: Store, task: LearnTask) -> tuple[l
     return samples, key
 
 
+def checkpoint_owner(task: LearnTask, unit_id: str) -> dict[str, str]:
+    """The fields a checkpoint of this task must carry to be resumed (checked with its digest)."""
+    return {"identity": unit_id, "model_key": task.model_key, "persona": task.persona.id, "task": task.name}
+
+
 def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
              on_step: Callable[[LearnerState], None] | None = None) -> dict:
     """Learn one task's mask (resuming a matching checkpoint) and store it; skip it if current.
@@ -152,19 +158,20 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
     samples, dkey = training_data(loaded, store, task)
     stats = [read_persona_stats(store, task.model_key, pid, calib_hash=task.calib_hash) for pid in task.stats_roles]
     ckey = checkpoint_key(task.model_key, task.persona.id, unit_id)
+    owner = checkpoint_owner(task, unit_id)
     state = None
     if store.exists(ckey):
         try:
-            state, meta = LearnerState.from_bytes(store.read_bytes(ckey))
-            if meta.get("identity") != unit_id:
-                raise ValueError("checkpoint of another unit")
+            state, _ = LearnerState.from_bytes(store.read_bytes(ckey), owner, ChannelGate(loaded.model).shape,
+                                               task.config.steps)
             log.info("%s: resuming from step %d", task.name, state.step)
-        except ValueError as err:
-            log.warning("%s: ignoring checkpoint %s (%s)", task.name, ckey, err)
+        except ValueError as err:  # ours (the key is this unit's): delete it and start over
+            log.warning("%s: checkpoint %s refused (%s); deleting it and learning from step 0", task.name, ckey, err)
+            store.delete(ckey)
             state = None
 
     def checkpoint(st: LearnerState) -> None:
-        store.write_bytes(ckey, st.to_bytes({"identity": unit_id, "task": task.name}))
+        store.write_bytes(ckey, st.to_bytes(owner))
         if on_step is not None:
             on_step(st)
 

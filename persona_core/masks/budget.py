@@ -272,3 +272,35 @@ def _nan_low(x: float | None) -> float:
 
 def _nan_last(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+def search_path(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Setting], float],
+                separation: Callable[[Setting], float]) -> SearchResult:
+    """The budget search along a learned k path (`persona_core.learn.contrastive`): the grid's points
+    are visited in increasing order (a learner reaches a point only through the ones before it), the
+    walk stops at the first point over `budget`, and among the points within it the one with the
+    largest separation wins (ties: the smaller sparsity). Every visited point gets both figures, so
+    no monotonicity of separation is assumed; perplexity is assumed to grow along the path (the walk
+    stops at the first point over). None within: the first point, marked over budget."""
+    grid = [float(s) for s in grid]
+    if not grid or any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"grid must be non-empty and strictly increasing, got {grid}")
+    points: list[Point] = []
+    for s in grid:
+        setting = Setting(s)
+        r = float(perplexity_ratio(setting))
+        point = Point(setting, r)
+        points.append(point)
+        if math.isnan(r) or r > budget:
+            break
+        point.separation = float(separation(setting))
+    feasible = [p for p in points if p.separation is not None]
+    if not feasible:
+        first = points[0]
+        msg = (f"budget perplexity ratio <= {budget:g} is unreachable along the learned path: its first point "
+               f"(sparsity {first.setting.sparsity:g}) costs x{first.perplexity_ratio:.3f}; keeping it, marked "
+               "over budget")
+        log.warning(msg)
+        return SearchResult(budget, None, first.setting, False, points, msg)
+    best = max(feasible, key=lambda p: (_nan_low(p.separation), -p.setting.sparsity))
+    return SearchResult(budget, None, best.setting, True, points)

@@ -47,6 +47,7 @@ class Method:
     defaults: dict
     strength: tuple[str, tuple[float, ...]] | None = None  # (parameter, values a budget search tries)
     reads: str | None = None  # a per-channel statistics group scored instead of module inputs (ffn-channels only)
+    learned: bool = False  # its masks are learned (`persona_core.learn.contrastive`); `fn` gives the starting scores
 
     @property
     def sides(self) -> int:
@@ -71,7 +72,7 @@ METHODS: Registry[Method] = Registry("mask method")
 
 
 def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequence[float]] | None = None,
-             reads: str | None = None, **defaults) -> Callable[[ScoreFn], ScoreFn]:
+             reads: str | None = None, learned: bool = False, **defaults) -> Callable[[ScoreFn], ScoreFn]:
     """Register a scoring function under `name` in `METHODS` (see the module docstring).
 
     `strength` names the parameter that sets how hard the method contrasts, and the values a
@@ -79,6 +80,8 @@ def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequen
     `reads` names a per-MLP-channel statistics group (e.g. ``mlp_attr``): such a method scores
     channels, not weights (its function gets the group's `GroupStats` per role and returns one
     score per channel and side), so it builds ``ffn-channels`` masks only.
+    `learned` marks a method whose masks a learner optimises (weights frozen) from the scores its
+    function gives: build-masks hands its units to the learner pool (`persona_jobs.learn_masks`).
     """
     bad = [r for r in needs if r not in (PERSONA, OPPOSITE, GENERAL)]
     if bad or (OPPOSITE in needs and needs[:2] != (PERSONA, OPPOSITE)):
@@ -88,7 +91,7 @@ def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequen
 
     def deco(fn: ScoreFn) -> ScoreFn:
         st = (strength[0], tuple(float(v) for v in strength[1])) if strength else None
-        METHODS.add(name, Method(name, fn, tuple(needs), dict(defaults), st, reads))
+        METHODS.add(name, Method(name, fn, tuple(needs), dict(defaults), st, reads, learned))
         return fn
 
     return deco
@@ -224,3 +227,18 @@ def persona_vs_general(absw, stats, p):
     if inner.sides != 2:
         raise ValueError(f"persona-vs-general: {p['contrast']!r} is not a contrastive method")
     return inner.fn(absw, stats, inner.resolve(p["options"]))[:1]
+
+
+LEARNED_UNITS = ("ffn-channels", "input-channels")  # what a learned mask selects (the `unit` parameter)
+
+
+@register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-wanda", unit="ffn-channels",
+          steps=24, warmup=24, lr=0.05, batch=12, general_weight=1.0, general_batch=2, temperature=0.5, seed=0)
+def learned_contrastive(absw, stats, p):
+    """One mask per pole learned with the weights frozen: the statement-preference margin (own calibration
+    statements over the opposite's) plus a general-text KL to the dense model, straight-through top-k over
+    `unit` scores (``ffn-channels`` or ``input-channels`` of every linear) started from `init`'s
+    training-free scores (this function: what a zero learning rate keeps). See docs/learned-masks.md."""
+    if p["unit"] not in LEARNED_UNITS:
+        raise ValueError(f"learned-contrastive: unit {p['unit']!r} (use {', '.join(LEARNED_UNITS)})")
+    return _contrast({"contrast": p["init"], "options": {}}, absw, stats)

@@ -13,6 +13,8 @@ import argparse
 import logging
 import os
 import socket
+import sys
+import time
 from typing import Callable
 
 from tqdm import tqdm
@@ -26,13 +28,57 @@ log = logging.getLogger(__name__)
 
 
 def preflight(p: Plan, need_ray: bool = True) -> None:
-    """Store writable and (when asked) Ray reachable, checked before any work (nothing is written but a probe)."""
+    """Store writable and (when asked) Ray reachable, checked before any work (nothing is written but a probe).
+
+    A store that only this machine sees (a folder, memory://) is refused when the Ray cluster has more
+    than one node (`check_store_shared`); to know that, a driver given a Ray address joins it here even
+    when Ray is not otherwise needed yet.
+    """
     try:
         p.store.check_writable()
     except (StoreError, OSError, ValueError) as err:
         raise UserError(f"store {p.config.store} cannot be written: {err}") from None
-    if need_ray:
-        ensure_ray(p.config.address or os.environ.get("RAY_ADDRESS"))  # checks the address first
+    address = p.config.address or os.environ.get("RAY_ADDRESS")
+    local = store_locality(p.config.store or p.store.uri())
+    if need_ray or (local and address):
+        ensure_ray(address)  # checks the address first
+    if local:
+        check_store_shared(p.config.store or p.store.uri(), local)
+
+
+SHARED_STORE_ENV = "PERSONA_SHARED_STORE"  # "1": the store's absolute folder is mounted on every node
+
+
+def store_locality(store: str) -> str | None:
+    """Why a store may be seen by this machine only ("memory", "relative", "folder"), or None (a URL
+    such as s3://, which every node reaches, or a folder declared shared with PERSONA_SHARED_STORE=1)."""
+    protocol, sep, rest = store.partition("://")
+    if not sep:
+        protocol, rest = "file", store
+    if protocol == "memory":
+        return "memory"
+    if protocol not in ("file", "local"):
+        return None
+    if not os.path.isabs(os.path.expanduser(rest)):
+        return "relative"
+    return None if os.environ.get(SHARED_STORE_ENV, "") in ("1", "true") else "folder"
+
+
+def check_store_shared(store: str, locality: str) -> None:
+    """Refuse a store that only this machine sees when the joined Ray cluster has more than one node alive:
+    each node's actors would write their parts to their own disk (and the next stage finds none)."""
+    import ray  # heavy: ray only when a job runs
+
+    if not ray.is_initialized():
+        return  # no cluster joined: a local Ray started later has one node
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if alive <= 1:
+        return
+    why = {"memory": "a memory:// store lives in this process only",
+           "relative": "a relative folder resolves on each node in its own working directory",
+           "folder": f"a local folder is on this machine only (set {SHARED_STORE_ENV}=1 if every node mounts it)"}
+    raise UserError(f"store {store}: the Ray cluster has {alive} nodes alive and {why[locality]}; "
+                    f"use a store every node reaches (s3://bucket/prefix)")
 
 
 def run_alone(plan: Plan, stage: Callable[[Plan], Summary]) -> int:
@@ -43,6 +89,9 @@ def run_alone(plan: Plan, stage: Callable[[Plan], Summary]) -> int:
     for err in summary.errors:
         print(f"  {err}")
     return 0 if summary.ok else 1
+
+
+LOG_TO_DRIVER_ENV = "PERSONA_LOG_TO_DRIVER"
 
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
@@ -57,12 +106,15 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     check_ray_address(address)  # also when connected: a wrong address given is an error, not ignored
     if ray.is_initialized():
         return
+    # the actors' output (their warnings, errors, tracebacks) in this driver's log, as Ray does by default
+    # (the job log of `ray job logs`); PERSONA_LOG_TO_DRIVER=0 leaves it in the nodes' worker logs
+    init_kwargs.setdefault("log_to_driver", os.environ.get(LOG_TO_DRIVER_ENV, "1") not in ("0", "false"))
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, **init_kwargs)
+            ray.init(address=address, **init_kwargs)
         else:
             init_kwargs.setdefault("include_dashboard", False)
-            ray.init(log_to_driver=False, **init_kwargs)
+            ray.init(**init_kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(f"cannot reach Ray at {address or 'a new local cluster'}: {err}") from err
 
@@ -195,7 +247,68 @@ def add_common(p, *, model: bool = True, catalog: str | bool = False, address: b
         p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
+PROGRESS_EVERY_ENV = "PERSONA_PROGRESS_EVERY_S"  # seconds between progress lines when stderr is not a terminal
+
+
 def progress(total: int, desc: str):
-    """A tqdm bar on stderr (quiet when not a terminal and PERSONA_PROGRESS=0)."""
-    disable = os.environ.get("PERSONA_PROGRESS", "1") == "0"
-    return tqdm(total=total, desc=desc, unit="unit", disable=disable, dynamic_ncols=True)
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (a job log, a file) a line
+    "desc: N/M units, ... ETA ..." every PERSONA_PROGRESS_EVERY_S seconds (default 30) and at the end.
+    PERSONA_PROGRESS=0 turns both off."""
+    if os.environ.get("PERSONA_PROGRESS", "1") == "0":
+        return tqdm(total=total, desc=desc, unit="unit", disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit="unit", dynamic_ncols=True)
+    every = os.environ.get(PROGRESS_EVERY_ENV, "30")
+    try:
+        every_s = float(every)
+    except ValueError:
+        raise UserError(f"{PROGRESS_EVERY_ENV}={every!r}: expected seconds") from None
+    return ProgressLines(total, desc, every_s)
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr, for logs: the same calls as a tqdm bar (update, refresh, close)."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 30.0, clock: Callable[[], float] | None = None):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.clock = clock or (lambda: time.monotonic())
+        self.n = 0
+        self.started = self.last = self.clock()
+        self.closed = False
+        self._emit()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def refresh(self) -> None:
+        """A line when the last one is `every_s` old (also called while nothing finishes)."""
+        if not self.closed and self.clock() - self.last >= self.every_s:
+            self._emit()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._emit(final=True)
+            self.closed = True
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _emit(self, final: bool = False) -> None:
+        now = self.clock()
+        self.last = now
+        elapsed = now - self.started
+        line = f"{self.desc}: {self.n}/{self.total} units, {_duration(elapsed)} elapsed"
+        if final:
+            line += " (done)" if self.n >= self.total else ""
+        elif self.n and self.n < self.total:
+            line += f", ETA {_duration(elapsed / self.n * (self.total - self.n))}"
+        print(line, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

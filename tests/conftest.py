@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 os.environ.setdefault("PERSONA_PROGRESS", "0")
+os.environ.setdefault("PERSONA_LOG_TO_DRIVER", "0")  # actors' output stays in the worker logs (users get it: on by default)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -12,7 +12,7 @@ from persona_jobs.cli import UserError, build_parser
 def test_one_gpu_per_actor_by_default():
     assert job.actor_resources([2, 2], 16, 10) == (4, {"num_gpus": 1, "num_cpus": 1}, None)
     assert job.actor_resources([2, 2], 16, 3)[0] == 3  # never more actors than tasks
-    assert job.actor_resources([], 8, 10) == (2, {"num_cpus": 4}, 4)  # CPU: up to 4 threads each
+    assert job.actor_resources([], [1, 1], 10) == (2, {"num_cpus": 1}, 1)  # CPU: one each, fits any node (issue 25)
 
 
 def test_device_map_auto_holds_the_gpus_of_its_placement():

@@ -25,7 +25,6 @@ EXIT_TEMPORARY = 75  # EX_TEMPFAIL: the cluster answered with a temporary error;
 PROBE_TIMEOUT = (5.0, 10.0)  # seconds to connect, to answer
 
 
-
 def find_token(token_file: str | None = None) -> tuple[str | None, str]:
     """(token, where it came from), in Ray's order of precedence, with --token-file first."""
     if token_file:
@@ -144,3 +143,26 @@ def jobs_call(what: str, fn, *args, **kwargs):
         temporary = isinstance(err, ConnectionError) or (code is not None and int(code[1]) >= 500)
         raise user_error(f"{what}: {text}" + ("; temporary, retry" if temporary else ""),
                           temporary=temporary) from None
+
+
+def cluster_resources(jobs_client) -> dict[str, float] | None:
+    """Total logical resources of the cluster's alive nodes, from the dashboard's state API
+    (``GET /api/v0/nodes``); None when the dashboard does not answer it (then nothing is assumed)."""
+    import requests  # heavy: requests only when the Jobs API is called
+
+    try:
+        r = jobs_client._do_request("GET", "/api/v0/nodes?limit=10000&detail=false", timeout=PROBE_TIMEOUT)
+        rows = r.json()["data"]["result"]["result"] if r.status_code == 200 else None
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError, RuntimeError) as err:
+        log.debug("cannot read the cluster's nodes: %s", err)
+        return None
+    if not isinstance(rows, list):
+        return None
+    total: dict[str, float] = {}
+    for node in rows:
+        if not isinstance(node, dict) or node.get("state", "ALIVE") != "ALIVE":
+            continue
+        for name, amount in (node.get("resources_total") or {}).items():
+            if isinstance(amount, (int, float)):
+                total[name] = total.get(name, 0.0) + float(amount)
+    return total

@@ -4,6 +4,11 @@
     persona-jobs status run-0123456789abcdef --store s3://bucket/store
     persona-jobs status --store s3://bucket/store                  # recent runs
 
+A failed job shows its real error: the failed manifest's, else the job log's
+last `error:` line or exception line, else Ray's message. A running one shows
+the stages its run finished (from the store's stage markers, with their unit
+counts) and the job log's latest progress line (``N/M``).
+
 Exit codes: 0 succeeded; 1 failed; 2 not found, bad input or an unreachable cluster;
 3 still pending, running or incomplete; 75 a temporary error of the cluster (retry).
 """
@@ -12,14 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from persona_core.errors import UserError
 from persona_core.run import runs
-from persona_core.store.store import open_store
+from persona_core.store import layout
+from persona_core.store.store import Store, StoreError, StoreUnreachable, open_store
 from persona_jobs.common import add_store_arg
-from persona_jobs.jobs_api import DEFAULT_DASHBOARD, client, jobs_call, user_error
-from persona_jobs.submit import TERMINAL_OK, attempts_of, parse_submission_id
+from persona_jobs.jobs_api import DEFAULT_DASHBOARD, client, first_line, jobs_call, user_error
+from persona_jobs.submit import ACTIVE, TERMINAL_OK, attempts_of, parse_submission_id
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,8 @@ def add_parser(sub) -> None:
                                    "its run's manifest from the store the job wrote to; with a run id, read the "
                                    "manifest; with nothing, list recent runs. Exit 0 succeeded, 1 failed, "
                                    "3 pending, running or incomplete, 2 not found or unreachable.")
-    s.add_argument("run", nargs="?", help="submission id (persona-<command>-...), or run id (run-..., eval-...)")
+    s.add_argument("run", nargs="?", help="submission id (persona-<command>-..., or one given with "
+                                           "--submission-id), or run id (run-..., eval-...)")
     add_store_arg(s)
     s.add_argument("--address", default=None,
                    help=f"Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, {DEFAULT_DASHBOARD})")
@@ -71,24 +79,118 @@ def jobs_of_run(jobs_client, rid: str) -> dict | None:
     return job_state(jobs_client, jobs[-1].submission_id)
 
 
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_PREFIXES = ("run-", "eval-")
+LOG_TAIL = 256 * 1024  # characters of a job's log searched for its error or progress
+
+
+def check_id(value: str) -> str:
+    """A run id or submission id that can be looked up; one-line UserError (exit 2) otherwise."""
+    if not _ID_RE.match(value):
+        raise UserError(f"{value!r}: not a run id (run-<16 hex>, eval-<16 hex>) or a submission id "
+                        f"(persona-<command>-<16 hex>...)")
+    return value
+
+
+def recent_runs(store: Store) -> list[dict]:
+    """Every run manifest that is a JSON object, newest first; others are named in a warning and skipped."""
+    out = []
+    for key in store.list(runs.RUNS, suffix="manifest.json"):
+        if not layout.is_manifest(key):
+            continue
+        try:
+            raw = store.read_json(key)
+        except StoreUnreachable:
+            raise
+        except (StoreError, FileNotFoundError, ValueError) as err:
+            log.warning("%s: unreadable manifest, skipped (%s)", store.uri(key), first_line(err))
+            continue
+        if not isinstance(raw, dict) or not isinstance(raw.get("run_id"), str):
+            log.warning("%s: not a run manifest (a JSON %s), skipped", store.uri(key), type(raw).__name__)
+            continue
+        out.append(raw)
+    return sorted(out, key=lambda m: m.get("finished") if isinstance(m.get("finished"), (int, float)) else 0,
+                  reverse=True)
+
+
+def read_state(store_url: str | None, rid: str) -> dict:
+    """The run's state from its store; FileNotFoundError when it has none; UserError when it is unreadable."""
+    try:
+        state = runs.run_state(open_store(store_url), rid)
+    except StoreUnreachable:
+        raise
+    except (StoreError, ValueError) as err:  # a manifest that is not one (a JSON list, ...), a bad key
+        raise UserError(first_line(err)) from None
+    if not isinstance(state, dict):
+        raise UserError(f"run {rid}: its manifest is not a JSON object")
+    return state
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Timeout\w*)\b:?")
+_PROGRESS = re.compile(r"\b(?P<done>\d+)/(?P<total>\d+)\b")
+
+
+def _log_lines(logs: str) -> list[str]:
+    text = _ANSI.sub("", logs[-LOG_TAIL:])
+    return [line.rstrip() for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
+
+
+def error_from_logs(logs: str) -> str | None:
+    """The job log's real error: its last `error:` line (persona-jobs' one-line errors), else the
+    exception line that ends its last traceback."""
+    lines = _log_lines(logs)
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ").strip()[:500]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        for line in reversed(lines[starts[-1] + 1:]):
+            if not line.startswith((" ", "\t")) and _EXC_LINE.match(line):
+                return line.strip()[:500]
+    return None
+
+
+def progress_from_logs(logs: str) -> str | None:
+    """The job log's latest progress line (a `N/M` count of units, as progress bars and lines print it)."""
+    for line in reversed(_log_lines(logs)):
+        m = _PROGRESS.search(line)
+        if m and int(m["done"]) <= int(m["total"]) and ("unit" in line or "%|" in line or "ETA" in line):
+            return line.strip()[:200]
+    return None
+
+
+def job_logs(jobs_client, sid: str) -> str:
+    try:
+        return jobs_call(f"logs of {sid}", jobs_client.get_job_logs, sid) or ""
+    except UserError as err:  # the logs add detail; their absence is not an error of `status`
+        log.info("%s", err)
+        return ""
+
+
 def _status_cmd(args) -> int:
-    if not args.run:
+    if args.run is None:
         store = open_store(args.store)
-        rows = runs.list_runs(store)
+        rows = recent_runs(store)
         if not rows:
             print(f"no runs in {store.uri()}")
             return 0
         for m in rows[:20]:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("finished", 0)))
+            finished = m.get("finished") if isinstance(m.get("finished"), (int, float)) else 0
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(finished))
             print(f"{m['run_id']}  {m.get('kind', '?'):8}  {m.get('status', '?'):9}  {when}  {m.get('report') or ''}")
         return 0
-    rid, job, store_url = args.run, None, args.store
+    rid, job, store_url = check_id(args.run), None, args.store
     parsed = parse_submission_id(args.run)
-    if args.run.startswith("persona-"):  # a submission id: Ray decides, the store adds the run's details
-        if parsed is None:
+    if not args.run.startswith(RUN_PREFIXES):  # a submission id: Ray decides, the store adds the run's details
+        if args.run.startswith("persona-") and parsed is None:
             raise UserError(f"{args.run}: not a submission id of persona-jobs (persona-<command>-<16 hex>...)")
-        rid = parsed["run_id"]
-        if not args.no_ray:
+        rid = parsed["run_id"] if parsed else None
+        if args.no_ray:
+            if parsed is None:
+                raise UserError(f"{args.run}: a submission id given with --submission-id names no run; "
+                                f"drop --no-ray to ask Ray")
+        else:
             try:
                 jc = client(args.address, args.token_file)
             except UserError as err:
@@ -96,6 +198,10 @@ def _status_cmd(args) -> int:
             job = job_state(jc, args.run)
             rid = job["metadata"].get("persona.run_id") or rid
             store_url = store_url or job["metadata"].get("persona.store") or None
+            if job["status"] not in TERMINAL_OK:  # failed: its error; running: its progress
+                logs = job_logs(jc, job["submission_id"])
+                job["error"] = error_from_logs(logs) if job["status"] not in ACTIVE else None
+                job["progress"] = progress_from_logs(logs) if job["status"] in ACTIVE else None
     elif args.address and not args.no_ray:  # a run id: its submitted jobs, found by their metadata
         job = jobs_of_run(client(args.address, args.token_file), rid)
     if job is None and rid is None:
@@ -103,7 +209,7 @@ def _status_cmd(args) -> int:
     state = None
     if rid:
         try:
-            state = runs.run_state(open_store(store_url), rid)
+            state = read_state(store_url, rid)
         except FileNotFoundError as err:
             if job is None:
                 raise UserError(str(err)) from None
@@ -113,12 +219,7 @@ def _status_cmd(args) -> int:
         print(json.dumps(shown, indent=2, sort_keys=True, default=str))
     else:
         if job is not None:
-            line = f"ray job {job['submission_id']}: {job['status']}"
-            if job["status"] not in TERMINAL_OK and job["message"]:
-                line += f" ({job['message'].strip().splitlines()[0][:300]})"
-            print(line)
-            for sid, status in job["attempts"][:-1]:
-                print(f"  earlier attempt {sid}: {status}")
+            print(format_job(job, state))
         if state is not None:
             print(format_state(state))
     if job is not None:  # Ray's state of the job wins; a succeeded job defers to its run's manifest
@@ -127,6 +228,27 @@ def _status_cmd(args) -> int:
             code = STATUS_EXIT.get(state.get("status"), EXIT_RUNNING)
         return code
     return STATUS_EXIT.get(state.get("status"), EXIT_RUNNING)
+
+
+def format_job(job: dict, state: dict | None) -> str:
+    """Ray's view of the job: its status, and what explains it (the real error, or live progress)."""
+    lines = [f"ray job {job['submission_id']}: {job['status']}"]
+    if job["status"] in ACTIVE:
+        finished = (state or {}).get("stages") or {}
+        if job.get("progress"):
+            lines.append(f"  progress: {job['progress']}")
+        lines.append(f"  stages finished: {', '.join(finished) if finished else 'none yet'}")
+    elif job["status"] not in TERMINAL_OK:
+        manifest_error = (state or {}).get("error") if (state or {}).get("status") == runs.FAILED else None
+        error = manifest_error or job.get("error")
+        message = job["message"].strip().splitlines()[0][:300] if job["message"].strip() else ""
+        if error:
+            lines.append(f"  error: {error}")
+        if message:
+            lines.append(f"  ray: {message}")
+    for sid, status in job["attempts"][:-1]:
+        lines.append(f"  earlier attempt {sid}: {status}")
+    return "\n".join(lines)
 
 
 def format_state(state: dict) -> str:

@@ -6,6 +6,7 @@ that are not Ray and for temporary failures."""
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 import subprocess
 import sys
@@ -28,6 +29,8 @@ class FakeRayJobs:
     def __init__(self):
         self.jobs: dict[str, dict] = {}
         self.packages: dict[str, bytes] = {}
+        self.logs: dict[str, str] = {}
+        self.nodes: list[dict] | None = None  # GET /api/v0/nodes rows; None: the endpoint answers 404
         self.fail_submit: int | None = None  # answer POST /api/jobs/ with this HTTP status
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -62,6 +65,16 @@ class FakeRayJobs:
                     return self._send(200, b"{}") if self.path in fake.packages else self._send(404, b"no")
                 if self.path.rstrip("/") == "/api/jobs":
                     return self._send(200, list(fake.jobs.values()))
+                if self.path.startswith("/api/v0/nodes"):
+                    if fake.nodes is None:
+                        return self._send(404, b"no such endpoint")
+                    return self._send(200, {"result": True, "msg": "", "data": {"result": {
+                        "total": len(fake.nodes), "result": fake.nodes}}})
+                if self.path.startswith("/api/jobs/") and self.path.endswith("/logs"):
+                    sid = self.path.split("/")[3]
+                    if sid in fake.jobs:
+                        return self._send(200, {"logs": fake.logs.get(sid, "")})
+                    return self._send(404, b"Job does not exist")
                 if self.path.startswith("/api/jobs/"):
                     sid = self.path.rsplit("/", 1)[1]
                     if sid in fake.jobs:
@@ -74,7 +87,15 @@ class FakeRayJobs:
                 self._send(200, b"{}")
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                if self.path.startswith("/api/jobs/") and self.path.endswith("/stop"):
+                    sid = self.path.split("/")[3]
+                    if sid not in fake.jobs:
+                        return self._send(404, b"Job does not exist")
+                    stopped = fake.jobs[sid]["status"] in ("PENDING", "RUNNING")
+                    if stopped:
+                        fake.set_status(sid, "STOPPED")
+                    return self._send(200, {"stopped": stopped})
                 if fake.fail_submit:
                     return self._send(fake.fail_submit, b"Service Unavailable: the head is restarting")
                 sid = body["submission_id"]
@@ -83,7 +104,9 @@ class FakeRayJobs:
                 fake.jobs[sid] = {"type": "SUBMISSION", "job_id": None, "submission_id": sid, "status": "PENDING",
                                   "entrypoint": body["entrypoint"], "message": "Job is pending.",
                                   "metadata": body.get("metadata") or {}, "runtime_env": body.get("runtime_env"),
-                                  "start_time": int(time.time() * 1000) + len(fake.jobs)}
+                                  "start_time": int(time.time() * 1000) + len(fake.jobs),
+                                  "entrypoint_num_cpus": body.get("entrypoint_num_cpus"),
+                                  "entrypoint_resources": body.get("entrypoint_resources")}
                 self._send(200, {"job_id": sid, "submission_id": sid})
 
         return Handler
@@ -188,7 +211,7 @@ def test_status_of_a_failed_job_exits_non_zero_despite_an_older_manifest(ray_job
     capsys.readouterr()
     assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
     out = capsys.readouterr().out
-    assert f"ray job {sid}: FAILED (Job entrypoint command failed" in out
+    assert f"ray job {sid}: FAILED\n  ray: Job entrypoint command failed" in out
     assert f"run {rid}: succeeded" in out  # shown from the job's own store, but Ray's FAILED decides
     # The default address is asked when none is given (RAY_ADDRESS here).
     assert subprocess_status(sid, ray_jobs.url) == 1
@@ -335,3 +358,256 @@ def test_status_without_a_reachable_ray_says_how_to_read_the_store_alone(capsys)
                      f"http://127.0.0.1:{free_port()}"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "cannot reach the Ray Jobs API" in line and "--no-ray" in line
+
+
+# ---------------------------------------------------------------------------- issue 25 items 1, 5: submit
+
+
+def run_job_here(fake: FakeRayJobs, sid: str, gcs_address: str, tmp_path, timeout: float = 900) -> int:
+    """Run a submitted job as Ray's job manager would: its working_dir package unpacked, its runtime
+    env's variables set, its driver joining the session's Ray (RAY_ADDRESS). The environment passes
+    through unchanged, so the driver uses the session's token-auth mode (RAY_AUTH_MODE) and token."""
+    import io
+    import os
+    import zipfile
+
+    job = fake.jobs[sid]
+    env_ = job["runtime_env"] or {}
+    cwd = tmp_path / f"job-{sid}"
+    cwd.mkdir()
+    working_dir = env_.get("working_dir")
+    if working_dir:  # gcs://_ray_pkg_<hash>.zip, uploaded with PUT /api/packages/gcs/_ray_pkg_<hash>.zip
+        (key,) = [k for k in fake.packages if k.endswith(working_dir.rsplit("/", 1)[1])]
+        zipfile.ZipFile(io.BytesIO(fake.packages[key])).extractall(cwd)
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:3] == ["python", "-m", "persona_jobs"]
+    environ = {**os.environ, **env_.get("env_vars", {}), "RAY_ADDRESS": gcs_address}
+    fake.set_status(sid, "RUNNING")
+    out = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=environ, capture_output=True, text=True,
+                         timeout=timeout)
+    fake.logs[sid] = out.stdout + out.stderr
+    fake.set_status(sid, "SUCCEEDED" if out.returncode == 0 else "FAILED",
+                    f"Job entrypoint command failed with exit code {out.returncode}" if out.returncode else "")
+    return out.returncode
+
+
+@pytest.mark.slow  # a whole tiny nightly run (calibrate, build masks, evaluate) in a driver process
+def test_submit_nightly_runs_on_the_local_ray(ray_jobs, ray_cluster, tmp_path, capsys):
+    """`persona-jobs submit -- nightly --config ...` (what cluster/cronjob.yaml runs) crashed before
+    contacting Ray (dataclasses.asdict on the pydantic nightly section). Now it submits, and the job
+    it submitted runs to success on the session's Ray, and a second nightly submit is recognised."""
+    import yaml
+
+    from conftest import TINY_PIPELINE
+
+    store = tmp_path / "shared-store"
+    cfg = tmp_path / "nightly.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_PIPELINE, "store": str(store),
+                                   "nightly": {"name": "ci", "lease_ttl_s": 600, "renew_every_s": 30}}))
+    code = cli_main(["submit", "--address", ray_jobs.url, "--no-working-dir", "--shared-store", "--",
+                     "nightly", "--config", str(cfg)])
+    assert code == 0, capsys.readouterr().err
+    (sid,) = ray_jobs.jobs
+    job = ray_jobs.jobs[sid]
+    assert sid.startswith("persona-nightly-") and job["entrypoint"].endswith("nightly --config inputs/nightly.yaml")
+    assert job["metadata"]["persona.run_id"].startswith("run-")
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    assert run_job_here(ray_jobs, sid, gcs, tmp_path) == 0, ray_jobs.logs[sid][-3000:]
+    rid = job["metadata"]["persona.run_id"]
+    assert runs.read_latest(open_store(str(store)), "ci") == rid  # the run the submitter named is the one done
+    capsys.readouterr()
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 0
+    assert f"run {rid}: succeeded (nightly)" in capsys.readouterr().out
+    # The same nightly again: the same work, already succeeded: not submitted twice.
+    assert cli_main(["submit", "--address", ray_jobs.url, "--no-working-dir", "--shared-store", "--",
+                     "nightly", "--config", str(cfg)]) == 0
+    assert list(ray_jobs.jobs) == [sid] and "already submitted (SUCCEEDED)" in capsys.readouterr().out
+    # Another schedule name is other work (the nightly section is part of the submission id).
+    other = tmp_path / "other.yaml"
+    other.write_text(cfg.read_text().replace("name: ci", "name: other"))
+    sid2, new = submit.submit(["nightly", "--config", str(other)], address=ray_jobs.url, working_dir=False,
+                              shared_store=True)
+    assert new and sid2 != sid and sid2.startswith(f"persona-nightly-{rid.removeprefix('run-')}-")
+
+
+def test_the_driver_asks_for_no_cpu_and_for_the_driver_resource_where_there_is_one(ray_jobs, tmp_path):
+    """Ray's default for a driver is 0 CPUs (submit asked for 1: on a 2-CPU head, half the cluster);
+    on a cluster whose head advertises `persona-driver` the driver asks for one of those."""
+    command = ["calibrate", "--catalog", "builtin", "--store", "s3://b/s"]
+    sid, _ = submit.submit(command, address=ray_jobs.url, working_dir=False)  # no /api/v0/nodes: assume nothing
+    assert ray_jobs.jobs[sid]["entrypoint_num_cpus"] == 0 and ray_jobs.jobs[sid]["entrypoint_resources"] is None
+    ray_jobs.nodes = [{"node_id": "h", "state": "ALIVE", "resources_total": {"CPU": 0.0, "persona-driver": 4.0}},
+                      {"node_id": "w", "state": "ALIVE", "resources_total": {"CPU": 8.0, "GPU": 1.0}}]
+    sid, _ = submit.submit([*command, "--store", "s3://b/2"], address=ray_jobs.url, working_dir=False)
+    assert ray_jobs.jobs[sid]["entrypoint_num_cpus"] == 0
+    assert ray_jobs.jobs[sid]["entrypoint_resources"] == {"persona-driver": 1}
+    ray_jobs.nodes[0]["state"] = "DEAD"  # a dead head's resource does not count
+    sid, _ = submit.submit([*command, "--store", "s3://b/3"], address=ray_jobs.url, working_dir=False)
+    assert ray_jobs.jobs[sid]["entrypoint_resources"] is None
+    # Asked explicitly: exactly that, nothing added.
+    ray_jobs.nodes[0]["state"] = "ALIVE"
+    code = cli_main(["submit", "--address", ray_jobs.url, "--no-working-dir", "--entrypoint-num-cpus", "2", "--",
+                     *command, "--store", "s3://b/other"])
+    assert code == 0
+    (job,) = [j for j in ray_jobs.jobs.values() if j["metadata"]["persona.store"] == "s3://b/other"]
+    assert job["entrypoint_num_cpus"] == 2 and job["entrypoint_resources"] is None
+
+
+def test_submit_leaves_progress_on_and_takes_runtime_env_working_dir_and_submission_id(ray_jobs, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Progress is not forced off (PERSONA_PROGRESS=0 hid a 116 s evaluation behind one line); the
+    flags of `ray job submit`: --runtime-env-json, --working-dir, --submission-id."""
+    monkeypatch.delenv("PERSONA_PROGRESS", raising=False)
+    command = ["calibrate", "--catalog", "builtin", "--store", "s3://b/s"]
+    sid, _ = submit.submit(command, address=ray_jobs.url, working_dir=False)
+    assert "PERSONA_PROGRESS" not in ray_jobs.jobs[sid]["runtime_env"]["env_vars"]
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    cfg = run_config(folder, "s3://b/s")
+    code = cli_main(["submit", "--address", ray_jobs.url, "--working-dir", str(folder), "--submission-id", "my-run-1",
+                     "--runtime-env-json", json.dumps({"env_vars": {"A": "1"}, "pip": ["rich"]}), "--env", "B=2",
+                     "--", "run", "--config", str(cfg)])
+    assert code == 0, capsys.readouterr().err
+    job = ray_jobs.jobs["my-run-1"]
+    env = job["runtime_env"]
+    assert env["env_vars"]["A"] == "1" and env["env_vars"]["B"] == "2" and env["pip"]["packages"] == ["rich"]
+    assert env["working_dir"].startswith("gcs://") and job["entrypoint"].endswith("run --config p.yaml")
+    assert job["metadata"]["persona.run_id"].startswith("run-")
+    # The same explicit id again: Ray has it (pending): reported, not submitted.
+    assert cli_main(["submit", "--address", ray_jobs.url, "--working-dir", str(folder), "--submission-id",
+                     "my-run-1", "--", "run", "--config", str(cfg)]) == 0
+    assert "already submitted (PENDING)" in capsys.readouterr().out
+    ray_jobs.set_status("my-run-1", "FAILED")
+    assert cli_main(["submit", "--address", ray_jobs.url, "--working-dir", str(folder), "--submission-id",
+                     "my-run-1", "--", "run", "--config", str(cfg)]) == 2
+    assert "choose another" in error_lines(capsys.readouterr().err)[0]
+    # A remote package is used as it is.
+    sid, _ = submit.submit(["calibrate", "--catalog", "builtin", "--store", "s3://b/r"], address=ray_jobs.url,
+                           working_dir="s3://bucket/pkg.zip")
+    assert ray_jobs.jobs[sid]["runtime_env"]["working_dir"] == "s3://bucket/pkg.zip"
+    # Bad input: one line, exit 2, nothing submitted.
+    before = len(ray_jobs.jobs)
+    for bad in (["--runtime-env-json", "[1]"], ["--runtime-env-json", "{"], ["--submission-id", "../x"],
+                ["--submission-id", "run-0123"], ["--working-dir", str(tmp_path / "missing")],
+                ["--working-dir", str(folder), "--no-working-dir"]):
+        assert exit_code(["submit", "--address", ray_jobs.url, *bad, "--", "calibrate", "--catalog", "builtin",
+                          "--store", "s3://b/bad"]) == 2, bad
+        assert len(ray_jobs.jobs) == before, bad
+        capsys.readouterr()
+
+
+def exit_code(argv: list[str]) -> int:
+    """cli_main's exit code, usage errors (argparse's SystemExit) included."""
+    try:
+        return cli_main(argv)
+    except SystemExit as err:
+        return int(err.code)
+
+
+def test_stop_logs_and_list_mirror_ray_job(ray_jobs, capsys):
+    command = ["calibrate", "--catalog", "builtin", "--store", "s3://b/s"]
+    sid, _ = submit.submit(command, address=ray_jobs.url, working_dir=False)
+    ray_jobs.set_status(sid, "FAILED")
+    again, _ = submit.submit(command, address=ray_jobs.url, working_dir=False)
+    assert again == f"{sid}-a2"
+    ray_jobs.set_status(again, "RUNNING")
+    ray_jobs.logs[again] = "calibration: 3/8 units\n"
+    ray_jobs.jobs["other"] = {**ray_jobs.jobs[sid], "submission_id": "other", "metadata": {}}
+    capsys.readouterr()
+
+    assert cli_main(["list", "--address", ray_jobs.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in out] == [[sid, "FAILED", "calibrate"], [again, "RUNNING", "calibrate"]]
+    assert cli_main(["list", "--address", ray_jobs.url, "--all", "--json"]) == 0
+    assert {j["submission_id"] for j in json.loads(capsys.readouterr().out)} == {sid, again, "other"}
+
+    assert cli_main(["logs", sid, "--address", ray_jobs.url]) == 0  # the first id: its newest attempt
+    assert capsys.readouterr().out == "calibration: 3/8 units\n"
+    assert cli_main(["stop", sid, "--address", ray_jobs.url]) == 0
+    assert f"{again}: STOPPED" in capsys.readouterr().out and ray_jobs.jobs[again]["status"] == "STOPPED"
+    assert cli_main(["stop", again, "--address", ray_jobs.url]) == 0
+    assert "already ended (STOPPED)" in capsys.readouterr().out
+    assert cli_main(["stop", "persona-run-0123456789abcdef", "--address", ray_jobs.url]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "Ray has no job" in line
+    with pytest.raises(UserError, match="runs on this machine"):
+        submit._submit_cmd(build_args(["submit", "--", "logs", sid]))
+
+
+def build_args(argv: list[str]):
+    from persona_jobs.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- issue 25 item 5: status
+
+
+def test_status_of_a_failed_job_shows_the_real_error(ray_jobs, tmp_path, capsys):
+    """Ray's message ("Job entrypoint command failed with exit code 1") says nothing; status shows the
+    error from the job's log (its `error:` line, or the exception ending its traceback), and a failed
+    manifest's error first."""
+    store_dir = tmp_path / "store"
+    cfg = run_config(tmp_path, str(store_dir))
+    sid, _ = submit.submit(["run", "--config", str(cfg)], address=ray_jobs.url, working_dir=False, shared_store=True)
+    rid = ray_jobs.jobs[sid]["metadata"]["persona.run_id"]
+    ray_jobs.set_status(sid, "FAILED", "Job entrypoint command failed with exit code 1\nmore lines")
+    ray_jobs.logs[sid] = ("loading model\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+                          "    raise KeyError('layers.3.mlp')\nKeyError: 'layers.3.mlp'\n")
+    capsys.readouterr()
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
+    out = capsys.readouterr().out
+    assert "  error: KeyError: 'layers.3.mlp'" in out and "  ray: Job entrypoint command failed" in out
+    ray_jobs.logs[sid] += "error: cannot reach the store s3://b/s (endpoint http://x)\n"
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
+    assert "  error: cannot reach the store s3://b/s" in capsys.readouterr().out
+    runs.write_manifest(open_store(str(store_dir)), runs.Manifest(
+        run_id=rid, kind="pipeline", status=runs.FAILED, inputs={}, error="evaluate: 2 units failed: OOM"))
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
+    assert "  error: evaluate: 2 units failed: OOM" in capsys.readouterr().out
+    assert cli_main(["status", sid, "--address", ray_jobs.url, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["job"]["error"] == "cannot reach the store s3://b/s (endpoint http://x)"
+
+
+def test_status_of_a_running_job_shows_live_unit_counts(ray_jobs, tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    cfg = run_config(tmp_path, str(store_dir))
+    sid, _ = submit.submit(["run", "--config", str(cfg)], address=ray_jobs.url, working_dir=False, shared_store=True)
+    rid = ray_jobs.jobs[sid]["metadata"]["persona.run_id"]
+    ray_jobs.set_status(sid, "RUNNING")
+    runs.mark_stage(open_store(str(store_dir)), rid, "calibrate",
+                    runs.Summary("calibrate", done=12, skipped=2).finish().to_dict())
+    ray_jobs.logs[sid] = ("calibrate: 12 done, 2 skipped, 0 failed\n"
+                          "masks:  40%|####      | 4/10 [00:04<00:06]\rmasks:  60%|######    | 6/10 [00:06<00:04]\n")
+    capsys.readouterr()
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 3
+    out = capsys.readouterr().out
+    assert "  progress: masks:  60%|######    | 6/10" in out
+    assert "  stages finished: calibrate" in out and "calibrate  12 done, 2 skipped, 0 failed" in out
+    assert f"run {rid}: incomplete" in out
+
+
+def test_status_rejects_bad_ids_and_manifests_that_are_not_objects(tmp_path, capsys):
+    """Issue 24 item 11: an invalid id was a LayoutError traceback (exit 1); a manifest that is valid
+    JSON but not an object crashed `status` and `status <id>`."""
+    store = tmp_path / "st"
+    for bad in ("../x", "run-../../etc", "a/b", "", "x" * 200, "run-ü", "a b"):
+        assert cli_main(["status", bad, "--store", str(store)]) == 2, bad
+        (line,) = error_lines(capsys.readouterr().err)
+        assert "not a run id" in line, line
+    rid = "run-0123456789abcdef"
+    folder = store / "runs" / rid
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("[1, 2]")
+    assert cli_main(["status", rid, "--store", str(store)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "manifest.json: not a run manifest" in line
+    assert cli_main(["status", "--store", str(store)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out.startswith("no runs in")
+    good = open_store(str(store))
+    runs.write_manifest(good, runs.Manifest(run_id="run-00000000000000aa", kind="pipeline", status=runs.SUCCEEDED,
+                                            inputs={}, started=1.0, finished=2.0))
+    assert cli_main(["status", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.split()[:3] == ["run-00000000000000aa", "pipeline", "succeeded"]

@@ -168,7 +168,25 @@ class Store:
         except OSError as err:
             raise StoreError(f"cannot write {self.uri(key)}: {err}") from err
 
+    def inside(self, key: str) -> bool:
+        """Whether `key` names a file within the store's root: on a local store, its folder (and, unless
+        the key is itself a symlink, which deleting removes alone, the file) resolve inside the resolved
+        root, so no symlink on the way leads out. Object stores have no links: always true there."""
+        if not self.is_local:
+            return True
+        path = self.path(key)
+        root = os.path.realpath(self.root)
+        within = lambda p: p == root or p.startswith(root.rstrip(os.sep) + os.sep)  # noqa: E731
+        if not within(os.path.realpath(os.path.dirname(path))):
+            return False
+        return os.path.islink(path) or within(os.path.realpath(path))
+
     def delete(self, key: str, recursive: bool = False) -> None:
+        """Remove `key` (a missing one is no error). On a local store, a key that resolves outside the
+        root through a symlink is refused (StoreError), so nothing outside the store is ever deleted."""
+        if not self.inside(key):
+            raise StoreError(f"refusing to delete {self.uri(key)}: it resolves to "
+                             f"{redact(os.path.realpath(self.path(key)))}, outside the store root {self.uri()}")
         try:
             with self._reaching():
                 self.fs.rm(self.path(key), recursive=recursive)

@@ -214,6 +214,10 @@ def _status_cmd(args) -> int:
             if job is None:
                 raise UserError(str(err)) from None
             log.info("%s", err)  # e.g. a run that failed before its first stage
+        except Exception as err:  # Ray answered: its state stands; the store only adds detail
+            if job is None:
+                raise
+            log.warning("cannot read run %s from its store %s: %s", rid, store_url or "(default)", first_line(err))
     if args.json:
         shown = state if job is None else {"job": job, "run": state}
         print(json.dumps(shown, indent=2, sort_keys=True, default=str))

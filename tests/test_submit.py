@@ -474,6 +474,8 @@ def test_submit_leaves_progress_on_and_takes_runtime_env_working_dir_and_submiss
     assert env["env_vars"]["A"] == "1" and env["env_vars"]["B"] == "2" and env["pip"]["packages"] == ["rich"]
     assert env["working_dir"].startswith("gcs://") and job["entrypoint"].endswith("run --config p.yaml")
     assert job["metadata"]["persona.run_id"].startswith("run-")
+    assert cli_main(["status", "my-run-1", "--address", ray_jobs.url]) == 3  # an id of one's own: Ray's PENDING
+    assert "ray job my-run-1: PENDING" in capsys.readouterr().out
     # The same explicit id again: Ray has it (pending): reported, not submitted.
     assert cli_main(["submit", "--address", ray_jobs.url, "--working-dir", str(folder), "--submission-id",
                      "my-run-1", "--", "run", "--config", str(cfg)]) == 0
@@ -586,6 +588,9 @@ def test_status_of_a_running_job_shows_live_unit_counts(ray_jobs, tmp_path, caps
     assert "  progress: masks:  60%|######    | 6/10" in out
     assert "  stages finished: calibrate" in out and "calibrate  12 done, 2 skipped, 0 failed" in out
     assert f"run {rid}: incomplete" in out
+    ray_jobs.logs[sid] += "evaluation: 3/8 units, 12 s elapsed, ETA 20 s\n"  # the lines off a terminal
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 3
+    assert "  progress: evaluation: 3/8 units, 12 s elapsed, ETA 20 s" in capsys.readouterr().out
 
 
 def test_status_rejects_bad_ids_and_manifests_that_are_not_objects(tmp_path, capsys):

@@ -201,37 +201,41 @@ def apply_mask(model: nn.Module | LoadedModel | Evaluator | MaskedModel,
 # ---------------------------------------------------------------------------- measurements and the card
 
 
-def measurements(store: str | Store, mask: Mask, persona: str) -> dict[str, Any] | None:
-    """What the results store measured for this mask (by digest) and persona, newest run first: the
-    run, the pair's separation under ``masked`` with its 95% interval, and the perplexity ratio
-    (with a normal 95% interval where the rows carry a standard error). None: never evaluated."""
+def run_ids(store: str | Store) -> list[str]:
+    """Every run in the store with a manifest or results (``results/run=<id>/``), newest first
+    (runs without a manifest last)."""
     store = open_store(store)
-    prefix = f"part-{layout.safe_name(persona)}-"
-    by_run: dict[str, list[str]] = {}
-    for key in store.list(layout.RESULTS + "/", suffix=".parquet"):
-        run_seg, _, name = key.partition("/")[2].partition("/")
-        if name.startswith(prefix) and run_seg.startswith("run="):
-            by_run.setdefault(run_seg[4:], []).append(key)
-    finished = {m.get("run_id"): m.get("finished", 0) for m in runs.list_runs(store)}
-    for run_id in sorted(by_run, key=lambda r: finished.get(r, 0), reverse=True):
-        rows = None
-        for key in by_run[run_id]:
-            try:
-                t = store.read_parquet(key, columns=["persona", "method", "sparsity", "mask_hash", "condition",
-                                                     "metric", "value", "stderr"]).to_pylist()
-            except Exception as err:  # a damaged part of another run must not hide this mask's numbers
-                log.warning("skipping %s: %s", key, err)
-                continue
-            mine = [r for r in t if r["mask_hash"] == mask.digest and r["persona"] == persona]
-            if mine:
-                rows = mine
-                break
+    finished = {m.get("run_id"): m.get("finished") or 0 for m in runs.list_runs(store)}
+    for key in store.list(layout.RESULTS + "/"):
+        seg = key.split("/")[1] if key.count("/") >= 2 else ""
+        if seg.startswith("run="):
+            finished.setdefault(seg[4:], 0)
+    return sorted(finished, key=lambda r: finished[r], reverse=True)
+
+
+def measurements(store: str | Store, mask: Mask, persona: str) -> dict[str, Any] | None:
+    """What the results store measured for this mask (matched by its digest) and persona, from the
+    newest run that scored it: the run, the pair's separation under ``masked`` with its 95% interval,
+    and the perplexity ratio (with a normal 95% interval where the rows carry a standard error).
+    None: no run scored it."""
+    store = open_store(store)
+    finished = {m.get("run_id"): m.get("finished") for m in runs.list_runs(store)}
+    for run_id in run_ids(store):
+        try:
+            table = load_results(store, run_id)
+        except Exception as err:  # a damaged run must not hide this mask's numbers in another one
+            log.warning("run %s: results not readable (%s); skipped", run_id, err)
+            continue
+        if table.num_rows == 0:
+            continue
+        cols = ["persona", "method", "sparsity", "mask_hash", "condition", "metric", "value", "stderr"]
+        rows = [r for r in table.select(cols).to_pylist() if r["mask_hash"] == mask.digest and r["persona"] == persona]
         if rows:
-            return _measured(store, run_id, persona, rows, finished.get(run_id))
+            return _measured(table, run_id, persona, rows, finished.get(run_id))
     return None
 
 
-def _measured(store: Store, run_id: str, persona: str, rows: list[dict], finished: float | None) -> dict[str, Any]:
+def _measured(table, run_id: str, persona: str, rows: list[dict], finished: float | None) -> dict[str, Any]:
     method, sparsity = rows[0]["method"], rows[0]["sparsity"]
     out: dict[str, Any] = {"run_id": run_id, "method": method, "sparsity": sparsity,
                            "date": time.strftime("%Y-%m-%d", time.gmtime(finished)) if finished else None}
@@ -241,7 +245,7 @@ def _measured(store: Store, run_id: str, persona: str, rows: list[dict], finishe
         ok = se is not None and not math.isnan(se)
         out["perplexity_ratio"] = (v, v - 1.96 * se if ok else math.nan, v + 1.96 * se if ok else math.nan)
     try:
-        sep = pair_separation(load_results(store, run_id))
+        sep = pair_separation(table)
     except Exception as err:  # the card still names the run; the separation is left out
         log.warning("run %s: cannot compute its separations: %s", run_id, err)
         return out

@@ -36,6 +36,10 @@ LEARN_VERSION = "learn-v1"
 # ``code_version`` of result parts: bumping it invalidates every evaluated result.
 EVALUATE_VERSION = "evaluate-v1"
 
+# Result part keys (`run.units.result_ident`: results keyed by content, reused across runs) and their
+# footer (`eval.result_parts`): bumping it makes every run score its units again.
+RESULTS_VERSION = "results-v1"
+
 # Run ids (`run.runs.run_id`) and manifests: bumping it gives every configuration a new run id
 # (its units' artifacts above are still reused).
 RUNS_VERSION = "runs-v1"

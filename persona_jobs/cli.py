@@ -34,6 +34,9 @@ COMMAND_MODULES = [
     "persona_jobs.nightly",
     "persona_jobs.submit",
     "persona_jobs.status",
+    "persona_jobs.export",
+    "persona_jobs.generate",
+    "persona_jobs.results",
     "persona_jobs.cli",  # methods, metrics
 ]
 
@@ -85,11 +88,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_metrics)
 
 
+def describe(entry) -> str:
+    """What a registry entry does, in one line: its `description`, else its function's docstring's first line."""
+    text = getattr(entry, "description", None) or (getattr(entry.fn, "__doc__", None) or "").strip()
+    return text.splitlines()[0].strip() if text else "-"
+
+
 def _methods(args) -> int:
-    rows = [("method", "needs", "per persona", "parameters (defaults)")]
+    rows = [("method", "needs", "per persona", "what it does", "parameters (defaults)")]
     for m in METHODS.values():
         params = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
-        rows.append((m.name, ",".join(m.needs) or "-", "yes" if m.per_persona else "no", params))
+        text = describe(m)
+        text = text if len(text) <= 100 else text[:99] + "…"
+        rows.append((m.name, ",".join(m.needs) or "-", "yes" if m.per_persona else "no", text, params))
     _table(rows)
     return 0
 
@@ -97,8 +108,7 @@ def _methods(args) -> int:
 def _metrics(args) -> int:
     rows = [("metric", "default", "what it measures")]
     for m in METRICS.values():
-        doc = (getattr(m.fn, "__doc__", None) or "").strip().splitlines()
-        rows.append((m.name, "yes" if m.default else "no", doc[0] if doc else "-"))
+        rows.append((m.name, "yes" if m.default else "no", describe(m)))
     _table(rows)
     return 0
 

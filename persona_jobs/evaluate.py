@@ -6,11 +6,15 @@ computes the dense conditions once (or reads them back from ``dense/`` in the st
 where an earlier run with the same dense settings left them), then applies every mask of that persona in
 place, scores it, and restores the dense weights. Personas are handed out one at a
 time from one queue (`persona_jobs.dispatch`), to whichever actor is free; each
-(persona, mask) unit is written as its
-own Parquet part, ``results/run=<run-id>/part-<persona>-<method>-s<sparsity>-<hash>.parquet``
-(deterministic names: a rerun skips the parts already there), and returned to
-the driver as an Arrow table, which gathers them into the report
-``runs/<run-id>/report.html``.
+(persona, mask) unit is written as its own Parquet part, keyed by everything its
+rows depend on (model, persona and opposite, the mask's content digest, the
+evaluation settings, code version):
+``results/model=<model-key>/persona=<id>/part-<method>-s<sparsity>-<hash>.parquet``.
+Any run that asks for the same unit reuses the stored part (verified against its
+digest and owner; a bad one is scored again), so a nightly run that changes one
+persona scores only the units that depend on it. The run's results table is the
+set of parts listed in its index ``results/run=<run-id>/parts.json``, from which
+the report ``runs/<run-id>/report.html`` is written.
 
 Masks are found under ``masks/model=<model-key>/method=<m>/sparsity=<s>/``;
 methods shared by every persona (``magnitude``, ``wanda-general``) live there
@@ -24,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pyarrow as pa
 import torch
@@ -35,15 +39,15 @@ from persona_core.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS
 from persona_core.eval.config import EvalConfig
 from persona_core.eval.dense_cache import DenseRowCache
 from persona_core.eval.engine import Evaluator
+from persona_core.eval.result_parts import ResultPartError, read_result_part, rows_digest, write_result_part
 from persona_core.eval.unit import evaluate_unit
 from persona_core.eval.metrics import default_metrics
-from persona_core.masks.budget import Budget
 from persona_core.masks.codec import MaskFile
-from persona_core.masks.spec import budget_segment
 from persona_core.models.loading import DEFAULT_MODEL
-from persona_core.report.results import gather, load_results  # noqa: F401  (load_results: callers read a run through the job too)
+from persona_core.report.results import gather, load_results, write_results_index  # noqa: F401  (load_results: callers read a run through the job too)
 from persona_core.run import runs
 from persona_core.run.runs import EvaluationSummary
+from persona_core.run.artifacts import mask_choice
 from persona_core.run.execution import summary_table
 from persona_core.run.plan import Placement, Plan, Selection, make_plan
 from persona_core.run.units import EvaluationTask, default_eval_run_id, evaluation_tasks
@@ -109,15 +113,16 @@ class EvalWorker:
                 for pid in ids}
 
     def run_task(self, task: EvaluationTask) -> dict:
-        """Score every unit of one persona; write each unit's part; return tables and errors."""
+        """Score every unit of one persona; write each unit's part; return tables (part key -> rows) and errors."""
         rows_cache = DenseRowCache(self.store, self.evaluator.model_key)  # baselines shared across runs
-        out = {"worker": self.name, "persona": task.persona.id, "tables": [], "parts": [], "errors": [],
+        out = {"worker": self.name, "persona": task.persona.id, "tables": {}, "parts": [], "errors": [],
                "seconds": 0.0, "skipped": 0}
         t0 = time.perf_counter()
         stats: dict | None = None
         for i, unit in enumerate(task.units):
-            if self.store.exists(unit.part):  # another attempt already wrote it
-                out["tables"].append(self.store.read_parquet(unit.part))
+            stored = stored_part(self.store, unit.part)  # another attempt (or run) already wrote it
+            if stored is not None:
+                out["tables"][unit.part] = stored
                 out["skipped"] += 1
                 continue
             try:
@@ -126,6 +131,9 @@ class EvalWorker:
                 else:
                     masks, meta = read_mask(self.store, unit.mask.key)
                     check_provenance(unit.mask.key, meta, task, self.calib_hash)
+                    if unit.mask_digest is not None and meta["content_hash"] != unit.mask_digest:
+                        raise StaleMask(f"{unit.mask.key}: holds mask {meta['content_hash']}, planned "
+                                        f"{unit.mask_digest or '(unreadable)'} (rebuilt meanwhile?); rerun")
                     if unit.mask.budget:  # one setting per budget; the sparsity each pair got: budget-* rows
                         meta = {**meta, "method": f"{unit.mask.method}|{unit.mask.budget}", "sparsity": 0.0,
                                 "granularity": unit.mask.granularity}
@@ -137,8 +145,8 @@ class EvalWorker:
                 # masks swap straight into one another; the dense weights return after the last
                 table = evaluate_unit(self.evaluator, task.persona, task.opposite, masks, meta, self.config,
                                       restore=i == len(task.units) - 1, stats=stats, rows_cache=rows_cache)
-                self.store.write_parquet(unit.part, table)
-                out["tables"].append(table)
+                write_result_part(self.store, unit.part, table)
+                out["tables"][unit.part] = table
                 out["parts"].append(unit.part)
             except Exception as err:  # one bad mask must not sink the persona's other units
                 log.exception("unit %s failed", unit.part)
@@ -148,68 +156,61 @@ class EvalWorker:
         return out
 
 
+def stored_part(store: Store, key: str) -> pa.Table | None:
+    """A unit's stored rows, verified; None when absent, or (with a warning) when the part is corrupt,
+    edited or another unit's: it is then scored again and the new part replaces it."""
+    try:
+        return read_result_part(store, key)
+    except FileNotFoundError:
+        return None
+    except ResultPartError as err:
+        log.warning("%s; scoring the unit again", err)
+        return None
+
+
 # ---------------------------------------------------------------------------- the job
 
 
 def run(plan: Plan) -> EvaluationSummary:
     """Evaluate every selected (persona, mask) unit of the plan on a pool of Ray actors.
 
-    Returns the units done / skipped / failed, the result rows gathered and the actors that scored them;
-    the results parts are under ``results/run=<run id>/``. Already written parts are skipped.
+    A unit's part is keyed by what its rows depend on (`persona_core.run.units.result_ident`), so the
+    parts any earlier run stored are reused (verified; a bad one is scored again) and only new units are
+    scored. The run's results table is those parts: their keys and digests go to the run's results index,
+    ``results/run=<run id>/parts.json``. Returns the units done / reused / failed, the result rows gathered
+    and the actors that scored them.
     """
     summary = EvaluationSummary("evaluate", run_id=plan.run_id)
     store, key = plan.store, plan.model_key
+    layout.results_index(plan.run_id)  # a run id that cannot be a key fails here, before any work
     chosen = mask_choice(plan)
-    tasks = evaluation_tasks(store, plan.catalog, key, plan.run_id, plan.eval, chosen.methods, chosen.sparsities,
+    tasks = evaluation_tasks(store, plan.catalog, key, plan.eval, chosen.methods, chosen.sparsities,
                              chosen.personas, chosen.budgets, chosen.calib_hash)
     n_units = sum(len(t.units) for t in tasks)
-    tables: list[pa.Table] = []
+    tables: dict[str, pa.Table] = {}
     todo = []
-    for t in tasks:  # parts already written are read back, not recomputed
-        pending = [u for u in t.units if not store.exists(u.part)]
+    for t in tasks:  # parts already stored (by this run or any other) are read back, not recomputed
+        pending = []
         for u in t.units:
-            if u not in pending:
-                tables.append(store.read_parquet(u.part))
+            stored = stored_part(store, u.part)
+            if stored is None:
+                pending.append(u)
+            else:
+                tables[u.part] = stored
                 summary.skipped += 1
         if pending:
             todo.append(EvaluationTask(t.persona, t.opposite, pending))
-    log.info("evaluate %s: %d personas, %d units (%d already written), run %s",
+    log.info("evaluate %s: %d personas, %d units (%d already stored), run %s",
              key, len(tasks), n_units, summary.skipped, plan.run_id)
     if todo:
-        tables += _evaluate(plan, todo, summary)
-    summary.rows = gather(tables).num_rows
+        tables.update(_evaluate(plan, todo, summary))
+    summary.rows = gather(list(tables.values())).num_rows  # raises if a row came twice
+    write_results_index(store, plan.run_id, {k: rows_digest(t) for k, t in tables.items()})
     return summary.finish()
 
 
-@dataclass(frozen=True)
-class MaskChoice:
-    """Which stored masks an evaluation scores, for which personas (None: every one found)."""
-
-    methods: list[str] | None
-    sparsities: list[float] | None
-    personas: list[str] | None
-    budgets: list[str] | None  # budget segments of budgeted masks
-    calib_hash: str | None  # the calibration config the masks come from (None: the only one stored)
-
-
-def mask_choice(plan: Plan) -> MaskChoice:
-    """The pipeline's own masks (methods, learned ones, sparsities or budget, its calibration config);
-    a standalone command's as named."""
-    named = plan.selection
-    if named is not None:
-        def as_list(v):
-            return list(v) if v else None
-        return MaskChoice(as_list(named.methods), as_list(named.sparsities), as_list(named.personas), None,
-                          named.calib_hash)
-    m = plan.config.masks
-    budgeted = m.budget is not None
-    return MaskChoice(list(m.methods) + m.learned.methods(), [] if budgeted else list(m.sparsities),
-                      plan.persona_ids, [budget_segment(Budget.from_value(m.budget))] if budgeted else None,
-                      plan.calib.hash)
-
-
-def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary) -> list[pa.Table]:
-    """The tasks on a pool of evaluator actors; counts into `summary`, the result tables returned."""
+def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary) -> dict[str, pa.Table]:
+    """The tasks on a pool of evaluator actors; counts into `summary`; the result tables (part key -> rows)."""
     ensure_ray(plan.config.address)
     pool = plan.eval_pool
     free_cpus = max(1, int(dispatch.free_resources().get("CPU", 0)))  # what this job can have now
@@ -228,9 +229,9 @@ def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary
     out = dispatch.run_pool(spec, todo, "run_task", num_actors=n,
                             schedule_timeout_s=plan.config.resources.schedule_timeout_s,
                             describe=lambda t: t.persona.id)
-    tables = []
+    tables: dict[str, pa.Table] = {}
     for _, res in out.results:
-        tables.extend(res["tables"])
+        tables.update(res["tables"])
         summary.done += len(res["parts"])
         summary.skipped += res["skipped"]
         summary.failed += len(res["errors"])
@@ -264,7 +265,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                   f"statistics)")
     add_list(p, "--metrics", "--metric", dest="metrics", metavar="NAME",
              help="metric names (default: every default metric; `persona-jobs metrics` lists them)")
-    p.add_argument("--run-id", help="results go under results/run=<id> (default: a hash of the inputs)")
+    p.add_argument("--run-id", help="the run's results index and report go under results/run=<id> and runs/<id> "
+                   "(default: a hash of the inputs)")
     p.add_argument("--actors", type=int, help="actors (default: one per free GPU; CPU: free cpus / cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=int, help="CPU threads per actor (default: up to 4)")
     p.add_argument("--device-map", choices=["auto"], help="spread a model too big for one GPU over several")

@@ -2,7 +2,9 @@
 
 A finished stage leaves a marker in the store (`persona_core.run.runs`), so a
 rerun of an interrupted run resumes after its last finished stage; a run whose
-manifest says it succeeded does no model work at all. ``force`` clears the
+manifest says it succeeded, and whose artifacts (named in that manifest,
+`persona_core.run.artifacts`) are all still there, does no model work at all;
+one with missing or changed artifacts runs again and regenerates them. ``force`` clears the
 markers (each stage still skips the artifacts already stored), ``do_repair``
 deletes corrupt artifacts first (`persona_core.run.execution.repair`). Under a
 lease (nightly) the run-level records are written only while the lease holds.
@@ -16,6 +18,7 @@ from typing import Mapping
 
 from persona_core.errors import UserError
 from persona_core.run import runs
+from persona_core.run.artifacts import artifact_problems, regenerating, run_artifacts
 from persona_core.run.execution import Outcome, failure_report, finished_run, repair, write_run_manifest
 from persona_core.run.plan import Plan
 from persona_core.store.lease import Lease
@@ -36,8 +39,12 @@ def execute(p: Plan, stages: Mapping[str, Stage] = STAGES, *, kind: str = "pipel
     rid = p.run_id
     existing = finished_run(p, rebuild=force or do_repair)
     if existing is not None and existing.ok and not force and not do_repair:
-        print(f"run {rid}: nothing changed since it completed; no model work done")
-        return Outcome(rid, True, True, existing, list(existing.stages.values()))
+        problems = artifact_problems(p, existing)  # done only while everything it names is still there
+        if not problems:
+            print(f"run {rid}: nothing changed since it completed; no model work done")
+            return Outcome(rid, True, True, existing, list(existing.stages.values()))
+        print(regenerating(rid, problems))
+        force = True  # every stage again; each skips what is stored and current
 
     preflight(p)
     if do_repair:
@@ -75,5 +82,6 @@ def execute(p: Plan, stages: Mapping[str, Stage] = STAGES, *, kind: str = "pipel
         error = failure_report(p, error)
     if lease is not None:
         lease.check()  # fencing: a run that lost its lease must not write run-level records
-    manifest = write_run_manifest(p, summaries, started, error, kind=kind, changes=changes)
+    artifacts = None if error else run_artifacts(p)  # what a rerun checks before it calls the run done
+    manifest = write_run_manifest(p, summaries, started, error, kind=kind, changes=changes, artifacts=artifacts)
     return Outcome(rid, not error, False, manifest, list(summaries.values()))

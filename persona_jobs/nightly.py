@@ -4,10 +4,13 @@
 
 A nightly run is the pipeline under a lease. It plans the run from today's
 inputs (catalog, model revision, method config); the run id is a hash of them.
-If the last successful run of this schedule has the same id, nothing changed
-and it exits 0 having done nothing. Otherwise it runs the pipeline, whose
+If the last successful run of this schedule has the same id and every artifact
+its manifest names is still in the store, unchanged (`persona_core.run.artifacts`),
+nothing changed and it exits 0 having done nothing. Otherwise it runs the pipeline
+(a run that lost artifacts, e.g. to another run's stale-part cleanup, runs again), whose
 stages skip every artifact already stored, so only new or edited personas, a
-new model revision or a changed method config cause model work. It writes the
+new model revision or a changed method config cause model work (evaluation
+included: result parts are keyed by content and reused across runs). It writes the
 run's manifest (with what changed) and exits non-zero if anything failed.
 
 Only one nightly run per schedule and store works at a time: it holds the
@@ -27,6 +30,7 @@ import sys
 
 from persona_core.errors import UserError
 from persona_core.run import runs
+from persona_core.run.artifacts import artifact_problems, regenerating
 from persona_core.run.config import NightlyConfig
 from persona_core.run.execution import print_outcome
 from persona_core.run.plan import Plan, make_plan
@@ -64,8 +68,12 @@ def _run_locked(p: Plan, cfg: NightlyConfig, lease: Lease, force: bool) -> int:
     last = runs.read_manifest(p.store, last_id) if last_id else None
     changes = runs.diff_inputs(last.inputs if last else None, p.inputs.to_dict())
     if last is not None and last.run_id == p.run_id and last.ok and not (force or n.repair):
-        print(f"nightly {n.name}: nothing changed since run {last.run_id}; nothing to do")
-        return EXIT_OK
+        problems = artifact_problems(p, last)  # "nothing changed" only while its artifacts are all there
+        if not problems:
+            print(f"nightly {n.name}: nothing changed since run {last.run_id}; nothing to do")
+            return EXIT_OK
+        print(f"nightly {n.name}: " + regenerating(last.run_id, problems))
+        force = True  # every stage again; each skips what is stored and current
     print(f"nightly {n.name}: run {p.run_id}; changes since "
           f"{last.run_id if last else 'the first run'}: {json.dumps(changes, sort_keys=True)}")
     out = execute(p, kind="nightly", force=force, do_repair=n.repair, changes=changes, lease=lease)

@@ -23,6 +23,7 @@ from persona_core.run.execution import print_outcome
 from persona_core.run.plan import make_plan
 from persona_jobs.execute import execute
 from persona_jobs.flags import add_config_args, config_from_args
+from persona_jobs.generate import next_steps
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def main(args) -> int:
         return 0
     out = execute(p, force=args.force, do_repair=args.repair)
     print_outcome(p, out)
+    if out.ok and p.config.evaluate.enabled:
+        print("\n".join(next_steps(p, args.config)))
     return 0 if out.ok else 1
 
 

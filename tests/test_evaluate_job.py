@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persona_core.store import layout
-from persona_core.report.results import load_results
+from persona_core.report.results import load_results, read_results_index
 from persona_core.run.units import evaluation_tasks
 from persona_core.run.plan import Selection, make_plan
 from persona_jobs import evaluate as job
@@ -60,7 +60,7 @@ def store(tmp_path):
 
 def test_plan_picks_methods_and_baselines(store):
     cat = load_catalog("builtin")
-    tasks = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
+    tasks = evaluation_tasks(store, cat, model_key(MODEL), CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
     assert [t.persona.id for t in tasks] == PERSONAS
     assert tasks[0].opposite.id == "extrovert"
     units = {(u.persona, u.mask.base, u.mask.sparsity, u.mask.owner) for t in tasks for u in t.units}
@@ -68,14 +68,14 @@ def test_plan_picks_methods_and_baselines(store):
     assert units == {(p, m, 0.5, p if m != "magnitude" else "general") for p in PERSONAS
                      for m in ("contrastive-wanda", "magnitude")}
     parts = [u.part for t in tasks for u in t.units]
-    assert len(set(parts)) == len(parts) and all(p.startswith("results/run=r1/part-") for p in parts)
-    again = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
+    assert len(set(parts)) == len(parts) and all(layout.parse_result_part(p) for p in parts)  # keyed by content
+    again = evaluation_tasks(store, cat, model_key(MODEL), CONFIG, methods=["contrastive-w*"], personas=PERSONAS)
     assert parts == [u.part for t in again for u in t.units]  # deterministic names
-    none = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["nothing"], personas=["introvert"])
+    none = evaluation_tasks(store, cat, model_key(MODEL), CONFIG, methods=["nothing"], personas=["introvert"])
     assert [u.mask for u in none[0].units] == [None]  # no mask: the dense conditions alone
     # each persona's opposite comes right after it, whatever order they were asked in: a run stopped
     # midway leaves whole pairs (the Anthropic study listed every behavior before any not-<behavior>)
-    mixed = evaluation_tasks(store, cat, model_key(MODEL), "r1", CONFIG, methods=["contrastive-w*"],
+    mixed = evaluation_tasks(store, cat, model_key(MODEL), CONFIG, methods=["contrastive-w*"],
                              personas=["introvert", "optimist", "extrovert", "pessimist"])
     assert [t.persona.id for t in mixed] == ["introvert", "extrovert", "optimist", "pessimist"]
 
@@ -91,7 +91,7 @@ def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_clus
     assert back.num_rows == s.rows
     per_unit = len(CONFIG.conditions) * 5  # pref, margin, yes-no, perplexity, perplexity-ratio
     assert s.rows == 8 * per_unit
-    assert len(store.list("results/run=r1/", suffix=".parquet")) == 8
+    assert len(read_results_index(store, "r1")) == 8
     assert store.exists(layout.report("r1")) and store.exists(layout.summary_table("r1"))
     assert set(back.column("method").to_pylist()) == {"contrastive-wanda", "magnitude"}
     from persona_core.masks.codec import MaskFile

@@ -65,8 +65,11 @@ def test_run_keys_round_trip():
     assert layout.latest("nightly") == "runs/_latest/nightly.json"
     assert layout.lease("nightly-x") == "leases/nightly-x.json"
     assert layout.results_prefix(rid) == f"results/run={rid}"
-    part = layout.result_part(rid, "introvert", layout.result_what("contrastive-wanda@2of4", 0.5), "ab8724b48d")
-    assert part == f"results/run={rid}/part-introvert-contrastive-wanda_2of4-s0.5-ab8724b48d.parquet"
+    assert layout.results_index(rid) == f"results/run={rid}/parts.json"
+    part = layout.result_part("m", "introvert", layout.result_what("contrastive-wanda@2of4", 0.5), "ab8724b48d0e1f23")
+    assert part == "results/model=m/persona=introvert/part-contrastive-wanda_2of4-s0.5-ab8724b48d0e1f23.parquet"
+    assert layout.parse_result_part(part) == layout.ResultPartRef(part, "m", "introvert", "contrastive-wanda_2of4-s0.5",
+                                                                  "ab8724b48d0e1f23")
     assert layout.result_what(None, None) == "dense"
     assert layout.probe("abc") == "_probe/abc"
 

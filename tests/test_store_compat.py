@@ -101,11 +101,24 @@ def test_every_planned_key_and_identity_is_the_old_one(old_store):
     for key, (identity, _) in MASK_IDENTITIES.items():
         assert in_old_layout[key] == identity
 
-    # Result parts: the same persona/method/sparsity names; their hash covers EvalConfig.hash, which the
-    # evaluation settings added since (steering, few-shot, validation; issue 13) changed on purpose, so a
-    # rerun of an old run re-evaluates against the stored masks and statistics.
-    tasks = evaluation_tasks(store, p.catalog, p.model_key, p.run_id, p.eval, list(p.config.masks.methods),
+    # Result parts: keyed by content since issue 25 item 3 (results/model=<k>/persona=<id>/part-<what>-<hash>,
+    # shared by every run that asks for the same unit), so an old run's parts (results/run=<id>/part-...) are
+    # never reused by a new evaluation; they stay readable as that run's results (below). The units are the
+    # same: one per persona and method/sparsity.
+    tasks = evaluation_tasks(store, p.catalog, p.model_key, p.eval, list(p.config.masks.methods),
                              list(p.config.masks.sparsities), ids)  # no config named: the stored masks
-    stem = lambda key: key.rsplit("-", 1)[0]  # noqa: E731  (the name without its hash)
-    assert sorted(stem(u.part) for t in tasks for u in t.units) == sorted(
-        stem(k) for k in stored if k.startswith("results/"))
+    from persona_core.store import layout
+
+    planned = sorted(f"{r.persona_id}-{r.what}" for r in (layout.parse_result_part(u.part) for t in tasks
+                                                           for u in t.units))
+    old_parts = sorted(k for k in stored if k.startswith("results/"))
+    assert all(layout.is_legacy_result_part(k) for k in old_parts)
+    assert planned == sorted(k.removeprefix(f"results/run={RUN_ID}/part-").rsplit("-", 1)[0] for k in old_parts)
+
+
+def test_old_results_without_an_index_are_still_the_runs_results(old_store):
+    """A run written before results indexes: its results are the parts in its own folder (as before)."""
+    from persona_core.report.results import load_results
+
+    rows = load_results(str(old_store), RUN_ID)
+    assert rows.num_rows > 0 and set(rows.column("persona").to_pylist()) == {"introvert", "extrovert"}

@@ -15,7 +15,7 @@ def test_values_are_those_stores_were_written_with():
     assert {k: v for k, v in vars(versions).items() if k.endswith("_VERSION")} == {
         "PERSONA_FORMAT_VERSION": 1, "CALIB_VERSION": "calib-v1", "STATS_VERSION": "stats-v1",
         "BUDGET_VERSION": "budget-v1", "MASKS_VERSION": "masks-v1", "LEARN_VERSION": "learn-v1",
-        "EVALUATE_VERSION": "evaluate-v1", "RUNS_VERSION": "runs-v1"}
+        "EVALUATE_VERSION": "evaluate-v1", "RESULTS_VERSION": "results-v1", "RUNS_VERSION": "runs-v1"}
 
 
 def test_no_other_module_defines_a_code_version():

@@ -120,17 +120,20 @@ class Metric:
     fn: MetricFn
     prepare: Callable[[MetricContext], Any] | None = None  # once per persona, dense weights, no prompt
     default: bool = True  # in `default_metrics()`: what a run scores when it names none
+    description: str = ""  # what it measures, in one line (`persona-jobs metrics`)
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
 def metric(name: str, *, prepare: Callable[[MetricContext], Any] | None = None,
-           default: bool = True) -> Callable[[MetricFn], MetricFn]:
-    """Decorator: register the function as metric `name` (a name registered twice raises)."""
+           default: bool = True, description: str | None = None) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: register the function as metric `name` (a name registered twice raises); its
+    `description` (default: the first line of the function's docstring) is what `persona-jobs metrics` prints."""
 
     def decorate(fn: MetricFn) -> MetricFn:
-        METRICS.add(name, Metric(name, fn, prepare, default))
+        doc = (fn.__doc__ or "").strip().splitlines()
+        METRICS.add(name, Metric(name, fn, prepare, default, description or (doc[0].strip() if doc else "")))
         return fn
 
     return decorate

@@ -64,15 +64,17 @@ def failure_report(p: Plan, error: str) -> str:
 
 
 def write_run_manifest(p: Plan, summaries: dict[str, dict], started: float, error: str | None, *,
-                       kind: str = "pipeline", changes: dict | None = None) -> runs.Manifest:
-    """The manifest of the run, written last: the run exists (succeeded or failed) once it is."""
+                       kind: str = "pipeline", changes: dict | None = None,
+                       artifacts: dict[str, str] | None = None) -> runs.Manifest:
+    """The manifest of the run, written last: the run exists (succeeded or failed) once it is; a
+    succeeded one names its `artifacts` (`persona_core.run.artifacts.run_artifacts`)."""
     rid = p.run_id
     evaluated = p.config.evaluate.enabled
     manifest = runs.Manifest(
         run_id=rid, kind=kind, status=runs.FAILED if error else runs.SUCCEEDED, inputs=p.inputs.to_dict(),
         stages=summaries, started=started, finished=time.time(), changes=changes, error=error,
         store=p.store.uri(), results=p.store.uri(layout.results_prefix(rid)) if evaluated else None,
-        report=p.store.uri(layout.report(rid)) if evaluated and not error else None)
+        report=p.store.uri(layout.report(rid)) if evaluated and not error else None, artifacts=artifacts)
     runs.write_manifest(p.store, manifest)
     return manifest
 

@@ -9,12 +9,14 @@ with nothing changed finds the run already done.
 Layout under the store root::
 
     runs/<run-id>/stages/<stage>.json   one per finished stage (its summary)
-    runs/<run-id>/manifest.json         written last: the run exists once it does
+    runs/<run-id>/manifest.json         written last: the run exists once it does (and names every
+                                        artifact it depends on: see `persona_core.run.artifacts`)
     runs/_latest/<schedule>.json        the last successful run of a schedule (nightly)
 
 A manifest's ``status`` is ``succeeded`` or ``failed``; only a succeeded run
-counts as done. A run with stage markers and no manifest is running or was
-interrupted; rerunning it skips its finished stages.
+whose artifacts are all still in the store counts as done. A run with stage
+markers and no manifest is running or was interrupted; rerunning it skips its
+finished stages.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class Manifest:
     changes: dict | None = None
     error: str | None = None
     store: str = ""
+    # store key -> what it must still be (`persona_core.run.artifacts`): every artifact a succeeded run
+    # depends on, checked before a rerun calls it done; None in manifests written before they named them
+    artifacts: dict[str, str] | None = None
     host: str = field(default_factory=socket.gethostname)
     user: str = field(default_factory=lambda: _user())
     code_version: str = RUNS_VERSION
@@ -155,6 +160,9 @@ def read_manifest(store: Store, rid: str) -> Manifest | None:
         manifest = Manifest.from_dict(raw)
         if manifest.run_id != rid or manifest.status not in (SUCCEEDED, FAILED):
             raise ValueError(f"run id {manifest.run_id!r}, status {manifest.status!r}")
+        if manifest.artifacts is not None and not (isinstance(manifest.artifacts, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in manifest.artifacts.items())):
+            raise ValueError("artifacts is not a map of store keys to strings")
         return manifest
     except (TypeError, ValueError, AttributeError) as err:
         raise StoreError(f"{store.uri(manifest_key(rid))}: not a run manifest ({err})") from err

@@ -23,13 +23,13 @@ from persona_core.calib.stored import list_parts, part_versions, stale_parts
 from persona_core.calib.texts import shard_count
 from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, Persona, load_catalog, reference_persona
 from persona_core.errors import UserError
-from persona_core.masks.codec import read_mask_metadata
+from persona_core.masks.codec import MaskFile, read_mask_metadata
 from persona_core.masks.methods import GENERAL, METHODS, OPPOSITE, PERSONA
 from persona_core.masks.spec import MaskSpec, spec_key
 from persona_core.store import layout
 from persona_core.store.hashing import content_hash
-from persona_core.store.store import Store
-from persona_core.versions import MASKS_VERSION
+from persona_core.store.store import Store, StoreError
+from persona_core.versions import EVALUATE_VERSION, MASKS_VERSION, RESULTS_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +265,16 @@ def list_masks(store: Store, model_key: str) -> list[layout.MaskRef]:
 
 @dataclass(frozen=True)
 class EvaluationUnit:
-    """One (persona, mask) to score; `mask` None scores the dense conditions only."""
+    """One (persona, mask) to score; `mask` None scores the dense conditions only.
+
+    `part` is the result part key, a hash of everything the unit's rows depend on (`result_ident`):
+    any run asking for the same unit finds it stored and reuses it. `mask_digest` is the content
+    digest the mask's header held when the unit was planned (the scorer refuses other bytes)."""
 
     persona: str
     mask: layout.MaskRef | None
-    part: str  # the results key this unit writes
+    part: str
+    mask_digest: str | None = None
 
 
 @dataclass
@@ -285,25 +290,55 @@ def _matches(name: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def result_part_key(run_id: str, persona: Persona, opposite: Persona | None, mask: layout.MaskRef | None,
-                    model_key: str, config) -> str:
-    ident = content_hash(model_key, persona.evaluation_hash, opposite.evaluation_hash if opposite else None,
-                         mask.key if mask else None, config.hash)[:10]
+@dataclass(frozen=True)
+class MaskVersion:
+    """What a stored mask's header says about it: the content digest, and what else its rows read."""
+
+    digest: str  # the codec's content digest of the decoded masks ("" when the header cannot be read)
+    identity: str  # the build unit's identity (what it was built from), "" when none
+    extra: str  # a hash of the metadata that enters result rows (a budgeted mask's search)
+
+
+def mask_version(store: Store, key: str) -> MaskVersion:
+    """The header of the mask at `key`, read alone (two small reads); an unreadable header gives an
+    empty digest (the scorer then fails on the mask with the reader's message)."""
+    try:
+        f = MaskFile(store, key)
+    except (FileNotFoundError, StoreError) as err:
+        log.warning("%s: %s", store.uri(key), err)
+        return MaskVersion("", "", "")
+    meta = f.metadata if isinstance(f.metadata, dict) else {}
+    return MaskVersion(str(f.header.get("digest") or ""), str(meta.get("identity") or ""),
+                       content_hash(meta.get("budget_search")))
+
+
+def result_ident(model_key: str, persona: Persona, opposite: Persona | None, mask: layout.MaskRef | None,
+                 version: MaskVersion | None, config, calib_hash: str | None = None) -> str:
+    """Everything one unit's rows depend on, hashed: the model, the persona's and its opposite's content
+    (statements, description, calibration texts: the steering baseline reads their statistics) and
+    evaluation data, the mask (its key: method, level, owner; its content digest and the metadata rows
+    read), the evaluation settings (`EvalConfig.hash`: conditions, metrics, counts) and the calibration
+    config the statistics come from, under this code's versions."""
+    side = lambda q: [q.content_hash, q.evaluation_hash] if q is not None else None  # noqa: E731
+    mask_part = [mask.key, version.digest, version.extra] if mask is not None and version is not None else \
+        [mask.key if mask is not None else None]
+    return content_hash(RESULTS_VERSION, EVALUATE_VERSION, model_key, side(persona), side(opposite), mask_part,
+                        config.hash, calib_hash or "")
+
+
+def result_part_key(model_key: str, persona: Persona, opposite: Persona | None, mask: layout.MaskRef | None,
+                    version: MaskVersion | None, config, calib_hash: str | None = None) -> str:
+    ident = result_ident(model_key, persona, opposite, mask, version, config, calib_hash)
     what = layout.result_what(mask.method, mask.sparsity, mask.budget) if mask else layout.result_what(None, None)
-    return layout.result_part(run_id, persona.id, what, ident)
+    return layout.result_part(model_key, persona.id, what, ident)
 
 
-def evaluation_tasks(store: Store, catalog: Catalog, model_key: str, run_id: str, config,
-                     methods: list[str] | None = None, sparsities: list[float] | None = None,
-                     personas: list[str] | None = None, budgets: list[str] | None = None,
-                     calib_hash: str | None = None) -> list[EvaluationTask]:
-    """Tasks for every selected persona: its own masks of the chosen methods, the shared
-    baselines at the same sparsities (or budgets), or (no mask found) the dense conditions alone.
-
-    Only masks of calibration config `calib_hash` (and masks that read no statistics) take
-    part; with None, the masks must all come from one config (else a UserError names them).
-    """
-    selected = catalog.select(personas)
+def chosen_masks(store: Store, model_key: str, methods: list[str] | None = None,
+                 sparsities: list[float] | None = None, budgets: list[str] | None = None,
+                 calib_hash: str | None = None) -> list[layout.MaskRef]:
+    """The stored masks an evaluation of these methods and levels scores: the chosen ones, plus the
+    shared baselines at their levels (only masks of calibration config `calib_hash`, and masks that
+    read no statistics; with None, the masks must all come from one config, else a UserError)."""
     refs = of_calibration(list_masks(store, model_key), calib_hash)
     chosen = [r for r in refs if _matches(r.base, methods) or _matches(r.method, methods)]
     if sparsities is not None or budgets is not None:  # budgeted masks only when their budget is asked for
@@ -312,17 +347,41 @@ def evaluation_tasks(store: Store, catalog: Catalog, model_key: str, run_id: str
     if methods is not None:  # baselines ride along at the sparsities (or budgets) of the chosen masks
         levels = {r.level for r in chosen}
         chosen += [r for r in refs if r.base in PLAIN_PRUNING and r.level in levels and r not in chosen]
+    return sorted(chosen, key=lambda r: (r.method, r.budget, r.sparsity, r.owner))
+
+
+def persona_masks(chosen: list[layout.MaskRef], persona_id: str) -> list[layout.MaskRef]:
+    """The masks scored for one persona: its own, and each shared (``general``) mask it has no own one of."""
+    return [r for r in chosen if r.owner == persona_id or (r.owner == REFERENCE_PERSONA_ID and not any(
+        o.owner == persona_id and o.method == r.method and o.level == r.level for o in chosen))]
+
+
+def evaluation_tasks(store: Store, catalog: Catalog, model_key: str, config,
+                     methods: list[str] | None = None, sparsities: list[float] | None = None,
+                     personas: list[str] | None = None, budgets: list[str] | None = None,
+                     calib_hash: str | None = None) -> list[EvaluationTask]:
+    """Tasks for every selected persona: its own masks of the chosen methods, the shared
+    baselines at the same sparsities (or budgets), or (no mask found) the dense conditions alone.
+
+    Each unit's part key hashes what its rows depend on (`result_ident`; each mask's header is read
+    once for its digest), so units stored by any earlier run are found. Only masks of calibration
+    config `calib_hash` (and masks that read no statistics) take part; with None, the masks must
+    all come from one config (else a UserError names them).
+    """
+    selected = catalog.select(personas)
+    chosen = chosen_masks(store, model_key, methods, sparsities, budgets, calib_hash)
+    versions: dict[str, MaskVersion] = {}
     tasks = []
     for p in selected:
         opposite = catalog.personas.get(p.opposite) if p.opposite else None
         task = EvaluationTask(p, opposite)
-        for r in sorted(chosen, key=lambda r: (r.method, r.budget, r.sparsity)):
-            if r.owner == p.id or (r.owner == REFERENCE_PERSONA_ID and not any(
-                    o.owner == p.id and o.method == r.method and o.level == r.level for o in chosen)):
-                task.units.append(EvaluationUnit(p.id, r, result_part_key(run_id, p, opposite, r, model_key, config)))
+        for r in persona_masks(chosen, p.id):
+            v = versions.get(r.key) or versions.setdefault(r.key, mask_version(store, r.key))
+            task.units.append(EvaluationUnit(p.id, r, result_part_key(model_key, p, opposite, r, v, config,
+                                                                      calib_hash), v.digest))
         if not task.units and any(c.startswith("dense") for c in config.conditions):
-            task.units.append(EvaluationUnit(p.id, None, result_part_key(run_id, p, opposite, None, model_key,
-                                                                         config)))
+            task.units.append(EvaluationUnit(p.id, None, result_part_key(model_key, p, opposite, None, None, config,
+                                                                         calib_hash)))
         tasks.append(task)
     return pair_order(tasks)
 

@@ -10,7 +10,8 @@ Layout under the store root::
     stats/model=<model-key>/persona=<id>/part-<hash>.parquet          activation statistics
     masks/model=<model-key>/[calib=<calib-hash>/]method=<segment>/sparsity=<s>/<owner>.safetensors
         (calib= for masks derived from statistics; budget=<label> in place of sparsity= if budgeted)
-    results/run=<run-id>/part-<persona>-<what>-<hash>.parquet        evaluation rows
+    results/model=<model-key>/persona=<id>/part-<what>-<hash>.parquet evaluation rows, keyed by content, reused across runs
+    results/run=<run-id>/parts.json                                   which parts make up a run's results (written last)
     dense/model=<model-key>/persona=<id>/rows-<hash>.parquet          dense baseline rows, reused across runs
     runs/<run-id>/manifest.json                                       written last
     runs/<run-id>/stages/<stage>.json                                 one per finished stage
@@ -32,11 +33,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from persona_core.store.ids import check_id
+from persona_core.store.ids import check_id, id_problem
 
 STATS, MASKS, RESULTS, RUNS, LEASES, PROBE = "stats", "masks", "results", "runs", "leases", "_probe"
 LEARNED, EXPORTS, DENSE = "learned", "exports", "dense"
 LATEST = "_latest"
+RESULTS_INDEX = "parts.json"
 DEFAULT_GRANULARITY = "unstructured"
 DEFAULT_ALLOCATION = "uniform"
 
@@ -204,7 +206,14 @@ def export_prefix(mask_key: str) -> str:
 
 
 def results_prefix(run_id: str) -> str:
-    return f"{RESULTS}/run={segment(run_id, 'run id')}"
+    """``results/run=<id>``: a run's results index (and, in stores written before results were keyed by
+    content, its parts)."""
+    return f"{RESULTS}/run={identifier(run_id, 'run id')}"
+
+
+def results_index(run_id: str) -> str:
+    """``results/run=<id>/parts.json``: which result parts make up the run's results table (written last)."""
+    return f"{results_prefix(run_id)}/{RESULTS_INDEX}"
 
 
 def safe_name(text: str) -> str:
@@ -212,9 +221,54 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def result_part(run_id: str, persona_id: str, what: str, ident: str) -> str:
-    """``results/run=<id>/part-<persona>-<what>-<ident>.parquet``; `what` is ``<method>-s<sparsity>`` or ``dense``."""
-    return f"{results_prefix(run_id)}/part-{safe_name(persona_id)}-{safe_name(what)}-{segment(ident)}.parquet"
+def results_persona_prefix(model_key: str, persona_id: str | None = None) -> str:
+    """``results/model=<k>`` or ``results/model=<k>/persona=<id>``: result parts keyed by content."""
+    out = f"{RESULTS}/model={segment(model_key, 'model key')}"
+    return out if persona_id is None else f"{out}/persona={identifier(persona_id, 'persona id')}"
+
+
+def result_part(model_key: str, persona_id: str, what: str, ident: str) -> str:
+    """``results/model=<k>/persona=<id>/part-<what>-<ident>.parquet``: one (persona, mask) unit's rows.
+
+    `what` is ``<method>-s<sparsity>``, ``<method>-b<budget>`` or ``dense`` (`result_what`); `ident`
+    (16 hex digits) hashes everything the rows depend on (`persona_core.run.units.result_ident`), so
+    every run that asks for the same unit finds the same part. The persona id follows the id grammar."""
+    if not _RESULT_IDENT_RE.fullmatch(str(ident)):
+        raise LayoutError(f"result part hash {ident!r} is not 16 hex digits")
+    name = safe_name(what)
+    if not name.strip("._-"):
+        raise LayoutError(f"result part name {what!r} has no file-name characters")
+    return f"{results_persona_prefix(model_key, persona_id)}/part-{name}-{ident}.parquet"
+
+
+@dataclass(frozen=True)
+class ResultPartRef:
+    """One result part in the store, parsed from its key."""
+
+    key: str
+    model_key: str
+    persona_id: str
+    what: str
+    ident: str
+
+
+_RESULT_IDENT_RE = re.compile(r"[0-9a-f]{16}")
+_RESULT_RE = re.compile(r"^results/model=(?P<model>[^/]+)/persona=(?P<persona>[^/]+)/"
+                        r"part-(?P<what>[A-Za-z0-9._-]+)-(?P<ident>[0-9a-f]{16})\.parquet$")
+_LEGACY_RESULT_RE = re.compile(r"^results/run=(?P<run>[^/]+)/part-[^/]+\.parquet$")
+
+
+def parse_result_part(key: str) -> ResultPartRef | None:
+    """The parts of a result part key (`result_part`); None for anything else."""
+    m = _RESULT_RE.match(key)
+    if not m or id_problem(m["persona"]):
+        return None
+    return ResultPartRef(key, m["model"], m["persona"], m["what"], m["ident"])
+
+
+def is_legacy_result_part(key: str) -> bool:
+    """A part of a store written before results were keyed by content: ``results/run=<id>/part-*.parquet``."""
+    return _LEGACY_RESULT_RE.match(key) is not None
 
 
 def dense_rows(model_key: str, persona_id: str, ident: str) -> str:

@@ -197,3 +197,27 @@ def test_readme_export_example_runs(store_dir, tmp_path, monkeypatch, capsys):
         scope: dict = {"__name__": "__doc__"}
         exec(compile(body[0], doc, "exec"), scope)
         assert isinstance(scope["answer"], str)
+
+
+def test_a_truncated_learned_export_is_not_current_and_is_exported_again(tmp_path, tiny):
+    """Issue 24 item 9: `learn-masks --export` counted a truncated exported model as current."""
+    from dataclasses import replace
+
+    from persona_core.learn.task import is_current, run_task
+    from persona_core.masks.export import verify_export
+    from test_learn_masks_job import _store, _task
+
+    persona = load_catalog("builtin")["introvert"]
+    store = _store(tmp_path, tiny, persona)
+    task = replace(_task(store, tiny, persona), export=True)
+    assert run_task(tiny, store, task)["status"] == "done"
+    prefix = layout.export_prefix(task.mask_key)
+    assert verify_export(store, prefix)["identity"] == task.identity and is_current(store, task)
+    assert run_task(tiny, store, task)["status"] == "current"
+    key = f"{prefix}/model.safetensors"
+    data = store.read_bytes(key)
+    store.write_bytes(key, data[: len(data) - 100])  # truncated
+    assert not is_current(store, task)
+    out = run_task(tiny, store, task)  # the mask is current: only the export is written again
+    assert out["status"] == "done" and out.get("exported_only")
+    assert store.read_bytes(key) == data and is_current(store, task)

@@ -35,8 +35,8 @@ from persona_core.learn.config import DataConfig, LearnConfig
 from persona_core.learn.data import general_text, generate_training_data, samples_from_json, samples_hash
 from persona_core.learn.gate import ChannelGate
 from persona_core.learn.learner import LearnerState, identity, learn_persona
-from persona_core.masks.codec import read_mask_metadata, write_mask
-from persona_core.masks.export import export_pruned
+from persona_core.masks.codec import read_mask, read_mask_metadata, write_mask
+from persona_core.masks.export import export_is_current, export_model, publish_export
 from persona_core.masks.methods import GENERAL, METHODS, PERSONA
 from persona_core.models.loading import LoadedModel
 from persona_core.store import layout
@@ -115,8 +115,24 @@ def is_current(store: Store, task: LearnTask) -> bool:
     except Exception as err:  # unreadable: learn it again
         log.warning("%s: unreadable (%s); learning again", task.mask_key, err)
         return False
-    return bool(meta) and meta.get("identity") == task.identity and (not task.export or store.exists(
-        layout.export_prefix(task.mask_key) + "/config.json"))
+    return bool(meta) and meta.get("identity") == task.identity and (not task.export or export_current(store, task))
+
+
+def export_current(store: Store, task: LearnTask) -> bool:
+    """Whether the task's stored export passes its manifest (every file's size and sha256) and was
+    exported from this very unit: a truncated or edited export is not current."""
+    return export_is_current(store, layout.export_prefix(task.mask_key), identity=task.identity)
+
+
+def store_export(loaded: LoadedModel, store: Store, task: LearnTask, masks) -> str:
+    """The physically smaller model under ``exports/``, its manifest (naming the unit) written last."""
+    prefix = layout.export_prefix(task.mask_key)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = export_model(loaded, masks, Path(tmp) / "model", require_smaller=True, manifest={
+            "mask_key": task.mask_key, "identity": task.identity, "model_key": task.model_key,
+            "persona": task.persona.id})
+        publish_export(info.path, store, prefix, replace=True)
+    return prefix
 
 
 def training_data(loaded: LoadedModel, store: Store, task: LearnTask) -> tuple[list[dict[str, str]], str]:
@@ -154,6 +170,12 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
         raise ValueError(f"{task.name}: planned for model {task.model_key}, worker holds {loaded.key}")
     if is_current(store, task):
         return {"task": task.name, "status": "current", "key": task.mask_key, "seconds": 0.0}
+    meta = read_mask_metadata(store, task.mask_key) if task.export else None
+    if meta and meta.get("identity") == task.identity:  # the mask is current, its export is not: export again
+        masks, _ = read_mask(store, task.mask_key)
+        store_export(loaded, store, task, masks)
+        return {"task": task.name, "status": "done", "exported_only": True, "key": task.mask_key,
+                "seconds": round(time.time() - start, 2)}
     unit_id = task.identity
     samples, dkey = training_data(loaded, store, task)
     stats = [read_persona_stats(store, task.model_key, pid, calib_hash=task.calib_hash) for pid in task.stats_roles]
@@ -183,13 +205,7 @@ def run_task(loaded: LoadedModel, store: Store, task: LearnTask,
                 code_version=LEARN_VERSION, data_key=dkey, stats=dict(task.stats_fingerprints),
                 resumed_from=resumed_from, evaluation_questions=len(task.held_out))
     if task.export:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = export_pruned(loaded, result.masks, Path(tmp) / "model")
-            prefix = layout.export_prefix(task.mask_key)
-            for f in sorted(out.iterdir()):
-                if f.is_file():
-                    store.write_bytes(f"{prefix}/{f.name}", f.read_bytes())
-        meta["export"] = prefix
+        meta["export"] = store_export(loaded, store, task, result.masks)
     write_mask(store, task.mask_key, result.masks, meta)
     if store.exists(ckey):
         store.delete(ckey)

@@ -292,7 +292,7 @@ def run_pool(spec: PoolSpec, units: Iterable, method: str, *, num_actors: int,
         node = placed.get(id(actor))
         if node is None or not _node_lost(node, err):
             return f"{spec.name} actor died ({short_error(err)})"
-        where = address.get(node) or _address_of(node) or node[:12]
+        where = f"{address.get(node) or _address_of(node) or '?'} ({node[:8]})"  # nodes may share an address
         if where not in out.nodes_lost:
             out.nodes_lost.append(where)
             log.error("node %s lost: its %s actor(s) died with it; their units go back to the queue", where, spec.name)

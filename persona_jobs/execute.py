@@ -7,7 +7,9 @@ manifest says it succeeded, and whose artifacts (named in that manifest,
 one with missing or changed artifacts runs again and regenerates them. ``force`` clears the
 markers (each stage still skips the artifacts already stored), ``do_repair``
 deletes corrupt artifacts first (`persona_core.run.execution.repair`). Under a
-lease (nightly) the run-level records are written only while the lease holds.
+lease (nightly) the run-level records are written only while the lease holds. A stage
+the cluster cannot place (`dispatch.PlacementError`) still leaves a failed manifest,
+then exits with the retryable code (75).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from persona_core.run.execution import Outcome, failure_report, finished_run, re
 from persona_core.run.plan import Plan
 from persona_core.store.lease import Lease
 from persona_jobs.common import preflight
+from persona_jobs.dispatch import PlacementError
 from persona_jobs.stages import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ def execute(p: Plan, stages: Mapping[str, Stage] = STAGES, *, kind: str = "pipel
     started = time.time()
     summaries: dict[str, dict] = {}
     error = None
+    retryable: PlacementError | None = None
     print(f"run {rid}: {len(p.inputs.personas)} personas, model {p.inputs.model_key}, store {p.store.uri()}")
     for name in stages_for(p):
         marker = runs.stage_done(p.store, rid, name)
@@ -64,6 +68,10 @@ def execute(p: Plan, stages: Mapping[str, Stage] = STAGES, *, kind: str = "pipel
         print(f"[{name}] ...", flush=True)
         try:
             summary = stages[name].run(p)
+        except PlacementError as err:  # the cluster cannot hold the stage now: a failed run, and a retryable exit
+            error, retryable = f"{name}: {err}", err
+            summaries[name] = {"stage": name, "failed": 1, "errors": [str(err)[:500]]}
+            break
         except UserError:
             raise
         except Exception as err:
@@ -84,4 +92,6 @@ def execute(p: Plan, stages: Mapping[str, Stage] = STAGES, *, kind: str = "pipel
         lease.check()  # fencing: a run that lost its lease must not write run-level records
     artifacts = None if error else run_artifacts(p)  # what a rerun checks before it calls the run done
     manifest = write_run_manifest(p, summaries, started, error, kind=kind, changes=changes, artifacts=artifacts)
+    if retryable is not None:
+        raise retryable  # after the manifest: `status` says failed, the exit code says retry
     return Outcome(rid, not error, False, manifest, list(summaries.values()))

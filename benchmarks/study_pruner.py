@@ -136,8 +136,7 @@ def speed(loaded, masks: dict, windows: int, reps: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = export_pruned(loaded, masks, Path(tmp) / "m")
         small = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    wins = text_windows(loaded.tokenizer, _path("../shared/data/wikitext-2/test.txt")
-                        if os.path.isfile(_path("../shared/data/wikitext-2/test.txt")) else None, 128, windows)
+    wins = text_windows(loaded.tokenizer, "wikitext-2-test", 128, windows)  # an error when absent
     ids = torch.tensor([w for w in wins if len(w) == 128])
     best = {"dense": float("inf"), "exported": float("inf")}
     with torch.inference_mode():

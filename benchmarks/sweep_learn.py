@@ -40,7 +40,7 @@ from persona_core.eval.config import EvalConfig  # noqa: E402
 from persona_core.eval.engine import Evaluator  # noqa: E402
 from persona_core.eval.unit import evaluate_unit  # noqa: E402
 from persona_core.learn.config import DataConfig, LearnConfig  # noqa: E402
-from persona_core.learn.data import WIKITEXT, generate_training_data, training_instructions  # noqa: E402
+from persona_core.learn.data import GENERAL_TEXT, generate_training_data, training_instructions  # noqa: E402
 from persona_core.learn.learner import learn_persona  # noqa: E402
 from persona_core.masks.build import build_masks  # noqa: E402
 from persona_core.masks.spec import MaskSpec  # noqa: E402
@@ -78,7 +78,7 @@ def persona_rows(loaded, ev, persona, cfg, sparsity: float, objective: str, grid
     calib = CalibConfig()
     pstats = {k: v.to("cpu") for k, v in calibrate(loaded, render_samples(loaded, persona, samples, calib),
                                                     calib).items()}
-    ev_cfg = EvalConfig(**{**cfg["evaluate"], "max_questions": len(val), "ppl_text": str(WIKITEXT / "valid.txt"),
+    ev_cfg = EvalConfig(**{**cfg["evaluate"], "max_questions": len(val), "ppl_text": GENERAL_TEXT,
                            "conditions": ("dense", "dense+prompt", "masked", "masked+prompt")})
     log.info("%s: %d training examples, %d validation questions", persona.id, len(samples), len(val))
     tables = [evaluate_unit(ev, val_persona, None, None, None, ev_cfg)]

@@ -8,6 +8,7 @@ evaluate stage wrote under ``results/run=<run-id>/`` and publishes
 
 from __future__ import annotations
 
+from persona_core.calib.general_text import BUILTIN_GENERAL, is_dataset_file, load_general_text
 from persona_core.report.results import load_results, write_report
 from persona_core.run.plan import Plan
 from persona_core.run.runs import Summary
@@ -42,10 +43,19 @@ def report_inputs(p: Plan) -> dict:
             "methods": methods, "plain-pruning baselines": baselines, "sparsities": sparsities,
             "conditions": ", ".join(config.conditions), "metrics": ", ".join(config.metrics),
             "held-out statements per pole (cap)": config.max_statements,
-            "general text (reported)": f"{config.ppl_text or 'built-in held-out text'} ({windows})",
-            "validation text (choices)": f"{config.val_text or 'built-in general set'} "
+            "general text (reported)": f"{_text(config.ppl_text, 'built-in held-out text')} ({windows})",
+            "validation text (choices)": f"{_text(config.val_text or BUILTIN_GENERAL, 'built-in general set')} "
                                          f"({config.val_windows} windows x {config.val_window} tokens)",
             "perplexity budget (steering)": f"{config.ppl_budget:g}x",
             "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}, "
                                f"{config.val_statements} validation statements per pole",
             "few-shot examples": config.fewshot_k}
+
+
+def _text(spec: str | None, unset: str) -> str:
+    """A general text as the report names it: its spec (or `unset`) and its content digest, so a
+    report says which text its numbers were measured on."""
+    shown = spec or unset
+    if spec is not None and is_dataset_file(spec):
+        return shown
+    return f"{shown}, sha256 {load_general_text(spec).sha256[:12]}"

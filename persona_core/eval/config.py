@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from persona_core.calib.general_text import check_general_text, is_dataset_file
 from persona_core.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS, DENSE_CONDITIONS
 from persona_core.eval.judge import JudgeSettings
 from persona_core.eval.metrics import METRICS
@@ -34,7 +35,8 @@ class EvalConfig:
     ppl_window: int = 128  # tokens per perplexity window
     ppl_windows: int = 8  # windows per text
     ppl_texts: tuple[str, ...] = ()  # extra text files/datasets (URL or URL::field) for perplexity
-    ppl_text: str | None = None  # the reported general text (e.g. wikitext-2/test.txt); None: built-in held-out
+    ppl_text: str | None = None  # the reported general text (a general-text spec: a file, wikitext-2-test,
+    # builtin:general, a URL, hf:DATASET/CONFIG:SPLIT; see persona_core.calib.general_text); None: builtin:heldout
     seed: int = 0  # which items a max_* cap keeps
     # baselines (dense+fewshot, dense+steer) and what picks their settings
     fewshot_k: int = 8  # calibration statements shown as examples
@@ -42,7 +44,7 @@ class EvalConfig:
     steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     ppl_budget: float = 1.10  # max general-text perplexity ratio of a chosen setting (validation text)
     val_statements: int = 16  # validation statements per pole, carved from the calibration statements
-    val_text: str | None = None  # validation general text (e.g. wikitext-2/valid.txt); None: built-in
+    val_text: str | None = None  # validation general text (a spec, e.g. wikitext-2-valid); None: builtin:general
     val_window: int = 128
     val_windows: int = 8
     judge: JudgeSettings | None = None
@@ -61,6 +63,10 @@ class EvalConfig:
             problems = registry.check(names)
             if problems:
                 raise ValueError(f"EvalConfig.{name}: " + "; ".join(problems))
+        for name in ("ppl_text", "val_text"):  # a missing text stops the config, not the run
+            spec = getattr(self, name)
+            if spec is not None and not is_dataset_file(spec):
+                check_general_text(spec, f"EvalConfig.{name}")
         if self.fewshot_k < 0:
             raise ValueError(f"EvalConfig.fewshot_k must be >= 0, got {self.fewshot_k}")
         if "judge" in self.metrics and self.judge is None:

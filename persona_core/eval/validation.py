@@ -23,13 +23,12 @@ texts that keeps held-out texts out (here, in few-shot examples and in learned m
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
-from persona_core.catalog import REFERENCE_TEXTS, Persona, heldout_text
+from persona_core.calib.general_text import load_general_text
+from persona_core.catalog import Persona
 from persona_core.eval.estimates import pairwise_auc
 from persona_core.eval.scorer import Scorer
 
@@ -84,28 +83,19 @@ def validation_separation(ev: Scorer, a: Persona, b: Persona, state_a: State | N
 # ---------------------------------------------------------------------------- general text
 
 
-@functools.lru_cache(maxsize=8)
 def _read_text(source: str | None) -> str:
-    if source is None:
-        return heldout_text()
-    if source == "builtin:general":
-        return REFERENCE_TEXTS.read_text(encoding="utf-8")
-    path = Path(source)
-    if path.is_dir():
-        raise ValueError(f"{source}: a folder; name a text file (e.g. wikitext-2/valid.txt)")
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"{source}: cannot read general text ({err.strerror or err})") from None
+    """The text behind a general-text spec (`persona_core.calib.general_text`; None: the built-in held-out text)."""
+    return load_general_text(source).text
 
 
 _WINDOWS: dict[tuple, list[list[int]]] = {}
 
 
 def text_windows(tokenizer: PreTrainedTokenizerBase, source: str | None, window: int, count: int) -> list[list[int]]:
-    """`count` windows of `window` tokens spread evenly over a text (file path; None: the built-in
-    held-out text; ``builtin:general``: the built-in general set). Fewer when the text is short."""
-    key = (id(tokenizer), source, window, count)
+    """`count` windows of `window` tokens spread evenly over a general text (any spec of
+    `persona_core.calib.general_text`: a file, ``builtin:general``, ``wikitext-2-valid``, a URL, an
+    ``hf:`` dataset; None: the built-in held-out text). Fewer when the text is short."""
+    key = (id(tokenizer), load_general_text(source).sha256, window, count)
     if key not in _WINDOWS:
         ids = tokenizer(_read_text(source), add_special_tokens=False)["input_ids"]
         total = len(ids) // window

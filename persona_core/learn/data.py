@@ -4,7 +4,7 @@ Training data (`generate_training_data`): the dense model, with the persona's de
 system prompt, answers a set of instructions (the calibration half of the project's generic
 questions plus any user-named files), greedily. Instructions held out for evaluation are removed
 first, so training never sees an evaluation question. General text (`general_windows`):
-WikiText-2 validation windows, or the project's own held-out text when WikiText-2 is absent.
+WikiText-2 validation windows (an error when WikiText-2 is absent: see `persona_core.calib.general_text`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from persona_core.calib.config import CalibConfig
+from persona_core.calib.general_text import load_general_text, resolve_general_text
 from persona_core.calib.texts import generate_replies
 from persona_core.catalog import Persona, generic_questions, load_texts
 from persona_core.eval.validation import text_key, text_windows
@@ -25,7 +25,7 @@ from persona_core.store.hashing import content_hash
 
 log = logging.getLogger(__name__)
 
-WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
+GENERAL_TEXT = "wikitext-2-valid"  # the general-text term's text (a persona_core.calib.general_text spec)
 
 
 def training_instructions(data: DataConfig, held_out: Iterable[str] = ()) -> list[str]:
@@ -73,14 +73,16 @@ def samples_hash(samples: Sequence[Mapping[str, str]]) -> str:
 
 
 
-def general_text() -> tuple[str, str | None]:
-    """(name, source for `validation.text_windows`): WikiText-2 validation from ../shared/data when
-    present, else the project's own held-out text (named, so results say which was used)."""
-    path = WIKITEXT / "valid.txt"
-    if path.is_file():
-        return "wikitext-2-valid", str(path)
-    log.warning("%s is absent: the general-text term uses the built-in held-out text", path)
-    return "builtin-heldout", None
+def general_text(spec: str = GENERAL_TEXT) -> tuple[str, str]:
+    """(name, source for `validation.text_windows`) of the general text (`persona_core.calib.general_text`;
+    WikiText-2 validation by default, found via $PERSONA_WIKITEXT2 or ../shared/data/wikitext-2).
+    `GeneralTextError` when it is absent: never a silent stand-in."""
+    return spec, resolve_general_text(spec)
+
+
+def general_text_record(spec: str = GENERAL_TEXT) -> dict[str, object]:
+    """What a learned mask stores about its general text: spec, source, SHA-256, characters."""
+    return load_general_text(general_text(spec)[1]).record() | {"spec": spec}
 
 
 def general_windows(tokenizer, n: int, window: int) -> list[list[int]]:

@@ -49,7 +49,8 @@ from torch import nn
 from persona_core.catalog.personas import Persona
 from persona_core.eval.validation import text_key
 from persona_core.learn.config import DataConfig, LearnConfig
-from persona_core.learn.data import general_text, general_windows, generate_training_data, samples_hash
+from persona_core.learn.data import (general_text, general_text_record, general_windows, generate_training_data,
+                                    samples_hash)
 from persona_core.learn.distill import (MIN_SHARED_PREFIX, Example, distill_loss, lm_loss, prepare_examples,
                                         prepare_general, scored_logits, scored_logits_shared, shared_prefix)
 from persona_core.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -311,7 +312,8 @@ def learn_persona(loaded: LoadedModel, persona: Persona, stats: Sequence[StatsLi
     meta = {
         "method": config.method, "granularity": "ffn-channels", "sparsity": config.sparsity,
         "learn": asdict(config), "data": asdict(data), "data_hash": samples_hash(samples),
-        "examples": len(samples), "general_text": gname if general else "", "channels_kept": learner.k,
+        "examples": len(samples), "general_text": gname if general else "",
+        "general_text_record": general_text_record() if general else None, "channels_kept": learner.k,
         "channels_changed": changed, "steps_run": final.step - start,
         "final_loss": learner.history[-1]["loss"] if learner.history else None,
         "seconds": {"data": round(t_data - t0, 2), "prepare": round(t_prep - t_data, 2),

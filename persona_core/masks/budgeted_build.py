@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from persona_core.calib.config import CalibConfig
+from persona_core.calib.general_text import GeneralTextError, load_general_text, resolve_general_text
 from persona_core.calib.recorder import calibrate
 from persona_core.calib.texts import render_reply
 from persona_core.calib.parts import part_metadata
@@ -47,31 +46,20 @@ from persona_core.masks.spec import MaskSpec
 
 log = logging.getLogger(__name__)
 
-WIKITEXT_VALID = "wikitext-2-valid"
-_WIKITEXT_ENV = "PERSONA_WIKITEXT2"  # a folder holding WikiText-2's valid.txt
+WIKITEXT_VALID = "wikitext-2-valid"  # the budget's default validation text (see persona_core.calib.general_text)
 
 
 # ---------------------------------------------------------------------------- inputs
 
 
 def resolve_validation_text(spec: str) -> str:
-    """The source behind a budget's ``ppl_text``: ``wikitext-2-valid`` (found via $PERSONA_WIKITEXT2 or
-    ../shared/data/wikitext-2), ``builtin:general`` (the built-in general set), or a file path."""
-    if spec == "builtin:general":
-        return spec
-    if spec != WIKITEXT_VALID:
-        if not Path(spec).is_file():
-            raise ValueError(f"budget ppl_text {spec!r}: no such file")
-        return spec
-    roots = [Path(os.environ[_WIKITEXT_ENV])] if os.environ.get(_WIKITEXT_ENV) else []
-    here = Path(__file__).resolve().parents[2]
-    roots += [Path.cwd() / ".." / "shared" / "data" / "wikitext-2", here / ".." / "shared" / "data" / "wikitext-2"]
-    for root in roots:
-        path = root / "valid.txt"
-        if path.is_file():
-            return str(path.resolve())
-    raise ValueError(f"budget ppl_text {WIKITEXT_VALID!r}: WikiText-2 valid.txt not found (set ${_WIKITEXT_ENV} to "
-                     "the folder holding it, or budget.ppl_text to builtin:general or a file of general text)")
+    """The source behind a budget's ``ppl_text``, resolved by `persona_core.calib.general_text` (``wikitext-2-valid``
+    via $PERSONA_WIKITEXT2 or ../shared/data/wikitext-2, ``builtin:general``, a file, a URL or an ``hf:``
+    dataset); `GeneralTextError` (a ValueError naming the spec) when it does not resolve: never a fallback."""
+    try:
+        return resolve_general_text(spec)
+    except GeneralTextError as err:
+        raise GeneralTextError(f"budget ppl_text: {err}") from None
 
 
 def subtract(full: PersonaStats, part: dict) -> PersonaStats:
@@ -115,10 +103,14 @@ class BudgetOutcome:
     result: SearchResult
     final_ratio: float  # perplexity ratio of the final masks (full statistics), validation windows
     seconds: float
+    val_text: dict | None = None  # the validation text measured on (`GeneralText.record`)
 
     def metadata(self) -> dict:
-        return {"search": self.result.to_dict(), "final_perplexity_ratio": self.final_ratio,
-                "search_seconds": round(self.seconds, 2)}
+        out = {"search": self.result.to_dict(), "final_perplexity_ratio": self.final_ratio,
+               "search_seconds": round(self.seconds, 2)}
+        if self.val_text is not None:
+            out["val_text"] = self.val_text
+        return out
 
 
 class PairSearch:
@@ -140,8 +132,9 @@ class PairSearch:
         self.roles, self.full_stats = list(roles), list(stats)
         self.calib = calib_config or CalibConfig()
         self.evaluator_restore()
-        self._windows = text_windows(evaluator.tokenizer, resolve_validation_text(budget.ppl_text),
-                                     budget.ppl_window, budget.ppl_windows)
+        self.val_source = resolve_validation_text(budget.ppl_text)
+        self.val_text = load_general_text(budget.ppl_text).record()  # stored with the mask: what it was chosen on
+        self._windows = text_windows(evaluator.tokenizer, self.val_source, budget.ppl_window, budget.ppl_windows)
         self.dense_ppl = window_perplexity(evaluator, self._windows)
         # sides: the personas whose masks the method builds (persona, then opposite for a pair)
         by_role = dict(self.roles)
@@ -264,4 +257,4 @@ class PairSearch:
             final = self._masks(chosen, self.full_stats)
             ratio = self._ratio(final)
         self.ev.masks.restore()
-        return BudgetOutcome(self.spec_at(chosen), final, result, ratio, time.perf_counter() - t0)
+        return BudgetOutcome(self.spec_at(chosen), final, result, ratio, time.perf_counter() - t0, self.val_text)

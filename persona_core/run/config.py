@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from persona_core.calib.general_text import check_general_text
 from persona_core.eval.conditions import CONDITIONS
 from persona_core.eval.config import EvalConfig
 from persona_core.learn.config import OBJECTIVES
@@ -115,9 +116,10 @@ class MasksSection(Section):
     def _budget(cls, v):
         if v is not None:
             try:
-                Budget.from_value(v)
+                budget = Budget.from_value(v)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"expected null, a ratio or a budget mapping ({err})") from None
+            check_general_text(budget.ppl_text, "ppl_text")  # a missing validation text stops the config
         return v
 
     @field_validator("granularities", "allocations")

@@ -48,6 +48,7 @@ from persona_core.eval.estimates import mean_stderr, pairwise_auc, take
 from persona_core.eval.fewshot import FewShot
 from persona_core.eval.judge import JudgeSettings, get_judge
 from persona_core.eval.scorer import Scorer
+from persona_core.calib.general_text import is_dataset_file
 from persona_core.eval.validation import statement_scores, text_windows, window_nll
 from persona_core.registry import Registry
 
@@ -241,7 +242,7 @@ def _ppl_sources(config: MetricSettings) -> list[tuple[str, str | None]]:
 
 def _windows(ctx: MetricContext, source: str | None) -> list[list[int]]:
     cfg = ctx.config
-    if source is not None and (source.partition("::")[2] or not source.endswith((".txt", ".text", ".raw"))):
+    if source is not None and is_dataset_file(source):
         url, _, fieldname = source.partition("::")  # a dataset file: its texts joined
         text = "\n\n".join(load_texts(url, fieldname or "text"))
         ids = ctx.ev.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from persona_core.api import Conversation, read_mask
 from persona_core.calib.stored import read_persona_stats
 from persona_core.catalog import REFERENCE_PERSONA_ID
@@ -44,6 +46,8 @@ def add_parser(sub) -> None:
                    help="0 (the default): greedy; above 0: sampled at this temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampled (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the seed of sampled answers (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     p.add_argument("--interactive", action="store_true",
                    help="chat with one condition: each line of standard input is a turn; an empty line ends it")
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the user message (not with --interactive)")
@@ -66,6 +70,8 @@ def _main(args) -> int:
         ids = [persona.id, opposite.id if opposite else REFERENCE_PERSONA_ID]
         stats = {pid: read_persona_stats(plan.store, plan.model_key, pid, calib_hash=args.calib_hash or plan.calib.hash)
                  for pid in ids}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         loaded = load_model(plan.model, device=args.device)
     except ValueError as err:

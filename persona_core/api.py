@@ -202,14 +202,14 @@ def apply_mask(model: nn.Module | LoadedModel | Evaluator | MaskedModel,
 
 
 def run_ids(store: str | Store) -> list[str]:
-    """Every run in the store with a manifest or results (``results/run=<id>/``), newest first
-    (runs without a manifest last)."""
+    """Every run in the store, newest first: those with a manifest, then those with finished stages
+    only (running or interrupted)."""
     store = open_store(store)
     finished = {m.get("run_id"): m.get("finished") or 0 for m in runs.list_runs(store)}
-    for key in store.list(layout.RESULTS + "/"):
-        seg = key.split("/")[1] if key.count("/") >= 2 else ""
-        if seg.startswith("run="):
-            finished.setdefault(seg[4:], 0)
+    for key in store.list(layout.RUNS + "/", suffix=".json"):
+        parsed = layout.parse_stage(key)
+        if parsed:
+            finished.setdefault(parsed[0], 0)
     return sorted(finished, key=lambda r: finished[r], reverse=True)
 
 

@@ -4,8 +4,8 @@
     persona-jobs results --store ./persona-store run-0123456789abcdef     # its summary table
     persona-jobs results --store ./persona-store run-0123... eval-4567... # the second against the first
 
-A run is listed when it has a manifest or result parts (a run with parts and no manifest is
-``incomplete``). The table is the one the report stage published (computed from the result parts
+A run is listed when it has a manifest or finished stages (a run with stages and no manifest is
+``incomplete``: running or interrupted). The table is the one the report stage published (computed from the result parts
 for runs from before it did); a difference lines up the two runs' summaries by setting.
 """
 
@@ -15,6 +15,7 @@ import logging
 import math
 import time
 
+from persona_core.api import run_ids
 from persona_core.errors import UserError
 from persona_core.report.analysis import summary
 from persona_core.report.results import load_results
@@ -58,10 +59,8 @@ def list_all(store: Store) -> list[dict]:
         rows[m["run_id"]] = {"run": m["run_id"], "finished": m.get("finished") or 0, "kind": m.get("kind", "?"),
                              "status": m.get("status", "?"), "catalog": str(inputs.get("catalog") or "-"),
                              "model": str(inputs.get("model_key") or inputs.get("model") or "-")}
-    for key in store.list(layout.RESULTS + "/", suffix=".parquet"):
-        seg = key.split("/")[1] if key.count("/") >= 2 else ""
-        rid = seg.removeprefix("run=")
-        if seg.startswith("run=") and rid not in rows:
+    for rid in run_ids(store):  # no manifest: stages finished, the run still going or interrupted
+        if rid not in rows:
             rows[rid] = {"run": rid, "finished": 0, "kind": "-", "status": "incomplete", "catalog": "-", "model": "-"}
     return sorted(rows.values(), key=lambda r: r["finished"], reverse=True)
 

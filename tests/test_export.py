@@ -21,6 +21,7 @@ from persona_core.masks.codec import write_mask
 from persona_core.masks.export import ExportError, export_is_current, verify_export
 from persona_core.masks.spec import MaskSpec
 from persona_core.models.loading import load_model
+from persona_core.run import runs
 from persona_core.store import layout
 from persona_core.store.store import open_store
 from persona_jobs.cli import main
@@ -177,6 +178,7 @@ def test_model_card_reports_the_measured_separation_and_perplexity(loaded, store
         table = evaluate_unit(ev, p, o, f.masks, meta, config)
         # a run's own parts folder: read by load_results in every store layout (no index needed)
         store.write_parquet(f"{layout.results_prefix('run-card')}/part-{pid}-wanda-0123456789.parquet", table)
+    runs.mark_stage(store, "run-card", "evaluate", {"done": 2})  # the run that wrote them (no manifest yet)
     out = tmp_path / "card"
     assert main(["export", *where(store_dir), "--persona", "introvert", "--mask-key", mask_key(store_dir),
                  str(out)]) == 0

@@ -39,7 +39,8 @@ def store(tmp_path):
     runs.write_manifest(store, runs.Manifest(run_id="run-aaaa", kind="pipeline", status="succeeded",
                                              inputs={"catalog": "builtin", "model_key": "smollm2-135m-1234abcd"},
                                              started=time.time() - 60, finished=time.time() - 30))
-    write_run(store, "eval-bbbb", {"introvert": 0.9, "extrovert": 0.75}, 1.5)  # no manifest: incomplete
+    write_run(store, "eval-bbbb", {"introvert": 0.9, "extrovert": 0.75}, 1.5)
+    runs.mark_stage(store, "eval-bbbb", "evaluate", {"done": 2})  # a stage, no manifest: incomplete
     return store
 
 

@@ -366,8 +366,17 @@ class _Printer:
             self.shown = len(text)
 
 
+STATS_STEERING = "dense+steer"  # the steering condition a conversation can apply (from calibration statistics)
+
+
+def talk_conditions() -> tuple[str, ...]:
+    """The conditions a `Conversation` applies: every registered one but steering it cannot reproduce
+    (only ``dense+steer``'s vectors come from the stored statistics)."""
+    return tuple(n for n, c in CONDITIONS.items() if not c.steered or n == STATS_STEERING)
+
+
 class Conversation:
-    """One persona on one loaded model, under any condition of `persona_core.eval.conditions`.
+    """One persona on one loaded model, under a condition of `persona_core.eval.conditions` (`talk_conditions`).
 
     ``masked`` and ``masked+prompt`` need `mask`; ``dense+steer`` needs the calibration statistics
     (`stats`, persona id -> `PersonaStats` of the persona and its opposite, as the evaluator reads
@@ -385,6 +394,9 @@ class Conversation:
     def condition(self, name: str) -> Iterator[str | None]:
         """Inside the block the model is in condition `name`; yields the system prompt for `question`."""
         cond = CONDITIONS[name]
+        if name not in talk_conditions():
+            raise UserError(f"condition {name!r} cannot be applied outside an evaluation; "
+                            f"these can: {', '.join(talk_conditions())}")
         if cond.masked and self.mask is None:
             raise UserError(f"condition {name!r} needs a mask of {self.persona.id!r}")
         with contextlib.ExitStack() as stack:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from persona_core.api import Conversation, read_mask
+from persona_core.api import Conversation, read_mask, talk_conditions
 from persona_core.calib.stored import read_persona_stats
 from persona_core.catalog import REFERENCE_PERSONA_ID
 from persona_core.errors import UserError
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     add_mask_args(p)
     # one value per flag (comma-separated or repeated), so that the PROMPT after it stays the prompt
     p.add_argument("--conditions", "--condition", dest="conditions", action=ListAction, nargs=None,
-                   valid=CONDITIONS, metavar="C", default=None,
+                   valid=talk_conditions(), metavar="C", default=None,
                    help=f"conditions to answer under, in order (default: {', '.join(DEFAULT_CONDITIONS)}; "
                         f"--interactive: {CHAT_CONDITION}); comma-separated or repeated")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per answer (default %(default)s)")

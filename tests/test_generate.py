@@ -128,3 +128,42 @@ def test_a_runs_closing_lines_say_how_to_talk_to_a_persona():
     assert len(commands) == 3 and "generate" in commands[0] and "--interactive" in commands[1]
     for words in commands:
         assert build_parser().parse_args(words[1:]).command in ("generate", "export")
+
+
+def test_steering_from_the_stored_statistics(tmp_path, capsys):
+    """dense+steer: vectors from the persona's and its opposite's statistics, chosen as the evaluator does."""
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.parts import write_stats
+    from persona_core.calib.recorder import calibrate_persona
+
+    loaded = load_model("tiny-random-llama", device="cpu")
+    catalog = load_catalog("builtin")
+    store = open_store(str(tmp_path / "store"))
+    calib = CalibConfig(max_length=64)
+    for pid in ("introvert", "extrovert"):
+        stats, generated = calibrate_persona(loaded, catalog[pid], calib)
+        write_stats(store, stats, generated=generated, calib_config=calib.to_dict())
+    argv = ["generate", "--store", str(tmp_path / "store"), "--model", "tiny-random-llama", "--catalog", "builtin",
+            "--persona", "introvert", "--calib-hash", calib.hash, "--max-new-tokens", "6"]
+    assert main([*argv, "--condition", "dense,dense+steer", "Hi"]) == 0
+    out = capsys.readouterr().out
+    sections = [s.strip() for s in out.split("── ")[1:]]
+    assert sections[0].startswith("dense ──") and sections[1].startswith("dense+steer ──")
+    from persona_core.calib.stored import read_persona_stats
+
+    stats = {pid: read_persona_stats(store, loaded.key, pid, calib_hash=calib.hash) for pid in ("introvert", "extrovert")}
+    talk = Conversation(loaded, catalog["introvert"], catalog["extrovert"], None, stats=stats)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        dense = loaded.model(ids).logits
+        with talk.condition("dense+steer"):
+            steered = loaded.model(ids).logits
+        assert torch.equal(loaded.model(ids).logits, dense)  # the hook is off again
+    assert not torch.equal(steered, dense)  # the hook was on
+    from persona_core.api import talk_conditions
+    from persona_core.eval.conditions import CONDITIONS
+
+    for name in set(CONDITIONS) - set(talk_conditions()):  # steering trained in an evaluation: refused at parse
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--condition", name, "Hi"])
+        assert exit_.value.code == 2

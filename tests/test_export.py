@@ -223,3 +223,23 @@ def test_a_truncated_learned_export_is_not_current_and_is_exported_again(tmp_pat
     out = run_task(tiny, store, task)  # the mask is current: only the export is written again
     assert out["status"] == "done" and out.get("exported_only")
     assert store.read_bytes(key) == data and is_current(store, task)
+
+
+@pytest.mark.parametrize("granularity", ["2:4", "unstructured"])
+def test_budgeted_and_semi_structured_masks_export_too(loaded, tmp_path, granularity):
+    from transformers import AutoModelForCausalLM
+
+    store_root = tmp_path / "store"
+    store = open_store(str(store_root))
+    key = layout.mask(loaded.key, layout.method_segment("contrastive-penalty", granularity), float("nan"), "formal",
+                      budget="ppl1.1")
+    masks = build_masks(loaded, spec=MaskSpec("magnitude", 0.5, granularity))
+    write_mask(store, key, masks, {"method": "contrastive-penalty", "budget": {"perplexity_ratio": 1.1},
+                                   "budget_search": {"search": {"chosen": {"sparsity": 0.5, "strength": 4.0}}}})
+    out = tmp_path / "formal"
+    assert main(["export", *where(store_root), "--persona", "formal", "--budget", "1.1", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, masked_logits(loaded, key, store_root), rtol=0, atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert "budget ppl1.1; the budget search chose sparsity 0.5" in card and f"granularity `{granularity}`" in card

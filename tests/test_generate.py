@@ -167,3 +167,23 @@ def test_steering_from_the_stored_statistics(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--condition", name, "Hi"])
         assert exit_.value.code == 2
+
+
+def test_a_runs_closing_lines_work_on_its_store(pipeline_store, tmp_path, capsys):
+    """`persona-jobs run` ends with the commands that talk to a persona and export it; both work as printed."""
+    import yaml
+
+    from tests.conftest import TINY_PIPELINE
+
+    root, _ = pipeline_store
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY_PIPELINE, "store": str(root)}))
+    assert main(["run", "--config", str(config)]) == 0  # finished already: nothing is recomputed
+    lines = [line for line in capsys.readouterr().out.splitlines() if "persona-jobs " in line]
+    generate, interactive, export = (shlex.split(line[line.index("persona-jobs"):])[1:] for line in lines)
+    assert generate[:3] == ["generate", "--config", str(config)] and "--interactive" in interactive
+    assert main([*generate[:-1], "--max-new-tokens", "4", generate[-1]]) == 0
+    out = capsys.readouterr().out
+    assert "── dense ──" in out and "── masked: contrastive-wanda sparsity=0.5 ──" in out
+    assert main([*export[:-1], str(tmp_path / "introvert-model")]) == 0
+    assert (tmp_path / "introvert-model" / "model.safetensors").is_file()

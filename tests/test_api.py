@@ -144,3 +144,21 @@ def test_using_masks_example_runs(tmp_path, loaded, monkeypatch, capsys):
     exec(compile(body, "docs/using-masks.md", "exec"), scope)
     out = capsys.readouterr().out
     assert "introvert" in out and scope["restored"]
+
+
+def test_an_evaluators_masks_are_the_ones_apply_mask_shares(tmp_path, loaded):
+    """User code masking an evaluator's model goes through the evaluator's MaskedModel, and a second
+    MaskedModel never snapshots masked weights as if they were dense."""
+    from persona_core.eval.engine import Evaluator
+    from persona_core.eval.masked import MaskedModel
+
+    store = persona_core.open_store(str(tmp_path / "store"))
+    keys = stored_masks(store, loaded)
+    a = persona_core.read_mask(store, keys["introvert"])
+    dense = snapshot(loaded.model)
+    ev = Evaluator(loaded, device="cpu")
+    with persona_core.apply_mask(loaded, a) as handle:
+        assert handle.owner is ev.masks and ev.masks.active is not None
+        with pytest.raises(RuntimeError, match="another MaskedModel"):
+            MaskedModel(loaded.model).apply(a.masks)
+    assert same(snapshot(loaded.model), dense)

@@ -47,6 +47,10 @@ def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+# one MaskedModel per model, so every caller shares its dense snapshot and sees what is applied
+_MASKED: "weakref.WeakKeyDictionary[nn.Module, MaskedModel]" = weakref.WeakKeyDictionary()
+
+
 class MaskedModel:
     """A model whose prunable weights can be swapped to a mask and back, cheaply.
 
@@ -62,9 +66,15 @@ class MaskedModel:
         self._dense: dict[str, torch.Tensor] = {}
         self.active: dict[str, torch.Tensor] | None = None
         self._handles: list[AppliedMask] = []  # `push`ed masks, innermost last
+        if model not in _MASKED:  # the first one over a model is the one `apply_masks` shares
+            _MASKED[model] = self
 
     @torch.no_grad()
     def apply(self, masks: dict[str, torch.Tensor]) -> None:
+        shared = _MASKED.get(self.model)
+        if shared is not None and shared is not self and shared.active is not None:
+            raise RuntimeError("another MaskedModel has a mask on this model (its dense snapshot would be taken "
+                               "of masked weights): restore that one first")
         checked = _check_masks(self.model, masks)
         for name, (weight, _) in checked.items():
             if name not in self._dense:
@@ -146,15 +156,9 @@ class AppliedMask:
         self.restore()
 
 
-# one MaskedModel per model, so every caller shares its dense snapshot and sees what is applied
-_MASKED: "weakref.WeakKeyDictionary[nn.Module, MaskedModel]" = weakref.WeakKeyDictionary()
-
-
 def masked_model_of(model: nn.Module, snapshot_device: str | torch.device | None = None) -> MaskedModel:
-    """The `MaskedModel` over `model` (made on first use; the same one on every later call)."""
-    if model not in _MASKED:
-        _MASKED[model] = MaskedModel(model, snapshot_device)
-    return _MASKED[model]
+    """The `MaskedModel` over `model`: the first one made for it (e.g. an evaluator's), else a new one."""
+    return _MASKED.get(model) or MaskedModel(model, snapshot_device)
 
 
 def apply_masks(model: nn.Module | MaskedModel, masks: dict[str, torch.Tensor]) -> AppliedMask:

@@ -287,12 +287,14 @@ def model_card(loaded: LoadedModel, mask: Mask, persona: Persona | None, info: E
         f"allocation `{ref.allocation}` |",
         f"| level | {level}" + (f"; the budget search chose sparsity {chosen.get('sparsity')}" if chosen else "")
         + f"; {100 * mask.sparsity:.1f}% of the masked weights removed |",
-        f"| parameters | `{params}` |" if params else "| parameters | defaults |",
+        "| parameters | " + (", ".join(f"`{k}={v}`" for k, v in sorted(params.items())) if isinstance(params, dict)
+                             else f"`{params}`") + " |" if params else "| parameters | the method's defaults |",
         "| calibration data | " + (", ".join(f"{role}: `{p}`" for role, p in roles.items()) or "none (no statistics)")
         + (f"; calibration config `{ref.calib}`" if ref.calib else "")
         + ("; persona hashes " + ", ".join(f"`{p}` {v.get('persona_hash', '?')}" for p, v in stats.items())
            if stats else "") + " |",
         f"| mask | `{ref.key}`, digest `{mask.digest}` |",
+        f"| weights | {str(loaded.model.dtype).replace('torch.', '')} |",
     ]
     if info is not None:
         why = info.reason if ref.granularity == "ffn-channels" else f"a {ref.granularity} mask removes no whole channels"
@@ -322,7 +324,8 @@ def export_mask(store: str | Store, loaded: LoadedModel, mask: Mask, dest: str, 
     store = open_store(store)
     if loaded.key != mask.ref.model_key:
         raise UserError(f"{mask.key} belongs to model {mask.ref.model_key}, not {loaded.key} ({loaded.spec})")
-    if export_is_current(dest, mask_digest=mask.digest, model_key=loaded.key):
+    dtype = str(loaded.model.dtype).replace("torch.", "")
+    if export_is_current(dest, mask_digest=mask.digest, model_key=loaded.key, dtype=dtype):
         log.info("%s: already an export of this mask (verified)", dest)
         return dest, None
     pid = persona.id if persona else mask.ref.owner
@@ -331,7 +334,7 @@ def export_mask(store: str | Store, loaded: LoadedModel, mask: Mask, dest: str, 
         info = export_model(loaded, mask.masks, Path(tmp) / "model",
                             card=lambda i: model_card(loaded, mask, persona, i, measured), manifest={
                                 "mask_key": mask.key, "mask_digest": mask.digest, "model_key": loaded.key,
-                                "model": loaded.spec, "persona": pid, "method": mask.ref.method,
+                                "model": loaded.spec, "persona": pid, "method": mask.ref.method, "dtype": dtype,
                                 "measured_in": (measured or {}).get("run_id")})
         url = publish_export(info.path, dest, replace=replace)
     return url, dataclasses.replace(info, path=Path(url)) if "://" not in url else info

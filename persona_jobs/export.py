@@ -84,13 +84,15 @@ def add_parser(sub) -> None:
     add_mask_args(p)
     p.add_argument("out", metavar="OUT_DIR", help="where the model folder goes: a local folder or an fsspec URL")
     p.add_argument("--force", action="store_true", help="replace an existing folder there")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the exported weights' dtype (default %(default)s; bfloat16 halves the folder)")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     plan, persona, _, ref = choose(args)
     mask = read_mask(plan.store, ref)
-    loaded = load_model(plan.model, device=args.device or "cpu", dtype="float32")
+    loaded = load_model(plan.model, device=args.device or "cpu", dtype=args.dtype)
     try:
         url, info = export_mask(plan.store, loaded, mask, args.out, persona=persona, replace=args.force)
     except FileExistsError as err:

@@ -87,7 +87,8 @@ def test_export_loads_in_plain_transformers_and_equals_the_masked_model(loaded, 
     assert manifest["mask_digest"] == read_mask(open_store(str(store_dir)), mask_key(store_dir)).digest
     assert not manifest["smaller"] and {"model.safetensors", "README.md", "config.json"} <= set(manifest["files"])
     card = (out / "README.md").read_text()
-    for words in ("tiny-random-llama", loaded.key, "`wanda`", "demo", manifest["mask_digest"], "not evaluated"):
+    for words in ("tiny-random-llama", loaded.key, "`wanda`", "`demo=1`", manifest["mask_digest"], "not evaluated",
+                  "| weights | float32 |"):
         assert words in card, words
     assert not list(tmp_path.glob(".introvert-model.tmp-*"))  # nothing left behind
 
@@ -243,3 +244,17 @@ def test_budgeted_and_semi_structured_masks_export_too(loaded, tmp_path, granula
         torch.testing.assert_close(model(IDS).logits, masked_logits(loaded, key, store_root), rtol=0, atol=1e-6)
     card = (out / "README.md").read_text()
     assert "budget ppl1.1; the budget search chose sparsity 0.5" in card and f"granularity `{granularity}`" in card
+
+
+def test_export_in_bfloat16_is_half_the_size(store_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    full, half = tmp_path / "f32", tmp_path / "bf16"
+    for out, dtype in ((full, "float32"), (half, "bfloat16")):
+        assert main(["export", *where(store_dir), "--persona", "extrovert", "--dtype", dtype, str(out)]) == 0
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.55 * size(full)
+    assert AutoModelForCausalLM.from_pretrained(half).dtype == torch.bfloat16
+    assert "| weights | bfloat16 |" in (half / "README.md").read_text()
+    assert main(["export", *where(store_dir), "--persona", "extrovert", "--dtype", "bfloat16", str(full)]) == 2
+    # another dtype is another export: not "current", and the float32 one is replaced only with --force

@@ -35,7 +35,7 @@ from persona_core.run.plan import Plan, Selection, make_plan
 from persona_core.run.units import MaskUnit, mask_is_current, mask_units, resolve_calib, stats_fingerprints
 from persona_core.store.store import Store
 from persona_core.versions import MASKS_VERSION
-from persona_jobs import dispatch
+from persona_jobs import dispatch, learn_masks
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, run_alone
 from persona_jobs.flags import load, where_overrides
 
@@ -178,9 +178,13 @@ def _build(plan: Plan, todo: list[MaskUnit], catalog: Catalog | None, summary: S
     loaded = load_model(plan.model, device="cpu", dtype="float32")
     weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))
     del loaded
-    plain = [u for u in todo if u.spec.budget is None]
-    budgeted = [u for u in todo if u.spec.budget is not None]
+    learned = [u for u in todo if METHODS[u.spec.method].learned]  # learned masks: the learner pool
+    plain = [u for u in todo if u.spec.budget is None and u not in learned]
+    budgeted = [u for u in todo if u.spec.budget is not None and u not in learned]
     outs = []
+    if learned:
+        people = ({p.id: p for p in catalog} if catalog is not None else {}) | {REFERENCE_PERSONA_ID: reference_persona()}
+        outs.append(learn_masks.learn_pairs(plan, learned, hashes, people, read_unit_stats, write_unit, options.delta))
     if plain:
         outs.append(dispatch.run_tasks(
             build_unit, plain, lambda u: (weights_ref, store, mkey, u, hashes, options.delta, options.device),

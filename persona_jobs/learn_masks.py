@@ -8,6 +8,11 @@ where it stopped (up to ``--retries`` times). Tasks are keyed by content hash (p
 data recipe, initial statistics): a rerun skips every mask already stored with the same
 identity. The result is an ordinary ``ffn-channels`` mask (and, with ``--export``, the
 smaller model) in the store; `persona_core.learn.task` has the keys.
+
+The same pool learns the ``learned-contrastive`` masks `build-masks` hands it (`learn_pairs`): one
+`ContrastiveWorker` actor per GPU (else CPU actors), each holding one evaluator; a unit (an opposing
+pair, a fixed sparsity or a budget) checkpoints after every point of its k path, and a dead actor's
+unit resumes from there on a fresh one (`persona_core.learn.contrastive`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ from persona_core.errors import UserError
 from persona_core.eval.config import EvalConfig
 from persona_core.eval.metrics import heldout_questions
 from persona_core.learn.config import OBJECTIVES, DataConfig, LearnConfig
+from persona_core.learn.contrastive import learn_pair
 from persona_core.learn.task import LearnTask, is_current, run_task
+from persona_core.masks.budgeted_build import stored_calib_config
+from persona_core.masks.inputs import LinearWeights
 from persona_core.models.loading import DEFAULT_MODEL, load_model
 from persona_core.run.plan import Placement, Plan, Selection, make_plan
-from persona_core.run.units import resolve_calib, stats_fingerprints
+from persona_core.run.units import MaskUnit, resolve_calib, stats_fingerprints
+from persona_core.store import layout
 from persona_core.store.store import Store
 from persona_jobs import dispatch
 from persona_jobs.common import Summary, add_common, add_list, ensure_ray, gpus_available, run_alone
@@ -64,6 +73,83 @@ class LearnerWorker:
                 os._exit(1)
 
         return hook
+
+
+class ContrastiveWorker:
+    """Holds one evaluator (its model masked in place while it judges a setting, always restored) and a
+    copy of the dense weights; learns ``learned-contrastive`` units one after another (a Ray actor).
+
+    `read_stats` / `write` are build-masks' (`read_unit_stats`, `write_unit`): the masks are written
+    exactly as every built mask is."""
+
+    def __init__(self, model: str, store: Store, expected_key: str, read_stats, write, device: str | None = None,
+                 die_at: str | None = None):
+        from persona_core.eval.engine import Evaluator  # heavy (accelerate): only in the actor
+
+        logging.basicConfig(level=logging.INFO)
+        self.ev = Evaluator(model, device=device or "cpu")
+        if self.ev.model_key != expected_key:
+            raise RuntimeError(f"model {model!r} loaded as {self.ev.model_key}, the driver expected {expected_key}")
+        lw = LinearWeights.from_model(self.ev.loaded)
+        self.weights = LinearWeights(lw.groups, {k: v.detach().to("cpu", copy=True) for k, v in lw.tensors.items()})
+        self.store, self.read_stats, self.write, self.die_at = store, read_stats, write, die_at
+
+    def run(self, unit: MaskUnit, persona_hashes: dict, personas: dict, delta: bool = False) -> list:
+        store, mkey = self.store, self.ev.model_key
+        stats = self.read_stats(store, mkey, unit, persona_hashes)
+        roles = [(role, personas[pid]) for role, pid in unit.roles]
+        calib = stored_calib_config(store, mkey, stats[0])
+        ckey = layout.learned_checkpoint(mkey, unit.roles[0][1], unit.identity)
+        owner = {"identity": unit.identity, "model_key": mkey, "unit": unit.name}
+        outcome = learn_pair(self.ev, self.weights, unit.spec, roles, stats, calib, owner=owner,
+                             read_checkpoint=lambda: store.read_bytes(ckey) if store.exists(ckey) else None,
+                             write_checkpoint=lambda data: store.write_bytes(ckey, data),
+                             drop_checkpoint=lambda: store.delete(ckey) if store.exists(ckey) else None,
+                             on_point=self._maybe_die(unit))
+        extra = outcome.metadata()
+        if unit.spec.budget is not None:
+            extra["budget"] = unit.spec.budget.to_dict()
+        log.info("%s: sparsity %g (validation ppl x%.3f, %d steps)", unit.name, outcome.spec.sparsity,
+                 outcome.final_ratio, outcome.learner.state.step)
+        written = self.write(store, mkey, unit, outcome.spec, stats, outcome.masks, extra, delta)
+        if store.exists(ckey):
+            store.delete(ckey)
+        return written
+
+    def _maybe_die(self, unit: MaskUnit):
+        """Test hook (`PERSONA_LEARN_DIE_AT`): the actor process exits once, after the chosen checkpoint."""
+        if not self.die_at:
+            return None
+        pid, step, marker_dir = self.die_at.split(":", 2)
+        marker = Path(marker_dir) / f"{unit.roles[0][1]}-{unit.identity}.died"
+
+        def hook(state) -> None:
+            if unit.roles[0][1] == pid and state.step == int(step) and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(unit.name)
+                os._exit(1)
+
+        return hook
+
+
+def learn_pairs(plan: Plan, units: list[MaskUnit], hashes: dict, personas: dict, read_stats, write,
+                delta: bool = False) -> dispatch.UnitResults:
+    """`learned-contrastive` units of build-masks on a pool of learner actors (one per GPU, else
+    ``masks.learned.actors`` or what the free CPUs hold); a dead actor is restarted and its unit resumes
+    from its last checkpoint."""
+    gpus = gpus_available()
+    where = plan.placement
+    spec = dispatch.PoolSpec("learned-contrastive", ContrastiveWorker,
+                             (plan.model, plan.store, plan.model_key, read_stats, write,
+                              plan.config.masks.options.device or ("cuda" if gpus else "cpu"),
+                              os.environ.get(DIE_AT_ENV)),
+                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+                             max_restarts=max(where.retries, 1), max_task_retries=max(where.retries, 1))
+    n = plan.config.masks.learned.actors or (min(gpus, len(units)) if gpus else
+                                            dispatch.pool_size(None, spec.resources, len(units)))
+    return dispatch.run_pool(spec, units, "run", num_actors=max(1, min(n, len(units))),
+                             schedule_timeout_s=plan.config.resources.schedule_timeout_s, describe=lambda u: u.name,
+                             call_args=lambda u: (u, hashes, personas, delta))
 
 
 def learn_tasks(plan: Plan, catalog: Catalog, calib_hash: str | None) -> tuple[list[LearnTask], list[str]]:

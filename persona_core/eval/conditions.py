@@ -8,6 +8,9 @@
 * ``dense+steer``    activation steering from the residual-stream statistics, layer and
                      coefficient chosen per pair on validation data (`persona_core.eval.steered`);
                      opt-in: it needs those statistics
+* ``dense+steer-learned`` one residual-stream vector per pair learned with the learned masks' objective
+                     (statement margin + general-text KL), layer and scale chosen within the same budget
+                     (`persona_core.eval.steered`); opt-in (it trains, per pair)
 * ``masked``         the subnetwork, no prompt
 * ``masked+prompt``  the subnetwork with the prompt
 
@@ -60,6 +63,7 @@ condition("dense", masked=False)
 condition("dense+prompt", masked=False, prompt="description")
 condition("dense+fewshot", masked=False, prompt="fewshot")
 condition("dense+steer", masked=False, steered=True, default=False)
+condition("dense+steer-learned", masked=False, steered=True, default=False)
 condition("masked", masked=True)
 condition("masked+prompt", masked=True, prompt="description")
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from persona_core.calib.recorder import RESIDUAL
+from persona_core.eval.objective import adam_step, pad_sequences
 from persona_core.models.layers import decoder_layers
 from persona_core.calib.stats import PersonaStats
 
@@ -67,13 +68,23 @@ def steer(model: nn.Module, layer: int, vector: torch.Tensor, alpha: float) -> I
 
     The hook is always removed on exit (also on error), so later conditions see the dense model.
     """
+    target = _layer(model, layer)
+    ref = next(target.parameters())
+    delta = (float(alpha) * vector.detach().to(torch.float64)).to(ref.device, ref.dtype)
+    with _adding(target, delta):
+        yield
+
+
+def _layer(model: nn.Module, layer: int) -> nn.Module:
     _, layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(f"steering layer {layer} outside 0..{len(layers) - 1}")
-    target = layers[layer]
-    ref = next(target.parameters())
-    delta = (float(alpha) * vector.detach().to(torch.float64)).to(ref.device, ref.dtype)
+    return layers[layer]
 
+
+@contextlib.contextmanager
+def _adding(target: nn.Module, delta: torch.Tensor) -> Iterator[None]:
+    """`delta` added to the input hidden states of `target` (gradients flow into `delta` if it has any)."""
     def hook(module, args, kwargs):
         if args:
             return (args[0] + delta.to(args[0].dtype), *args[1:]), kwargs
@@ -166,5 +177,73 @@ def layers_of(model: nn.Module) -> int:
     return len(decoder_layers(model)[1])
 
 
-__all__: Sequence[str] = ("MissingResidualStats", "SteerChoice", "SteerSettings", "choose",
-                          "residual_means", "steer", "steering_vectors", "layers_of")
+# ---------------------------------------------------------------------------- the learned steering vector
+
+
+@dataclass(frozen=True)
+class LearnedSteer:
+    """How ``dense+steer-learned`` learns its vector: the contrastive objective of the learned masks
+    (`persona_core.eval.objective`), Adam on one residual-stream vector per pair and layer.
+
+    The vector starts at zero; pole A is steered by +v and pole B by -v, and the step minimises the
+    sum of both poles' losses (margin on training statements + `general_weight` x general-text KL).
+    `lr` is in units of the dense residual stream's RMS at that layer (scale-free across models).
+    `alphas` scale the learned vector when the budget search picks (layer, alpha).
+    """
+
+    steps: int = 24
+    lr: float = 0.05
+    batch: int = 12
+    general_weight: float = 1.0
+    general_batch: int = 2
+    alphas: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5)
+    seed: int = 0
+
+
+def residual_rms(model: nn.Module, layer: int, seqs: Sequence[Sequence[int]], pad: int) -> float:
+    """RMS of the dense residual stream entering `layer` over the tokens of `seqs` (no padding counted)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().float())
+
+    device = next(model.parameters()).device
+    ids, att = pad_sequences(seqs, pad, device)
+    handle = _layer(model, layer).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=att, use_cache=False)
+    finally:
+        handle.remove()
+    h = seen[0][att.bool()]
+    return float(h.pow(2).mean().sqrt()) or 1.0
+
+
+def learn_vector(model: nn.Module, layer: int, objectives, knobs: LearnedSteer, scale: float,
+                 name: str = "dense+steer-learned") -> tuple[torch.Tensor, list[dict]]:
+    """(the learned vector [hidden] float64, per-step figures): +v for pole A's objective, -v for B's."""
+    target = _layer(model, layer)
+    ref = next(target.parameters())
+    width = model.get_input_embeddings().weight.shape[1]
+    v = torch.zeros(width, dtype=torch.float64, device=ref.device)
+    m, s2 = torch.zeros_like(v), torch.zeros_like(v)
+    history = []
+    for step in range(knobs.steps):
+        vv = v.detach().requires_grad_(True)
+        total, info = None, {"step": step + 1}
+        for side, sign in ((0, 1.0), (1, -1.0)):
+            with _adding(target, (sign * vv).to(ref.dtype)):
+                loss, figures = objectives[side](model, step, side)
+            total = loss if total is None else total + loss
+            info.update({f"{k}_{side}": x for k, x in figures.items()})
+        if not torch.isfinite(total.detach()):
+            raise FloatingPointError(f"{name} learner at layer {layer}: the loss is not finite at step {step + 1} "
+                                     f"({info}); lower its lr (now {knobs.lr:g})")
+        (g,) = torch.autograd.grad(total, vv)
+        adam_step(v, g.detach().to(v.dtype), m, s2, step + 1, knobs.lr * scale)
+        history.append(info)
+    return v.detach().cpu(), history
+
+
+__all__: Sequence[str] = ("LearnedSteer", "MissingResidualStats", "SteerChoice", "SteerSettings", "choose",
+                          "learn_vector", "residual_means", "residual_rms", "steer", "steering_vectors", "layers_of")

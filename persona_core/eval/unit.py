@@ -52,7 +52,7 @@ def dense_state(ev: Evaluator, persona: Persona, opposite: Persona | None, confi
                 if cond not in config.conditions:
                     continue
                 if CONDITIONS[cond].steered:
-                    rows += steered_rows(ev, persona, opposite, config, prepared, stats)
+                    rows += steered_rows(ev, persona, opposite, config, prepared, stats, cond)
                 else:
                     rows += score_condition(ev, persona, opposite, cond, config, prepared, ev.timings)
             if rows_cache is not None:

@@ -232,6 +232,13 @@ def persona_vs_general(absw, stats, p):
 LEARNED_UNITS = ("ffn-channels", "input-channels")  # what a learned mask selects (the `unit` parameter)
 
 
+def learned_granularity(params: Mapping) -> str:
+    """The granularity a learned mask's spec and key carry for its `unit`: ``ffn-channels`` for MLP
+    channels; ``unstructured`` for input channels of every linear (no other granularity names them;
+    the `unit` parameter, in the key's parameter hash and the metadata, says which)."""
+    return "ffn-channels" if params.get("unit") == "ffn-channels" else "unstructured"
+
+
 @register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-wanda", unit="ffn-channels",
           steps=24, warmup=24, lr=0.05, batch=12, general_weight=1.0, general_batch=2, temperature=0.5, seed=0)
 def learned_contrastive(absw, stats, p):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from persona_core.catalog import REFERENCE_PERSONA_ID
 from persona_core.masks.budget import Budget
-from persona_core.masks.methods import METHODS
+from persona_core.masks.methods import METHODS, learned_granularity
 from persona_core.store import layout
 from persona_core.store.hashing import content_hash
 from persona_core.versions import MASKS_VERSION
@@ -54,7 +54,9 @@ class MaskSpec:
 
     def __post_init__(self):
         method = METHODS[self.method]
-        method.resolve(self.params)  # unknown method or parameter: fail now
+        resolved = method.resolve(self.params)  # unknown method or parameter: fail now
+        if method.learned:  # the unit a learned mask selects is its `unit` parameter; the granularity names it
+            object.__setattr__(self, "granularity", learned_granularity(resolved))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r} (use {', '.join(GRANULARITIES)})")
         if method.reads and self.granularity != "ffn-channels":

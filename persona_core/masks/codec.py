@@ -11,12 +11,16 @@ A mask file is a plain safetensors file holding one ``uint8`` tensor per module:
 
 The header's ``__metadata__`` (strings only) holds the format, encoding, module shapes,
 a content digest of the decoded masks, the caller's metadata as JSON (model key,
-method, parameters, sparsity, hashes of the statistics used, ...), a payload digest of
-every module's stored bytes (``payload``) and a digest of all of these (``header_digest``).
+method, parameters, sparsity, hashes of the statistics used, ...), the owner the key
+names (``owner``: model, method segment, level, persona, calibration config), a payload
+digest of every module's stored bytes (``payload``) and a digest of all of these
+(``header_digest``).
 
 Reading parses the JSON header and raw bytes only: nothing is ever unpickled, and
-nothing is used before it is verified (see `MaskFile`). `MaskFile` reads one module at
-a time (a ranged read of just its bytes).
+nothing is used before it is verified (see `MaskFile`), including that the file is the
+one its key names: a mask moved or swapped to another key (introvert's file under
+extrovert's name) is refused. `MaskFile` reads one module at a time (a ranged read of
+just its bytes).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pyarrow as pa
 import torch
 from safetensors.numpy import save
 
+from persona_core.store import layout
 from persona_core.store.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,51 @@ def _header_digest(header: Mapping[str, str]) -> str:
     """Digest of every header field but itself: an edited shape or metadata field changes it."""
     fields = {k: v for k, v in header.items() if k != "header_digest"}
     return _bytes_digest(json.dumps(fields, sort_keys=True).encode())
+
+
+def key_owner(key: str) -> dict[str, str] | None:
+    """What a mask key says its file is (model, method segment, level, owner, calibration config);
+    None for a key outside the store layout (nothing to compare a header with)."""
+    ref = layout.parse_mask(key)
+    if ref is None:
+        return None
+    return {"model": ref.model_key, "method": ref.method, "level": ref.level, "owner": ref.owner, "calib": ref.calib}
+
+
+def owner_problem(key: str, header: Mapping[str, str], metadata: object) -> str:
+    """Why the mask header `header` (with its decoded `metadata`) is not the file `key` names; "" when it is.
+
+    A header with ``owner`` must name exactly the key's model, method, level, owner and calibration
+    config. One written before headers named their key is checked on what its metadata recorded: the
+    persona and model key (every mask the system wrote has both), and the calibration config where
+    recorded."""
+    want = key_owner(key)
+    if want is None:
+        return ""
+    if "owner" in header:
+        try:
+            got = json.loads(header["owner"])
+        except (TypeError, ValueError):
+            got = None
+        if not isinstance(got, dict):
+            return "its header's owner field is not a JSON object"
+        for name, value in want.items():
+            if got.get(name) != value:
+                return f"its header names {name} {got.get(name)!r}, its key {value!r} (moved or swapped?)"
+        return ""
+    meta = metadata if isinstance(metadata, dict) else {}
+    for name, field in (("owner", "persona"), ("model", "model_key")):
+        if field not in meta:
+            return f"its header names no {name} ({field!r} missing from its metadata), so it cannot be matched to its key"
+        if meta[field] != want[name]:
+            return f"its header names {name} {meta[field]!r}, its key {want[name]!r} (moved or swapped?)"
+    recorded = {meta["calib_hash"]} if meta.get("calib_hash") else set()
+    versions = meta.get("stats_versions")
+    if isinstance(versions, dict):
+        recorded |= {v.get("calib_hash") for v in versions.values() if isinstance(v, dict) and v.get("calib_hash")}
+    if want["calib"] and recorded and recorded != {want["calib"]}:
+        return f"its header names calib {sorted(map(str, recorded))}, its key {want['calib']!r} (moved or swapped?)"
+    return ""
 
 
 def is_mask_key(key: str) -> bool:
@@ -127,14 +177,19 @@ def _delta_decode(data: np.ndarray, count: int, base_packed: np.ndarray, n: int)
 
 
 def encode_mask(masks: Mapping[str, torch.Tensor], metadata: Mapping, *,
-                base: Mapping[str, torch.Tensor] | None = None, base_key: str | None = None) -> bytes:
-    """The bytes of a mask file; with `base` (and its store key), delta-coded against it."""
+                base: Mapping[str, torch.Tensor] | None = None, base_key: str | None = None,
+                key: str | None = None) -> bytes:
+    """The bytes of a mask file; with `base` (and its store key), delta-coded against it; with the
+    `key` it will be stored at, the owner that key names (checked by every read)."""
     if not masks:
         raise ValueError("no masks to encode")
     shapes = {name: tuple(m.shape) for name, m in masks.items()}
     packed = {name: pack(m) for name, m in masks.items()}
     header = {"format": FORMAT, "shapes": json.dumps(shapes), "digest": digest(packed, shapes),
               "meta": json.dumps(dict(metadata), sort_keys=True, default=str)}
+    owner = key_owner(key) if key else None
+    if owner is not None:
+        header["owner"] = json.dumps(owner, sort_keys=True)
     if base is None:
         header["encoding"] = "bits"
         tensors = packed
@@ -168,7 +223,7 @@ def write_mask(store: Store, key: str, masks: Mapping[str, torch.Tensor], metada
         check_base_key(key, base_key, store.uri(key))
     if base_key is not None and base is None:
         base, _ = read_mask(store, base_key, names=list(masks))
-    data = encode_mask(masks, metadata, base=base, base_key=base_key)
+    data = encode_mask(masks, metadata, base=base, base_key=base_key, key=key)
     store.write_bytes(key, data)
     return len(data)
 
@@ -180,7 +235,8 @@ class MaskFile:
     """A mask file in the store, verified as it is read: the header once, each module on demand.
 
     Opening checks, before anything is allocated: every size the header states against the file's
-    real size, the header's own digest (so edited ``shapes`` or metadata are refused), one entry of
+    real size, the header's own digest (so edited ``shapes`` or metadata are refused), the owner the
+    header names against the key's (`owner_problem`: a swapped or moved file is refused), one entry of
     the right length per module, no zero-length module data, and for a delta a base key that is a
     mask key of this store. Each module's bytes are checked against their payload digest before
     they are decoded; `read` of every module also checks the decoded masks against the content
@@ -229,6 +285,10 @@ class MaskFile:
             self.counts = {k: int(v) for k, v in json.loads(header.get("counts") or "{}").items()}
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise StoreError(f"{where}: malformed mask header ({type(err).__name__}: {err})") from err
+        problem = owner_problem(key, header, self.metadata)
+        if problem:
+            raise StoreError(f"{where}: not the mask its key names: {problem}; rebuild it "
+                             "(persona-jobs run --repair, or build-masks)")
         self._base = None
         self._depth = _depth
         if self.encoding == "delta":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from persona_core.calib.parts import StatsError, verify_part
 from persona_core.errors import UserError
+from persona_core.eval.result_parts import read_result_part
 from persona_core.masks.codec import verify_mask
 from persona_core.report.results import load_results
 from persona_core.report.terminal import terminal_table
@@ -83,19 +84,39 @@ def write_run_manifest(p: Plan, summaries: dict[str, dict], started: float, erro
 
 
 def verify_artifacts(p: Plan) -> list[str]:
-    """Keys of the run's stats parts and masks that cannot be read back whole."""
+    """Keys of the run's stats parts, masks and result parts that cannot be read back whole.
+
+    Only the store's own artifacts are judged (and so ever deleted by `repair`): keys the layout parses
+    as a statistics part, mask or result part of this model (`layout.parse_artifact`), that resolve
+    inside the store root (no symlink on the way leads out). Anything else is left alone, with a note."""
     key = p.inputs.model_key
     keys = []
     for pid in p.inputs.personas:
         keys += p.store.list(layout.stats_prefix(key, pid), suffix=".parquet")
     keys += p.store.list(layout.masks_prefix(key), suffix=".safetensors")
-    return [k for k in keys if not _readable(p.store, k)]
+    for pid in p.inputs.personas:  # the personas' result parts (keyed by content, shared by runs)
+        keys += p.store.list(layout.results_persona_prefix(key, pid), suffix=".parquet")
+    return [k for k in keys if _owned(p.store, k, key) and not _readable(p.store, k)]
+
+
+def _owned(store: Store, key: str, model_key: str) -> bool:
+    """Whether `key` is an artifact this system wrote for `model_key`, inside the store root."""
+    ref = layout.parse_artifact(key)
+    if ref is None or ref.model_key != model_key:
+        log.info("%s: not an artifact of this store's layout; left alone", store.uri(key))
+        return False
+    if not store.inside(key):
+        log.warning("%s: resolves outside the store root (a symlink); left alone", store.uri(key))
+        return False
+    return True
 
 
 def _readable(store: Store, key: str) -> bool:
     """Whether an artifact passes the same verification every read applies."""
     try:
-        if key.endswith(".parquet"):
+        if layout.parse_result_part(key) is not None:
+            read_result_part(store, key)
+        elif key.endswith(".parquet"):
             verify_part(store, key)
         else:
             verify_mask(store, key)

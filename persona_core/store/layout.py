@@ -101,8 +101,11 @@ _STATS_RE = re.compile(r"^stats/model=(?P<model>[^/]+)/persona=(?P<persona>[^/]+
 
 
 def parse_stats_part(key: str) -> StatsPartRef | None:
+    """The parts of a statistics part key (`stats_part`); None for anything else (a persona outside the id grammar)."""
     m = _STATS_RE.match(key)
-    return StatsPartRef(key, m["model"], m["persona"], m["name"]) if m else None
+    if not m or id_problem(m["persona"]):
+        return None
+    return StatsPartRef(key, m["model"], m["persona"], m["name"])
 
 
 # ---------------------------------------------------------------------------- masks
@@ -273,8 +276,14 @@ def is_legacy_result_part(key: str) -> bool:
 
 def dense_rows(model_key: str, persona_id: str, ident: str) -> str:
     """``dense/model=<k>/persona=<id>/rows-<ident>.parquet``: one persona's dense-condition rows (prompt,
-    few-shot, steering...) under one evaluation config, shared by every run that asks for the same."""
-    return f"{DENSE}/model={segment(model_key, 'model key')}/persona={segment(persona_id, 'persona id')}/rows-{segment(ident)}.parquet"
+    few-shot, steering...) under one evaluation config, shared by every run that asks for the same.
+    The persona id follows the id grammar; `ident` is 16 hex digits (`persona_core.eval.dense_cache.dense_ident`)."""
+    if not _DENSE_IDENT_RE.fullmatch(str(ident)):
+        raise LayoutError(f"dense rows hash {ident!r} is not 16 hex digits")
+    return f"{DENSE}/model={segment(model_key, 'model key')}/persona={identifier(persona_id, 'persona id')}/rows-{ident}.parquet"
+
+
+_DENSE_IDENT_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def result_what(method_seg: str | None, sparsity: float | None, budget: str = "") -> str:
@@ -333,3 +342,22 @@ def lease_probe(token: str) -> str:
 
 def probe(token: str) -> str:
     return f"{PROBE}/{segment(token)}"
+
+
+# ---------------------------------------------------------------------------- what the system wrote
+
+
+def parse_artifact(key: str) -> StatsPartRef | MaskRef | ResultPartRef | None:
+    """A statistics part, mask or result part key exactly as this module builds them, parsed; None for
+    anything else (a README, a backup folder, a name outside the id grammar). What `--repair` may delete
+    is what this parses (`persona_core.run.execution.repair`)."""
+    if key.startswith(f"{STATS}/"):
+        return parse_stats_part(key)
+    if key.startswith(f"{MASKS}/"):
+        ref = parse_mask(key)
+        if ref is None or id_problem(ref.owner) or any(s in (".", "..") for s in key.split("/")):
+            return None
+        return ref
+    if key.startswith(f"{RESULTS}/"):
+        return parse_result_part(key)
+    return None

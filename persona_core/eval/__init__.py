@@ -15,6 +15,7 @@ Lowest first (each module imports only modules listed before it):
 * `config`: `EvalConfig`, whose hash keys the results.
 * `masked`: `MaskedModel`, masks applied in place and restored bit-exactly.
 * `schema`: the result table.
+* `result_parts`: one unit's result part in the store, written with its owner and digest, verified on read.
 * `dense_cache`: the dense rows' identity and their cache in the store.
 * `engine`: `Evaluator`, one loaded model implementing `Scorer`.
 * `scoring`: one condition's rows, under whatever state the model is in.

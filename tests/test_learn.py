@@ -267,3 +267,66 @@ def test_a_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradient(tiny, 
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
     assert float(results[0][1].abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------- checkpoints are verified (issue 24.4)
+
+
+def test_checkpoint_digest_owner_shape_and_step_are_checked(tiny, stats):
+    from tests.test_learned_contrastive import _forge
+
+    learner = _learner(tiny, stats, steps=2, general_weight=0.0)
+    learner.run()
+    good = learner.state.to_bytes({"identity": "x"})
+    shape = tuple(learner.state.scores.shape)
+    state, _ = LearnerState.from_bytes(good, {"identity": "x"}, shape, 2)
+    assert torch.equal(state.scores, learner.state.scores.cpu())
+    for how, why in (("negate", "digest"), ("flip-bit", "digest|unreadable"), ("step", "digest"),
+                     ("owner", "identity"), ("shape", "shape"), ("nan", "non-finite")):
+        with pytest.raises(ValueError, match=why):
+            LearnerState.from_bytes(_forge(good, how), {"identity": "x"}, shape, 2)
+    with pytest.raises(ValueError, match="step 2 outside"):
+        LearnerState.from_bytes(good, {"identity": "x"}, shape, 1)
+
+
+def test_nan_during_learning_names_the_learner(tiny, stats, monkeypatch):
+    learner = _learner(tiny, stats, steps=2, general_weight=0.0)
+    real = MaskLearner.loss
+    monkeypatch.setattr(MaskLearner, "loss", lambda self, mask, step: (real(self, mask, step)[0] * float("nan"), {}))
+    with pytest.raises(FloatingPointError, match="mask learner") as err:
+        learner.run()
+    assert "statistic" not in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["negate", "step", "nan"])
+def test_learn_masks_deletes_a_bad_checkpoint_and_learns_again(tmp_path, tiny, how, caplog):
+    """learn-masks' checkpoint forged (negated scores, step 1000000, NaN): refused, deleted, learned from step 0,
+    the same mask as an uninterrupted run; never resumed, never a task that fails on every rerun."""
+    from persona_core.catalog import load_catalog
+    from persona_core.learn.task import checkpoint_key, run_task
+    from persona_core.masks.codec import read_mask
+    from tests.test_learn_masks_job import _store, _task
+    from tests.test_learned_contrastive import _forge
+
+    persona = load_catalog("builtin")["introvert"]
+    store = _store(tmp_path, tiny, persona)
+    task = _task(store, tiny, persona)
+    ckey = checkpoint_key(tiny.key, persona.id, task.identity)
+
+    class Killed(Exception):
+        pass
+
+    def die(state):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_task(tiny, store, task, on_step=die)
+    store.write_bytes(ckey, _forge(store.read_bytes(ckey), how))
+    out = run_task(tiny, store, task)
+    assert out["status"] == "done" and out["resumed_from"] == 0 and "refused" in caplog.text
+    assert not store.exists(ckey)
+    learned, _ = read_mask(store, task.mask_key)
+    other = _store(tmp_path / "clean", tiny, persona)
+    run_task(tiny, other, _task(other, tiny, persona))
+    clean, _ = read_mask(other, task.mask_key)
+    assert all(torch.equal(learned[n], clean[n]) for n in clean)

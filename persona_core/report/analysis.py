@@ -1,7 +1,7 @@
 """What a report derives from evaluation results: pair separations, intervals, verdicts, the summary.
 
 Input: the rows of `evaluate_unit` (one per persona, method, sparsity, condition, metric), e.g.
-every part of ``results/run=<id>/``. Dense rows repeat in every unit of a persona; they are
+every part a run's results index names (`load_results`). Dense rows repeat in every unit of a persona; they are
 deduplicated here.
 
 The headline comparison is per opposing pair (A, B): separation = statement-preference(A) +

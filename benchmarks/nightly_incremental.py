@@ -1,6 +1,6 @@
 """How incremental a nightly run is: units redone per stage after one persona of a catalog changes.
 
-Three nightly passes over a copy of Anthropic's persona evals (216 personas; `--behaviors` takes the
+Four nightly passes over a copy of Anthropic's persona evals (216 personas; `--behaviors` takes the
 first N behavior files, two personas each) with the tiny random model and small statement counts:
 
 1. ``first``: everything from scratch;
@@ -8,6 +8,7 @@ first N behavior files, two personas each) with the tiny random model and small 
    appended), the others unchanged;
 3. ``restore``: the edit undone: the catalog of pass 1 again (issue 25 item 2: the run of pass 1 is
    done, but pass 2's stale-part cleanup removed statistics it names and rebuilt its masks).
+4. ``again``: the same catalog once more: nothing changed (what checking a finished run's artifacts costs).
 
 For each pass: the units each stage did (``calibrate``, ``masks``, ``evaluate``; 0 for a pass
 that did no model work) and the seconds it took; after the last pass, how many of the run's planned
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         edited.write_text(original)
         restore = one_pass(cfg)
         missing = missing_stats(cfg)
+        again = one_pass(cfg)
     print(json.dumps({"benchmark": "nightly_incremental", "personas": personas, "model": args.model,
-                      "statements": args.statements, "first": first, "edit": edit, "restore": restore,
+                      "statements": args.statements, "first": first, "edit": edit, "restore": restore, "again": again,
                       "missing_stats_after": missing}))
     return 0
 

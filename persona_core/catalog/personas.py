@@ -42,6 +42,20 @@ def persona_id_problem(value: object) -> str | None:
     return problem
 
 
+MAX_NAME_CHARS = 200  # a catalog's display name: one short line
+
+
+def catalog_name_problem(value: object) -> str | None:
+    """Why `value` cannot be a catalog's ``name`` (a non-empty single-line string, at most 200 characters)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "must not be empty (leave it out to name the catalog after its file)"
+    if len(value) > MAX_NAME_CHARS or any(ord(c) < 32 for c in value):
+        return f"must be one line of at most {MAX_NAME_CHARS} characters"
+    return None
+
+
 class CatalogError(ValueError):
     """A catalog that cannot be used; `problems` lists every reason, each located."""
 

@@ -19,7 +19,8 @@ import yaml
 
 from persona_core.catalog.formats import CatalogSource, catalog_format
 from persona_core.catalog.personas import (FORMAT, MAX_TEXT_CHARS, Catalog, CatalogError, Persona, SplitConfig,
-                                           persona_id_problem, validate)
+                                           catalog_name_problem, persona_id_problem, validate)
+from persona_core.store.yaml_bounds import YamlBoundsError, compose
 
 _FIELDS = {"id", "description", "opposite", "tags", "calibration", "evaluation", "statements", "__line__"}
 
@@ -63,7 +64,13 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _map
 def _yaml_records(text: str, shown: str) -> tuple[str, list[tuple[int, Any]]]:
     """The catalog's name and its (line, persona record) pairs."""
     try:
-        doc = yaml.load(text, Loader=_LineLoader)
+        node, loader = compose(text, _LineLoader)  # bounded first: an alias bomb is refused unexpanded
+        try:
+            doc = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except YamlBoundsError as err:
+        raise CatalogError([f"{shown}:{err.line or 1}: unusable YAML ({err})"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{shown}:{mark.line + 1}" if mark else shown
@@ -74,7 +81,13 @@ def _yaml_records(text: str, shown: str) -> tuple[str, list[tuple[int, Any]]]:
     if fmt != FORMAT:
         raise CatalogError([f"{shown}:{doc['__line__']}: field 'format': {fmt!r} is not {FORMAT!r}"])
     records = [(p.get("__line__", 0) if isinstance(p, dict) else 0, p) for p in doc["personas"]]
-    return doc.get("name") or Path(shown).stem, records
+    if "name" not in doc or doc["name"] is None:
+        return Path(shown).stem, records
+    problem = catalog_name_problem(doc["name"])
+    if problem:
+        line = next((k.start_mark.line + 1 for k, _ in node.value if k.value == "name"), doc["__line__"])
+        raise CatalogError([f"{shown}:{line}: field 'name': {problem}"])
+    return doc["name"], records
 
 
 def _build(name: str, records: list[tuple[int, Any]], shown: str, split: SplitConfig) -> Catalog:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from persona_core.run.config_fields import did_you_mean
+from persona_core.store.yaml_bounds import YamlBoundsError, compose
 
 
 class ConfigError(ValueError):
@@ -25,9 +26,13 @@ class ConfigError(ValueError):
 
 
 def read_yaml(text: str, shown: str) -> tuple[Any, dict[str, int]]:
-    """YAML text -> (plain Python, the line of every dotted key); duplicate keys and bad YAML are ConfigErrors."""
+    """YAML text -> (plain Python, the line of every dotted key); duplicate keys, bad YAML and YAML over
+    the bounds (alias bombs, recursive aliases, deep nesting: `persona_core.store.yaml_bounds`) are ConfigErrors."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node, loader = compose(text)
+        loader.dispose()
+    except YamlBoundsError as err:
+        raise ConfigError([f"{shown}:{err.line or 1}: not a usable config ({err})"]) from None
     except yaml.YAMLError as err:
         mark, ctx = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
         where = f"{shown}:{mark.line + 1}" if mark else shown

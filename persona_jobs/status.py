@@ -129,6 +129,9 @@ def read_state(store_url: str | None, rid: str) -> dict:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Timeout\w*)\b:?")
 _PROGRESS = re.compile(r"\b(?P<done>\d+)/(?P<total>\d+)\b")
+# Ray's job manager's own lines and INFO/DEBUG log lines (Ray's and this package's): never the error
+_NOT_AN_ERROR = re.compile(r"^(\([^)]*pid=\d+[^)]*\)\s*)?((\d{4}-\d\d-\d\d[ T])?\d\d:\d\d:\d\d[,.\d]*\s+(INFO|DEBUG)\b"
+                           r"|(INFO|DEBUG):|Running entrypoint for job )")
 
 
 def _log_lines(logs: str) -> list[str]:
@@ -138,7 +141,8 @@ def _log_lines(logs: str) -> list[str]:
 
 def error_from_logs(logs: str) -> str | None:
     """The job log's real error: its last `error:` line (persona-jobs' one-line errors), else the
-    exception line that ends its last traceback."""
+    exception line that ends its last traceback, else the last line the job printed that is not a
+    log line of Ray's or a progress line (Ray's own message keeps only "exit code 1")."""
     lines = _log_lines(logs)
     for line in reversed(lines):
         if line.startswith("error: "):
@@ -148,6 +152,9 @@ def error_from_logs(logs: str) -> str | None:
         for line in reversed(lines[starts[-1] + 1:]):
             if not line.startswith((" ", "\t")) and _EXC_LINE.match(line):
                 return line.strip()[:500]
+    for line in reversed(lines):  # else the last line the job itself printed (e.g. "python: No module named ...")
+        if not _NOT_AN_ERROR.match(line) and not _PROGRESS.search(line):
+            return line.strip()[:500]
     return None
 
 
@@ -200,7 +207,7 @@ def _status_cmd(args) -> int:
             store_url = store_url or job["metadata"].get("persona.store") or None
             if job["status"] not in TERMINAL_OK:  # failed: its error; running: its progress
                 logs = job_logs(jc, job["submission_id"])
-                job["error"] = error_from_logs(logs) if job["status"] not in ACTIVE else None
+                job["error"] = error_from_logs(logs) if job["status"] == "FAILED" else None  # STOPPED: Ray says why
                 job["progress"] = progress_from_logs(logs) if job["status"] in ACTIVE else None
     elif args.address and not args.no_ray:  # a run id: its submitted jobs, found by their metadata
         job = jobs_of_run(client(args.address, args.token_file), rid)

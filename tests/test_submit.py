@@ -561,6 +561,14 @@ def test_status_of_a_failed_job_shows_the_real_error(ray_jobs, tmp_path, capsys)
     assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
     out = capsys.readouterr().out
     assert "  error: KeyError: 'layers.3.mlp'" in out and "  ray: Job entrypoint command failed" in out
+    # What Ray 2.60 logs when the entrypoint's python lacks the package (seen on a real local cluster).
+    ray_jobs.logs[sid] = ("2026-12-05 06:02:00,170\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+                          f"Running entrypoint for job {sid}: python -m persona_jobs run --config p.yaml\n"
+                          "/usr/bin/python: No module named persona_jobs\n"
+                          "06:02:14 INFO persona_jobs.status: nothing\n"
+                          "\x1b[36m(CalibrationWorkerActor pid=19476)\x1b[0m INFO:persona_core.models.loading:loaded\n")
+    assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
+    assert "  error: /usr/bin/python: No module named persona_jobs" in capsys.readouterr().out
     ray_jobs.logs[sid] += "error: cannot reach the store s3://b/s (endpoint http://x)\n"
     assert cli_main(["status", sid, "--address", ray_jobs.url]) == 1
     assert "  error: cannot reach the store s3://b/s" in capsys.readouterr().out
@@ -570,6 +578,9 @@ def test_status_of_a_failed_job_shows_the_real_error(ray_jobs, tmp_path, capsys)
     assert "  error: evaluate: 2 units failed: OOM" in capsys.readouterr().out
     assert cli_main(["status", sid, "--address", ray_jobs.url, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["job"]["error"] == "cannot reach the store s3://b/s (endpoint http://x)"
+    ray_jobs.set_status(sid, "STOPPED", "Job was intentionally stopped.")  # stopped: Ray's word is the reason
+    assert cli_main(["status", sid, "--address", ray_jobs.url, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["job"]["error"] is None
 
 
 def test_status_of_a_running_job_shows_live_unit_counts(ray_jobs, tmp_path, capsys):

@@ -402,3 +402,18 @@ def test_build_masks_learns_on_the_pool_and_an_actor_kill_resumes_bit_identical(
     for (km, kmeta), (sm, smeta) in zip(killed, straight):
         assert kmeta["budget_search"]["search"] == smeta["budget_search"]["search"]
         assert all(torch.equal(km[n], sm[n]) for n in sm)
+
+
+def test_the_docs_parameter_table_states_the_registry_defaults():
+    import re
+
+    from persona_core.masks.methods import METHODS
+
+    defaults = METHODS["learned-contrastive"].defaults
+    text = (ROOT / "docs" / "learned-masks.md").read_text()
+    checked = set()
+    for names, values in re.findall(r"^\| ((?:`learned-contrastive\.\w+`(?:, )?)+) \| ([^|]+) \|", text, re.M):
+        for name, value in zip(re.findall(r"\.(\w+)`", names), [v.strip() for v in values.split(",")]):
+            assert value == str(defaults[name]), f"docs/learned-masks.md: {name} {value}, registry {defaults[name]}"
+            checked.add(name)
+    assert checked == set(defaults)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from persona_core.errors import UserError
 from persona_core.run.plan import Plan
 from persona_core.run.runs import Summary
+from persona_core.store.redact import url_userinfo_problem
 from persona_core.store.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,16 @@ def add_list(p, *flags: str, help: str, item_type=str, valid=None, metavar: str 
 
 def add_store_arg(p) -> None:
     """The `--store` option every subcommand shares (None: the config's store, else ./persona-store)."""
-    p.add_argument("--store", default=None,
+    p.add_argument("--store", default=None, type=store_url,
                    help="store URL: a folder, s3://bucket/prefix or memory:// (default ./persona-store)")
+
+
+def store_url(text: str) -> str:
+    """`--store`'s value, refused (never echoed) when it carries credentials."""
+    problem = url_userinfo_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def add_common(p, *, model: bool = True, catalog: str | bool = False, address: bool = True,

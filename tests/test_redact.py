@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from persona_core.store.redact import redact
-from persona_core.store.store import open_store
+from persona_core.store.store import StoreError, open_store
 
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"
 
@@ -44,7 +44,9 @@ def test_secret_env_values_are_redacted_verbatim(monkeypatch):
 def test_store_uri_and_repr_hide_credentials():
     store = open_store(f"s3://AKIDEXAMPLE:{SECRET}@bucket/store", key="AKIDEXAMPLE", secret=SECRET)
     assert SECRET not in repr(store)
-    assert SECRET not in store.uri("runs/x")
+    with pytest.raises(StoreError) as err:  # refused at first use (issue 24 item 2), the key never echoed
+        store.uri("runs/x")
+    assert SECRET not in str(err.value) and "AKIDEXAMPLE" not in str(err.value)
 
 
 def _cli(args, env):

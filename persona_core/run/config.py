@@ -35,6 +35,7 @@ from persona_core.run.stage_options import CalibrateOptions, EvaluateOptions, Le
 from persona_core.run.yaml_lines import ConfigError, located_problems, read_yaml
 from persona_core.store.hashing import content_hash
 from persona_core.store.ids import ID_PATTERN, id_problem
+from persona_core.store.redact import url_userinfo_problem
 
 MAX_CONFIG_BYTES = 1 << 20  # a config larger than this is not a config
 
@@ -189,6 +190,14 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="the evaluation stage and report")
     resources: ResourcesSection = Field(default_factory=ResourcesSection,
                                         description="cluster resources the stages use")
+
+    @field_validator("store")
+    @classmethod
+    def _no_credentials(cls, v):
+        problem = url_userinfo_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -51,6 +51,31 @@ def redact(text: str) -> str:
     return text
 
 
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+CREDENTIALS_HINT = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials, "
+                    "an instance role) instead")
+
+
+def url_userinfo_problem(url: str) -> str | None:
+    """Why `url` may not be used as a store URL because it carries credentials, or None.
+
+    ``s3://KEY:SECRET@bucket/x`` would print the key in every message that names the store (and a
+    secret holding ``/`` splits the URL in odd places, so client errors echo it too). The message
+    shows only the scheme and the host, never the credentials.
+    """
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return None
+    authority = rest.split("/", 1)[0]
+    # an object store's bucket never holds ':' or '@': either means KEY:SECRET (a secret may hold '/')
+    has_userinfo = "@" in authority or (scheme.lower() in _OBJECT_STORES and ":" in authority and "@" in rest)
+    if not has_userinfo:
+        return None
+    host = rest.rsplit("@", 1)[1].split("/", 1)[0]
+    return (f"store URL {scheme}://{MASK}@{host}/...: credentials in a URL are refused (they would show in logs, "
+            f"process lists and error messages); {CREDENTIALS_HINT}")
+
+
 class RedactingFilter(logging.Filter):
     """Formats each record's message once and redacts it (args included)."""
 

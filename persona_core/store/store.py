@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persona_core.store import layout
-from persona_core.store.redact import redact
+from persona_core.store.redact import redact, url_userinfo_problem
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -55,6 +55,8 @@ def _unreachable(err: BaseException) -> bool:
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol, _, rest = url.partition("://")
+    if url_userinfo_problem(url):  # never echoed: the message shows the host alone
+        raise StoreError(url_userinfo_problem(url))
     if not rest:
         return fsspec.filesystem("file"), str(Path(url).expanduser().absolute())
     opts = dict(options)

@@ -417,3 +417,23 @@ def test_the_docs_parameter_table_states_the_registry_defaults():
             assert value == str(defaults[name]), f"docs/learned-masks.md: {name} {value}, registry {defaults[name]}"
             checked.add(name)
     assert checked == set(defaults)
+
+
+def test_dense_steer_learned_goes_through_the_verdict_machinery(tmp_path):
+    """A learned steering row set is a baseline like prompt or steering: verdicts, W/T/L column, report."""
+    import pyarrow as pa
+
+    from persona_core.eval.schema import RESULT_SCHEMA
+    from persona_core.report import build_report, summary
+    from persona_core.report.analysis import verdicts
+    from tests.test_report import scored_results
+
+    rows = scored_results().to_pylist()
+    extra = [{**r, "condition": "dense+steer-learned"} for r in rows
+             if r["condition"] == "dense+prompt" and r["metric"] in ("statement-preference", "perplexity-ratio")]
+    table = pa.Table.from_pylist(rows + extra, schema=RESULT_SCHEMA)
+    v = verdicts(table)
+    assert "steer-learned" in set(v.baseline) and (v[v.baseline == "steer-learned"].verdict == "win").all()
+    s = summary(table).set_index("setting")
+    assert s.loc["contrastive-penalty s=0.3"]["vs_steer-learned"] == "2/0/0" and "steer-learned" in s.index
+    assert "W/T/L vs learned steering" in build_report(table, tmp_path / "r.html").read_text()

@@ -30,7 +30,8 @@ PREFERENCE_METRIC = "statement-preference"
 PROMPT_CONDITION = "dense+prompt"
 SUBNETWORK_CONDITION = "masked"
 # baseline name -> its condition (in this order everywhere)
-BASELINE_CONDITIONS = {"prompt": "dense+prompt", "fewshot": "dense+fewshot", "steer": "dense+steer"}
+BASELINE_CONDITIONS = {"prompt": "dense+prompt", "fewshot": "dense+fewshot", "steer": "dense+steer",
+                       "steer-learned": "dense+steer-learned"}
 BASELINE_OF_CONDITION = {c: b for b, c in BASELINE_CONDITIONS.items()}
 
 

@@ -40,12 +40,16 @@ DEFINITIONS = {
     "steer": "baseline: activation steering, alpha * (mean residual of the persona - of its opposite) added at "
              "decoder layer L; L and alpha chosen per pair on validation statements carved from the calibration "
              "statements, within the general-text perplexity budget on validation text.",
+    "steer-learned": "baseline: one residual-stream vector per pair learned with the learned masks' objective "
+                     "(statement margin + general-text KL), layer and scale chosen per pair on validation statements "
+                     "within the same perplexity budget.",
     "masked": "the persona's subnetwork (its mask applied to the dense weights), no prompt.",
 }
 
 
 
 LABELS = {"vs_prompt": "W/T/L vs prompt", "vs_fewshot": "W/T/L vs few-shot", "vs_steer": "W/T/L vs steering",
+          "vs_steer-learned": "W/T/L vs learned steering",
           "ppl_ratio": "perplexity ×dense", "yes_no": "yes-no agreement", "roleplay_fidelity": "role-play fidelity",
           "n_a": "statements A", "n_b": "statements B", "val_separation": "validation separation",
           "val_ppl_ratio": "validation perplexity ×dense", "within_budget": "within budget", "a": "A", "b": "B",

@@ -13,7 +13,7 @@ from persona_core.report.analysis import (BASELINE_CONDITIONS, PROMPT_CONDITION,
 
 PLOT_METRICS = ("statement-preference", "yes-no-agreement", "roleplay-fidelity", "perplexity-ratio")
 # the baselines' colors, the same in every plot; subnetworks take the color cycle
-BASELINE_COLORS = {"prompt": "black", "fewshot": "dimgray", "steer": "tab:purple"}
+BASELINE_COLORS = {"prompt": "black", "fewshot": "dimgray", "steer": "tab:purple", "steer-learned": "indigo"}
 
 
 def _png(fig) -> str:

@@ -1,4 +1,10 @@
-"""Learned masks (Persona-Pruner): FFN-channel masks learned by a straight-through top-k over frozen weights.
+"""Learned masks: a straight-through top-k over frozen weights.
+
+* `contrastive`: ``learned-contrastive``, a pair's two masks learned for the contrast (statement margin +
+  general-text KL, `persona_core.eval.objective`) along a k path under a capability budget.
+* `checkpoint`: learner checkpoints verified (digest, owner, shapes, finite, step) before a resume.
+
+Persona-Pruner's masks (FFN channels, learned from one persona description):
 
 * `config`: `DataConfig` (the training data's recipe) and `LearnConfig` (the learner's knobs).
 * `data`: the persona's training answers from the dense model, and the general text.

@@ -112,10 +112,14 @@ def ensure_converted(folder: Path, build: Callable[[], None], verify: bool = Tru
         return
     if not verify:
         return
+    stamp = _stamp(folder)
+    if stamp is not None and _VERIFIED.get(folder) == stamp:
+        return  # checked by this process, and not a byte written since (any write moves a ctime)
     t0 = time.perf_counter()
     problem = cache_problem(folder)
-    log.debug("%s: converted cache checked in %.2f s", folder, time.perf_counter() - t0)
+    log.info("%s: converted cache checked in %.2f s", folder, time.perf_counter() - t0)
     if not problem:
+        _VERIFIED[folder] = stamp
         return
     log.warning("converted model cache %s; rebuilding it from the GGUF (takes ~30 s)", problem)
     build()
@@ -123,6 +127,20 @@ def ensure_converted(folder: Path, build: Callable[[], None], verify: bool = Tru
     if problem:
         raise ValueError(f"converted model cache {problem} right after converting it again; "
                          f"remove {folder} and retry (disk full or failing?)")
+
+
+# folder -> `_stamp` when this process last found it whole (a second load in one process skips the hash)
+_VERIFIED: dict[Path, tuple | None] = {}
+
+
+def _stamp(folder: Path) -> tuple | None:
+    """Every file's (name, inode, size, mtime, ctime): any write changes it, even one that puts the
+    mtime back (the ctime cannot be set). None when the folder cannot be listed."""
+    try:
+        return tuple(sorted((p.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                            for p in folder.iterdir() for st in [p.stat()]))
+    except OSError:
+        return None
 
 
 def convert_gguf(gguf: Path, folder: Path, chat_template: str | None = None) -> None:

@@ -6,7 +6,9 @@ Prints one JSON line:
   of the decoded masks) against the same reader with the payload and content digest checks left
   out; best of ``--repeats``. ``mask_overhead`` is their ratio minus 1. ``delta_*``: the same for the opposing
   persona's mask delta-coded against it (its base is read and verified too). The two sides of
-  each pair run alternately.
+  each pair run alternately. Both readers check that the header names the owner its key names
+  (issue 24 item 3); ``owner_check_s`` is that check alone. ``within_2x``: whether both verified
+  reads stay within twice the unverified ones (issue 24's bound).
 * ``part_read_s`` / ``part_unverified_s``: `stats.read_part` of one persona's statistics part
   (schema, owner and every column's digest) against a plain Parquet read of the same bytes.
 
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from persona_core.masks.codec import MaskFile, unpack, write_mask  # noqa: E402
+from persona_core.masks.codec import MaskFile, owner_problem, unpack, write_mask  # noqa: E402
 from persona_core.masks.inputs import LinearWeights  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from persona_core.calib.parts import read_part, write_stats  # noqa: E402
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                                           lambda: UnverifiedMaskFile(store, a).read(), args.repeats)
         delta_read, delta_plain = best_pair(lambda: MaskFile(store, b).read(),
                                             lambda: UnverifiedMaskFile(store, b).read(), args.repeats)
+        f = MaskFile(store, a)
+        owner_check, _ = best_pair(lambda: owner_problem(a, f.header, f.metadata), lambda: None, args.repeats)
 
         groups = {}
         for grp in weights.groups:
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "verify", "model": loaded.key, "weights": numel, "mask_bytes": (numel + 7) // 8,
         "mask_read_s": round(mask_read, 4), "mask_unverified_s": round(mask_plain, 4),
         "mask_overhead": round(mask_read / mask_plain - 1, 3), "delta_read_s": round(delta_read, 4),
-        "delta_unverified_s": round(delta_plain, 4),
+        "delta_unverified_s": round(delta_plain, 4), "owner_check_s": round(owner_check, 6),
+        "within_2x": mask_read <= 2 * mask_plain and delta_read <= 2 * delta_plain,
         "part_rows": sum(x.width for x in groups.values()),
         "part_read_s": round(part_read, 4), "part_unverified_s": round(part_plain, 4),
         "part_overhead": round(part_read / part_plain - 1, 3), "repeats": args.repeats,

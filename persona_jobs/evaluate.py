@@ -54,9 +54,9 @@ from persona_core.run.units import EvaluationTask, default_eval_run_id, evaluati
 from persona_core.store import layout
 from persona_core.store.store import Store
 from persona_jobs import dispatch, report
-from persona_jobs.common import add_common, add_list, ensure_ray, gpus_per_node
+from persona_jobs.common import add_common, add_list, ensure_ray, gpus_per_node, preflight
 from persona_jobs.dispatch import actor_resources
-from persona_jobs.flags import load, where_overrides
+from persona_jobs.flags import id_arg, load, where_overrides
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                   f"statistics)")
     add_list(p, "--metrics", "--metric", dest="metrics", metavar="NAME",
              help="metric names (default: every default metric; `persona-jobs metrics` lists them)")
-    p.add_argument("--run-id", help="the run's results index and report go under results/run=<id> and runs/<id> "
+    p.add_argument("--run-id", type=id_arg("run id"), help="the run's results index and report go under results/run=<id> and runs/<id> "
                    "(default: a hash of the inputs)")
     p.add_argument("--actors", type=int, help="actors (default: one per free GPU; CPU: free cpus / cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=int, help="CPU threads per actor (default: up to 4)")
@@ -322,6 +322,7 @@ def plan_from_args(args) -> Plan:
 
 def _main(args) -> int:
     plan = plan_from_args(args)
+    preflight(plan, need_ray=False)  # a store that cannot be written fails here, before any work
     started = time.time()
     summary = run(plan)
     table = None

@@ -15,6 +15,7 @@ from typing import Any
 
 from persona_core.errors import UserError
 from persona_core.run.config import ConfigError, NightlyConfig, PipelineConfig, load_config, parse_config
+from persona_core.store.ids import id_problem
 from persona_jobs.common import add_common, add_list
 
 # flag (argparse dest) -> the config key it overrides (run, nightly): each override is declared once, here
@@ -23,6 +24,20 @@ OVERRIDES = {"catalog": "catalog", "model": "model", "revision": "revision", "st
              "sparsities": "masks.sparsities", "granularities": "masks.granularities",
              "allocations": "masks.allocations"}
 WHERE = ("catalog", "model", "revision", "store", "address")  # what every standalone subcommand names alike
+
+
+def id_arg(what: str):
+    """An argparse type for a user-given id (persona id, run id): the id grammar at parse time, so a bad
+    value is one line and exit 2 before anything is read or written (``_latest``, ``../x``, ``a/b``)."""
+
+    def parse(text: str) -> str:
+        problem = id_problem(text, what)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return text
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import torch
 from persona_core.store import layout
 from persona_core.errors import UserError
 from persona_jobs.common import add_store_arg
+from persona_jobs.flags import id_arg
 from persona_core.calib.parts import StatsError
 from persona_core.calib.stats import EPS
 from persona_core.calib.stored import list_parts, read_generated, read_persona_stats, stats_summary
@@ -37,14 +38,14 @@ def add_parser(sub) -> None:
 
     q = ssub.add_parser("show", help="one persona's statistics per layer and group")
     common(q)
-    q.add_argument("--persona", required=True, help="persona id")
+    q.add_argument("--persona", required=True, type=id_arg("persona id"), help="persona id")
     q.add_argument("--layer", type=int, default=None, help="only this layer (default: all)")
     q.set_defaults(func=_show)
 
     q = ssub.add_parser("diff", help="channels that differ most between two personas")
     common(q)
-    q.add_argument("a", help="persona id")
-    q.add_argument("b", help="the persona id to compare with")
+    q.add_argument("a", type=id_arg("persona id"), help="persona id")
+    q.add_argument("b", type=id_arg("persona id"), help="the persona id to compare with")
     q.add_argument("--layer", type=int, required=True, help="layer index")
     q.add_argument("--group", default="mlp_in", help="attn_in, attn_out, mlp_in or mlp_out (default %(default)s)")
     q.add_argument("--top", type=int, default=20, help="channels shown (default %(default)s)")
@@ -54,7 +55,7 @@ def add_parser(sub) -> None:
 
     q = ssub.add_parser("generated", help="calibration texts generated for a persona (audit)")
     common(q)
-    q.add_argument("--persona", required=True, help="persona id")
+    q.add_argument("--persona", required=True, type=id_arg("persona id"), help="persona id")
     q.set_defaults(func=_generated)
 
 
@@ -90,12 +91,15 @@ def _read(store, model: str, persona: str):
     try:
         return read_persona_stats(store, model, persona)
     except (FileNotFoundError, StatsError) as err:
-        raise UserError(str(err)) from err
+        raise UserError(str(err)) from None
 
 
 def _list(args) -> int:
     store = open_store(args.store)
-    rows = stats_summary(store, args.model)
+    try:
+        rows = stats_summary(store, args.model)
+    except StatsError as err:  # a corrupt or hostile part: one line naming it
+        raise UserError(str(err)) from None
     _print(rows, args.json)
     return 0
 
@@ -139,7 +143,10 @@ def _diff(args) -> int:
 
 def _generated(args) -> int:
     store = open_store(args.store)
-    samples = read_generated(store, _model(store, args.model), args.persona)
+    try:
+        samples = read_generated(store, _model(store, args.model), args.persona)
+    except StatsError as err:
+        raise UserError(str(err)) from None
     if args.json:
         _print(samples, True)
     else:

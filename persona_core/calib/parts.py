@@ -51,6 +51,15 @@ SCHEMA = pa.schema([
 ])
 
 
+# A part has one row per input channel of the model's linear groups (about 100 k for the default model,
+# 4 M for a 70B one); its five float64 statistics are measurements, which no codec squeezes below a byte
+# a row. A footer that claims more rows than either bound is a decompression bomb (issue 24 item 8: 10 M
+# rows in 621 KB), refused before a column is read.
+MAX_PART_ROWS = 1 << 24
+MIN_BYTES_PER_ROW = 1
+ROWS_SLACK = 1 << 16  # small parts compress best (few rows, constant columns): never refused for that
+
+
 class StatsError(RuntimeError):
     """Statistics that cannot be read or do not fit together; the message names the file(s)."""
 
@@ -110,6 +119,21 @@ def check_schema(schema: pa.Schema, where: str) -> dict[str, str]:
         raise StatsError(f"{where}: not a stats part of this version ({'; '.join(problems)}); {REPAIR_HINT}")
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     return {k[len("persona."):]: v for k, v in meta.items() if k.startswith("persona.")}
+
+
+def check_rows(metadata: pq.FileMetaData, file_bytes: int, where: str) -> int:
+    """The row count in a part's footer, checked against what a real part of `file_bytes` can hold,
+    before anything is decompressed; StatsError otherwise."""
+    rows = metadata.num_rows
+    allowed = min(MAX_PART_ROWS, file_bytes // MIN_BYTES_PER_ROW + ROWS_SLACK)
+    in_groups = sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    if rows < 0 or in_groups != rows:
+        raise StatsError(f"{where}: footer row counts disagree ({rows} rows, {in_groups} in its row groups); "
+                         f"{REPAIR_HINT}")
+    if rows > allowed:
+        raise StatsError(f"{where}: footer claims {rows} rows in {file_bytes} bytes (a part of that size holds at "
+                         f"most {allowed}: one row per model channel); not read; {REPAIR_HINT}")
+    return rows
 
 
 def part_key(model_key: str, persona_id: str, persona_hash: str, calib_hash: str, shard: Shard = Shard()) -> str:
@@ -180,6 +204,7 @@ def read_part(store: Store, key: str, columns: list[str] | None = None) -> pa.Ta
         data = store.read_bytes(key)
         pf = parquet_file(data)
         meta = check_schema(pf.schema_arrow, where)
+        check_rows(pf.metadata, len(data), where)  # before any column is decompressed
         table = pf.read(columns=columns)
     except StatsError:
         raise

@@ -49,7 +49,8 @@ def report_inputs(p: Plan) -> dict:
             "perplexity budget (steering)": f"{config.ppl_budget:g}x",
             "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}, "
                                f"{config.val_statements} validation statements per pole",
-            "few-shot examples": config.fewshot_k}
+            "few-shot examples": config.fewshot_k if config.fewshot_select == "fixed" else
+            f"chosen per pair on validation among {list(config.fewshot_ks)} and the most that fit"}
 
 
 def _text(spec: str | None, unset: str) -> str:

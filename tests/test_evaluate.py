@@ -102,7 +102,8 @@ def test_mask_content_hash_tracks_bits(model):
 
 def test_config_validation_and_hash():
     cfg = EvalConfig()
-    assert set(cfg.conditions) == set(DEFAULT_CONDITIONS) == set(CONDITIONS) - {"dense+steer"}
+    assert set(cfg.conditions) == set(DEFAULT_CONDITIONS) == set(CONDITIONS) - {"dense+steer", "dense+steer-learned",
+                                                                                "masked+fewshot"}
     assert EvalConfig(batch_size=3).hash == cfg.hash  # speed knobs do not change results
     assert EvalConfig(max_statements=5).hash != cfg.hash
     with pytest.raises(ValueError, match="condition"):
@@ -119,9 +120,11 @@ def test_config_validation_and_hash():
 def test_condition_registry():
     from persona_core.eval.conditions import DENSE_CONDITIONS, condition
 
-    assert list(CONDITIONS) == ["dense", "dense+prompt", "dense+fewshot", "dense+steer", "masked", "masked+prompt"]
-    assert DENSE_CONDITIONS == ("dense", "dense+prompt", "dense+fewshot", "dense+steer")
-    assert [c for c in CONDITIONS if CONDITIONS[c].steered] == ["dense+steer"]
+    assert list(CONDITIONS) == ["dense", "dense+prompt", "dense+fewshot", "dense+steer", "dense+steer-learned",
+                                "masked", "masked+prompt", "masked+fewshot"]
+    assert DENSE_CONDITIONS == ("dense", "dense+prompt", "dense+fewshot", "dense+steer", "dense+steer-learned")
+    assert [c for c in CONDITIONS if CONDITIONS[c].steered] == ["dense+steer", "dense+steer-learned"]
+    assert CONDITIONS["masked+fewshot"].masked and CONDITIONS["masked+fewshot"].prompt == "fewshot"
     p = load_catalog("builtin")["introvert"]
     assert CONDITIONS["masked+prompt"].system(p) == p.description and CONDITIONS["dense+fewshot"].system(p) is None
     assert CONDITIONS["dense+fewshot"].fewshot(p, None, 2, 0).examples() and CONDITIONS["dense"].fewshot(p, None, 2, 0) is None

@@ -13,6 +13,8 @@
                      (`persona_core.eval.steered`); opt-in (it trains, per pair)
 * ``masked``         the subnetwork, no prompt
 * ``masked+prompt``  the subnetwork with the prompt
+* ``masked+fewshot`` the subnetwork with the few-shot prompt (the same k as ``dense+fewshot``): does a
+                     mask add to few-shot? opt-in
 
 `CONDITIONS` is their registry (in this order, which is also the order of result rows).
 Dense conditions do not depend on the mask, so they are computed once per persona.
@@ -66,6 +68,7 @@ condition("dense+steer", masked=False, steered=True, default=False)
 condition("dense+steer-learned", masked=False, steered=True, default=False)
 condition("masked", masked=True)
 condition("masked+prompt", masked=True, prompt="description")
+condition("masked+fewshot", masked=True, prompt="fewshot", default=False)
 
 DENSE_CONDITIONS: tuple[str, ...] = tuple(name for name, c in CONDITIONS.items() if not c.masked)
 DEFAULT_CONDITIONS: tuple[str, ...] = tuple(name for name, c in CONDITIONS.items() if c.default)

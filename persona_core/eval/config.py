@@ -12,11 +12,16 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from persona_core.calib.general_text import check_general_text, is_dataset_file
 from persona_core.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS, DENSE_CONDITIONS
+from persona_core.eval.fewshot import SELECTIONS
 from persona_core.eval.judge import JudgeSettings
 from persona_core.eval.metrics import METRICS
 from persona_core.eval.steering import SteerSettings
 from persona_core.store.hashing import content_hash
 from persona_core.versions import EVALUATE_VERSION
+
+
+# knobs added after results were stored, at their defaults: left out of `EvalConfig.hash`
+LATER_DEFAULTS = {"fewshot_select": "fixed", "fewshot_ks": (0, 1, 2, 4, 8, 16, 32, 64)}
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,9 @@ class EvalConfig:
     # builtin:general, a URL, hf:DATASET/CONFIG:SPLIT; see persona_core.calib.general_text); None: builtin:heldout
     seed: int = 0  # which items a max_* cap keeps
     # baselines (dense+fewshot, dense+steer) and what picks their settings
-    fewshot_k: int = 8  # calibration statements shown as examples
+    fewshot_k: int = 8  # calibration statements shown as examples (fewshot_select: fixed)
+    fewshot_select: str = "fixed"  # fixed: fewshot_k; validation: k chosen per pair on validation statements
+    fewshot_ks: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)  # candidates of k (plus the most that fit)
     steer_layers: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7)  # fractions of depth (or layer indices >= 1)
     steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     ppl_budget: float = 1.10  # max general-text perplexity ratio of a chosen setting (validation text)
@@ -69,6 +76,13 @@ class EvalConfig:
                 check_general_text(spec, f"EvalConfig.{name}")
         if self.fewshot_k < 0:
             raise ValueError(f"EvalConfig.fewshot_k must be >= 0, got {self.fewshot_k}")
+        object.__setattr__(self, "fewshot_ks", tuple(self.fewshot_ks))
+        if self.fewshot_select not in SELECTIONS:
+            raise ValueError(f"EvalConfig.fewshot_select must be one of {', '.join(SELECTIONS)}, "
+                             f"got {self.fewshot_select!r}")
+        if not self.fewshot_ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                          for k in self.fewshot_ks):
+            raise ValueError(f"EvalConfig.fewshot_ks must be integers >= 0, got {list(self.fewshot_ks)}")
         if "judge" in self.metrics and self.judge is None:
             raise ValueError("metric 'judge' needs judge settings (an endpoint URL or a local model)")
         for f in ("batch_size", "gen_batch_size", "max_statements", "max_questions", "max_new_tokens",
@@ -85,6 +99,9 @@ class EvalConfig:
         d = asdict(self)
         for k in ("batch_size", "gen_batch_size"):  # speed knobs never change a number
             d.pop(k)
+        for k, default in LATER_DEFAULTS.items():  # knobs added later count only when set: old hashes stay
+            if d[k] == default:
+                d.pop(k)
         return content_hash(EVALUATE_VERSION, d)
 
     @property

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from persona_core.eval.config import EvalConfig
+from persona_core.eval.fewshot import FewShotChoice
 from persona_core.eval.masked import MaskedModel
 from persona_core.eval.steering import SteerChoice
 from persona_core.models.layers import body_and_head, linear_groups
@@ -59,6 +60,7 @@ class Evaluator:
         # (dense ident, config hash) -> (metric preparations, dense rows); pair -> (vectors, choice)
         self.dense_memo: dict[tuple[str, str], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self.steer_memo: dict[tuple, tuple[dict[int, torch.Tensor], SteerChoice]] = {}
+        self.fewshot_memo: dict[tuple, FewShotChoice] = {}  # pair -> few-shot k (`persona_core.eval.fewshot`)
         self.timings: dict[str, float] = {}  # seconds per metric, summed over the conditions scored
 
     @staticmethod

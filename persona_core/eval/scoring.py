@@ -13,6 +13,7 @@ from typing import Any
 from persona_core.catalog import Persona
 from persona_core.eval.conditions import CONDITIONS
 from persona_core.eval.config import EvalConfig
+from persona_core.eval.fewshot import choose_k
 from persona_core.eval.metrics import METRICS, MetricContext, Score
 from persona_core.eval.scorer import Scorer
 
@@ -36,8 +37,10 @@ def score_condition(ev: Scorer, persona: Persona, opposite: Persona | None, cond
     (and hooks); the condition decides the system prompt. Seconds per metric add up in `timings`."""
     cond = CONDITIONS[condition]
     system = cond.system(persona)
-    fewshot = cond.fewshot(persona, opposite, config.fewshot_k, config.seed)
-    rows = []
+    choice = choose_k(ev, persona, opposite, config, may_compute=not cond.masked) if cond.prompt == "fewshot" \
+        else None
+    fewshot = cond.fewshot(persona, opposite, choice.k if choice else config.fewshot_k, config.seed)
+    rows = [] if choice is None or cond.masked else [{"condition": condition, **r} for r in choice.rows()]
     for name in config.metrics:
         t0 = time.perf_counter()
         ctx = MetricContext(ev, persona, opposite, system, config, prepared.get(name), fewshot)

@@ -20,6 +20,7 @@ from persona_core.eval.conditions import CONDITIONS, DENSE_CONDITIONS
 from persona_core.eval.config import EvalConfig
 from persona_core.eval.dense_cache import DenseRowCache, dense_ident
 from persona_core.eval.engine import Evaluator
+from persona_core.eval.fewshot import choose_k
 from persona_core.eval.masked import mask_content_hash
 from persona_core.eval.schema import DENSE_METHOD, result_table
 from persona_core.eval.scoring import prepare_metrics, score_condition
@@ -95,6 +96,8 @@ def evaluate_unit(evaluator: Evaluator, persona: Persona, opposite: Persona | No
     rows = list(dense_rows)
     masked_conds = [c for c in config.conditions if c not in DENSE_CONDITIONS]
     if masks is not None and masked_conds:
+        if any(CONDITIONS[c].prompt == "fewshot" for c in masked_conds):
+            choose_k(evaluator, persona, opposite, config)  # on the dense model, before the mask goes on
         evaluator.masks.apply(masks)
         try:
             for cond in masked_conds:

@@ -97,9 +97,10 @@ class BudgetBuilder:
         stats = read_unit_stats(store, model_key, unit, persona_hashes)
         people = dict(personas) | {REFERENCE_PERSONA_ID: reference_persona()}
         roles = [(role, people[pid]) for role, pid in unit.roles]
-        persona = people[unit.roles[0][1]]
-        opposite = people.get(persona.opposite) if persona.opposite else None
-        calib = stored_calib_config(store, model_key, stats[0])
+        # magnitude reads no statistics: no persona, no calibration settings; its search bounds perplexity only
+        persona = people[unit.roles[0][1]] if unit.roles else None
+        opposite = people.get(persona.opposite) if persona is not None and persona.opposite else None
+        calib = stored_calib_config(store, model_key, stats[0]) if stats else None
         outcome = PairSearch(self.ev, self.weights, unit.spec, unit.spec.budget, roles, stats, opposite,
                              calib).run()
         log.info("%s: chose %s (validation ppl x%.3f)", unit.name, outcome.result.chosen, outcome.final_ratio)

@@ -56,9 +56,11 @@ def test_mask_with_flipped_bits_fails_evaluation_and_repair_rebuilds_it(stored, 
     out = pipeline.execute(p)
     assert not out.ok  # evaluated as if whole before; now its unit fails, naming the file
     assert "payload digest" in out.manifest.error and f"corrupt artifact: {p.store.uri(victim)}" in out.manifest.error
-    assert not p.store.list(f"results/run={p.run_id}", suffix=".parquet") or all(
+    from persona_core.report.results import read_results_index
+
+    assert all(  # the parts this run's results index names (result parts are keyed by content, shared by runs)
         good not in pq.read_table(pa.BufferReader(p.store.read_bytes(k))).column("mask_hash").to_pylist()
-        for k in p.store.list(f"results/run={p.run_id}", suffix=".parquet") if victim.rsplit("/", 1)[-1][:-12] in k)
+        for k in read_results_index(p.store, p.run_id) or {} if victim.rsplit("/", 1)[-1][:-12] in k)
 
     out = pipeline.execute(p, do_repair=True)
     assert out.ok, out.manifest.error
@@ -100,3 +102,28 @@ def test_corrupt_run_manifest_is_rebuilt_by_repair_or_force(stored, flag, garbag
     assert out.ok, out.manifest.error
     assert runs.read_manifest(p.store, rid).ok
     assert "it will be rebuilt" in capsys.readouterr().out
+
+
+def test_swapped_masks_are_rebuilt_by_the_next_run_not_scored(stored):
+    """Issue 24 item 3, end to end: introvert's and extrovert's mask files swapped in one folder. The
+    next run's build-masks finds neither current (each header names the other owner) and rebuilds
+    both; evaluation scores each persona with its own mask (its rows carry its own digest)."""
+    root, rid = stored
+    p = make_plan(tiny_pipeline_config(str(root), evaluate__options__max_statements=3))  # a new run id
+    keys = {pid: next(k for k in p.store.list("masks/", suffix=".safetensors")
+                      if "contrastive" in k and k.endswith(f"/{pid}.safetensors")) for pid in ("introvert", "extrovert")}
+    digests = {pid: verify_mask(p.store, k) for pid, k in keys.items()}
+    a, b = (p.store.read_bytes(keys[pid]) for pid in ("introvert", "extrovert"))
+    p.store.write_bytes(keys["introvert"], b)
+    p.store.write_bytes(keys["extrovert"], a)
+    assert sorted(verify_artifacts(p)) == sorted(keys.values())  # what --repair would remove
+
+    out = pipeline.execute(p)
+    assert out.ok, out.manifest.error
+    assert next(s for s in out.summaries if s["stage"] == "build-masks")["done"] >= 2
+    assert {pid: verify_mask(p.store, k) for pid, k in keys.items()} == digests
+    table = evaluate.load_results(p.store, p.run_id)
+    for pid in ("introvert", "extrovert"):
+        rows = [h for who, m, h in zip(*(table.column(c).to_pylist() for c in ("persona", "method", "mask_hash")))
+                if who == pid and m == "contrastive-wanda"]
+        assert rows and set(rows) == {digests[pid]}

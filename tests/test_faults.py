@@ -13,6 +13,7 @@ from persona_jobs import calibrate, pipeline
 from persona_jobs.cli import main as cli_main
 import torch
 
+from persona_core.report.results import read_results_index
 from persona_core.run import runs
 from persona_core.masks.codec import read_mask
 from persona_core.catalog import reference_persona
@@ -202,6 +203,6 @@ def test_whole_pipeline_on_s3(s3_endpoint, s3_url, tmp_path, capsys):
     store = open_store(s3_url)
     assert runs.read_manifest(store, run_id).ok
     assert store.exists(f"runs/{run_id}/report.html")
-    assert store.list(f"results/run={run_id}", suffix=".parquet")
+    assert read_results_index(store, run_id)  # the run's results: the parts its index names
     assert cli_main(["status", run_id, "--store", s3_url]) == 0
     assert "succeeded" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from persona_jobs import common, jobs_api, nightly, pipeline, submit
 from persona_jobs.cli import UserError, build_parser, main as cli_main
 from persona_jobs.flags import config_from_args
 from persona_jobs.stages import STAGES
+from persona_core.report.results import read_results_index
 from persona_core.run import runs
 from persona_core.store.lease import Lease
 from persona_core.store.store import open_store
@@ -44,7 +45,7 @@ def test_run_writes_manifest_results_and_report(pipeline_store):
     page = store.read_bytes(f"runs/{rid}/report.html").decode()
     for text in ("class='headline'", "Inputs", "catalog", "general text (reported)", "perplexity budget"):
         assert text in page, text  # the report names the run's inputs
-    assert store.list(f"results/run={rid}", suffix=".parquet")
+    assert read_results_index(store, rid)  # the run's results: the parts its index names
     assert store.list("masks/", suffix=".safetensors")
 
 

@@ -1,0 +1,173 @@
+"""Benchmark the learned budgeted mask: seconds per pair next to the training-free search's, and tokens/s.
+
+One pair at a time, the same evaluator, weights, statistics and budget (x1.10 validation perplexity
+on WikiText-2 ``valid.txt`` by default) for both:
+
+* ``training_free``: `PairSearch` for ``--free-method`` (contrastive-penalty), timed as
+  `benchmarks/frontier.py` times it (setup included): chosen sparsity, validation figures, points,
+  seconds; ``seconds_per_pair`` their mean (issue 26's reference: 148 s on 2 cores).
+* ``learned``: `learn_pair` for ``learned-contrastive`` along the budget's k path (the learner's
+  Adam steps, each point's validation perplexity and separation, the final check): the same
+  figures plus ``steps`` and ``learn_s`` (the stepping alone); ``seconds_per_pair`` their mean.
+* ``learner_tokens_per_s``: tokens through the learner's steps (both poles' statement batches and
+  general windows, as the steps drew them) over ``learn_s``; ``plain_tokens_per_s``: the same
+  sequences through a plain forward+backward of the model (gradients to every weight, no gate,
+  no optimizer), best of ``--reference-reps``; ``ratio_vs_plain`` learner over plain.
+* ``learned_vs_free``: learned seconds per pair over training-free seconds per pair (issue 26's
+  target: <= 1).
+
+    python benchmarks/learned_budget.py [--model smollm2-135m] [--pairs introvert,extrovert] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from persona_core.catalog import load_catalog  # noqa: E402
+from persona_core.eval.objective import Objective, draw, pad_sequences  # noqa: E402
+from persona_core.learn.contrastive import learn_pair  # noqa: E402
+from persona_core.masks.budget import Budget  # noqa: E402
+from persona_core.masks.methods import METHODS  # noqa: E402
+from persona_core.masks.spec import MaskSpec  # noqa: E402
+from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
+
+log = logging.getLogger("bench.learned_budget")
+LEARNED = "learned-contrastive"
+
+
+def step_sequences(objectives: tuple[Objective, Objective], step: int) -> list[list[int]]:
+    """The token sequences the learner's step `step` (0-based) runs forward and backward, both poles
+    (the draws `Objective.__call__` makes)."""
+    seqs: list[list[int]] = []
+    for side, obj in enumerate(objectives):
+        oi = draw(len(obj.own), obj.batch, obj.seed, step, 2 * side)
+        qi = draw(len(obj.other), obj.batch, obj.seed, step, 2 * side + 1)
+        seqs += [obj.own.prefix + obj.own.statements[i] for i in oi]
+        seqs += [obj.other.prefix + obj.other.statements[i] for i in qi]
+        if obj.general and obj.general_weight > 0 and obj.general_batch > 0:
+            gi = draw(len(obj.general), obj.general_batch, obj.seed, step, 7)
+            seqs += [list(obj.general[i].ids) for i in gi]
+    return seqs
+
+
+def plain_forward_backward(model, seqs: list[list[int]], pad: int, reps: int) -> float:
+    """Best seconds of one forward+backward of `seqs` (padded as the learner pads them), gradients to
+    every weight: what training the model itself would cost per token."""
+    params = [p for p in model.parameters()]
+    before = [p.requires_grad for p in params]
+    ids, att = pad_sequences(seqs, pad, next(model.parameters()).device)
+    best = float("inf")
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(reps):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            logits = model(input_ids=ids, attention_mask=att).logits
+            torch.log_softmax(logits.float(), -1).mean().backward()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, rg in zip(params, before):
+            p.requires_grad_(rg)
+    return best
+
+
+def time_learned(ev, weights, catalog, pairs, stats, budget: Budget, config, params: dict, reps: int) -> dict:
+    out: dict = {}
+    tokens = learn_s = 0.0
+    ref_tokens = ref_s = 0.0
+    for a_id, b_id in pairs:
+        roles = [("persona", catalog[a_id]), ("opposite", catalog[b_id])]
+        assert tuple(r for r, _ in roles) == METHODS[LEARNED].needs
+        spec = MaskSpec(LEARNED, 0.0, "ffn-channels", params=params, budget=budget)
+        t0 = time.perf_counter()
+        res = learn_pair(ev, weights, spec, roles, [stats[p.id] for _, p in roles], config)
+        seconds = time.perf_counter() - t0
+        ln = res.learner
+        pair_tokens = sum(len(s) for step in range(ln.state.step) for s in step_sequences(ln.objectives, step))
+        tokens += pair_tokens
+        learn_s += ln.seconds
+        sample = step_sequences(ln.objectives, 0)
+        ref_tokens += sum(len(s) for s in sample)
+        ref_s += plain_forward_backward(ev.model, sample, ln.objectives[0].pad, reps)
+        chosen = res.result.to_dict()["chosen"] if res.result is not None else {"sparsity": res.spec.sparsity,
+                                                                                 "separation": None}
+        out[f"{a_id}/{b_id}"] = {
+            "sparsity": chosen["sparsity"], "val_ppl_ratio": round(res.final_ratio, 4),
+            "val_separation": chosen["separation"],
+            "within_budget": res.result.within_budget if res.result is not None else None,
+            "points": len(res.result.points) if res.result is not None else 1, "steps": ln.state.step,
+            "learn_s": round(ln.seconds, 1), "seconds": round(seconds, 1)}
+    per = [v["seconds"] for v in out.values()]
+    out["seconds_per_pair"] = round(sum(per) / len(per), 1) if per else None
+    out["learner_tokens_per_s"] = round(tokens / learn_s, 1) if learn_s else None
+    out["plain_tokens_per_s"] = round(ref_tokens / ref_s, 1) if ref_s else None
+    out["ratio_vs_plain"] = (round(out["learner_tokens_per_s"] / out["plain_tokens_per_s"], 3)
+                             if out["learner_tokens_per_s"] and out["plain_tokens_per_s"] else None)
+    return out
+
+
+# The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
+# cannot rot unseen between studies.
+SMOKE = ["--model", "tiny-random-llama", "--grid-steps", "3", "--learn-steps", "1", "--warmup", "1",
+         "--val-text", "builtin:general", "--reference-reps", "1", "--threads", "1", "--store", "{tmp}/learned-budget"]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--catalog", default="builtin")
+    ap.add_argument("--pairs", nargs="+", default=["introvert,extrovert"], help="A,B pairs of the catalog")
+    ap.add_argument("--budget", type=float, default=1.10, help="perplexity ratio bound on the validation text")
+    ap.add_argument("--val-text", default="wikitext-2-valid",
+                    help="the budget's validation text (a general-text spec; see docs/evaluation.md)")
+    ap.add_argument("--grid-steps", type=int, default=None, help="points of the budget's grid (default: Budget's)")
+    ap.add_argument("--free-method", default="contrastive-penalty", help="the training-free method timed beside it")
+    ap.add_argument("--learn-steps", type=int, default=None, help="learned-contrastive steps per point (default)")
+    ap.add_argument("--warmup", type=int, default=None, help="learned-contrastive warm-up steps (default)")
+    ap.add_argument("--reference-reps", type=int, default=3, help="plain forward+backward repetitions (best of)")
+    ap.add_argument("--skip-free", action="store_true", help="time only the learner")
+    ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-learned-budget"))
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("PERSONA_PROGRESS", "0")
+    torch.set_num_threads(args.threads)
+    from frontier import setup, time_searches  # the sibling benchmark's setup and timed training-free search
+
+    catalog = load_catalog(args.catalog)
+    pairs = [tuple(p.split(",")) for p in args.pairs]
+    t0 = time.time()
+    ev, weights, stats, config = setup(args.model, catalog, pairs, args.store)
+    setup_s = time.time() - t0
+    budget = Budget(perplexity_ratio=args.budget, ppl_text=args.val_text,
+                    **({"steps": args.grid_steps} if args.grid_steps else {}))
+    params = {k: v for k, v in (("steps", args.learn_steps), ("warmup", args.warmup)) if v is not None}
+    free = None if args.skip_free else time_searches(ev, weights, catalog, pairs, [args.free_method], stats,
+                                                     budget, config)
+    learned = time_learned(ev, weights, catalog, pairs, stats, budget, config, params, args.reference_reps)
+    free_s = free["seconds_per_pair"] if free else None
+    print(json.dumps({
+        "benchmark": "learned_budget", "model": ev.model_key, "threads": torch.get_num_threads(), "budget": budget.perplexity_ratio,
+        "val_text": budget.ppl_text, "grid": list(budget.grid()), "setup_s": round(setup_s, 1),
+        "training_free": free, "learned": learned,
+        "learned_vs_free": round(learned["seconds_per_pair"] / free_s, 2) if free_s else None}))
+
+
+if __name__ == "__main__":
+    main()

@@ -202,7 +202,13 @@ class Store:
             with self._reaching():
                 found = self.fs.find(base)
         except FileNotFoundError:
-            return []
+            found = []
+        if not found and not self.is_local and "s3" in _protocols(self.fs):
+            bucket = self.root.split("/", 1)[0]  # nothing listed: an empty prefix, or no bucket at all?
+            with self._reaching():
+                if not self.fs.exists(bucket):  # unreachable as a store: one line wherever it surfaces
+                    raise StoreUnreachable(redact(f"store {self.url}: bucket {bucket!r} does not exist "
+                                                  "(create it, or fix the store URL)"))
         root = self.root.rstrip("/") + "/"
         keys = []
         for p in found:

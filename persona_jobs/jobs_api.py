@@ -150,8 +150,11 @@ def cluster_resources(jobs_client) -> dict[str, float] | None:
     (``GET /api/v0/nodes``); None when the dashboard does not answer it (then nothing is assumed)."""
     import requests  # heavy: requests only when the Jobs API is called
 
+    request = getattr(jobs_client, "_do_request", None)  # the SDK's request with its auth headers
+    if request is None:  # a client without it (another SDK, a test double): nothing is assumed
+        return None
     try:
-        r = jobs_client._do_request("GET", "/api/v0/nodes?limit=10000&detail=false", timeout=PROBE_TIMEOUT)
+        r = request("GET", "/api/v0/nodes?limit=10000&detail=false", timeout=PROBE_TIMEOUT)
         rows = r.json()["data"]["result"]["result"] if r.status_code == 200 else None
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError, RuntimeError) as err:
         log.debug("cannot read the cluster's nodes: %s", err)

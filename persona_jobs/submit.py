@@ -193,6 +193,7 @@ class Entrypoint:
     resources: dict | None = None  # custom resources
     env: dict[str, str] = field(default_factory=dict)  # extra environment variables
     pip: list[str] | None = None  # extra pip requirements
+    runtime_env: dict | None = None  # the base runtime env (--runtime-env-json); env and pip add to it
 
 
 def driver_resources(entrypoint: Entrypoint, jobs_client) -> tuple[float, dict | None]:
@@ -219,19 +220,18 @@ def check_submission_id(sid: str) -> str:
 
 
 def submit(subcommand: list[str], *, entrypoint: Entrypoint = Entrypoint(), jobs_client=None,
-           address: str | None = None, token_file: str | None = None, working_dir: bool | str = True,
-           shared_store: bool = False, resubmit: bool = False, runtime_env: dict | None = None,
-           sid: str | None = None) -> tuple[str, bool]:
+           address: str | None = None, working_dir: bool | str = True, shared_store: bool = False,
+           resubmit: bool = False, sid: str | None = None) -> tuple[str, bool]:
     """Submit `persona-jobs <subcommand>`; (submission id, whether a new job was submitted).
 
-    `working_dir`: True uploads this checkout (or what `runtime_env` names), False uploads only the
-    files the command names, a string is a local folder or a remote package URI (as `ray job
-    submit --working-dir`). `runtime_env` is the base runtime environment (`--runtime-env-json`);
-    `sid` an explicit submission id instead of the one derived from the work.
+    `jobs_client` (else one for `address`, with Ray's token lookup). `working_dir`: True uploads
+    this checkout (or what the entrypoint's runtime env names), False uploads only the files the
+    command names, a string is a local folder or a remote package URI (as `ray job submit
+    --working-dir`). `sid`: an explicit submission id instead of the one derived from the work.
     """
     work = describe_work(subcommand)
     check_store(work.store, shared_store)
-    jobs_client = jobs_client or client(address, token_file)
+    jobs_client = jobs_client or client(address)
     if sid is not None:
         base, attempts = check_submission_id(sid), []
         try:
@@ -255,7 +255,7 @@ def submit(subcommand: list[str], *, entrypoint: Entrypoint = Entrypoint(), jobs
         raise UserError(f"--submission-id {sid}: Ray already has a {attempts[0][1]} job with that id; choose "
                         f"another (or leave it out: derived ids number their attempts)")
     sid = base if not attempts else f"{base}-a{len(attempts) + 1}"
-    env = dict(runtime_env or {})
+    env = dict(entrypoint.runtime_env or {})
     env_vars = {**_passthrough_env(), **dict(env.pop("env_vars", None) or {}), **entrypoint.env}
     subcommand, env, staging = _place_working_dir(subcommand, env, working_dir)
     env["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
@@ -478,11 +478,10 @@ def _submit_cmd(args) -> int:
     check_store(work.store, args.shared_store)
     jc = client(args.address, args.token_file)
     entrypoint = Entrypoint(args.entrypoint_num_cpus, args.entrypoint_num_gpus, args.entrypoint_memory,
-                            args.entrypoint_resources, env, args.pip or None)
+                            args.entrypoint_resources, env, args.pip or None, args.runtime_env_json)
     working_dir = args.working_dir if args.working_dir is not None else not args.no_working_dir
     sid, _ = submit(command, entrypoint=entrypoint, jobs_client=jc, working_dir=working_dir,
-                    shared_store=args.shared_store, resubmit=args.resubmit, runtime_env=args.runtime_env_json,
-                    sid=args.submission_id)
+                    shared_store=args.shared_store, resubmit=args.resubmit, sid=args.submission_id)
     if not args.wait:
         print(f"follow it with: persona-jobs logs --follow {sid}   (or persona-jobs status {sid})")
         return 0

@@ -198,7 +198,7 @@ def test_submit_derives_id_from_run_and_never_runs_a_run_twice(tmp_path, capsys)
     assert new and sid.startswith(f"persona-run-{rid.removeprefix('run-')}-")  # + the store's context hash
     job = fake.jobs[sid]
     assert job["entrypoint"] == "python -m persona_jobs run --config inputs/p.yaml"  # the config travels along
-    assert job["entrypoint_num_cpus"] == 1 and "AWS_SECRET_ACCESS_KEY" not in job["runtime_env"]["env_vars"]
+    assert job["entrypoint_num_cpus"] == 0 and "AWS_SECRET_ACCESS_KEY" not in job["runtime_env"]["env_vars"]
 
     assert submit.submit(command, jobs_client=fake, working_dir=False, shared_store=True) == (sid, False)  # pending: not again
     fake.jobs[sid]["status"] = "SUCCEEDED"

@@ -360,6 +360,6 @@ def test_options_sections_report_every_problem():
     problems = err.value.problems
     for wanted in ("o.yaml:3: calibrate.options.batch_size: ", "o.yaml:4: calibrate.options.max_length: ",
                    "o.yaml:7: evaluate.options.batch_size: ", "o.yaml:8: evaluate.options.max_statements: ",
-                   "masks.options.params: wanda: unknown parameter 'nope'",
-                   "masks.options.params: magnitude: unknown parameter 'bad'"):
+                   "o.yaml:11: masks.options.params: wanda: unknown parameter 'nope' (it takes no parameters)",
+                   "o.yaml:11: masks.options.params: magnitude: unknown parameter 'bad'"):
         assert any(wanted in p for p in problems), (wanted, problems)

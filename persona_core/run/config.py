@@ -31,7 +31,8 @@ from persona_core.masks.methods import METHODS
 from persona_core.masks.spec import ALLOCATIONS, GRANULARITIES
 from persona_core.run.config_fields import (Bool, FloatList, Int, PositiveInt, Section, Text, TextList, check_names,
                                             fractions, non_empty)
-from persona_core.run.stage_options import CalibrateOptions, EvaluateOptions, LearnData, LearnKnobs, MasksOptions
+from persona_core.run.stage_options import (CalibrateOptions, EvaluateOptions, LearnData, LearnKnobs, MasksOptions,
+                                            dataclass_problems, raise_all)
 from persona_core.run.yaml_lines import ConfigError, located_problems, read_yaml
 from persona_core.store.hashing import content_hash
 from persona_core.store.ids import ID_PATTERN, id_problem
@@ -154,8 +155,10 @@ class EvaluateSection(Section):
         fields = self.options.eval_fields()
         if self.conditions:
             fields["conditions"] = tuple(self.conditions)
-        if self.enabled:
-            EvalConfig(**fields)  # its own checks (the judge needs settings, sizes >= 1, ...) at load time
+        if self.enabled:  # its own checks (the judge needs settings, sizes >= 1, ...) at load time, every one
+            problems = dataclass_problems(EvalConfig, fields, [k for k in fields if k != "conditions"])
+            raise_all("EvaluateSection", [(("options", *loc) if loc else loc, msg) for loc, msg in problems],
+                      {"options": fields})
         return self
 
 

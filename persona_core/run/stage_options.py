@@ -12,7 +12,8 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from persona_core.calib.config import CalibConfig
 from persona_core.eval.conditions import CONDITIONS
@@ -24,10 +25,37 @@ from persona_core.run.config_fields import (Bool, PositiveInt, Section, Text, ch
                                             options_model)
 
 
+def dataclass_problems(dc: type, values: dict[str, Any], given: typing.Iterable[str]) -> list[tuple[tuple, str]]:
+    """(location, message) for every problem of ``dc(**values)``, not just its first: each `given` field
+    is built alone (the others at their defaults) to name its own problem; a problem no single field
+    has (two fields that disagree) is reported for the whole section."""
+    try:
+        dc(**values)
+        return []
+    except (TypeError, ValueError) as err:
+        whole = str(err)
+    out = []
+    for name in given:
+        try:
+            dc(**{name: values[name]})
+        except (TypeError, ValueError) as err:
+            out.append(((name,), str(err)))
+    return out or [((), whole)]
+
+
+def raise_all(title: str, problems: list[tuple[tuple, str]], values: dict[str, Any]) -> None:
+    """Every problem at once, each at its own key (`located_problems` gives each its file:line)."""
+    if problems:
+        raise ValidationError.from_exception_data(title, [
+            InitErrorDetails(type=PydanticCustomError("value_error", "{msg}", {"msg": msg}), loc=loc,
+                             input=values.get(loc[0]) if loc else None) for loc, msg in problems])
+
+
 class CalibrateOptions(options_model("CalibrateOptions", CalibConfig, "Fields of calibration.CalibConfig.")):
     @model_validator(mode="after")
     def _builds(self):
-        CalibConfig(**dict(self))  # its own checks (sizes >= 1, ...) at load time
+        values = dict(self)  # its own checks (sizes >= 1, ...) at load time, every one reported
+        raise_all("CalibrateOptions", dataclass_problems(CalibConfig, values, self.model_fields_set), values)
         return self
 
 
@@ -67,12 +95,17 @@ class MasksOptions(Section):
     @field_validator("params")
     @classmethod
     def _known_params(cls, v):
+        problems = []  # every unknown method and parameter, one line each
         for method, params in v.items():
-            check_names([method], METHODS, "method")
+            try:
+                check_names([method], METHODS, "method")
+            except ValueError as err:
+                problems.append(((), str(err)))
+                continue
             known = METHODS[method].defaults
-            for key in params:
-                if key not in known:
-                    raise ValueError(f"{method}: unknown parameter {key!r}{did_you_mean(key, known)}")
+            hint = lambda key: did_you_mean(key, known) if known else " (it takes no parameters)"  # noqa: E731
+            problems += [((), f"{method}: unknown parameter {key!r}{hint(key)}") for key in params if key not in known]
+        raise_all("MasksOptions.params", problems, v)
         return v
 
 
@@ -85,7 +118,8 @@ class LearnKnobs(options_model("LearnKnobs", LearnConfig, "Fields of learn.Learn
         given = sorted({"objective", "sparsity"} & self.model_fields_set)
         if given:
             raise ValueError(f"{', '.join(given)}: set masks.learned.objectives / sparsities instead")
-        LearnConfig(**{k: v for k, v in dict(self).items() if k not in ("objective", "sparsity")})
+        values = {k: v for k, v in dict(self).items() if k not in ("objective", "sparsity")}
+        raise_all("LearnKnobs", dataclass_problems(LearnConfig, values, self.model_fields_set), values)
         return self
 
 
@@ -95,5 +129,6 @@ class LearnData(options_model("LearnData", DataConfig, "Fields of learn.DataConf
 
     @model_validator(mode="after")
     def _builds(self):
-        DataConfig(**dict(self))
+        values = dict(self)
+        raise_all("LearnData", dataclass_problems(DataConfig, values, self.model_fields_set), values)
         return self

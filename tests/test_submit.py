@@ -392,7 +392,7 @@ def run_job_here(fake: FakeRayJobs, sid: str, gcs_address: str, tmp_path, timeou
 
 
 @pytest.mark.slow  # a whole tiny nightly run (calibrate, build masks, evaluate) in a driver process
-def test_submit_nightly_runs_on_the_local_ray(ray_jobs, ray_cluster, tmp_path, capsys):
+def test_submit_nightly_runs_on_the_local_ray(ray_jobs, ray_cluster, tmp_path, capsys, monkeypatch):
     """`persona-jobs submit -- nightly --config ...` (what cluster/cronjob.yaml runs) crashed before
     contacting Ray (dataclasses.asdict on the pydantic nightly section). Now it submits, and the job
     it submitted runs to success on the session's Ray, and a second nightly submit is recognised."""
@@ -400,6 +400,7 @@ def test_submit_nightly_runs_on_the_local_ray(ray_jobs, ray_cluster, tmp_path, c
 
     from conftest import TINY_PIPELINE
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # `local` (a session run beside other clusters) is not for the SDK
     store = tmp_path / "shared-store"
     cfg = tmp_path / "nightly.yaml"
     cfg.write_text(yaml.safe_dump({**TINY_PIPELINE, "store": str(store),

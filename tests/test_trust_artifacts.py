@@ -297,3 +297,25 @@ def test_converted_cache_without_a_digest_record_is_rebuilt(fake_conversion, cap
     assert len(fake_conversion) == 2 and "no digest record" in caplog.text
     builtin.smollm2_folder()
     assert len(fake_conversion) == 2
+
+
+def test_concurrent_loads_convert_once(fake_conversion):
+    """Two loaders of a missing or failed cache at once: one converts, the other waits and finds it whole
+    (never converting again, never replacing the folder under a reader)."""
+    import threading
+
+    threads = [threading.Thread(target=builtin.smollm2_folder) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(fake_conversion) == 1
+    folder, _ = builtin.smollm2_folder()
+    (folder / "config.json").write_text("{}")  # fails its record
+    threads = [threading.Thread(target=builtin.smollm2_folder) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(fake_conversion) == 2
+    assert not builtin.cache_problem(folder)

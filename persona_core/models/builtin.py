@@ -16,6 +16,7 @@ before the record existed) is converted again from the GGUF, with a warning nami
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -106,27 +108,47 @@ def gemma3_folder(convert: bool = True) -> tuple[Path, str]:
 def ensure_converted(folder: Path, build: Callable[[], None], verify: bool = True) -> None:
     """`folder` converted and (with `verify`) whole: a missing one is built; one that fails its record
     (`cache_problem`) is rebuilt, with a warning naming what failed. Without `verify` (a model key
-    asked for), an existing folder is taken as it is: the key names the GGUF, not the cache."""
-    if not (folder / "model.safetensors").exists() and not (folder / CACHE_RECORD).exists():
+    asked for), an existing folder is taken as it is: the key names the GGUF, not the cache.
+    Conversions of one folder take turns across processes (a file lock): the second finds the
+    first's folder whole instead of converting again or replacing it under a reader."""
+    missing = not (folder / "model.safetensors").exists() and not (folder / CACHE_RECORD).exists()
+    if not missing:
+        if not verify:
+            return
+        stamp = _stamp(folder)
+        if stamp is not None and _VERIFIED.get(folder) == stamp:
+            return  # checked by this process, and not a byte written since (any write moves a ctime)
+        t0 = time.perf_counter()
+        problem = cache_problem(folder)
+        log.info("%s: converted cache checked in %.2f s", folder, time.perf_counter() - t0)
+        if not problem:
+            _VERIFIED[folder] = stamp
+            return
+    with _conversion_lock(folder):
+        problem = cache_problem(folder) if folder.exists() else ""
+        if folder.exists() and not problem:
+            return  # another process converted it while this one waited
+        if problem:
+            log.warning("converted model cache %s; rebuilding it from the GGUF (takes ~30 s)", problem)
         build()
-        return
-    if not verify:
-        return
-    stamp = _stamp(folder)
-    if stamp is not None and _VERIFIED.get(folder) == stamp:
-        return  # checked by this process, and not a byte written since (any write moves a ctime)
-    t0 = time.perf_counter()
-    problem = cache_problem(folder)
-    log.info("%s: converted cache checked in %.2f s", folder, time.perf_counter() - t0)
-    if not problem:
-        _VERIFIED[folder] = stamp
-        return
-    log.warning("converted model cache %s; rebuilding it from the GGUF (takes ~30 s)", problem)
-    build()
-    problem = cache_problem(folder)
-    if problem:
-        raise ValueError(f"converted model cache {problem} right after converting it again; "
-                         f"remove {folder} and retry (disk full or failing?)")
+    if verify:
+        problem = cache_problem(folder)
+        if problem:
+            raise ValueError(f"converted model cache {problem} right after converting it; "
+                             f"remove {folder} and retry (disk full or failing?)")
+        _VERIFIED[folder] = _stamp(folder)
+
+
+@contextmanager
+def _conversion_lock(folder: Path):
+    """An exclusive lock on ``.<folder>.lock`` next to `folder`, held while it is (re)converted."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # folder -> `_stamp` when this process last found it whole (a second load in one process skips the hash)

@@ -253,6 +253,7 @@ def test_real_parts_pass_the_row_bound(tmp_path):
 # ---------------------------------------------------------------------------- 10: a budget with the default baselines
 
 
+@pytest.mark.slow  # a budget search on the tiny model: about 40 s
 def test_budget_with_the_default_baselines_builds_them(tmp_path, tiny, builtin_catalog):
     """`masks.budget` and no `masks.baselines`: magnitude (no statistics, no strength) gets a budgeted
     sparsity like every other method, instead of `IndexError: tuple index out of range`."""

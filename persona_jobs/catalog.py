@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from persona_core.catalog import Catalog, CatalogError, SplitConfig, load_catalog
+from persona_core.store.redact import url_userinfo_problem
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
@@ -27,9 +28,17 @@ def add_parser(sub) -> None:
     for name, func, help_ in (("validate", _validate, "check a catalog; exit 1 listing every problem"),
                               ("show", _show, "print a table of personas, pairs and counts")):
         q = csub.add_parser(name, help=help_)
-        q.add_argument("path", help="catalog file, folder, URL, or 'builtin'")
+        q.add_argument("path", type=catalog_path, help="catalog file, folder, URL, or 'builtin'")
         add_split_args(q)
         q.set_defaults(func=func)
+
+
+def catalog_path(text: str) -> str:
+    """The catalog argument, refused (never echoed) when its URL carries credentials."""
+    problem = url_userinfo_problem(text, "catalog URL")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _load(args) -> Catalog | None:

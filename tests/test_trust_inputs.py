@@ -60,6 +60,17 @@ def test_config_store_with_credentials_is_refused_and_never_echoed():
     assert ACCESS_KEY not in text and "wJal" not in text and "EXAMPLEKEY" not in text
 
 
+def test_catalog_url_with_credentials_is_refused_and_never_echoed(capsys):
+    url = f"s3://{ACCESS_KEY}:{SECRET}@bucket/catalog.yaml"
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"catalog: {url}\n", "x.yaml")
+    assert "x.yaml:1: catalog: catalog URL s3://***@bucket/" in str(err.value)
+    code, text = run_cli(["catalog", "validate", url], capsys)
+    assert code == 2 and "AWS_ACCESS_KEY_ID" in text
+    for shown in (str(err.value), text):
+        assert ACCESS_KEY not in shown and "wJal" not in shown and "EXAMPLEKEY" not in shown
+
+
 def test_store_refuses_credentials_whoever_opens_it():
     with pytest.raises(StoreError) as err:
         open_store(f"s3://{ACCESS_KEY}:{SECRET}@bucket/x").list("stats")

@@ -194,10 +194,10 @@ class PipelineConfig(Section):
     resources: ResourcesSection = Field(default_factory=ResourcesSection,
                                         description="cluster resources the stages use")
 
-    @field_validator("store")
+    @field_validator("store", "catalog")
     @classmethod
-    def _no_credentials(cls, v):
-        problem = url_userinfo_problem(v)
+    def _no_credentials(cls, v, info):
+        problem = url_userinfo_problem(v, f"{info.field_name} URL")
         if problem:
             raise ValueError(problem)
         return v

@@ -56,7 +56,7 @@ CREDENTIALS_HINT = ("give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or 
                     "an instance role) instead")
 
 
-def url_userinfo_problem(url: str) -> str | None:
+def url_userinfo_problem(url: str, what: str = "store URL") -> str | None:
     """Why `url` may not be used as a store URL because it carries credentials, or None.
 
     ``s3://KEY:SECRET@bucket/x`` would print the key in every message that names the store (and a
@@ -72,7 +72,7 @@ def url_userinfo_problem(url: str) -> str | None:
     if not has_userinfo:
         return None
     host = rest.rsplit("@", 1)[1].split("/", 1)[0]
-    return (f"store URL {scheme}://{MASK}@{host}/...: credentials in a URL are refused (they would show in logs, "
+    return (f"{what} {scheme}://{MASK}@{host}/...: credentials in a URL are refused (they would show in logs, "
             f"process lists and error messages); {CREDENTIALS_HINT}")
 
 

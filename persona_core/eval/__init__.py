@@ -8,8 +8,11 @@ Lowest first (each module imports only modules listed before it):
 * `judge`: the optional LLM judge (`JudgeSettings`, endpoint or local model).
 * `validation`: the data settings are chosen on (validation statements, general-text windows), and
   `text_key`, how held-out texts are compared.
+* `objective`: the contrastive learners' objective (statement margin + general-text KL), shared by
+  ``learned-contrastive`` masks and the learned steering vector.
 * `fewshot`: the few-shot prompts (calibration statements as examples).
-* `steering`: the steering vectors, the hook and the search for a layer and coefficient.
+* `steering`: the steering vectors (mean-difference and learned), the hook and the search for a layer and
+  coefficient.
 * `metrics`: `METRICS`, the metric registry (`@metric`), and the built-in metrics.
 * `conditions`: `CONDITIONS`, the condition registry (dense, +prompt, +fewshot, +steer, masked, ...).
 * `config`: `EvalConfig`, whose hash keys the results.
@@ -19,6 +22,7 @@ Lowest first (each module imports only modules listed before it):
 * `dense_cache`: the dense rows' identity and their cache in the store.
 * `engine`: `Evaluator`, one loaded model implementing `Scorer`.
 * `scoring`: one condition's rows, under whatever state the model is in.
-* `steered`: the ``dense+steer`` condition (a steering setting chosen per pair, then scored).
+* `steered`: the ``dense+steer`` and ``dense+steer-learned`` conditions (a steering setting chosen per pair,
+  then scored).
 * `unit`: `evaluate_unit`, one (persona, mask) unit's result table.
 """

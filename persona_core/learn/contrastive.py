@@ -451,7 +451,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     if knobs.general_weight > 0 and knobs.general_batch > 0:
         source = resolve_validation_text(search.budget.ppl_text)
         general = general_examples(ev.model, ev.tokenizer, kl_windows(ev.tokenizer, source, search.budget,
-                                                                      search._windows))
+                                                                      search.windows))
     sa, sb = StatementBatch.of(ev, train_a), StatementBatch.of(ev, train_b)
     common = dict(general=general, batch=knobs.batch, general_batch=knobs.general_batch,
                   general_weight=knobs.general_weight, seed=knobs.seed, pad=pad)
@@ -493,7 +493,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
         i = index[setting.sparsity]
         fig = learner.state.figures.setdefault(i, {})
         if "ppl" not in fig:
-            fig["ppl"] = search._ratio(at(setting))
+            fig["ppl"] = search.ratio(at(setting))
             if write_checkpoint is not None:
                 write_checkpoint(learner.state.to_bytes(owner))
         return fig["ppl"]

@@ -215,6 +215,15 @@ class PairSearch:
         (the figure is then that mask's ratio: enough to know the setting is over budget)."""
         return self._ratio(self._masks(setting), limit)
 
+    @property
+    def windows(self) -> list[list[int]]:
+        """The validation windows the budget's perplexity is measured on (a learner keeps its own out of them)."""
+        return self._windows
+
+    def ratio(self, masks: tuple, limit: float | None = None) -> float:
+        """The larger validation perplexity ratio of `masks` (one per side), each against the dense model."""
+        return self._ratio(masks, limit)
+
     def _ratio(self, masks: tuple, limit: float | None = None) -> float:
         worst = 0.0
         for m in masks:

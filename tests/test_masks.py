@@ -55,7 +55,7 @@ def reference_keep(score: torch.Tensor, absw: torch.Tensor, k: int) -> torch.Ten
     return keep
 
 
-WEIGHT_METHODS = sorted(m for m in METHODS if not METHODS[m].reads)  # the rest score MLP channels only
+WEIGHT_METHODS = sorted(m for m in METHODS if not METHODS[m].reads and not METHODS[m].learned)  # the rest: MLP channels only, or learned (tests/test_learned_contrastive.py)
 
 
 @pytest.mark.parametrize("method", WEIGHT_METHODS)

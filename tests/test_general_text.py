@@ -198,6 +198,9 @@ def test_a_missing_text_is_a_config_load_error(tmp_path, no_wikitext):
     with pytest.raises(GeneralTextError, match="EvalConfig.val_text: general text 'wikitext-2-valid'"):
         EvalConfig(val_text="wikitext-2-valid")
     EvalConfig(ppl_text="x.jsonl::text")  # a dataset file is read by load_texts when scored, not here
+    with pytest.raises(GeneralTextError, match=r"^where: general text 'gone/valid.txt': no such file"):
+        check_general_text("gone/valid.txt", "where")
+    check_general_text(BUILTIN_GENERAL, "where")
     with pytest.raises(ConfigError, match=r"x.yaml:4: evaluate.options.ppl_text: EvalConfig.ppl_text: general text 'gone/test.txt': no such file"):
         parse_config("model: tiny-random-llama\nevaluate:\n  options:\n    ppl_text: gone/test.txt\n", "x.yaml")
     with pytest.raises(ConfigError, match=r"masks.budget: .*ppl_text: general text 'wikitext-2-valid'"):

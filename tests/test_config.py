@@ -96,6 +96,8 @@ PIPELINE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
 def test_shipped_configs_validate(path):
     from persona_core.eval.config import EvalConfig
 
+    if "../shared/data" in path.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip(f"{path.name} reads ../shared/data, absent here")
     if path.name.startswith("nightly"):
         load_config(path, NightlyConfig)
         return

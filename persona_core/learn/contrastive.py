@@ -57,7 +57,7 @@ from persona_core.eval.objective import (Objective, StatementBatch, adam_step, c
                                          pad_id)
 from persona_core.eval.validation import text_key, text_windows, validation_separation
 from persona_core.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from persona_core.learn.gate import hard_topk, straight_through
+from persona_core.learn.gate import InputGate, hard_topk, straight_through
 from persona_core.masks.budget import Budget, SearchResult, Setting, search_path
 from persona_core.masks.budgeted_build import BudgetOutcome, PairSearch, resolve_validation_text
 from persona_core.masks.build import channel_module_masks, ffn_channel_scores
@@ -146,33 +146,13 @@ def initial_scores(lw: LinearWeights, stats: Sequence, init: str, unit: str
     return torch.stack(rows), torch.cat([t.float() for t in ties])
 
 
-class UnitGate:
-    """Forward pre-hooks multiplying the input of every layer in the segments' groups by that segment's
-    slice of `values` ([N], set before a forward; None leaves the model dense)."""
+class UnitGate(InputGate):
+    """An `InputGate` on every layer in the segments' groups: each multiplies its input by its
+    segment's slice of `values` ([N])."""
 
     def __init__(self, model: nn.Module, segs: Sequence[Segment]):
-        self.targets = [(model.get_submodule(name), s) for s in segs for name in s.group.modules]
-        self.values: torch.Tensor | None = None
-        self._handles: list = []
-
-    def __enter__(self) -> "UnitGate":
-        for mod, s in self.targets:
-            self._handles.append(mod.register_forward_pre_hook(self._hook(s)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.values = None
-
-    def _hook(self, s: Segment):
-        def hook(module, args):
-            if self.values is None:
-                return None
-            return (args[0] * self.values[s.offset: s.offset + s.width].to(args[0].dtype),) + tuple(args[1:])
-
-        return hook
+        super().__init__([(model.get_submodule(name), slice(s.offset, s.offset + s.width))
+                          for s in segs for name in s.group.modules])
 
 
 def keep_of(scores: torch.Tensor, tiebreak: torch.Tensor, segs: Sequence[Segment], sparsity: float) -> torch.Tensor:

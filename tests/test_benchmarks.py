@@ -24,8 +24,9 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ALL = sorted(p.stem for p in BENCH.glob("*.py"))
-# the Makefile's `bench` target: every benchmark but the studies and sweeps (hours each)
-MAKE_BENCH = [n for n in ALL if not n.startswith(("study_", "sweep_"))]
+# the Makefile's `bench` target: every benchmark but the studies and sweeps (hours each) and gpu.py
+# (`make gpu-check`: full-size models; its CPU smoke run is tested below)
+MAKE_BENCH = [n for n in ALL if not n.startswith(("study_", "sweep_")) and n != "gpu"]
 LIBRARY = ("persona_core", "persona_jobs")
 
 
@@ -96,3 +97,83 @@ def test_benchmark_runs_on_its_smallest_arguments(name, tmp_path):
     assert len(lines) == 1, f"benchmarks/{name}.py printed {len(lines)} lines, not one JSON line:\n{done.stdout[-2000:]}"
     out = json.loads(lines[0])
     assert out["benchmark"] == name
+
+
+# ---------------------------------------------------------------------------- benchmarks/gpu.py
+
+
+def test_gpu_shapes_are_the_published_llama_configs():
+    """Llama-3.2-1B and Llama-3.1-8B as published: parameter counts (on the meta device, no memory),
+    tied embeddings for the 1B only, grouped-query attention 32:8, llama3 rope at theta 500,000."""
+    from transformers import LlamaForCausalLM
+
+    import torch
+
+    gpu = load("gpu")
+    tok = gpu.byte_tokenizer()
+    expected = {"1b": ("llama-3.2-1b", 1_235_814_400, True, 32.0), "8b": ("llama-3.1-8b", 8_030_261_248, False, 8.0)}
+    assert set(gpu.SHAPES) == set(expected)
+    for key, (name, params, tied, factor) in expected.items():
+        label, shape = gpu.SHAPES[key]
+        cfg = gpu.llama_config(shape, tok)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        assert label == name
+        assert sum(p.numel() for p in model.parameters()) == params, name
+        assert cfg.tie_word_embeddings is tied
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (32, 8, 128256)
+        assert cfg.rope_parameters["rope_theta"] == 500000.0 and cfg.rope_parameters["factor"] == factor
+
+
+def test_gpu_swap_bound_counts_every_byte_moved():
+    """apply reads the dense copy and the 1-byte mask and writes the weight; restore reads and writes."""
+    import torch
+
+    gpu = load("gpu")
+    masks = {"a": torch.ones(3, 4, dtype=torch.bool), "b": torch.zeros(5, dtype=torch.bool)}
+    assert gpu.swap_bytes(masks, 2) == (17 * 5, 17 * 4)  # bf16
+    assert gpu.swap_bytes(masks, 4) == (17 * 9, 17 * 8)  # fp32
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_small_runs_on_cpu_without_ray(tmp_path):
+    """`benchmarks/gpu.py --small`: exit 0, one JSON line on stdout (logs on stderr), every phase's
+    figures against its plain baseline, peak memory per phase, the bound's bytes, and Ray never imported."""
+    gpu = BENCH / "gpu.py"
+    wrapper = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]; runpy.run_path(sys.argv[0], "
+               "run_name='__main__'); assert 'ray' not in sys.modules, 'benchmarks/gpu.py imported ray'")
+    env = {**os.environ, "PERSONA_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", wrapper, str(gpu), *load("gpu").SMOKE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"benchmarks/gpu.py printed {len(lines)} lines, not one JSON line:\n{done.stdout[-2000:]}"
+    out = json.loads(lines[0])
+    assert (out["benchmark"], out["device"], out["dtype"], out["small"]) == ("gpu", "cpu", "float32", True)
+    assert out["bandwidth_gb_s"] > 0
+    (model,) = out["models"].values()
+    assert set(model["peak_gib"]) == {"calibration", "scoring", "swap", "learner"}
+    assert all(v > 0 for v in model["peak_gib"].values())
+    cal, score, swap, learn = (model[k] for k in ("calibration", "scoring", "swap", "learner"))
+    assert cal["plain_tokens_per_s"] > 0 and cal["stats_tokens_per_s"] > 0 and cal["ratio"] > 0
+    assert score["statements"] == 4 and score["pref_tokens_per_s"] > 0 and score["pref_vs_plain"] > 0
+    assert swap["apply_bytes"] == swap["weights"] * 9 and swap["restore_bytes"] == swap["weights"] * 8  # fp32
+    assert min(swap[k] for k in ("apply_s", "swap_s", "restore_s", "apply_bound_s", "restore_bound_s")) > 0
+    assert learn["steps_per_s"] > 0 and learn["ratio_vs_plain"] > 0 and learn["ratio_vs_frozen"] > 0
+    assert learn["tokens_per_step"] > 0 and set(learn["peak_gib"]) == {"learner", "plain", "frozen"}
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_phases_run_in_bf16():
+    """The GPU runs every phase in bf16: the same phases on CPU in bf16 (a small shape) give finite figures
+    (the statistics reduce bf16 inputs in float32, the learner's float mask meets bf16 activations)."""
+    import math
+
+    import torch
+
+    gpu = load("gpu")
+    model = gpu.run_model("bf16", gpu.SMALL[1], gpu.Device(torch.device("cpu")), torch.bfloat16, gpu.SMALL_SIZES, 1e10)
+    assert model["swap"]["apply_bytes"] == model["swap"]["weights"] * 5  # 2-byte weights
+    figures = [model["calibration"]["ratio"], model["scoring"]["pref_vs_plain"], model["learner"]["ratio_vs_plain"],
+               model["learner"]["ratio_vs_frozen"], model["swap"]["swap_vs_bound"]]
+    assert all(math.isfinite(v) and v > 0 for v in figures), figures

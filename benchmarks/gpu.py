@@ -302,6 +302,7 @@ def learner_phase(loaded: LoadedModel, stats: dict, dev: Device, sizes: Sizes) -
     questions = training_instructions(DataConfig(examples=sizes.examples))
     answers = [s for p in catalog for s in p.calibration]
     samples = [{"question": q, "answer": answers[i % len(answers)]} for i, q in enumerate(questions)]
+    dev.reset_peak()
     t0 = time.perf_counter()
     examples = prepare_examples(loaded, persona, samples, config)
     windows = text_windows(loaded.tokenizer, BUILTIN_GENERAL, config.general_window, config.general_windows)
@@ -311,7 +312,7 @@ def learner_phase(loaded: LoadedModel, stats: dict, dev: Device, sizes: Sizes) -
     prepare_s = time.perf_counter() - t0
     learner = MaskLearner(loaded, examples, general, scores, tiebreak, config)
     times: dict[str, list[float]] = {"learner": [], "plain": [], "frozen": []}
-    peaks: dict[str, float] = {k: 0.0 for k in times}
+    peaks: dict[str, float] = {"prepare": dev.peak_gib(), **{k: 0.0 for k in times}}  # teacher targets, then per pass
     tokens = []
     with learner.gate:
         for step in range(sizes.steps + 1):  # step 0 warms every path up
@@ -365,7 +366,8 @@ def run_model(name: str, shape: dict, dev: Device, dtype: torch.dtype, sizes: Si
         if phase == "calibration":
             result, stats = result
         out[phase] = result
-        out["peak_gib"][phase] = dev.peak_gib()
+        # the learner resets the peak per pass (its own figures): the phase's peak is the largest of them
+        out["peak_gib"][phase] = max(result["peak_gib"].values()) if phase == "learner" else dev.peak_gib()
         log.info("%s %s: %.1f s %s", name, phase, time.perf_counter() - t, json.dumps(result))
     return out
 

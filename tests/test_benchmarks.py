@@ -160,7 +160,8 @@ def test_gpu_benchmark_small_runs_on_cpu_without_ray(tmp_path):
     assert swap["apply_bytes"] == swap["weights"] * 9 and swap["restore_bytes"] == swap["weights"] * 8  # fp32
     assert min(swap[k] for k in ("apply_s", "swap_s", "restore_s", "apply_bound_s", "restore_bound_s")) > 0
     assert learn["steps_per_s"] > 0 and learn["ratio_vs_plain"] > 0 and learn["ratio_vs_frozen"] > 0
-    assert learn["tokens_per_step"] > 0 and set(learn["peak_gib"]) == {"learner", "plain", "frozen"}
+    assert learn["tokens_per_step"] > 0 and set(learn["peak_gib"]) == {"prepare", "learner", "plain", "frozen"}
+    assert model["peak_gib"]["learner"] == max(learn["peak_gib"].values())
 
 
 @pytest.mark.slow

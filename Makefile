@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo check lint test bench install clean gemma
+.PHONY: demo check lint test bench gpu-check install clean gemma
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,12 @@ demo: $(STAMP)
 	$(PY) -m persona_jobs run --config configs/demo.yaml
 
 bench: $(STAMP)
-	for b in $(filter-out benchmarks/study_%.py benchmarks/sweep_%.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/study_%.py benchmarks/sweep_%.py benchmarks/gpu.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
+
+# persona_core on random-weight Llama-3.2-1B and Llama-3.1-8B shapes, bf16, on the GPU (benchmarks/README.md#gpu);
+# GPU_ARGS=--small is the CPU smoke run.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu.py $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) persona-store .pytest_cache .hypothesis

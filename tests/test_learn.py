@@ -59,6 +59,31 @@ def test_hard_topk_ties_follow_the_tiebreak():
     assert keep.tolist() == [[False, True, False, True, False, False]]
 
 
+def test_channel_and_unit_gates_are_one_mechanism(tiny):
+    """ChannelGate ([L, C] rows) and learned-contrastive's UnitGate (flat [N] slices) are the same
+    InputGate: the same channel mask gives bit-identical logits, and both leave no hook behind."""
+    from persona_core.learn.contrastive import UnitGate, segments
+    from persona_core.learn.gate import InputGate
+
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    channel = ChannelGate(tiny.model)
+    unit = UnitGate(tiny.model, segments(LinearWeights.from_model(tiny), "ffn-channels"))
+    assert isinstance(channel, InputGate) and isinstance(unit, InputGate)
+    mask = torch.rand(channel.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    with torch.no_grad():
+        dense = tiny.model(ids).logits
+        with channel:
+            channel.values = mask.float()
+            by_channel = tiny.model(ids).logits
+        with unit:
+            unit.values = mask.flatten().float()
+            by_unit = tiny.model(ids).logits
+        after = tiny.model(ids).logits
+    assert torch.equal(by_channel, by_unit) and not torch.equal(by_channel, dense)
+    assert torch.equal(after, dense) and channel.values is None and unit.values is None
+    assert not any(m._forward_pre_hooks for m in tiny.model.modules())
+
+
 def test_gradients_reach_the_scores_and_nothing_else(tiny, stats):
     learner = _learner(tiny, stats)
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}

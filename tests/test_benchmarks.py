@@ -178,3 +178,28 @@ def test_gpu_benchmark_phases_run_in_bf16():
     figures = [model["calibration"]["ratio"], model["scoring"]["pref_vs_plain"], model["learner"]["ratio_vs_plain"],
                model["learner"]["ratio_vs_frozen"], model["swap"]["swap_vs_bound"]]
     assert all(math.isfinite(v) and v > 0 for v in figures), figures
+
+
+def test_learner_initial_scores_follow_the_models_device():
+    """gpu.py's learner phase (and `learn_persona` on a GPU) starts from `initial_scores` of a model on CUDA
+    with statistics on CPU: the statistics must move to the weights. The meta device stands in for CUDA here:
+    before the fix the weights (meta) met the statistics (cpu) in the method's score ("not on the expected
+    device"); now the statistics move and only meta's lack of values (`.item()`) stops it. On CPU the scores
+    are unchanged."""
+    import torch
+
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate
+    from persona_core.learn.config import LearnConfig
+    from persona_core.learn.learner import initial_scores
+    from persona_core.models.loading import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu")
+    stats = calibrate(loaded, ["a first text, long enough to count", "and a second one"], CalibConfig(max_length=32))
+    scores, tiebreak = initial_scores(loaded, [stats], LearnConfig())
+    again, tie_again = initial_scores(loaded, [stats], LearnConfig(), device="cpu")
+    assert torch.equal(scores, again) and torch.equal(tiebreak, tie_again)
+    assert scores.shape == (2, 128) and torch.isfinite(scores).all()
+    loaded.model.to("meta")
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        initial_scores(loaded, [stats], LearnConfig())

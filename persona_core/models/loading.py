@@ -105,10 +105,23 @@ def model_key(spec: str, *, revision: str | None = None) -> str:
     if spec in TINY_ALIASES:
         return tiny_key(spec, revision)
     if spec == DEFAULT_MODEL:
-        return _key(spec, smollm2_folder(verify=False)[1])  # the key names the GGUF: no need to read the cache
+        return _key(spec, smollm2_folder(convert=False)[1])  # the key names the GGUF: the cache is not needed
     if spec == GEMMA3_ALIAS:
         return _key(spec, gemma3_folder(convert=False)[1])
     return _key(_slug(spec), _resolve_hf(spec, revision)[1])
+
+
+def model_folder(spec: str, *, revision: str | None = None) -> Path | None:
+    """The folder on this node that `load_model(spec)` reads (a built-in model converted and checked in
+    the model cache first, as a load does); None for the tiny random model, which has no files."""
+    spec, revision = split_revision(spec, revision)
+    if spec in TINY_ALIASES:
+        return None
+    if spec == DEFAULT_MODEL:
+        return Path(smollm2_folder()[0])
+    if spec == GEMMA3_ALIAS:
+        return Path(gemma3_folder()[0])
+    return Path(_resolve_hf(spec, revision)[0])
 
 
 def with_revision(spec: str, revision: str | None) -> str:

@@ -231,7 +231,8 @@ def _hold_from(nodes: list[NodeResources]) -> None:
 
 
 def _hold(pool: str) -> None:
-    """The test hook of `HOLD_ENV`, in the actor: a marker named after this node, then a pause."""
+    """The test hook of `HOLD_ENV` ("<pool>:<folder>:<seconds>"), in the actor: while `folder` exists, a
+    marker named after this node, then a pause of `seconds` that ends early once the folder is removed."""
     value = os.environ.get(HOLD_ENV, "")
     name, _, rest = value.partition(":")
     folder, _, seconds = rest.rpartition(":")
@@ -242,7 +243,9 @@ def _hold(pool: str) -> None:
     node = ray.get_runtime_context().get_node_id()
     with open(os.path.join(folder, f"{node}.{os.getpid()}.{time.monotonic_ns()}"), "w"):
         pass
-    time.sleep(float(seconds or 0))
+    until = time.monotonic() + float(seconds or 0)
+    while time.monotonic() < until and os.path.isdir(folder):
+        time.sleep(min(0.2, max(0.0, until - time.monotonic())))
 
 
 def _actor_class(worker: type, pool: str) -> type:

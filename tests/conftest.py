@@ -19,6 +19,9 @@ os.environ.setdefault("PERSONA_PROGRESS", "0")
 os.environ.setdefault("PERSONA_LOG_TO_DRIVER", "0")  # actors' output stays in the worker logs (users get it: on by default)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run on Ray clusters of their own: a RAY_ADDRESS of the shell would send the CLI processes they
+# start to another cluster. Tests that need an address set it (tests/test_multinode.py, tests/test_submit.py).
+os.environ.pop("RAY_ADDRESS", None)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core (-n 2): one torch (OpenMP) thread each, for them and the CLI
     # processes they start; two workers of two threads each on two cores spin-wait on each other.
@@ -71,7 +74,8 @@ def ray_cluster():
     """A local Ray cluster for the whole session (2 CPUs, small object store)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+        # "local": a new cluster even where RAY_ADDRESS or Ray's current-cluster file (ray start) names one
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
                  log_to_driver=False, runtime_env={"env_vars": {"PERSONA_PROGRESS": "0"}})
     yield ray
     ray.shutdown()

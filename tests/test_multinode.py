@@ -332,6 +332,19 @@ def test_the_hold_hook_ends_when_its_folder_goes(tmp_path, monkeypatch):
     assert time.monotonic() - t >= 0.3 and [m.name.split(".")[0] for m in tmp_path.iterdir() if m.is_file()] == ["node-a"]
 
 
+def test_a_ray_system_process_crash_is_found_and_named(tmp_path):
+    """What decides the one rerun: a crash line in a raylet/GCS log, named by file; workers' logs do not count."""
+    logs = tmp_path / "ray" / "session_2026-12-05_08-00-00_000000_1" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "raylet.out").write_text("[info] started\n")
+    (logs / "worker-abc-01000000-123.err").write_text("*** SIGSEGV received at time=1 (a worker: not ours to retry)\n")
+    assert _crashes(tmp_path) == []
+    (logs / "raylet.1.err").write_text("ok\n*** SIGSEGV received at time=1764921600 on cpu 1 ***\nPC: @ 0x55\n")
+    (logs / "gcs_server.err").write_text("check_failed.cc:12 Check failed: node != nullptr\n")
+    assert _crashes(tmp_path) == ["gcs_server.err: check_failed.cc:12 Check failed: node != nullptr",
+                                  "raylet.1.err: *** SIGSEGV received at time=1764921600 on cpu 1 ***"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bucket-url", required=True, help="s3://bucket (the moto server's, AWS_* set)")

@@ -177,6 +177,53 @@ def test_zero_learning_rate_gives_the_training_free_contrastive_mask(setup, monk
     assert out.learner.state.step == 2
 
 
+def test_zero_steps_per_point_snapshots_every_point_as_the_training_free_mask(setup, monkeypatch):
+    """steps = warmup = 0: every point of the path ends at step 0 and gets its own snapshot (it used to
+    keep none: an all-removed mask), each exactly the init's training-free mask at that sparsity."""
+    from persona_core.masks.budgeted_build import PairSearch
+    from persona_core.masks.build import build_pair_masks
+
+    ev, lw, a, b, stats, cc, folder = setup
+    budget = replace(SMALL_BUDGET, perplexity_ratio=1e6)
+    out = learn(setup, monkeypatch, spec_of(budget=budget, steps=0, warmup=0, init="contrastive-importance"))
+    search = PairSearch(ev, lw, spec_of(0.5), Budget(), [("persona", a), ("opposite", b)], [stats[a.id], stats[b.id]],
+                        calib_config=cc)
+    assert out.learner.state.step == 0 and len(out.result.points) == len(budget.grid())
+    for i, s in enumerate(budget.grid()):
+        free = build_pair_masks(lw, *search.fit_stats, spec=MaskSpec("contrastive-importance", s, "ffn-channels"))
+        for learned, plain in zip(out.learner.masks_at(i), free):
+            assert all(torch.equal(learned[n], plain[n]) for n in plain)
+
+
+def test_the_budgeted_mask_records_its_validation_text(setup, monkeypatch):
+    out = learn(setup, monkeypatch, spec_of(budget=SMALL_BUDGET))
+    meta = out.metadata()
+    assert meta["budget_search"]["val_text"]["spec"] == SMALL_BUDGET.ppl_text
+    assert meta["learn"]["general_text"] == meta["budget_search"]["val_text"]
+
+
+def test_contrastive_importance_is_pooled_wanda_tilted_by_the_contrast(setup):
+    """beta 0: both poles score |W| x the pooled RMS (Wanda on the pair's text); beta > 0 tilts each weight
+    toward the pole its input leans to, by at most e^beta."""
+    from persona_core.masks.methods import METHODS
+
+    ev, lw, a, b, stats, cc, folder = setup
+    from persona_core.masks.inputs import group_stats
+
+    g = lw.groups[0]
+    absw = lw.weight(g.modules[0]).abs()
+    gs = group_stats([stats[a.id], stats[b.id]], (g.layer, g.name), "cpu")
+    m = METHODS["contrastive-importance"]
+    flat = m.fn(absw, gs, m.resolve({"beta": 0.0}))
+    pooled = ((gs[0].sumsq + gs[1].sumsq) / (gs[0].tokens + gs[1].tokens)).sqrt()
+    assert torch.allclose(flat[0], absw * pooled.float()) and torch.equal(flat[0], flat[1])
+    plus, minus = m.fn(absw, gs, m.resolve({"beta": 2.0}))
+    z = gs[0].norm_mean - gs[1].norm_mean
+    lean_a = (z > 0) & (absw[0] > 0)
+    assert bool((plus[0][lean_a] > minus[0][lean_a]).all())
+    assert bool((plus / flat[0].clamp_min(1e-30) <= torch.e ** 2 + 1e-4)[absw > 0].all())
+
+
 def test_the_k_path_is_documented_as_not_nested(setup, monkeypatch):
     out = learn(setup, monkeypatch, spec_of(budget=SMALL_BUDGET, lr=0.5))
     meta = out.metadata()
@@ -187,13 +234,37 @@ def test_the_k_path_is_documented_as_not_nested(setup, monkeypatch):
     assert all(p["separation"] is not None for p in search["points"] if p["perplexity_ratio"] <= 5.0)
 
 
-def test_a_planted_evaluation_statement_in_training_data_fails_the_run(setup, monkeypatch):
+def test_a_planted_evaluation_statement_in_training_data_is_dropped_and_logged(setup, monkeypatch, caplog):
+    """Issue 26 (conscientiousness): a calibration statement that repeats a held-out one (here the
+    opposite's evaluation statement, which the validation split never takes) is dropped from
+    training with a logged count, not a failed run; the learner never sees it."""
+    from persona_core.learn.contrastive import training_statements
+
+    ev, lw, a, b, stats, cc, folder = setup
+    leak = b.evaluation[0]
+    planted = replace(a, calibration=(*a.calibration, leak.upper(), a.evaluation[1]))
+    held = [*b.evaluation, *a.evaluation]
+    with caplog.at_level("WARNING"):
+        train = training_statements(planted, [], held)
+    assert "dropped 2 training statement(s)" in caplog.text
+    assert train == list(a.calibration)  # exactly the planted ones gone, order kept
+    budget = replace(SMALL_BUDGET, val_statements=1)
+    out = learn(setup, monkeypatch, spec_of(budget=budget), a=planted)  # learns instead of raising LeakError
+    assert out.learner.state.step == out.learner.total_steps or out.result.points
+
+
+def broken_split(persona, n, seed=0, exclude=()):
+    """A validation split gone wrong: it hands out evaluation statements."""
+    return list(persona.evaluation[:n])
+
+
+def test_a_validation_statement_that_is_an_evaluation_statement_fails_the_run(setup, monkeypatch):
+    """A broken split (validation statements that the evaluation scores) stays a LeakError."""
     from persona_core.eval.objective import LeakError
 
-    a = setup[2]
-    planted = replace(a, calibration=(*a.calibration, a.evaluation[0].upper()))
-    with pytest.raises(LeakError, match="held-out"):
-        learn(setup, monkeypatch, spec_of(0.5), a=planted)
+    monkeypatch.setattr("persona_core.masks.budgeted_build.validation_statements", broken_split)
+    with pytest.raises(LeakError, match="validation statements"):
+        learn(setup, monkeypatch, spec_of(budget=replace(SMALL_BUDGET, val_statements=2)))
 
 
 class Killed(Exception):
@@ -314,15 +385,25 @@ def test_learned_steering_vector_at_alpha_zero_equals_dense(setup):
         assert statement_scores(ev, texts) != dense
 
 
-def test_learned_steering_refuses_a_planted_evaluation_statement(setup):
+def test_learned_steering_refuses_a_validation_statement_that_is_an_evaluation_statement(setup, monkeypatch):
     from persona_core.eval.config import EvalConfig
     from persona_core.eval.objective import LeakError
     from persona_core.eval.steered import learned_choice
 
     ev, lw, a, b, *_ = setup
-    planted = replace(a, calibration=(*a.calibration, a.evaluation[1]))
-    with pytest.raises(LeakError):
-        learned_choice(ev, planted, b, EvalConfig(conditions=("dense", "dense+steer-learned")))
+    monkeypatch.setattr("persona_core.eval.steered.validation_statements", broken_split)
+    with pytest.raises(LeakError, match="validation statements"):
+        learned_choice(ev, a, b, EvalConfig(conditions=("dense", "dense+steer-learned")))
+
+
+def test_held_out_duplicates_are_dropped_from_training_in_order_once():
+    """The shared rule of both learners (mask and steering vector): duplicates of held-out statements
+    leave the training set (case/space-insensitive), the rest keep their order, repeats count once."""
+    from persona_core.eval.objective import drop_held_out
+
+    train = ["A cat.", "a  CAT.", "The dog.", "A bird.", "the dog."]
+    assert drop_held_out(train, ["the DOG."], "t") == ["A cat.", "A bird."]
+    assert drop_held_out(train, [], "t") == ["A cat.", "The dog.", "A bird."]
 
 
 def test_dense_steer_learned_is_a_registered_opt_in_condition():

@@ -18,6 +18,7 @@ an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,6 +30,8 @@ from torch import nn
 from persona_core.eval.scorer import Scorer
 from persona_core.eval.validation import STATEMENT_QUESTION, lead_ids, text_key
 from persona_core.models.layers import body_and_head
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- logits and the KL
@@ -179,6 +182,27 @@ def check_disjoint(training: Sequence[str], held_out: Sequence[str], what: str) 
     if leaks:
         raise LeakError(f"{what}: {len(leaks)} training statement(s) are held-out statements, e.g. {leaks[0][:60]!r}; "
                         "the calibration and evaluation statements of the pair must not overlap")
+
+
+def drop_held_out(training: Sequence[str], held_out: Sequence[str], what: str) -> list[str]:
+    """`training` without the statements equal to a held-out one (case/space-insensitive), in order and
+    deduplicated; how many were dropped is logged. A source's own duplicates (Anthropic's files repeat a
+    statement now and then, so a calibration statement can equal an evaluation one) are not a broken split:
+    the learner simply never sees them. A broken split (a validation statement that is an evaluation one)
+    is `check_disjoint`'s to refuse."""
+    held = {text_key(t) for t in held_out}
+    seen: set[str] = set()
+    out = []
+    for t in training:
+        key = text_key(t)
+        if key not in held and key not in seen:
+            out.append(t)
+        seen.add(key)
+    dropped = len({text_key(t) for t in training} & held)
+    if dropped:
+        log.warning("%s: dropped %d training statement(s) equal to a held-out (validation or evaluation) "
+                    "statement, e.g. %r", what, dropped, sorted({text_key(t) for t in training} & held)[0][:60])
+    return out
 
 
 def draw(pool: int, n: int, seed: int, step: int, salt: int) -> list[int]:

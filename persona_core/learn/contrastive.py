@@ -53,8 +53,8 @@ from torch import nn
 
 from persona_core.calib.stats import PersonaStats
 from persona_core.catalog.personas import Persona
-from persona_core.eval.objective import (Objective, StatementBatch, adam_step, check_disjoint, general_examples,
-                                         pad_id)
+from persona_core.eval.objective import (Objective, StatementBatch, adam_step, check_disjoint, drop_held_out,
+                                         general_examples, pad_id)
 from persona_core.eval.validation import text_key, text_windows, validation_separation
 from persona_core.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from persona_core.learn.gate import InputGate, hard_topk, straight_through
@@ -296,6 +296,9 @@ class PairLearner:
     def done(self, point: int) -> bool:
         return self.state.step >= self.end_of(point)
 
+    def snapshotted(self, point: int) -> bool:
+        return bool(self.state.snapshots[point].any())
+
     def step(self) -> dict:
         st, kn = self.state, self.knobs
         sparsity = self.points[self.point_of(st.step)]
@@ -327,18 +330,27 @@ class PairLearner:
                 raise ValueError(f"{self.name}: the model's parameters must be frozen (requires_grad=False)")
         t0 = time.perf_counter()
         with self.gate:
+            self._snapshot_due(point, on_checkpoint, missing_only=True)  # points ending here (0 steps per point)
             while not self.done(point):
                 info = self.step()
                 if info["step"] % 8 == 0:
                     log.info("%s step %d s=%g loss %.4f/%.4f", self.name, info["step"], info["sparsity"],
                              info.get("loss_0", math.nan), info.get("loss_1", math.nan))
-                i = self.point_of(self.state.step - 1)
-                if self.state.step == self.end_of(i):
-                    self.state.snapshots[i] = torch.stack([self.keep(side, self.points[i]) for side in (0, 1)]
-                                                          ).to(torch.uint8)
-                    if on_checkpoint is not None:
-                        on_checkpoint(self.state)
+                self._snapshot_due(point, on_checkpoint)
         self.seconds += time.perf_counter() - t0
+
+    def _snapshot_due(self, point: int, on_checkpoint: Callable[[PathState], None] | None,
+                      missing_only: bool = False) -> None:
+        """Snapshot every point up to `point` that ends at the current step (with ``steps`` 0 several
+        points end at one step; each gets its own sparsity's top k), then checkpoint once. `missing_only`:
+        only points not snapshotted yet (a resumed learner standing at a finished point rewrites nothing)."""
+        due = [i for i in range(point + 1) if self.end_of(i) == self.state.step
+               and not (missing_only and self.snapshotted(i))]
+        for i in due:
+            self.state.snapshots[i] = torch.stack([self.keep(side, self.points[i]) for side in (0, 1)]
+                                                  ).to(torch.uint8)
+        if due and on_checkpoint is not None:
+            on_checkpoint(self.state)
 
     def keep(self, side: int, sparsity: float) -> torch.Tensor:
         return keep_of(self.state.scores[side], self.tiebreak, self.segs, sparsity)
@@ -356,14 +368,18 @@ class PairLearner:
 
 
 def training_statements(persona: Persona, validation: Sequence[str], held_out: Sequence[str]) -> list[str]:
-    """The pole's calibration statements minus its validation ones; any left that equals a held-out
-    (validation or evaluation) statement of the pair fails the run (`LeakError`)."""
+    """The pole's calibration statements minus its validation ones and minus any equal to a held-out
+    (validation or evaluation) statement of the pair: those are dropped, with a logged count
+    (`drop_held_out`), so a catalog that repeats a statement across the split still learns from the
+    rest. A validation statement that is an evaluation statement is a broken split: `learn_pair`
+    refuses it (`LeakError`)."""
     val = {text_key(t) for t in validation}
-    train = list(dict.fromkeys(t for t in persona.calibration if text_key(t) not in val))
+    train = [t for t in persona.calibration if text_key(t) not in val]
+    train = drop_held_out(train, held_out, f"learned-contrastive training data of {persona.id!r}")
     if not train:
         raise ValueError(f"persona {persona.id!r}: no calibration statements left to learn from after the "
-                         f"{len(val)} validation ones")
-    check_disjoint(train, held_out, f"learned-contrastive training data of {persona.id!r}")
+                         f"{len(val)} validation ones and the held-out duplicates")
+    check_disjoint(train, held_out, f"learned-contrastive training data of {persona.id!r}")  # drop_held_out's promise
     return train
 
 
@@ -387,6 +403,7 @@ class PairOutcome:
     learner: PairLearner
     resumed_from: int
     points: list[float]
+    val_text: dict | None = None  # the budget's validation text (`GeneralText.record`): the KL windows' source too
 
     def metadata(self) -> dict:
         """Mask metadata: ``budget_search`` as every budgeted mask has it (budgeted only) and ``learn``."""
@@ -394,12 +411,14 @@ class PairOutcome:
         out: dict = {}
         if self.result is not None:
             out["budget_search"] = BudgetOutcome(self.spec, self.masks, self.result, self.final_ratio,
-                                                 self.seconds).metadata()
+                                                 self.seconds, self.val_text).metadata()
         out["learn"] = {"knobs": dict(ln.knobs.__dict__), "path": self.points, "steps_run": ln.state.step,
                         "resumed_from": self.resumed_from, "learn_seconds": round(ln.seconds, 2), "units": ln.n,
                         "nested": False, "val_perplexity_ratio": self.final_ratio,
                         "figures": {str(k): v for k, v in sorted(ln.state.figures.items())},
                         "seconds": round(self.seconds, 2)}
+        if self.val_text is not None:
+            out["learn"]["general_text"] = self.val_text
         return out
 
 
@@ -421,6 +440,8 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     budget = spec.budget
     search = PairSearch(evaluator, weights, spec, budget or Budget(), roles, stats, calib_config=calib_config)
     a, b = search.pair
+    check_disjoint([*search.validation[a.id], *search.validation[b.id]], [*a.evaluation, *b.evaluation],
+                   f"learned-contrastive validation statements of {a.id}/{b.id}")
     held = [*search.validation[a.id], *search.validation[b.id], *a.evaluation, *b.evaluation]
     train_a = training_statements(a, search.validation[a.id], held)
     train_b = training_statements(b, search.validation[b.id], held)
@@ -465,7 +486,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
 
     def at(setting: Setting) -> tuple[dict, dict]:
         i = index[setting.sparsity]
-        if not learner.done(i):
+        if not learner.done(i) or not learner.snapshotted(i):
             learner.advance(i, checkpoint)
         return learner.masks_at(i)
 
@@ -499,4 +520,4 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     final = ppl(chosen)
     ev.masks.restore()
     return PairOutcome(spec.with_setting(chosen.sparsity), masks, result, final, time.perf_counter() - t0, learner,
-                       resumed_from, points)
+                       resumed_from, points, search.val_text)

@@ -159,6 +159,20 @@ def contrastive_penalty(absw, stats, p):
     return absw * plus.float(), absw * minus.float()
 
 
+@register("contrastive-importance", needs=(PERSONA, OPPOSITE), strength=("beta", (0.5, 1.0, 2.0)), beta=1.0,
+          eps=1e-8)
+def contrastive_importance(absw, stats, p):
+    """Importance first, contrast second: S+- = |W| r exp(+-beta tanh(z)), r the RMS input over both poles'
+    texts pooled (Wanda on the pair's text) and z contrastive-wanda's standardised difference. The weights a
+    pole's mask drops are those little text needs that lean to the opposite (the tilt is at most e^beta),
+    a cheap start for `learned-contrastive` (issue 26)."""
+    a, b = stats
+    r = ((a.sumsq + b.sumsq) / max(a.tokens + b.tokens, 1)).sqrt()
+    z = (a.norm_mean - b.norm_mean) / (a.norm_var + b.norm_var + p["eps"]).sqrt()
+    tilt = p["beta"] * torch.tanh(z)
+    return absw * (r * tilt.exp()).float(), absw * (r * (-tilt).exp()).float()
+
+
 @register("contrastive-attribution", needs=(PERSONA, OPPOSITE, GENERAL), strength=("lam", (0.25, 1.0, 4.0)),
           reads="mlp_attr", lam=1.0)
 def contrastive_attribution(absw, stats, p):

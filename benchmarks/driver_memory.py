@@ -10,8 +10,8 @@ Prints one JSON line:
   that loads the model and puts its weights in the object store holds at least).
 
 The store and statistics are prepared in this process; the run is measured in a fresh child process
-(`--driver`), so nothing loaded for the preparation counts, and the child's own ``ru_maxrss``
-(Ray's processes are its children, not counted) is the figure.
+(`--driver`), so nothing loaded for the preparation counts; the figure is the child's own peak
+(``VmHWM``; Ray's processes are its children, not counted).
 
     python benchmarks/driver_memory.py [--model smollm2-135m] [--methods contrastive-wanda] [--cpus 2]
 """
@@ -56,7 +56,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def peak_mb() -> float:
-    """This process's peak resident set size so far, MiB (ru_maxrss is KiB on Linux)."""
+    """This process's peak resident set size so far, MiB: VmHWM (its own address space since exec),
+    else ru_maxrss (which on Linux also keeps the peak of the process it was forked from)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

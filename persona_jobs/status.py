@@ -7,7 +7,9 @@
 A failed job shows its real error: the failed manifest's, else the job log's
 last `error:` line or exception line, else Ray's message. A running one shows
 the stages its run finished (from the store's stage markers, with their unit
-counts) and the job log's latest progress line (``N/M``).
+counts) and the job log's latest progress line (``N/M``). A manifest's `artifacts` map (every
+artifact a succeeded run depends on: thousands of keys for a large catalog) is shown as counts
+per kind (`artifact_counts`); ``--artifacts`` adds the full map.
 
 Exit codes: 0 succeeded; 1 failed; 2 not found, bad input or an unreachable cluster;
 3 still pending, running or incomplete; 75 a temporary error of the cluster (retry).
@@ -19,6 +21,8 @@ import json
 import logging
 import re
 import time
+from collections import Counter
+from collections.abc import Mapping
 
 from persona_core.errors import UserError
 from persona_core.run import runs
@@ -45,6 +49,9 @@ def add_parser(sub) -> None:
     s.add_argument("--token-file", default=None, help="file holding the Ray auth token (else Ray's own lookup)")
     s.add_argument("--no-ray", action="store_true", help="read the store only; do not ask Ray")
     s.add_argument("--json", action="store_true", help="print the state as JSON")
+    s.add_argument("--artifacts", action="store_true",
+                   help="also print the manifest's full artifacts map (store key -> what it must still be); "
+                        "by default only how many of each kind it names")
     s.set_defaults(func=_status_cmd)
 
 
@@ -111,6 +118,38 @@ def recent_runs(store: Store) -> list[dict]:
         out.append(raw)
     return sorted(out, key=lambda m: m.get("finished") if isinstance(m.get("finished"), (int, float)) else 0,
                   reverse=True)
+
+
+def artifact_kind(key: str, run_id: str) -> str:
+    """The kind of an artifact a manifest names: stats-part, mask, result-part, results-index, report
+    (other: a key of none of these shapes)."""
+    if layout.parse_stats_part(key) is not None:
+        return "stats-part"
+    if layout.parse_mask(key) is not None:
+        return "mask"
+    if layout.parse_result_part(key) is not None:
+        return "result-part"
+    if key == layout.results_index(run_id):
+        return "results-index"
+    if key == layout.report(run_id):
+        return "report"
+    return "other"
+
+
+def artifact_counts(artifacts: Mapping[str, str], run_id: str) -> dict[str, int]:
+    """How many artifacts of each kind the map names, by kind."""
+    return dict(sorted(Counter(artifact_kind(k, run_id) for k in artifacts).items()))
+
+
+def shown_state(state: dict, full: bool = False) -> dict:
+    """The state as `status` shows it: a manifest's `artifacts` map replaced by `artifact_counts`
+    (kept as well with `full`)."""
+    artifacts = state.get("artifacts")
+    if not isinstance(artifacts, dict):
+        return state
+    out = {k: v for k, v in state.items() if full or k != "artifacts"}
+    out["artifact_counts"] = artifact_counts(artifacts, str(state.get("run_id", "")))
+    return out
 
 
 def read_state(store_url: str | None, rid: str) -> dict:
@@ -225,6 +264,8 @@ def _status_cmd(args) -> int:
             if job is None:
                 raise
             log.warning("cannot read run %s from its store %s: %s", rid, store_url or "(default)", first_line(err))
+    if state is not None:
+        state = shown_state(state, args.artifacts)
     if args.json:
         shown = state if job is None else {"job": job, "run": state}
         print(json.dumps(shown, indent=2, sort_keys=True, default=str))
@@ -281,4 +322,8 @@ def format_state(state: dict) -> str:
             lines.append(f"  {k}: {state[k]}")
     if state.get("changes"):
         lines.append(f"  changes: {json.dumps(state['changes'], sort_keys=True)}")
+    if state.get("artifact_counts"):
+        lines.append("  artifacts: " + ", ".join(f"{n} {kind}" for kind, n in state["artifact_counts"].items()))
+    for key, want in sorted((state.get("artifacts") or {}).items()):
+        lines.append(f"    {key}  {want}")
     return "\n".join(lines)

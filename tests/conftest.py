@@ -128,6 +128,69 @@ def builtin_catalog():
     return load_catalog("builtin")
 
 
+# ---------------------------------------------------------------------------- a calibrated pair (learners, budgets, masks)
+
+
+def river_text(words: int) -> str:
+    """General text for validation perplexity in tests: `words` numbered phrases."""
+    return " ".join(f"the {w} of a river is long and the sea" for w in range(words))
+
+
+@pytest.fixture(scope="session")
+def pair_calibration(tiny, builtin_catalog):
+    """(CalibConfig(max_length=64), {persona id: PersonaStats}): real statistics of introvert, extrovert
+    and the general reference persona on tiny-random-llama, computed once per session (treat as read-only)."""
+    from persona_core.calib.config import CalibConfig
+    from persona_core.calib.recorder import calibrate_persona
+    from persona_core.catalog import reference_persona
+
+    cc = CalibConfig(max_length=64)
+    people = (builtin_catalog["introvert"], builtin_catalog["extrovert"], reference_persona())
+    return cc, {p.id: calibrate_persona(tiny, p, cc)[0] for p in people}
+
+
+@pytest.fixture
+def calibrated_store(tmp_path, pair_calibration):
+    """A local store (tmp_path / "store") holding `pair_calibration`'s statistics, as `calibrate` writes them."""
+    from persona_core.calib.parts import write_stats
+    from persona_core.store.store import open_store
+
+    cc, stats = pair_calibration
+    store = open_store(str(tmp_path / "store"))
+    for s in stats.values():
+        write_stats(store, s, calib_config=cc.to_dict())
+    return store
+
+
+@pytest.fixture
+def budget_text(tmp_path):
+    """A validation text file for a budget's ``ppl_text`` (tmp_path / "valid.txt")."""
+    text = tmp_path / "valid.txt"
+    text.write_text(river_text(300))
+    return text
+
+
+@pytest.fixture(scope="module")
+def pair_setup(tmp_path_factory, builtin_catalog, pair_calibration):
+    """(evaluator, weights, introvert, extrovert, stats, calib config, folder), a test module's own:
+    tiny-random-llama in an Evaluator (its own model: masks may be applied), a copy of its linear
+    weights (never the live ones), `pair_calibration`'s statistics, and a WikiText-2 stand-in folder
+    (valid.txt, test.txt) that the module may rewrite; point $PERSONA_WIKITEXT2 at it to read it."""
+    from persona_core.eval.engine import Evaluator
+    from persona_core.masks.inputs import LinearWeights
+    from persona_core.models.loading import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu")
+    lw = LinearWeights.from_model(loaded)
+    lw = LinearWeights(lw.groups, {k: v.clone() for k, v in lw.tensors.items()})
+    cc, stats = pair_calibration
+    folder = tmp_path_factory.mktemp("wikitext")
+    (folder / "valid.txt").write_text(river_text(400))
+    (folder / "test.txt").write_text("completely different test text " * 200)
+    return (Evaluator(loaded), lw, builtin_catalog["introvert"], builtin_catalog["extrovert"], dict(stats), cc,
+            folder)
+
+
 @pytest.fixture
 def shared_personas():
     if not os.path.isdir(SHARED_PERSONAS):

@@ -148,27 +148,8 @@ def test_budget_knob_checks_and_hashes():
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    from persona_core.calib.config import CalibConfig
-    from persona_core.calib.recorder import calibrate_persona
-    from persona_core.catalog import reference_persona, load_catalog
-    from persona_core.eval.engine import Evaluator
-    from persona_core.masks.inputs import LinearWeights
-    from persona_core.models.loading import load_model
-
-    loaded = load_model("tiny-random-llama", device="cpu")
-    ev = Evaluator(loaded)
-    lw = LinearWeights.from_model(loaded)
-    lw = LinearWeights(lw.groups, {k: v.clone() for k, v in lw.tensors.items()})  # never the live weights
-    cat = load_catalog("builtin")
-    a, b = cat["introvert"], cat["extrovert"]
-    cc = CalibConfig(max_length=64)
-    stats = {p.id: calibrate_persona(loaded, p, cc)[0] for p in (a, b, reference_persona())}
-    folder = tmp_path_factory.mktemp("wikitext")
-    words = " ".join(f"the {w} of a river is long and the sea" for w in range(400))
-    (folder / "valid.txt").write_text(words)
-    (folder / "test.txt").write_text("completely different test text " * 200)
-    return ev, lw, a, b, stats, cc, folder
+def tiny_setup(pair_setup):
+    return pair_setup  # tests/conftest.py: the tiny model, the introvert/extrovert pair, a WikiText-2 stand-in
 
 
 def run_search(tiny_setup, monkeypatch, a=None, b=None, method="contrastive-penalty", **budget):

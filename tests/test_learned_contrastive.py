@@ -18,25 +18,8 @@ FAST = {"steps": 1, "warmup": 1, "batch": 2, "general_batch": 1}  # the learner'
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from persona_core.calib.config import CalibConfig
-    from persona_core.calib.recorder import calibrate_persona
-    from persona_core.catalog import load_catalog
-    from persona_core.eval.engine import Evaluator
-    from persona_core.masks.inputs import LinearWeights
-    from persona_core.models.loading import load_model
-
-    loaded = load_model("tiny-random-llama", device="cpu")
-    ev = Evaluator(loaded)
-    lw = LinearWeights.from_model(loaded)
-    lw = LinearWeights(lw.groups, {k: v.clone() for k, v in lw.tensors.items()})  # never the live weights
-    cat = load_catalog("builtin")
-    a, b = cat["introvert"], cat["extrovert"]
-    cc = CalibConfig(max_length=64)
-    stats = {p.id: calibrate_persona(loaded, p, cc)[0] for p in (a, b)}
-    folder = tmp_path_factory.mktemp("wikitext")
-    (folder / "valid.txt").write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(400)))
-    return ev, lw, a, b, stats, cc, folder
+def setup(pair_setup):
+    return pair_setup  # tests/conftest.py: the tiny model, the introvert/extrovert pair, a WikiText-2 stand-in
 
 
 def spec_of(sparsity=0.5, budget=None, **params):

@@ -143,19 +143,12 @@ def test_owl_masks_through_the_reducer(ray_cluster, store, tiny, builtin_catalog
     assert sum(meta["layer_sparsity"]) / 2 == pytest.approx(0.5)
 
 
-def test_budgeted_masks_through_the_reducer(ray_cluster, tmp_path, tiny, builtin_catalog):
+def test_budgeted_masks_through_the_reducer(ray_cluster, calibrated_store, budget_text, pair_calibration, tiny):
     """A budget searches each pair's setting on a loaded model; the key names the budget, the metadata the choice."""
     from persona_core.masks.budget import Budget
-    from persona_core.calib.config import CalibConfig
-    from persona_core.calib.recorder import calibrate_persona
 
-    store = open_store(str(tmp_path / "store"))
-    cc = CalibConfig(max_length=64)
-    for p in (builtin_catalog["introvert"], builtin_catalog["extrovert"], reference_persona()):
-        write_stats(store, calibrate_persona(tiny, p, cc)[0], calib_config=cc.to_dict())
-    text = tmp_path / "valid.txt"
-    text.write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(300)))
-    budget = {"perplexity_ratio": 1.3, "steps": 4, "ppl_windows": 2, "ppl_window": 32, "ppl_text": str(text),
+    store, (cc, _) = calibrated_store, pair_calibration
+    budget = {"perplexity_ratio": 1.3, "steps": 4, "ppl_windows": 2, "ppl_window": 32, "ppl_text": str(budget_text),
               "strengths": {"lam": [4.0]}}
     overrides = {"model": "tiny-random-llama", "store": store.url, "masks.methods": ["contrastive-penalty"],
                  "masks.baselines": [], "masks.budget": budget, "evaluate.enabled": False}

@@ -265,25 +265,17 @@ def test_real_parts_pass_the_row_bound(tmp_path):
 
 
 @pytest.mark.slow  # a budget search on the tiny model: about 40 s
-def test_budget_with_the_default_baselines_builds_them(tmp_path, tiny, builtin_catalog):
+def test_budget_with_the_default_baselines_builds_them(calibrated_store, budget_text, tiny):
     """`masks.budget` and no `masks.baselines`: magnitude (no statistics, no strength) gets a budgeted
     sparsity like every other method, instead of `IndexError: tuple index out of range`."""
-    from persona_core.calib.config import CalibConfig
-    from persona_core.calib.recorder import calibrate_persona
-    from persona_core.catalog import reference_persona
     from persona_core.masks.inputs import LinearWeights
     from persona_core.masks.codec import read_mask
     from persona_core.run.plan import Selection, make_plan
     from persona_jobs.build_masks import BudgetBuilder, plan_units
     from persona_jobs.flags import load
 
-    store = open_store(str(tmp_path / "store"))
-    cc = CalibConfig(max_length=64)
-    for p in (builtin_catalog["introvert"], builtin_catalog["extrovert"], reference_persona()):
-        write_stats(store, calibrate_persona(tiny, p, cc)[0], calib_config=cc.to_dict())
-    text = tmp_path / "valid.txt"
-    text.write_text(" ".join(f"the {w} of a river is long and the sea" for w in range(300)))
-    budget = {"perplexity_ratio": 1.3, "steps": 3, "ppl_windows": 1, "ppl_window": 32, "ppl_text": str(text)}
+    store = calibrated_store
+    budget = {"perplexity_ratio": 1.3, "steps": 3, "ppl_windows": 1, "ppl_window": 32, "ppl_text": str(budget_text)}
     overrides = {"model": "tiny-random-llama", "store": store.url, "masks.methods": ["wanda"],
                  "masks.budget": budget, "evaluate.enabled": False}
     plan = make_plan(load(None, overrides), Selection(personas=("introvert", "extrovert")))

@@ -238,3 +238,27 @@ def pipeline_store(ray_cluster, tmp_path_factory):
     out = pipeline.execute(plan)
     assert out.ok, out.manifest.error
     return root, plan.run_id
+
+
+@pytest.fixture
+def stored(pipeline_store, tmp_path):
+    """(root, run id): a copy of `pipeline_store` at tmp_path / "store", free to change."""
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(pipeline_store[0], root)
+    return root, pipeline_store[1]
+
+
+OLD_STORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "store-v1")
+
+
+@pytest.fixture
+def old_store(tmp_path):
+    """A copy of tests/data/store-v1 (a tiny pipeline run as an earlier release stored it) at
+    tmp_path / "store", free to change."""
+    import shutil
+
+    dst = tmp_path / "store"
+    shutil.copytree(OLD_STORE, dst)
+    return dst

@@ -28,13 +28,6 @@ def snapshot(root) -> dict:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def stored(pipeline_store, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(pipeline_store[0], root)
-    return root, pipeline_store[1]
-
-
 # ---------------------------------------------------------------------------- a killed actor
 
 

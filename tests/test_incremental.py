@@ -155,13 +155,6 @@ def test_result_keys_depend_on_content_not_on_the_run():
 # ---------------------------------------------------------------------------- 25.2: what "nothing changed" checks
 
 
-@pytest.fixture
-def old_store(tmp_path):
-    dst = tmp_path / "store"
-    shutil.copytree(OLD_STORE, dst)
-    return dst
-
-
 def test_an_old_run_that_lost_a_statistics_part_is_run_again(old_store, monkeypatch, capsys):
     """The store of an older version (its manifest names no artifacts) with one statistics part gone:
     the run is not "done"; its stages run again (each regenerates what is missing)."""
@@ -188,14 +181,13 @@ def test_an_old_run_that_lost_a_statistics_part_is_run_again(old_store, monkeypa
     assert ran == list(STAGES) and out.ok and not out.skipped
 
 
-def test_artifact_problems_name_what_is_missing_or_changed(tmp_path):
+def test_artifact_problems_name_what_is_missing_or_changed(old_store):
     """A manifest's artifacts, checked: a removed statistics part, a mask rebuilt under the same key
     (another digest), a result part with other rows, a missing report."""
     from persona_core.masks.codec import write_mask
     import torch
 
-    store_dir = tmp_path / "store"
-    shutil.copytree(OLD_STORE, store_dir)
+    store_dir = old_store
     p = make_plan(tiny_pipeline_config(str(store_dir)))
     store = p.store
     stats = sorted(k for k in store.list("stats", suffix=".parquet"))

@@ -3,9 +3,6 @@ reaching every stage."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from conftest import tiny_pipeline_config
@@ -14,7 +11,6 @@ from persona_core.models.loading import model_key
 from persona_core.run.plan import make_plan
 from persona_core.store.store import open_store
 
-OLD_STORE = Path(__file__).parent / "data" / "store-v1"
 OLD_KEY = "tiny-random-llama-cf1551e6"
 
 
@@ -45,15 +41,14 @@ def test_revision_where_a_model_has_none_is_refused(tmp_path):
         make_plan(tiny_pipeline_config(str(tmp_path), revision="main"))
 
 
-def test_two_revisions_never_share_a_model_key_anywhere(ray_cluster, tmp_path):
+def test_two_revisions_never_share_a_model_key_anywhere(ray_cluster, old_store):
     """Revision 1 of the tiny model run next to a store of revision 0 (the default): every stage
     works under revision 1's key, nothing of revision 0 is touched or reused."""
     from persona_core.masks.codec import MaskFile
     from persona_core.report.results import load_results
     from persona_jobs import pipeline
 
-    root = tmp_path / "store"
-    shutil.copytree(OLD_STORE, root)
+    root = old_store
     before = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     p = make_plan(tiny_pipeline_config(str(root), revision="1"))
     new_key = p.model_key

@@ -9,10 +9,8 @@ does no work, even when forced to walk every stage.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
 
 from conftest import tiny_pipeline_config
 
@@ -27,13 +25,6 @@ MASK_IDENTITIES = {  # key -> (identity, digest of the decoded mask), as written
     f"masks/model={MODEL_KEY}/method=contrastive-wanda/sparsity=0.5/introvert.safetensors":
         ("539e4c703c0b2d9c", "9906939a8a0a4273519c613a5ec04160"),
 }
-
-
-@pytest.fixture
-def old_store(tmp_path):
-    dst = tmp_path / "store"
-    shutil.copytree(OLD_STORE, dst)
-    return dst
 
 
 def _keys(root: Path) -> list[str]:

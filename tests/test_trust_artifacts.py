@@ -304,18 +304,17 @@ def test_concurrent_loads_convert_once(fake_conversion):
     (never converting again, never replacing the folder under a reader)."""
     import threading
 
-    threads = [threading.Thread(target=builtin.smollm2_folder) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    def load_at_once(loaders: int = 3) -> None:
+        threads = [threading.Thread(target=builtin.smollm2_folder) for _ in range(loaders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    load_at_once()
     assert len(fake_conversion) == 1
     folder, _ = builtin.smollm2_folder()
     (folder / "config.json").write_text("{}")  # fails its record
-    threads = [threading.Thread(target=builtin.smollm2_folder) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    load_at_once()
     assert len(fake_conversion) == 2
     assert not builtin.cache_problem(folder)

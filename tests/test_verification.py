@@ -3,7 +3,6 @@ and the digests result rows carry. Unit-level checks live in test_maskcodec.py /
 
 from __future__ import annotations
 
-import shutil
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,13 +18,6 @@ from persona_jobs import evaluate, pipeline
 from persona_jobs.cli import UserError
 from persona_core.run.plan import make_plan
 from persona_core.run.execution import verify_artifacts
-
-
-@pytest.fixture
-def stored(pipeline_store, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(pipeline_store[0], root)
-    return root, pipeline_store[1]
 
 
 def _flip_body_bit(store, key: str) -> None:

@@ -49,3 +49,16 @@ def test_kept_channels_needs_one_width(tiny):
     masks = build_masks(tiny, spec=MaskSpec("magnitude", 0.5, "ffn-channels", layer_sparsity=(0.25, 0.5)))
     with pytest.raises(ValueError, match="different numbers"):
         kept_channels(tiny.model, masks)
+
+
+def test_kept_channels_names_a_partly_pruned_row_or_column(tiny):
+    """An ffn-channels mask with one weight of a kept channel dropped: a gate/up row or the down column."""
+    base = build_masks(tiny, spec=MaskSpec("magnitude", 0.5, "ffn-channels"))
+    assert kept_channels(tiny.model, base)
+    up, down = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
+    channel = int(base[down].all(0).nonzero()[0])
+    for name, index, what in ((up, (channel, 0), "rows"), (down, (0, channel), "columns")):
+        masks = {k: v.clone() for k, v in base.items()}
+        masks[name][index] = False
+        with pytest.raises(ValueError, match=f"^{name}: {what} are partly pruned"):
+            kept_channels(tiny.model, masks)

@@ -65,19 +65,11 @@ def kept_channels(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[i
                 raise ValueError(f"{name}: an ffn-channels export needs attention untouched")
         channel_sets = []
         for name in groups.get("mlp_in", ()):
-            m = _mask(masks, name)
-            rows = m.all(1)
-            if not torch.equal(rows, m.any(1)):
-                raise ValueError(f"{name}: rows are partly pruned; not an ffn-channels mask")
-            channel_sets.append(rows)
+            channel_sets.append(_whole_channels(masks, name, 1))
         (down,) = groups.get("mlp_out", (None,))
         if down is None or not channel_sets:
             raise ValueError(f"layer {layer}: no gate/up/down MLP projections found")
-        m = _mask(masks, down)
-        cols = m.all(0)
-        if not torch.equal(cols, m.any(0)):
-            raise ValueError(f"{down}: columns are partly pruned; not an ffn-channels mask")
-        channel_sets.append(cols)
+        channel_sets.append(_whole_channels(masks, down, 0))
         if any(not torch.equal(c, channel_sets[0]) for c in channel_sets):
             raise ValueError(f"layer {layer}: gate/up rows and down columns keep different channels")
         kept[layer] = channel_sets[0].nonzero().squeeze(1).cpu()
@@ -85,6 +77,16 @@ def kept_channels(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[i
     if len(sizes) != 1:
         raise ValueError(f"layers keep different numbers of MLP channels {sorted(sizes)}; "
                          "one intermediate_size cannot describe them")
+    return kept
+
+
+def _whole_channels(masks: Mapping[str, torch.Tensor], name: str, dim: int) -> torch.Tensor:
+    """The channels `name`'s mask keeps whole: its rows (dim 1: gate/up) or columns (dim 0: down);
+    a partly pruned one is not an ffn-channels mask."""
+    m = _mask(masks, name)
+    kept = m.all(dim)
+    if not torch.equal(kept, m.any(dim)):
+        raise ValueError(f"{name}: {'rows' if dim == 1 else 'columns'} are partly pruned; not an ffn-channels mask")
     return kept
 
 

@@ -10,9 +10,11 @@ on WikiText-2 ``valid.txt`` by default) for both:
   Adam steps, each point's validation perplexity and separation, the final check): the same
   figures plus ``steps`` and ``learn_s`` (the stepping alone); ``seconds_per_pair`` their mean.
 * ``learner_tokens_per_s``: tokens through the learner's steps (both poles' statement batches and
-  general windows, as the steps drew them) over ``learn_s``; ``plain_tokens_per_s``: the same
+  general windows, as the steps drew them, each statement counted with its prefix although the
+  learner runs the shared prefix once per batch) over ``learn_s``; ``plain_tokens_per_s``: the same
   sequences through a plain forward+backward of the model (gradients to every weight, no gate,
-  no optimizer), best of ``--reference-reps``; ``ratio_vs_plain`` learner over plain.
+  no optimizer, every sequence whole), best of ``--reference-reps``; ``ratio_vs_plain`` learner
+  over plain (above 1: the prefix sharing saves more than the gate and the two poles cost).
 * ``learned_vs_free``: learned seconds per pair over training-free seconds per pair (issue 26's
   target: <= 1).
 

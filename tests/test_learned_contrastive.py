@@ -151,13 +151,14 @@ def test_zero_learning_rate_gives_the_training_free_contrastive_mask(setup, monk
     from persona_core.masks.build import build_pair_masks
 
     ev, lw, a, b, stats, cc, folder = setup
-    out = learn(setup, monkeypatch, spec_of(0.5, lr=0.0))
-    search = PairSearch(ev, lw, spec_of(0.5), Budget(), [("persona", a), ("opposite", b)], [stats[a.id], stats[b.id]],
-                        calib_config=cc)
-    free = build_pair_masks(lw, *search.fit_stats, spec=MaskSpec("contrastive-wanda", 0.5, "ffn-channels"))
-    for learned, plain in zip(out.masks, free):
-        assert set(learned) == set(plain) and all(torch.equal(learned[n], plain[n]) for n in plain)
-    assert out.learner.state.step == 2
+    for init in ("contrastive-importance", "contrastive-wanda"):  # the default init, and another
+        out = learn(setup, monkeypatch, spec_of(0.5, lr=0.0, init=init))
+        search = PairSearch(ev, lw, spec_of(0.5), Budget(), [("persona", a), ("opposite", b)],
+                            [stats[a.id], stats[b.id]], calib_config=cc)
+        free = build_pair_masks(lw, *search.fit_stats, spec=MaskSpec(init, 0.5, "ffn-channels"))
+        for learned, plain in zip(out.masks, free):
+            assert set(learned) == set(plain) and all(torch.equal(learned[n], plain[n]) for n in plain)
+        assert out.learner.state.step == 2
 
 
 def test_zero_steps_per_point_snapshots_every_point_as_the_training_free_mask(setup, monkeypatch):
@@ -405,7 +406,7 @@ def test_persona_jobs_methods_lists_the_method_with_its_parameters(capsys):
 
     assert main(["methods"]) == 0
     line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("learned-contrastive"))
-    for knob in ("init=contrastive-wanda", "unit=ffn-channels", "steps=", "lr=", "general_weight="):
+    for knob in ("init=contrastive-importance", "unit=ffn-channels", "steps=", "lr=", "general_weight="):
         assert knob in line
     assert "persona,opposite" in line
 

@@ -16,7 +16,7 @@ Units (the method's ``unit`` parameter):
   that read the same input (q/k/v, o, gate/up, down), k per group.
 
 Scores start as the standardised log of the training-free scores of ``init`` (a contrastive
-method, default ``contrastive-wanda``) summed per unit, so with a zero learning rate the mask
+method, default ``contrastive-importance``) summed per unit, so with a zero learning rate the mask
 is exactly the training-free mask of that method and unit.
 
 **The k path.** One run per pair walks the sparsities of a grid in increasing order: ``warmup``
@@ -191,12 +191,12 @@ def module_masks(lw: LinearWeights, segs: Sequence[Segment], keep: torch.Tensor,
 class Knobs:
     """The method's learning parameters (`learned-contrastive`'s registry defaults; see docs/learned-masks.md)."""
 
-    init: str = "contrastive-wanda"
+    init: str = "contrastive-importance"  # a cheap start: chosen on validation (issue 26, docs/learned-masks.md)
     unit: str = "ffn-channels"
-    steps: int = 24  # Adam steps per point of the k path
-    warmup: int = 24  # extra steps at the first point
+    steps: int = 2  # Adam steps per point of the k path (each point starts where the previous one stopped)
+    warmup: int = 8  # extra steps at the first point
     lr: float = 0.05
-    batch: int = 12  # statements per pole per step
+    batch: int = 8  # statements per pole per step
     general_weight: float = 1.0
     general_batch: int = 2  # general windows per step
     temperature: float = 0.5

@@ -253,8 +253,9 @@ def learned_granularity(params: Mapping) -> str:
     return "ffn-channels" if params.get("unit") == "ffn-channels" else "unstructured"
 
 
-@register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-wanda", unit="ffn-channels",
-          steps=24, warmup=24, lr=0.05, batch=12, general_weight=1.0, general_batch=2, temperature=0.5, seed=0)
+@register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-importance",
+          unit="ffn-channels", steps=2, warmup=8, lr=0.05, batch=8, general_weight=1.0, general_batch=2, temperature=0.5,
+          seed=0)
 def learned_contrastive(absw, stats, p):
     """One mask per pole learned with the weights frozen: the statement-preference margin (own calibration
     statements over the opposite's) plus a general-text KL to the dense model, straight-through top-k over

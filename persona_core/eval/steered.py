@@ -32,7 +32,7 @@ from persona_core.eval.objective import (Objective, StatementBatch, check_disjoi
                                          pad_id)
 from persona_core.eval.steering import (LearnedSteer, MissingResidualStats, SteerChoice, SteerSettings, choose,
                                         layers_of, learn_vector, residual_rms, steer, steering_vectors)
-from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_windows,
+from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_key, text_windows,
                                           validation_separation, validation_statements, window_perplexity)
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ def learned_choice(ev: Evaluator, persona: Persona, opposite: Persona | None, co
         held = [*val[a.id], *val[b.id], *a.evaluation, *b.evaluation]
         train = {}
         for p in (a, b):  # held-out duplicates dropped (logged), as learned-contrastive does
-            train[p.id] = drop_held_out(p.calibration, held, f"{LEARNED} training data of {p.id!r}")
+            keys = {text_key(t) for t in val[p.id]}
+            train[p.id] = drop_held_out([t for t in p.calibration if text_key(t) not in keys], held,
+                                        f"{LEARNED} training data of {p.id!r}")
             if not train[p.id]:
                 raise ValueError(f"{LEARNED}: persona {p.id!r} has no calibration statements left after validation")
             check_disjoint(train[p.id], held, f"{LEARNED} training data of {p.id!r}")

@@ -113,28 +113,29 @@ def initial_scores(lw: LinearWeights, stats: Sequence, init: str, unit: str
         raise ValueError(f"learned-contrastive init {init!r}: use a persona/opposite contrastive method that scores "
                          "weights (e.g. contrastive-wanda, contrastive-penalty)")
     segs = segments(lw, unit)
+    device = lw.weight(segs[0].group.modules[0]).device  # statistics move to the weights (CPU or GPU)
     raw: list[tuple[torch.Tensor, ...]] = []
     ties: list[torch.Tensor] = []
     if unit == "ffn-channels":  # exactly what the training-free ffn-channels mask ranks
         by_layer = {layer: (scores, tie) for layer, scores, tie in
-                    ffn_channel_scores(lw, stats, MaskSpec(init, 0.5, "ffn-channels"))}
+                    ffn_channel_scores(lw, stats, MaskSpec(init, 0.5, "ffn-channels"), device)}
         for s in segs:
             scores, tie = by_layer[s.group.layer]
-            raw.append(scores)
-            ties.append(tie)
+            raw.append(tuple(x.cpu() for x in scores))
+            ties.append(tie.cpu())
     else:
         params = method.resolve({})
         for s in segs:
-            gstats = group_stats(stats, (s.group.layer, s.group.name), "cpu")
-            sums = [torch.zeros(s.width, dtype=torch.float64), torch.zeros(s.width, dtype=torch.float64)]
-            tie = torch.zeros(s.width, dtype=torch.float64)
+            gstats = group_stats(stats, (s.group.layer, s.group.name), device)
+            sums = [torch.zeros(s.width, dtype=torch.float64, device=device) for _ in range(2)]
+            tie = torch.zeros(s.width, dtype=torch.float64, device=device)
             for name in s.group.modules:
                 absw = lw.weight(name).abs()
                 for side, sc in enumerate(method.fn(absw, gstats, params)):
                     sums[side] += sc.sum(0, dtype=torch.float64)
                 tie += absw.sum(0, dtype=torch.float64)
-            raw.append(tuple(x.float() for x in sums))
-            ties.append(tie.float())
+            raw.append(tuple(x.float().cpu() for x in sums))
+            ties.append(tie.float().cpu())
     rows = []
     for side in range(2):
         parts = []

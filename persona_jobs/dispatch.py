@@ -169,6 +169,15 @@ def pool_size(requested: int | None, resources: dict, units: int, cap: int | Non
     return max(1, min(n, units))
 
 
+def cpu_share(units: int, cpus_per_node: list[int]) -> int:
+    """CPUs (and torch threads) for each actor of a CPU pool of `units` long units: the free CPUs shared
+    out, so a pool of fewer units than cores leaves none idle (one learned pair on 2 cores: 2 threads),
+    never more than one node has free, at least 1."""
+    if units < 1 or not cpus_per_node or max(cpus_per_node) < 1:
+        return 1
+    return max(1, min(max(cpus_per_node), sum(cpus_per_node) // units))
+
+
 def check_placeable(name: str, resources: dict, nodes: list[NodeResources] | None = None, kind: str = "actor") -> None:
     """Fail at once (`Unplaceable`) when no live node could ever hold one actor (or task) of a pool.
 

@@ -49,8 +49,12 @@ class LearnerWorker:
     """Holds one loaded model; runs learn tasks one after another (a Ray actor)."""
 
     def __init__(self, model: str, store: Store, expected_key: str, device: str | None = None,
-                 die_at: str | None = None):
+                 die_at: str | None = None, threads: int | None = None):
         logging.basicConfig(level=logging.INFO)
+        if threads:
+            import torch  # heavy: only in the actor
+
+            torch.set_num_threads(threads)
         self.loaded = load_model(model, device=device)
         if self.loaded.key != expected_key:
             raise RuntimeError(f"model {model!r} loaded as {self.loaded.key}, the driver expected {expected_key}")
@@ -83,10 +87,14 @@ class ContrastiveWorker:
     exactly as every built mask is."""
 
     def __init__(self, model: str, store: Store, expected_key: str, read_stats, write, device: str | None = None,
-                 die_at: str | None = None):
+                 die_at: str | None = None, threads: int | None = None):
         from persona_core.eval.engine import Evaluator  # heavy (accelerate): only in the actor
 
         logging.basicConfig(level=logging.INFO)
+        if threads:
+            import torch  # heavy: only in the actor
+
+            torch.set_num_threads(threads)
         self.ev = Evaluator(model, device=device or "cpu")
         if self.ev.model_key != expected_key:
             raise RuntimeError(f"model {model!r} loaded as {self.ev.model_key}, the driver expected {expected_key}")
@@ -139,11 +147,12 @@ def learn_pairs(plan: Plan, units: list[MaskUnit], hashes: dict, personas: dict,
     from its last checkpoint."""
     gpus = gpus_available()
     where = plan.placement
+    cpus = 1 if gpus else dispatch.cpu_share(len(units), dispatch.free_cpus_per_node())
     spec = dispatch.PoolSpec("learned-contrastive", ContrastiveWorker,
                              (plan.model, plan.store, plan.model_key, read_stats, write,
                               plan.config.masks.options.device or ("cuda" if gpus else "cpu"),
-                              os.environ.get(DIE_AT_ENV)),
-                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+                              os.environ.get(DIE_AT_ENV)), {"threads": None if gpus else cpus},
+                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus},
                              max_restarts=max(where.retries, 1), max_task_retries=max(where.retries, 1))
     n = plan.config.masks.learned.actors or (min(gpus, len(units)) if gpus else
                                             dispatch.pool_size(None, spec.resources, len(units)))
@@ -217,11 +226,12 @@ def _learn(plan: Plan, todo: list[LearnTask], summary: Summary) -> None:
     gpus = gpus_available()
     n = plan.config.masks.learned.actors or (gpus if gpus else 1)
     where = plan.placement
+    cpus = 1 if gpus else dispatch.cpu_share(min(n, len(todo)), dispatch.free_cpus_per_node())
     # a dead actor is restarted and its task re-run there: the task resumes from its last checkpoint
     spec = dispatch.PoolSpec("learn-masks", LearnerWorker,
                              (plan.model, plan.store, plan.model_key, where.device or ("cuda" if gpus else "cpu"),
-                              os.environ.get(DIE_AT_ENV)),
-                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+                              os.environ.get(DIE_AT_ENV)), {"threads": None if gpus else cpus},
+                             resources={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus},
                              max_restarts=where.retries, max_task_retries=where.retries)
     out = dispatch.run_pool(spec, todo, "run", num_actors=min(n, len(todo)), describe=lambda t: t.name)
     for _, res in out.results:

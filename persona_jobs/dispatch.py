@@ -172,10 +172,15 @@ def pool_size(requested: int | None, resources: dict, units: int, cap: int | Non
 def cpu_share(units: int, cpus_per_node: list[int]) -> int:
     """CPUs (and torch threads) for each actor of a CPU pool of `units` long units: the free CPUs shared
     out, so a pool of fewer units than cores leaves none idle (one learned pair on 2 cores: 2 threads),
-    never more than one node has free, at least 1."""
+    never more than one node has free, nor than ``OMP_NUM_THREADS`` where the driver's environment sets
+    it (the tests' parallel workers: one thread each), at least 1."""
     if units < 1 or not cpus_per_node or max(cpus_per_node) < 1:
         return 1
-    return max(1, min(max(cpus_per_node), sum(cpus_per_node) // units))
+    share = min(max(cpus_per_node), sum(cpus_per_node) // units)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        share = min(share, int(cap))
+    return max(1, share)
 
 
 def check_placeable(name: str, resources: dict, nodes: list[NodeResources] | None = None, kind: str = "actor") -> None:

@@ -155,6 +155,21 @@ class EvalWorker:
         out["seconds"] = time.perf_counter() - t0
         return out
 
+    def run_pair(self, tasks: list[EvaluationTask]) -> list[dict]:
+        """`run_task` for the tasks of one opposing pair (`pair_groups`), on this one evaluator: what the
+        pair shares (the steering and learned steering vectors and their budget choice, the few-shot k),
+        remembered in the evaluator, is computed once, not once per pole on two actors."""
+        return [self.run_task(t) for t in tasks]
+
+
+def pair_groups(tasks: list[EvaluationTask]) -> list[list[EvaluationTask]]:
+    """The tasks grouped by opposing pair (a persona without an opposite: alone), in first-seen order."""
+    groups: dict[tuple[str, ...], list[EvaluationTask]] = {}
+    for t in tasks:
+        key = tuple(sorted((t.persona.id, t.opposite.id))) if t.opposite is not None else (t.persona.id,)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
 
 def stored_part(store: Store, key: str) -> pa.Table | None:
     """A unit's stored rows, verified; None when absent, or (with a warning) when the part is corrupt,
@@ -213,33 +228,38 @@ def _evaluate(plan: Plan, todo: list[EvaluationTask], summary: EvaluationSummary
     """The tasks on a pool of evaluator actors; counts into `summary`; the result tables (part key -> rows)."""
     ensure_ray(plan.config.address)
     pool = plan.eval_pool
+    groups = pair_groups(todo)  # one actor per opposing pair: the pair's shared work runs once
     free_cpus = max(1, int(dispatch.free_resources().get("CPU", 0)))  # what this job can have now
+    gpus = gpus_per_node()
+    per_actor = pool.get("cpus_per_actor") or (None if sum(gpus) or pool.get("actors") else
+                                                dispatch.cpu_share(len(groups), dispatch.free_cpus_per_node()))
     n_layout, resources, threads = actor_resources(
-        gpus_per_node(), free_cpus, len(todo), actors=pool.get("actors"), cpus_per_actor=pool.get("cpus_per_actor"),
+        gpus, free_cpus, len(groups), actors=pool.get("actors"), cpus_per_actor=per_actor,
         gpus_per_actor=plan.placement.gpus_per_actor, device_map=pool.get("device_map"))
     # GPU pools: as many as the cluster scales to (unplaced actors wait for the autoscaler and take no
     # unit meanwhile); CPU pools: what the free CPUs hold now
     n = n_layout if pool.get("actors") or resources.get("num_gpus") else dispatch.pool_size(
-        None, resources, len(todo), cap=n_layout)
+        None, resources, len(groups), cap=n_layout)
     log.info("evaluate: %d actor(s), each %s", n, resources)
     calib_hash = mask_choice(plan).calib_hash
     spec = dispatch.PoolSpec("evaluation", EvalWorker, (plan.model, plan.store, plan.eval),
                              {"device_map": pool.get("device_map"), "threads": threads, "calib_hash": calib_hash},
                              resources)
-    out = dispatch.run_pool(spec, todo, "run_task", num_actors=n,
+    out = dispatch.run_pool(spec, groups, "run_pair", num_actors=n,
                             schedule_timeout_s=plan.config.resources.schedule_timeout_s,
-                            describe=lambda t: t.persona.id)
+                            describe=lambda g: "/".join(t.persona.id for t in g))
     tables: dict[str, pa.Table] = {}
-    for _, res in out.results:
+    for res in (r for _, rs in out.results for r in rs):
         tables.update(res["tables"])
         summary.done += len(res["parts"])
         summary.skipped += res["skipped"]
         summary.failed += len(res["errors"])
         summary.errors.extend(res["errors"])
         summary.workers[res["worker"]] = summary.workers.get(res["worker"], 0) + 1
-    for task, err in out.failed:
-        summary.failed += len(task.units)
-        summary.errors.append(f"{task.persona.id}: {err}")
+    for group, err in out.failed:
+        for task in group:
+            summary.failed += len(task.units)
+            summary.errors.append(f"{task.persona.id}: {err}")
     return tables
 
 

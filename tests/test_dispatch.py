@@ -165,15 +165,18 @@ def test_cpu_evaluators_fit_the_free_cpus_of_each_node():
     assert dispatch.actor_resources([], [0], 3)[0] == 1  # nothing free now: one, which waits
 
 
-def test_cpu_share_leaves_no_core_idle_and_fits_a_node():
+def test_cpu_share_leaves_no_core_idle_and_fits_a_node(monkeypatch):
     """A learner pool of fewer long units than free cores shares the cores out (issue 26: one learned
     pair on 2 cores ran on 1 thread); never more than one node has free, never below 1."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert dispatch.cpu_share(1, [2]) == 2
     assert dispatch.cpu_share(2, [2]) == 1
     assert dispatch.cpu_share(5, [2]) == 1  # more units than cores: one each
     assert dispatch.cpu_share(1, [2, 2]) == 2  # an actor lives on one node
     assert dispatch.cpu_share(2, [8, 1]) == 4
     assert dispatch.cpu_share(1, [0]) == 1 and dispatch.cpu_share(1, []) == 1  # nothing free: one, which waits
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert dispatch.cpu_share(1, [8]) == 1  # the driver's thread setting caps it
 
 
 def test_free_slots_count_node_by_node(monkeypatch):

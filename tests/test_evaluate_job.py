@@ -134,3 +134,26 @@ def test_the_command_writes_the_report_through_the_report_stage(store, ray_clust
     m = runs.read_manifest(store, "cli")
     assert m.kind == "evaluate" and m.ok and m.report == store.uri(layout.report("cli"))
     assert cli_main([*flags, "--no-report"]) == 0 and "report:" not in capsys.readouterr().out
+
+
+def test_a_pair_goes_to_one_evaluator_and_its_shared_work_runs_once(store, monkeypatch):
+    """Issue 26: the two poles of a pair were two tasks on two actors, and each learned the pair's steering
+    vectors (the evaluate stage's largest cost). `pair_groups` gives one actor both poles; its evaluator
+    remembers what the pair shares, so the vectors are learned once."""
+    from persona_core.eval import steered
+
+    cfg = EvalConfig(conditions=("dense", "dense+steer-learned"), metrics=("statement-preference",),
+                     max_statements=3, steer_layers=(0.5,), val_statements=2)
+    tasks = evaluation_tasks(store, load_catalog("builtin"), model_key(MODEL), cfg, methods=["nothing"],
+                             personas=PERSONAS)
+    groups = job.pair_groups(tasks)
+    assert [[t.persona.id for t in g] for g in groups] == [["introvert", "extrovert"], ["optimist", "pessimist"]]
+    learned = []
+    real = steered.learn_vector
+    monkeypatch.setattr(steered, "learn_vector", lambda *a, **k: learned.append(a[1]) or real(*a, **k))
+    outs = job.EvalWorker(MODEL, store, cfg).run_pair(groups[0])
+    assert [o["persona"] for o in outs] == ["introvert", "extrovert"] and not any(o["errors"] for o in outs)
+    assert len(learned) == 1  # one layer, one pair: learned once for both poles
+    rows = [r for o in outs for t in o["tables"].values() for r in t.to_pylist()
+            if r["condition"] == "dense+steer-learned" and r["metric"] == "steer-layer"]
+    assert len(rows) == 2 and len({r["value"] for r in rows}) == 1  # both poles steered at the pair's choice

@@ -4,8 +4,10 @@ One actor per free GPU (CPU actors where there is none); each loads the model on
 into an `persona_core.eval.engine.Evaluator` and, for each persona it is handed,
 computes the dense conditions once (or reads them back from ``dense/`` in the store,
 where an earlier run with the same dense settings left them), then applies every mask of that persona in
-place, scores it, and restores the dense weights. Personas are handed out one at a
-time from one queue (`persona_jobs.dispatch`), to whichever actor is free; each
+place, scores it, and restores the dense weights. An opposing pair's two personas go to one
+actor together (`pair_groups`: what the pair shares, its steering and learned steering vectors and
+few-shot k, is computed once); pairs are handed out one at a time from one queue
+(`persona_jobs.dispatch`), to whichever actor is free; each
 (persona, mask) unit is written as its own Parquet part, keyed by everything its
 rows depend on (model, persona and opposite, the mask's content digest, the
 evaluation settings, code version):

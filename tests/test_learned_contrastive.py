@@ -222,14 +222,14 @@ def test_a_planted_evaluation_statement_in_training_data_is_dropped_and_logged(s
     """Issue 26 (conscientiousness): a calibration statement that repeats a held-out one (here the
     opposite's evaluation statement, which the validation split never takes) is dropped from
     training with a logged count, not a failed run; the learner never sees it."""
-    from persona_core.learn.contrastive import training_statements
+    from persona_core.eval.objective import training_statements
 
     ev, lw, a, b, stats, cc, folder = setup
     leak = b.evaluation[0]
     planted = replace(a, calibration=(*a.calibration, leak.upper(), a.evaluation[1]))
     held = [*b.evaluation, *a.evaluation]
     with caplog.at_level("WARNING"):
-        train = training_statements(planted, [], held)
+        train = training_statements(planted, [], held, "learned-contrastive")
     assert "dropped 2 training statement(s)" in caplog.text
     assert train == list(a.calibration)  # exactly the planted ones gone, order kept
     budget = replace(SMALL_BUDGET, val_statements=1)
@@ -378,6 +378,23 @@ def test_learned_steering_refuses_a_validation_statement_that_is_an_evaluation_s
     monkeypatch.setattr("persona_core.eval.steered.validation_statements", broken_split)
     with pytest.raises(LeakError, match="validation statements"):
         learned_choice(ev, a, b, EvalConfig(conditions=("dense", "dense+steer-learned")))
+
+
+def test_learned_steering_drops_a_planted_duplicate_and_counts_only_it(setup, caplog):
+    """dense+steer-learned's training data: a calibration statement that repeats the opposite's evaluation
+    statement is dropped and counted (1), the validation statements leave without being counted as
+    dropped (commit 7d1f38d), and the vector is still learned."""
+    from persona_core.eval.config import EvalConfig
+    from persona_core.eval.steered import learned_choice
+
+    ev, lw, a, b, *_ = setup
+    planted = replace(a, calibration=(*a.calibration, b.evaluation[0].upper()))
+    cfg = EvalConfig(conditions=("dense", "dense+steer-learned"), steer_layers=(0.5,), val_statements=2)
+    with caplog.at_level("WARNING"):
+        vectors, choice = learned_choice(ev, planted, b, cfg)
+    lines = [r.getMessage() for r in caplog.records if "dense+steer-learned training data" in r.getMessage()]
+    assert len(lines) == 1 and f"of {planted.id!r}: dropped 1 training statement(s)" in lines[0]
+    assert len(vectors) == 1 and all(torch.isfinite(v).all() for v in vectors.values())
 
 
 def test_held_out_duplicates_are_dropped_from_training_in_order_once():

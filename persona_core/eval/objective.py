@@ -227,6 +227,22 @@ def drop_held_out(training: Sequence[str], held_out: Sequence[str], what: str) -
     return out
 
 
+def training_statements(persona, validation: Sequence[str], held_out: Sequence[str], what: str) -> list[str]:
+    """The pole's calibration statements minus its validation ones and minus any equal to a held-out
+    (validation or evaluation) statement of the pair: those are dropped, with a logged count
+    (`drop_held_out`), so a catalog that repeats a statement across the split still learns from the rest.
+    Both learners' rule (``learned-contrastive`` masks, ``dense+steer-learned`` vectors); a validation
+    statement that is an evaluation one is a broken split, refused by the caller (`check_disjoint`)."""
+    val = {text_key(t) for t in validation}
+    train = drop_held_out([t for t in persona.calibration if text_key(t) not in val], held_out,
+                          f"{what} training data of {persona.id!r}")
+    if not train:
+        raise ValueError(f"{what}: persona {persona.id!r} has no calibration statements left to learn from after "
+                         f"the {len(val)} validation ones and the held-out duplicates")
+    check_disjoint(train, held_out, f"{what} training data of {persona.id!r}")  # drop_held_out's promise
+    return train
+
+
 def draw(pool: int, n: int, seed: int, step: int, salt: int) -> list[int]:
     """`n` indices of `pool` for (seed, step, salt): a pure function, so resumed runs draw the same."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + salt)

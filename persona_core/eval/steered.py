@@ -28,11 +28,11 @@ from persona_core.catalog import REFERENCE_PERSONA_ID, Persona
 from persona_core.eval.config import EvalConfig
 from persona_core.eval.engine import Evaluator
 from persona_core.eval.scoring import score_condition
-from persona_core.eval.objective import (Objective, StatementBatch, check_disjoint, drop_held_out, general_examples,
-                                         pad_id)
+from persona_core.eval.objective import (Objective, StatementBatch, check_disjoint, general_examples, pad_id,
+                                         training_statements)
 from persona_core.eval.steering import (LearnedSteer, MissingResidualStats, SteerChoice, SteerSettings, choose,
                                         layers_of, learn_vector, residual_rms, steer, steering_vectors)
-from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_key, text_windows,
+from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_windows,
                                           validation_separation, validation_statements, window_perplexity)
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,7 @@ def learned_choice(ev: Evaluator, persona: Persona, opposite: Persona | None, co
         check_disjoint([*val[a.id], *val[b.id]], [*a.evaluation, *b.evaluation],
                        f"{LEARNED} validation statements of {a.id}/{b.id}")
         held = [*val[a.id], *val[b.id], *a.evaluation, *b.evaluation]
-        train = {}
-        for p in (a, b):  # held-out duplicates dropped (logged), as learned-contrastive does
-            keys = {text_key(t) for t in val[p.id]}
-            train[p.id] = drop_held_out([t for t in p.calibration if text_key(t) not in keys], held,
-                                        f"{LEARNED} training data of {p.id!r}")
-            if not train[p.id]:
-                raise ValueError(f"{LEARNED}: persona {p.id!r} has no calibration statements left after validation")
-            check_disjoint(train[p.id], held, f"{LEARNED} training data of {p.id!r}")
+        train = {p.id: training_statements(p, val[p.id], held, LEARNED) for p in (a, b)}  # as learned-contrastive
         source = config.val_text or "builtin:general"
         windows = text_windows(ev.tokenizer, source, config.val_window, config.val_windows)
         taken = {tuple(w) for w in windows}

@@ -53,9 +53,9 @@ from torch import nn
 
 from persona_core.calib.stats import PersonaStats
 from persona_core.catalog.personas import Persona
-from persona_core.eval.objective import (Objective, StatementBatch, adam_step, check_disjoint, drop_held_out,
-                                         general_examples, pad_id)
-from persona_core.eval.validation import text_key, text_windows, validation_separation
+from persona_core.eval.objective import (Objective, StatementBatch, adam_step, check_disjoint, general_examples,
+                                         pad_id, training_statements)
+from persona_core.eval.validation import text_windows, validation_separation
 from persona_core.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from persona_core.learn.gate import InputGate, hard_topk, straight_through
 from persona_core.masks.budget import Budget, SearchResult, Setting, search_path
@@ -368,22 +368,6 @@ class PairLearner:
 # ---------------------------------------------------------------------------- one pair, under a budget or not
 
 
-def training_statements(persona: Persona, validation: Sequence[str], held_out: Sequence[str]) -> list[str]:
-    """The pole's calibration statements minus its validation ones and minus any equal to a held-out
-    (validation or evaluation) statement of the pair: those are dropped, with a logged count
-    (`drop_held_out`), so a catalog that repeats a statement across the split still learns from the
-    rest. A validation statement that is an evaluation statement is a broken split: `learn_pair`
-    refuses it (`LeakError`)."""
-    val = {text_key(t) for t in validation}
-    train = [t for t in persona.calibration if text_key(t) not in val]
-    train = drop_held_out(train, held_out, f"learned-contrastive training data of {persona.id!r}")
-    if not train:
-        raise ValueError(f"persona {persona.id!r}: no calibration statements left to learn from after the "
-                         f"{len(val)} validation ones and the held-out duplicates")
-    check_disjoint(train, held_out, f"learned-contrastive training data of {persona.id!r}")  # drop_held_out's promise
-    return train
-
-
 def kl_windows(tokenizer, source: str, budget: Budget, exclude: Sequence[list[int]], count: int = 16
                ) -> list[list[int]]:
     """General-text windows for the KL term: from the validation text, none of the budget's own windows."""
@@ -444,8 +428,8 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     check_disjoint([*search.validation[a.id], *search.validation[b.id]], [*a.evaluation, *b.evaluation],
                    f"learned-contrastive validation statements of {a.id}/{b.id}")
     held = [*search.validation[a.id], *search.validation[b.id], *a.evaluation, *b.evaluation]
-    train_a = training_statements(a, search.validation[a.id], held)
-    train_b = training_statements(b, search.validation[b.id], held)
+    train_a = training_statements(a, search.validation[a.id], held, "learned-contrastive")
+    train_b = training_statements(b, search.validation[b.id], held, "learned-contrastive")
     ev = evaluator
     ev.masks.restore()
     pad = pad_id(ev.tokenizer)

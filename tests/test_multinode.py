@@ -48,7 +48,7 @@ from pathlib import Path
 import pytest
 
 HOLD_S = 120.0  # the longest an evaluation unit of the killed run waits (released once the worker node is gone)
-PERSONAS = ["introvert"]  # with its opposite: two evaluation tasks, more than the head node's one actor takes at once
+PERSONAS = ["introvert", "optimist"]  # with their opposites: two pairs, two evaluation tasks (one per pair), more than the head node's one actor takes at once
 ATTEMPTS = 2  # a second attempt only after a crash of a Ray system process (see the module's docstring)
 ATTEMPT_TIMEOUT_S = 480  # one scenario: ~100 s on 2 idle cores
 RAY_SYSTEM_LOGS = re.compile(r"^(raylet|gcs_server|log_monitor|dashboard_agent|runtime_env_agent)[.\w-]*\.(out|err|log)$")

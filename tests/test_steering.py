@@ -89,5 +89,23 @@ def test_choose_keeps_the_best_setting_within_budget_and_stops_past_it():
     assert (choice.layer, choice.alpha) == (5, 2.0) and choice.within_budget
     assert calls == [(2, 1.0), (2, 2.0), (2, 4.0), (5, 1.0), (5, 2.0), (5, 4.0)]  # 4 is over budget: 8 skipped
     assert len(choice.tried) == 6
-    none = choose(10, SteerSettings(layers=(2,), alphas=(1, 2), budget=1.01), evaluate)
+    none = choose(10, SteerSettings(layers=(2,), alphas=(1, 2), budget=1.01, halvings=0), evaluate)
     assert not none.within_budget and none.alpha == 1.0
+
+
+def test_choose_halves_alpha_until_within_budget_when_no_grid_setting_is():
+    calls = []
+
+    def evaluate(layer, alpha):  # layer 5 costs twice the perplexity of layer 2 at the same alpha
+        calls.append((layer, alpha))
+        return layer / 10 + alpha, 1.0 + 0.05 * alpha * (2 if layer == 5 else 1)
+
+    choice = choose(10, SteerSettings(layers=(2, 5), alphas=(4, 8), budget=1.10, halvings=3), evaluate)
+    # grid: 4 is over budget at both layers; halved: layer 2 fits at 2, layer 5 at 1
+    assert calls == [(2, 4.0), (5, 4.0), (2, 2.0), (5, 2.0), (5, 1.0)]
+    assert (choice.layer, choice.alpha) == (2, 2.0) and choice.within_budget
+    assert choice.ppl_ratio <= 1.10 and len(choice.tried) == 5
+    never = choose(10, SteerSettings(layers=(2,), alphas=(4,), budget=1.001, halvings=2), evaluate)
+    assert not never.within_budget and never.alpha == 4.0  # 2 and 1 still over: the grid's smallest, flagged
+    with pytest.raises(ValueError, match="halvings"):
+        SteerSettings(halvings=-1)

@@ -109,6 +109,7 @@ class SteerSettings:
     layers: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7)  # fractions of depth (or ints >= 1: layer indices)
     alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # tried in increasing order per layer
     budget: float = 1.10  # max general-text perplexity ratio (validation windows) of either direction
+    halvings: int = 6  # when no grid setting is within budget: the smallest alpha halved up to this many times
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -119,6 +120,8 @@ class SteerSettings:
             raise ValueError(f"steering alphas must be > 0, got {self.alphas}")
         if self.budget <= 1.0:
             raise ValueError(f"steering perplexity budget must be > 1, got {self.budget}")
+        if self.halvings < 0:
+            raise ValueError(f"steering halvings must be >= 0, got {self.halvings}")
 
     def layer_indices(self, n_layers: int) -> list[int]:
         out = []
@@ -149,20 +152,39 @@ def choose(n_layers: int, settings: SteerSettings,
 
     `evaluate(layer, alpha)` returns (validation separation, perplexity ratio) of that setting;
     it is the only thing that looks at data, so the choice depends on nothing else.
-    When no setting is within budget, the smallest alpha at the layer with the lowest
-    perplexity ratio is returned with ``within_budget=False`` (and a warning).
+    When no setting of the grid is within budget, each layer's smallest alpha is halved (up to
+    ``settings.halvings`` times) until it is: the baseline is held to the budget at the strength
+    it can afford there, never compared at a perplexity the mask was refused. Only when even that
+    fails is the smallest alpha at the layer with the lowest perplexity ratio returned, with
+    ``within_budget=False`` (and a warning).
     """
     tried: list[dict] = []
     best: SteerChoice | None = None
-    for layer in settings.layer_indices(n_layers):
+
+    def trial(layer: int, alpha: float) -> bool:
+        nonlocal best
+        sep, ratio = evaluate(layer, alpha)
+        ok = ratio <= settings.budget
+        tried.append({"layer": layer, "alpha": alpha, "separation": sep, "ppl_ratio": ratio, "ok": ok})
+        if ok and (best is None or sep > best.separation):
+            best = SteerChoice(layer, alpha, sep, ratio)
+        return ok
+
+    layers = settings.layer_indices(n_layers)
+    for layer in layers:
         for alpha in settings.alphas:
-            sep, ratio = evaluate(layer, alpha)
-            ok = ratio <= settings.budget
-            tried.append({"layer": layer, "alpha": alpha, "separation": sep, "ppl_ratio": ratio, "ok": ok})
-            if not ok:
+            if not trial(layer, alpha):
                 break  # larger alphas only move the residual stream further
-            if best is None or sep > best.separation:
-                best = SteerChoice(layer, alpha, sep, ratio)
+    if best is None:
+        for layer in layers:
+            alpha = settings.alphas[0]
+            for _ in range(settings.halvings):
+                alpha /= 2
+                if trial(layer, alpha):
+                    break  # the largest halved alpha within budget at this layer
+        if best is not None:
+            log.info("steering: no grid setting within the perplexity budget x%.2f; alpha halved to %g at layer %d",
+                     settings.budget, best.alpha, best.layer)
     if best is None:
         first = [t for t in tried if t["alpha"] == settings.alphas[0]]
         t = min(first, key=lambda t: t["ppl_ratio"])

@@ -80,13 +80,16 @@ def test_plan_picks_methods_and_baselines(store):
     assert [t.persona.id for t in mixed] == ["introvert", "extrovert", "optimist", "pessimist"]
 
 
-def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_cluster):
+def test_pool_of_two_actors_gathers_every_row_once(store, ray_cluster):
     plan = eval_plan(store)
     s = job.run(plan)
     assert s.ok, s.errors
     report.run(plan)
     assert s.done == 8 and s.skipped == 0
-    assert len(s.workers) == 2 and sum(s.workers.values()) == 4  # both actors took personas
+    # 4 units (pairs) over at most two actors; how many each took depends on when the second one starts
+    # (under load the first may finish all four first): the spread itself is tested deterministically,
+    # with units held until both nodes have one, in tests/test_multinode.py
+    assert 1 <= len(s.workers) <= 2 and sum(s.workers.values()) == 4
     back = load_results(store, "r1")  # raises if any row was gathered twice
     assert back.num_rows == s.rows
     per_unit = len(CONFIG.conditions) * 5  # pref, margin, yes-no, perplexity, perplexity-ratio

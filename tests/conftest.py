@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -69,14 +71,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# While this folder exists, every evaluation unit on the session's Ray cluster first writes a marker
+# (node.pid.ns) into it and waits (60 s at most) until the folder is removed (persona_jobs.dispatch.HOLD_ENV).
+EVAL_HOLD = Path(tempfile.gettempdir()) / f"persona-test-eval-hold-{os.getpid()}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster for the whole session (2 CPUs, small object store)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        from persona_jobs.dispatch import HOLD_ENV  # inert until EVAL_HOLD exists (a test creates it)
+
         # "local": a new cluster even where RAY_ADDRESS or Ray's current-cluster file (ray start) names one
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
-                 log_to_driver=False, runtime_env={"env_vars": {"PERSONA_PROGRESS": "0"}})
+                 log_to_driver=False, runtime_env={"env_vars": {"PERSONA_PROGRESS": "0",
+                                                                HOLD_ENV: f"evaluation:{EVAL_HOLD}:60"}})
     yield ray
     ray.shutdown()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
+
 import pytest
 import torch
 
@@ -19,6 +22,7 @@ from persona_core.masks.spec import mask_key
 from persona_core.models.layers import linear_groups
 from persona_core.models.loading import load_model, model_key
 from persona_core.store.store import open_store
+from conftest import EVAL_HOLD
 
 MODEL = "tiny-random-llama"
 PERSONAS = ["introvert", "extrovert", "optimist", "pessimist"]
@@ -80,16 +84,29 @@ def test_plan_picks_methods_and_baselines(store):
     assert [t.persona.id for t in mixed] == ["introvert", "extrovert", "optimist", "pessimist"]
 
 
-def test_pool_of_two_actors_gathers_every_row_once(store, ray_cluster):
+def test_pool_spreads_over_two_actors_and_gathers_every_row_once(store, ray_cluster):
     plan = eval_plan(store)
-    s = job.run(plan)
+    # units wait (conftest's EVAL_HOLD) until two actors hold one each, however slowly the second starts
+    EVAL_HOLD.mkdir()
+    released = threading.Event()
+
+    def release() -> None:
+        while not released.wait(0.1):
+            if len({m.name.split(".")[1] for m in EVAL_HOLD.iterdir()}) >= 2:
+                break
+        shutil.rmtree(EVAL_HOLD, ignore_errors=True)
+
+    watcher = threading.Thread(target=release, daemon=True)
+    watcher.start()
+    try:
+        s = job.run(plan)
+    finally:
+        released.set()
+        watcher.join()
     assert s.ok, s.errors
     report.run(plan)
     assert s.done == 8 and s.skipped == 0
-    # 4 units (pairs) over at most two actors; how many each took depends on when the second one starts
-    # (under load the first may finish all four first): the spread itself is tested deterministically,
-    # with units held until both nodes have one, in tests/test_multinode.py
-    assert 1 <= len(s.workers) <= 2 and sum(s.workers.values()) == 4
+    assert len(s.workers) == 2 and sum(s.workers.values()) == 4  # both actors took personas
     back = load_results(store, "r1")  # raises if any row was gathered twice
     assert back.num_rows == s.rows
     per_unit = len(CONFIG.conditions) * 5  # pref, margin, yes-no, perplexity, perplexity-ratio

@@ -47,8 +47,9 @@ def report_inputs(p: Plan) -> dict:
             "validation text (choices)": f"{_text(config.val_text or BUILTIN_GENERAL, 'built-in general set')} "
                                          f"({config.val_windows} windows x {config.val_window} tokens)",
             "perplexity budget (steering)": f"{config.ppl_budget:g}x",
-            "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}, "
-                               f"{config.val_statements} validation statements per pole",
+            "steering search": f"layers {list(config.steer_layers)}, alphas {list(config.steer_alphas)}"
+                               + (f" refined by {config.steer_refine} bisections" if config.steer_refine else "")
+                               + f", {config.val_statements} validation statements per pole",
             "few-shot examples": config.fewshot_k if config.fewshot_select == "fixed" else
             f"chosen per pair on validation among {list(config.fewshot_ks)} and the most that fit"}
 

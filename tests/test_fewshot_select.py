@@ -51,9 +51,12 @@ def test_default_config_keeps_its_hash_and_a_fixed_k():
     from persona_core.versions import EVALUATE_VERSION
 
     d = {k: v for k, v in asdict(EvalConfig()).items()
-         if k not in ("batch_size", "gen_batch_size", "fewshot_select", "fewshot_ks")}
+         if k not in ("batch_size", "gen_batch_size", "fewshot_select", "fewshot_ks", "steer_refine")}
     assert EvalConfig().hash == content_hash(EVALUATE_VERSION, d)
     assert EvalConfig(fewshot_select="validation").hash != EvalConfig().hash
+    assert EvalConfig(steer_refine=2).hash != EvalConfig().hash
+    with pytest.raises(ValueError, match="steering refine must be >= 0"):
+        EvalConfig(steer_refine=-1)
     assert choose_k(None, A, B, EvalConfig(fewshot_k=5)) == FewShotChoice(5)
     with pytest.raises(ValueError, match="fewshot_select must be one of fixed, validation"):
         EvalConfig(fewshot_select="test")

@@ -109,3 +109,25 @@ def test_choose_halves_alpha_until_within_budget_when_no_grid_setting_is():
     assert not never.within_budget and never.alpha == 4.0  # 2 and 1 still over: the grid's smallest, flagged
     with pytest.raises(ValueError, match="halvings"):
         SteerSettings(halvings=-1)
+
+
+def test_choose_refines_alpha_at_the_budget_edge():
+    calls = []
+
+    def evaluate(layer, alpha):  # separation grows with alpha; perplexity x1.10 at alpha 1.0 exactly
+        calls.append((layer, alpha))
+        return alpha, 1.0 + 0.1 * alpha
+
+    coarse = choose(10, SteerSettings(layers=(2,), alphas=(0.5, 2), budget=1.10), evaluate)
+    assert coarse.alpha == 0.5 and len(calls) == 2  # refine 0: the grid as before
+    calls.clear()
+    fine = choose(10, SteerSettings(layers=(2,), alphas=(0.5, 2), budget=1.10, refine=3), evaluate)
+    # the gap (0.5, 2) bisected: 1.25 over, 0.875 within, 1.0625 over
+    assert calls == [(2, 0.5), (2, 2.0), (2, 1.25), (2, 0.875), (2, 1.0625)]
+    assert fine.alpha == 0.875 and fine.within_budget and fine.ppl_ratio <= 1.10
+    calls.clear()
+    halved = choose(10, SteerSettings(layers=(2,), alphas=(4,), budget=1.10, halvings=3, refine=1), evaluate)
+    # 4 over, halved to 2 over, 1 within (x1.10); the gap (1, 2) bisected once: 1.5 over
+    assert calls == [(2, 4.0), (2, 2.0), (2, 1.0), (2, 1.5)] and halved.alpha == 1.0
+    with pytest.raises(ValueError, match="refine"):
+        SteerSettings(refine=-1)

@@ -21,7 +21,7 @@ from persona_core.versions import EVALUATE_VERSION
 
 
 # knobs added after results were stored, at their defaults: left out of `EvalConfig.hash`
-LATER_DEFAULTS = {"fewshot_select": "fixed", "fewshot_ks": (0, 1, 2, 4, 8, 16, 32, 64)}
+LATER_DEFAULTS = {"fewshot_select": "fixed", "fewshot_ks": (0, 1, 2, 4, 8, 16, 32, 64), "steer_refine": 0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class EvalConfig:
     fewshot_ks: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)  # candidates of k (plus the most that fit)
     steer_layers: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7)  # fractions of depth (or layer indices >= 1)
     steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    steer_refine: int = 0  # bisections of alpha at the budget's edge, both steering baselines (`SteerSettings.refine`)
     ppl_budget: float = 1.10  # max general-text perplexity ratio of a chosen setting (validation text)
     val_statements: int = 16  # validation statements per pole, carved from the calibration statements
     val_text: str | None = None  # validation general text (a spec, e.g. wikitext-2-valid); None: builtin:general
@@ -92,7 +93,7 @@ class EvalConfig:
 
     @property
     def steer_settings(self) -> SteerSettings:
-        return SteerSettings(self.steer_layers, self.steer_alphas, self.ppl_budget)
+        return SteerSettings(self.steer_layers, self.steer_alphas, self.ppl_budget, refine=self.steer_refine)
 
     @property
     def hash(self) -> str:

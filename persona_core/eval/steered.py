@@ -19,6 +19,7 @@ statistics.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from persona_core.eval.engine import Evaluator
 from persona_core.eval.scoring import score_condition
 from persona_core.eval.objective import (Objective, StatementBatch, check_disjoint, general_examples, pad_id,
                                          training_statements)
-from persona_core.eval.steering import (LearnedSteer, MissingResidualStats, SteerChoice, SteerSettings, choose,
+from persona_core.eval.steering import (LearnedSteer, MissingResidualStats, SteerChoice, choose,
                                         layers_of, learn_vector, residual_rms, steer, steering_vectors)
 from persona_core.eval.validation import (perplexity_ratio, statement_scores, text_windows,
                                           validation_separation, validation_statements, window_perplexity)
@@ -139,7 +140,7 @@ def learned_choice(ev: Evaluator, persona: Persona, opposite: Persona | None, co
             ratio = max(perplexity_ratio(ev, windows, reference, plus), perplexity_ratio(ev, windows, reference, minus))
             return sep, ratio
 
-        choice = choose(layers_of(ev.model), SteerSettings(settings.layers, knobs.alphas, settings.budget), evaluate)
+        choice = choose(layers_of(ev.model), replace(settings, alphas=knobs.alphas), evaluate)
         log.info("%s %s/%s: layer %d alpha %g (validation separation %.3f, ppl x%.3f)", LEARNED, a.id, b.id,
                  choice.layer, choice.alpha, choice.separation, choice.ppl_ratio)
         ev.steer_memo[ident] = (vectors, choice)

@@ -110,6 +110,7 @@ class SteerSettings:
     alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # tried in increasing order per layer
     budget: float = 1.10  # max general-text perplexity ratio (validation windows) of either direction
     halvings: int = 6  # when no grid setting is within budget: the smallest alpha halved up to this many times
+    refine: int = 0  # bisections per layer between its largest alpha within budget and the next one over it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -120,8 +121,9 @@ class SteerSettings:
             raise ValueError(f"steering alphas must be > 0, got {self.alphas}")
         if self.budget <= 1.0:
             raise ValueError(f"steering perplexity budget must be > 1, got {self.budget}")
-        if self.halvings < 0:
-            raise ValueError(f"steering halvings must be >= 0, got {self.halvings}")
+        for name in ("halvings", "refine"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"steering {name} must be >= 0, got {getattr(self, name)}")
 
     def layer_indices(self, n_layers: int) -> list[int]:
         out = []
@@ -156,7 +158,9 @@ def choose(n_layers: int, settings: SteerSettings,
     ``settings.halvings`` times) until it is: the baseline is held to the budget at the strength
     it can afford there, never compared at a perplexity the mask was refused. Only when even that
     fails is the smallest alpha at the layer with the lowest perplexity ratio returned, with
-    ``within_budget=False`` (and a warning).
+    ``within_budget=False`` (and a warning). With ``settings.refine`` > 0, every layer whose climb
+    stopped between an alpha within budget and one over it bisects that gap ``refine`` times (the
+    grid's steps are coarse: x2 for plain steering), so the baseline reaches the budget's edge.
     """
     tried: list[dict] = []
     best: SteerChoice | None = None
@@ -171,20 +175,30 @@ def choose(n_layers: int, settings: SteerSettings,
         return ok
 
     layers = settings.layer_indices(n_layers)
+    bounds: dict[int, tuple[float, float]] = {}  # layer -> (largest alpha within budget, next alpha over it)
     for layer in layers:
+        below = None
         for alpha in settings.alphas:
             if not trial(layer, alpha):
+                if below is not None:
+                    bounds[layer] = (below, alpha)
                 break  # larger alphas only move the residual stream further
+            below = alpha
     if best is None:
         for layer in layers:
             alpha = settings.alphas[0]
             for _ in range(settings.halvings):
                 alpha /= 2
                 if trial(layer, alpha):
+                    bounds[layer] = (alpha, alpha * 2)
                     break  # the largest halved alpha within budget at this layer
         if best is not None:
             log.info("steering: no grid setting within the perplexity budget x%.2f; alpha halved to %g at layer %d",
                      settings.budget, best.alpha, best.layer)
+    for layer, (lo, hi) in bounds.items():  # the strongest alpha the budget allows, to 2^-refine of the gap
+        for _ in range(settings.refine):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if trial(layer, mid) else (lo, mid)
     if best is None:
         first = [t for t in tried if t["alpha"] == settings.alphas[0]]
         t = min(first, key=lambda t: t["ppl_ratio"])

@@ -4,9 +4,9 @@ Reads a run's results (``results/run=<id>/`` in ``--store``) and prints one JSON
 setting its separation with a 95% interval over statements; per (setting, baseline) and pair the
 paired-bootstrap difference of separations with its 95% interval and verdict, and W/T/L; mean
 separations with intervals; the WikiText-2 test perplexity ratio of each setting; each pair's few-shot
-k and steering choices. With ``--other-run``: the few-shot baseline of this run against the other
-run's (e.g. k chosen on validation against k = 8 on the same statements). ``--markdown`` prints
-the tables instead (for results/).
+k and steering choices. With ``--other-run``: every baseline both runs scored, this run's against the
+other's on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering
+with ``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
 
     python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [--other-run RUN_ID] [--markdown]
 """
@@ -62,15 +62,16 @@ def tables(store: str, run: str, other: str | None) -> dict:
         rows = []
         for a, b in an.pairs:
             pair = f"{a} / {b}"
-            mine = an.scores.get((pair, "fewshot", 0.0, BASELINE_CONDITIONS["fewshot"]))
-            theirs = ob.scores.get((pair, "fewshot", 0.0, BASELINE_CONDITIONS["fewshot"]))
-            if mine is None or theirs is None:
-                continue
-            v = compare(mine, theirs)
-            rows.append({"pair": pair, "this": _f(mine.separation()), "other": _f(theirs.separation()),
-                         "difference": _f(v.difference.value), "lo": _f(v.difference.lo), "hi": _f(v.difference.hi),
-                         "verdict": v.verdict})
-        out["fewshot_vs_other_run"] = {"other": other, "pairs": rows}
+            for baseline, condition in BASELINE_CONDITIONS.items():
+                mine = an.scores.get((pair, baseline, 0.0, condition))
+                theirs = ob.scores.get((pair, baseline, 0.0, condition))
+                if mine is None or theirs is None:
+                    continue
+                v = compare(mine, theirs)
+                rows.append({"pair": pair, "baseline": baseline, "this": _f(mine.separation()),
+                             "other": _f(theirs.separation()), "difference": _f(v.difference.value),
+                             "lo": _f(v.difference.lo), "hi": _f(v.difference.hi), "verdict": v.verdict})
+        out["baselines_vs_other_run"] = {"other": other, "pairs": rows}
     return out
 
 
@@ -86,11 +87,10 @@ def markdown(t: dict) -> str:
         setting = r["method"] + ("" if r["condition"] in ("masked",) or r["method"] in BASELINE_CONDITIONS
                                  else f" ({r['condition']})")
         lines.append(f"| {r['pair']} | {setting} | {r['separation']:.3f} [{r['lo']}, {r['hi']}] |")
-    if t.get("fewshot_vs_other_run"):
-        lines += ["", "| pair | few-shot (this run) | few-shot (other run) | difference [95% CI] | verdict |",
-                  "|---|---|---|---|---|"]
-        for r in t["fewshot_vs_other_run"]["pairs"]:
-            lines.append(f"| {r['pair']} | {r['this']:.3f} | {r['other']:.3f} | {r['difference']:+.3f} "
+    if t.get("baselines_vs_other_run"):
+        lines += ["", "| pair | baseline | this run | other run | difference [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+        for r in t["baselines_vs_other_run"]["pairs"]:
+            lines.append(f"| {r['pair']} | {r['baseline']} | {r['this']:.3f} | {r['other']:.3f} | {r['difference']:+.3f} "
                          f"[{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |")
     return "\n".join(lines)
 
@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", default=None, help="run id (results/run=<id>/ in the store)")
     ap.add_argument("--store", default="./persona-store-learned")
-    ap.add_argument("--other-run", default=None, help="a run whose few-shot baseline this run's is compared with")
+    ap.add_argument("--other-run", default=None, help="a run whose baselines this run's are compared with (those both scored)")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of JSON")
     return ap
 

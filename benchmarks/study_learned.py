@@ -1,14 +1,17 @@
 """Issue 26 study tables from a finished run: every subnetwork setting against every baseline, per pair.
 
-Reads a run's results (``results/run=<id>/`` in ``--store``) and prints one JSON line: per pair and
+Reads one or more runs' results (``results/run=<id>/`` in ``--store``; several runs of disjoint pairs
+are read as one, the way a study split into batches is pooled) and prints one JSON line: per pair and
 setting its separation with a 95% interval over statements; per (setting, baseline) and pair the
 paired-bootstrap difference of separations with its 95% interval and verdict, and W/T/L; mean
 separations with intervals; the WikiText-2 test perplexity ratio of each setting; each pair's few-shot
-k and steering choices. With ``--other-run``: every baseline both runs scored, this run's against the
+k and steering choices; and ``pooled``, issue 26's target figures per subnetwork setting (pairs that
+beat every baseline, per baseline W/T/L and the mean difference with a 95% interval over pairs, the
+setting's mean over the strongest baseline's, pairs within the budget on the test text). With ``--other-run``: every baseline both runs scored, this run's against the
 other's on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering
 with ``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
 
-    python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [--other-run RUN_ID] [--markdown]
+    python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID] [--markdown]
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.report.analysis import (BASELINE_CONDITIONS, analyse, pareto_points, steering_choices,  # noqa: E402
                                           summary)
-from persona_core.report.bootstrap import compare  # noqa: E402
-from persona_core.report.results import load_results  # noqa: E402
+from persona_core.report.bootstrap import compare, mean_interval  # noqa: E402
+from persona_core.report.results import gather, load_results  # noqa: E402
+
+POOL_REPLICATES = 10_000  # bootstrap over pairs for the pooled means (percentile interval, seed 0)
 
 
 def _f(x, nd: int = 3):
@@ -37,10 +42,62 @@ def fewshot_choices(results) -> dict:
     return {p: {m: float(v) for m, v in zip(g.metric, g.value)} for p, g in few.groupby("persona")}
 
 
-def tables(store: str, run: str, other: str | None) -> dict:
-    res = load_results(store, run)
+def load_runs(store: str, runs: list[str]):
+    """The rows of every run as one table (the runs must score disjoint pairs)."""
+    tables = [load_results(store, r) for r in runs]
+    try:
+        return gather(tables)
+    except RuntimeError as err:
+        raise SystemExit(f"runs {', '.join(runs)} cannot be pooled: {err} (the same pair in two runs?)") from None
+
+
+def _interval(values) -> dict:
+    iv = mean_interval(values, replicates=POOL_REPLICATES)
+    return {"mean": _f(iv.value), "lo": _f(iv.lo), "hi": _f(iv.hi)}
+
+
+def pooled(an, budget: float) -> list[dict]:
+    """Issue 26's target figures per subnetwork setting (method, condition; the sparsity is each pair's own)."""
+    sep = an.separation
+    ver = an.verdicts
+    if not len(ver):
+        return []
+    base_sep = {(r.pair, r.method): r.separation for r in sep.itertuples() if r.method in BASELINE_CONDITIONS}
+    pts = pareto_points(an)
+    ppl = {(r.pair, r.method, r.condition): r.ppl_ratio for r in pts.itertuples()}
+    out = []
+    for (method, condition), v in ver.groupby(["method", "condition"], sort=True):
+        mine = sep[(sep.method == method) & (sep.condition == condition)].set_index("pair").separation
+        pairs = sorted(mine.index)
+        baselines = [b for b in BASELINE_CONDITIONS if b in set(v.baseline)]
+        wins = v[v.verdict == "win"].groupby("pair").baseline.nunique()
+        row: dict = {"method": method, "condition": condition, "pairs": len(pairs),
+                     "separation": _interval([mine[p] for p in pairs]),
+                     "beats_all": int(sum(wins.get(p, 0) == len(baselines) for p in pairs)), "baselines": {}}
+        for b in baselines:
+            vb = v[v.baseline == b].set_index("pair")
+            common = [p for p in pairs if p in vb.index and (p, b) in base_sep]
+            row["baselines"][b] = {
+                "wtl": "/".join(str(int((vb.verdict == k).sum())) for k in ("win", "tie", "loss")),
+                "separation": _interval([base_sep[(p, b)] for p in common]),
+                "difference": _interval([vb.difference[p] for p in common])}
+        means = {b: d["separation"]["mean"] for b, d in row["baselines"].items() if d["separation"]["mean"] is not None}
+        if means:
+            strongest = max(means, key=means.get)
+            row["strongest_baseline"] = strongest
+            m, s = row["separation"]["mean"], means[strongest]
+            row["ratio_vs_strongest"] = _f(m / s) if m is not None and s else None
+        ratios = [ppl.get((p, method, condition)) for p in pairs]
+        row["within_budget_on_test"] = f"{sum(r is not None and r <= budget for r in ratios)}/{len(pairs)}"
+        out.append(row)
+    return out
+
+
+def tables(store: str, runs: list[str], other: str | None, budget: float = 1.10) -> dict:
+    res = load_runs(store, runs)
     an = analyse(res)
     sep = an.separation
+    run = " + ".join(runs)
     out: dict = {"run": run, "pairs": [f"{a} / {b}" for a, b in an.pairs]}
     out["separation"] = [{"pair": r.pair, "method": r.method, "condition": r.condition, "sparsity": _f(r.sparsity, 4),
                           "separation": _f(r.separation), "lo": _f(r.lo), "hi": _f(r.hi)}
@@ -57,6 +114,7 @@ def tables(store: str, run: str, other: str | None) -> dict:
     st = steering_choices(an)
     out["steering"] = json.loads(st.to_json(orient="records")) if len(st) else []
     out["fewshot"] = fewshot_choices(res)
+    out["pooled"] = pooled(an, budget)
     if other:
         ob = analyse(load_results(store, other))
         rows = []
@@ -87,6 +145,20 @@ def markdown(t: dict) -> str:
         setting = r["method"] + ("" if r["condition"] in ("masked",) or r["method"] in BASELINE_CONDITIONS
                                  else f" ({r['condition']})")
         lines.append(f"| {r['pair']} | {setting} | {r['separation']:.3f} [{r['lo']}, {r['hi']}] |")
+    if t.get("pooled"):
+        lines += ["", f"Pooled over {len(t['pairs'])} pairs (means over pairs, 95% interval: bootstrap over pairs, "
+                  f"{POOL_REPLICATES:,} resamples):", "",
+                  "| setting | beats all | mean separation [95% CI] | baseline | W/T/L | baseline mean | "
+                  "mean difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for r in t["pooled"]:
+            head = f"{r['method']} ({r['condition']}) | {r['beats_all']}/{r['pairs']} | {_ci(r['separation'])}"
+            for i, (b, d) in enumerate(r["baselines"].items()):
+                lines.append(f"| {head if i == 0 else ' | | '} | {b} | {d['wtl']} | {d['separation']['mean']:.3f} | "
+                             f"{_ci(d['difference'], signed=True)} |")
+            if r.get("strongest_baseline"):
+                lines.append(f"| {r['method']} ({r['condition']}): {r['ratio_vs_strongest']}x the strongest baseline "
+                             f"({r['strongest_baseline']}); within the budget on the test text: "
+                             f"{r['within_budget_on_test']} | | | | | | |")
     if t.get("baselines_vs_other_run"):
         lines += ["", "| pair | baseline | this run | other run | difference [95% CI] | verdict |", "|---|---|---|---|---|---|"]
         for r in t["baselines_vs_other_run"]["pairs"]:
@@ -95,20 +167,27 @@ def markdown(t: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(d: dict, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    bounds = "-" if d["lo"] is None else f"[{f.format(d['lo'])}, {f.format(d['hi'])}]"
+    return f"{f.format(d['mean'])} {bounds}"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", nargs="?", default=None, help="run id (results/run=<id>/ in the store)")
+    ap.add_argument("runs", nargs="*", help="run ids (results/run=<id>/ in the store); several: pooled as one")
     ap.add_argument("--store", default="./persona-store-learned")
     ap.add_argument("--other-run", default=None, help="a run whose baselines this run's are compared with (those both scored)")
+    ap.add_argument("--budget", type=float, default=1.10, help="perplexity ratio bound for within_budget_on_test")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of JSON")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.run is None:
+    if not args.runs:
         raise SystemExit("name a run id (persona-jobs results --store STORE lists them)")
-    t = tables(args.store, args.run, args.other_run)
+    t = tables(args.store, args.runs, args.other_run, args.budget)
     print(markdown(t) if args.markdown else json.dumps({"benchmark": "study_learned", **t}))
 
 

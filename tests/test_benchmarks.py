@@ -203,3 +203,51 @@ def test_learner_initial_scores_follow_the_models_device():
     loaded.model.to("meta")
     with pytest.raises(RuntimeError, match="meta tensors"):
         initial_scores(loaded, [stats], LearnConfig())
+
+
+# ---------------------------------------------------------------------------- benchmarks/study_learned.py
+
+
+def test_study_learned_pools_pairs_into_the_issue26_target_figures():
+    """Three pairs: the mask beats every baseline on two; on the second few-shot is as good as the mask.
+    The third mask is over the budget on the test text. Pooled: 2/3 beat all, W/T/L 2/1/0 against few-shot."""
+    import numpy as np
+    import pyarrow as pa
+
+    from persona_core.eval.schema import RESULT_SCHEMA
+    from persona_core.report.analysis import analyse
+
+    study = load("study_learned")
+    rng = np.random.default_rng(0)
+    n = 60
+    rows = []
+    pairs = [("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 1.5, 1.05), ("e", "f", 1.5, 0.3, 1.2)]
+    for a, b, mask, fewshot, ppl in pairs:
+        noise = {p: rng.normal(0, 1, n) for p in (a, b)}
+        shifts = {"dense": 0.0, "dense+prompt": 0.0, "dense+fewshot": fewshot, "dense+steer": 0.1,
+                  "dense+steer-learned": 0.3, "masked": mask}
+        for p, o in ((a, b), (b, a)):
+            for cond, shift in shifts.items():
+                items = list(noise[p] + shift) + list(noise[o])
+                base = dict(model="m-1", persona=p, opposite=o, method="learned-contrastive", sparsity=0.02,
+                            granularity="ffn-channels", mask_hash=f"h{p}", condition=cond, n=n * n, stderr=0.01,
+                            config_hash="c", eval_hash="e", code_version="v")
+                rows.append({**base, "metric": "statement-preference", "value": float(np.mean(
+                    np.asarray(items[:n])[:, None] > np.asarray(items[n:])[None, :])), "items": items, "items_own": n})
+                rows.append({**base, "metric": "perplexity-ratio:wikitext-2-test",
+                             "value": ppl if cond == "masked" else 1.0})
+    an = analyse(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    (row,) = study.pooled(an, budget=1.10)
+    assert (row["method"], row["condition"], row["pairs"]) == ("learned-contrastive", "masked", 3)
+    assert row["beats_all"] == 2
+    assert list(row["baselines"]) == ["prompt", "fewshot", "steer", "steer-learned"]
+    assert row["baselines"]["fewshot"]["wtl"] == "2/1/0" and row["baselines"]["prompt"]["wtl"] == "3/0/0"
+    assert row["strongest_baseline"] == "fewshot"
+    d = row["baselines"]["fewshot"]["difference"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and d["mean"] > 0
+    assert row["ratio_vs_strongest"] == pytest.approx(
+        row["separation"]["mean"] / row["baselines"]["fewshot"]["separation"]["mean"], abs=2e-3)
+    assert row["within_budget_on_test"] == "2/3"
+    text = study.markdown({"run": "r1 + r2", "pairs": ["a / b", "c / d", "e / f"], "verdicts": [], "separation": [],
+                           "pooled": [row]})
+    assert "| learned-contrastive (masked) | 2/3 |" in text and "(fewshot)" in text

@@ -7,8 +7,8 @@ paired-bootstrap difference of separations with its 95% interval and verdict, an
 separations with intervals; the WikiText-2 test perplexity ratio of each setting; each pair's few-shot
 k and steering choices; and ``pooled``, issue 26's target figures per subnetwork setting (pairs that
 beat every baseline, per baseline W/T/L and the mean difference with a 95% interval over pairs, the
-setting's mean over the strongest baseline's, pairs within the budget on the test text). With ``--other-run``: every baseline both runs scored, this run's against the
-other's on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering
+setting's mean over the strongest baseline's, pairs within the budget on the test text). With
+``--other-run``: every baseline both runs scored, this run's against the other's on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering
 with ``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
 
     python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID] [--markdown]
@@ -51,9 +51,10 @@ def load_runs(store: str, runs: list[str]):
         raise SystemExit(f"runs {', '.join(runs)} cannot be pooled: {err} (the same pair in two runs?)") from None
 
 
-def _interval(values) -> dict:
+def _interval(values) -> tuple[dict, float]:
+    """(rounded mean and 95% interval over pairs, the unrounded mean)."""
     iv = mean_interval(values, replicates=POOL_REPLICATES)
-    return {"mean": _f(iv.value), "lo": _f(iv.lo), "hi": _f(iv.hi)}
+    return {"mean": _f(iv.value), "lo": _f(iv.lo), "hi": _f(iv.hi)}, iv.value
 
 
 def pooled(an, budget: float) -> list[dict]:
@@ -71,22 +72,22 @@ def pooled(an, budget: float) -> list[dict]:
         pairs = sorted(mine.index)
         baselines = [b for b in BASELINE_CONDITIONS if b in set(v.baseline)]
         wins = v[v.verdict == "win"].groupby("pair").baseline.nunique()
-        row: dict = {"method": method, "condition": condition, "pairs": len(pairs),
-                     "separation": _interval([mine[p] for p in pairs]),
+        separation, mean = _interval([mine[p] for p in pairs])
+        row: dict = {"method": method, "condition": condition, "pairs": len(pairs), "separation": separation,
                      "beats_all": int(sum(wins.get(p, 0) == len(baselines) for p in pairs)), "baselines": {}}
+        means = {}
         for b in baselines:
             vb = v[v.baseline == b].set_index("pair")
             common = [p for p in pairs if p in vb.index and (p, b) in base_sep]
+            base, means[b] = _interval([base_sep[(p, b)] for p in common])
             row["baselines"][b] = {
                 "wtl": "/".join(str(int((vb.verdict == k).sum())) for k in ("win", "tie", "loss")),
-                "separation": _interval([base_sep[(p, b)] for p in common]),
-                "difference": _interval([vb.difference[p] for p in common])}
-        means = {b: d["separation"]["mean"] for b, d in row["baselines"].items() if d["separation"]["mean"] is not None}
+                "separation": base, "difference": _interval([vb.difference[p] for p in common])[0]}
+        means = {b: x for b, x in means.items() if not math.isnan(x)}
         if means:
             strongest = max(means, key=means.get)
             row["strongest_baseline"] = strongest
-            m, s = row["separation"]["mean"], means[strongest]
-            row["ratio_vs_strongest"] = _f(m / s) if m is not None and s else None
+            row["ratio_vs_strongest"] = _f(mean / means[strongest]) if means[strongest] else None
         ratios = [ppl.get((p, method, condition)) for p in pairs]
         row["within_budget_on_test"] = f"{sum(r is not None and r <= budget for r in ratios)}/{len(pairs)}"
         out.append(row)
@@ -150,15 +151,16 @@ def markdown(t: dict) -> str:
                   f"{POOL_REPLICATES:,} resamples):", "",
                   "| setting | beats all | mean separation [95% CI] | baseline | W/T/L | baseline mean | "
                   "mean difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+        notes = []
         for r in t["pooled"]:
             head = f"{r['method']} ({r['condition']}) | {r['beats_all']}/{r['pairs']} | {_ci(r['separation'])}"
             for i, (b, d) in enumerate(r["baselines"].items()):
                 lines.append(f"| {head if i == 0 else ' | | '} | {b} | {d['wtl']} | {d['separation']['mean']:.3f} | "
                              f"{_ci(d['difference'], signed=True)} |")
             if r.get("strongest_baseline"):
-                lines.append(f"| {r['method']} ({r['condition']}): {r['ratio_vs_strongest']}x the strongest baseline "
-                             f"({r['strongest_baseline']}); within the budget on the test text: "
-                             f"{r['within_budget_on_test']} | | | | | | |")
+                notes.append(f"- {r['method']} ({r['condition']}): {r['ratio_vs_strongest']}x the strongest baseline "
+                             f"({r['strongest_baseline']}); within the budget on the test text: {r['within_budget_on_test']}")
+        lines += ["", *notes] if notes else []
     if t.get("baselines_vs_other_run"):
         lines += ["", "| pair | baseline | this run | other run | difference [95% CI] | verdict |", "|---|---|---|---|---|---|"]
         for r in t["baselines_vs_other_run"]["pairs"]:

@@ -245,8 +245,9 @@ def test_study_learned_pools_pairs_into_the_issue26_target_figures():
     assert row["strongest_baseline"] == "fewshot"
     d = row["baselines"]["fewshot"]["difference"]
     assert d["lo"] <= d["mean"] <= d["hi"] and d["mean"] > 0
+    # the ratio of the unrounded means; the printed means are rounded to 3 places (hence the tolerance)
     assert row["ratio_vs_strongest"] == pytest.approx(
-        row["separation"]["mean"] / row["baselines"]["fewshot"]["separation"]["mean"], abs=2e-3)
+        row["separation"]["mean"] / row["baselines"]["fewshot"]["separation"]["mean"], abs=5e-3)
     assert row["within_budget_on_test"] == "2/3"
     text = study.markdown({"run": "r1 + r2", "pairs": ["a / b", "c / d", "e / f"], "verdicts": [], "separation": [],
                            "pooled": [row]})

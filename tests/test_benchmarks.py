@@ -252,3 +252,23 @@ def test_study_learned_pools_pairs_into_the_issue26_target_figures():
     text = study.markdown({"run": "r1 + r2", "pairs": ["a / b", "c / d", "e / f"], "verdicts": [], "separation": [],
                            "pooled": [row]})
     assert "| learned-contrastive (masked) | 2/3 |" in text and "(fewshot)" in text
+
+
+@pytest.mark.slow
+def test_sweep_steer_learned_reports_each_step_size_choice(tmp_path):
+    """lr 0 leaves the vector at zero (the dense model at every alpha: ratio 1); lr 0.05 moves it."""
+    env = {**os.environ, "PERSONA_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / "sweep_steer_learned.py"), "--model", "tiny-random-llama",
+                           "--val-text", "builtin:general", "--steps", "2", "--lrs", "0.05", "0", "--threads", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    *rows, summary = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [r["lr"] for r in rows] == [0.05, 0.0] and summary["benchmark"] == "sweep_steer_learned"
+    moved, still = rows
+    assert all(n > 0 for n in moved["norms"].values()) and all(n == 0 for n in still["norms"].values())
+    assert all(t[3] == pytest.approx(1.0, abs=1e-6) for t in still["tried"])
+    for r in rows:  # the reported choice is one of the settings tried, with its figures
+        (t,) = [t for t in r["tried"] if t[:2] == [r["layer"], r["alpha"]]]
+        assert t[2:] == pytest.approx([r["val_separation"], r["val_ppl_ratio"]], abs=1e-3)
+    assert summary["mean_val_separation"] == {"0.05": round(moved["val_separation"], 4),
+                                              "0.0": round(still["val_separation"], 4)}

@@ -8,10 +8,11 @@ separations with intervals; the WikiText-2 test perplexity ratio of each setting
 k and steering choices; and ``pooled``, issue 26's target figures per subnetwork setting (pairs that
 beat every baseline, per baseline W/T/L and the mean difference with a 95% interval over pairs, the
 setting's mean over the strongest baseline's, pairs within the budget on the test text). With
-``--other-run``: every baseline both runs scored, this run's against the other's on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering
-with ``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
+``--other-run`` (one or more runs, pooled): every baseline both scored, this run's against the other's
+on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering with
+``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
 
-    python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID] [--markdown]
+    python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID ...] [--markdown]
 """
 
 from __future__ import annotations
@@ -94,7 +95,25 @@ def pooled(an, budget: float) -> list[dict]:
     return out
 
 
-def tables(store: str, runs: list[str], other: str | None, budget: float = 1.10) -> dict:
+def baselines_vs(an, ob) -> list[dict]:
+    """Per pair of `an` and baseline both analyses scored: this one's separation against the other's on the
+    same statements (paired bootstrap: difference, 95% interval, verdict)."""
+    rows = []
+    for a, b in an.pairs:
+        pair = f"{a} / {b}"
+        for baseline, condition in BASELINE_CONDITIONS.items():
+            mine = an.scores.get((pair, baseline, 0.0, condition))
+            theirs = ob.scores.get((pair, baseline, 0.0, condition))
+            if mine is None or theirs is None:
+                continue
+            v = compare(mine, theirs)
+            rows.append({"pair": pair, "baseline": baseline, "this": _f(mine.separation()),
+                         "other": _f(theirs.separation()), "difference": _f(v.difference.value),
+                         "lo": _f(v.difference.lo), "hi": _f(v.difference.hi), "verdict": v.verdict})
+    return rows
+
+
+def tables(store: str, runs: list[str], other: list[str] | None, budget: float = 1.10) -> dict:
     res = load_runs(store, runs)
     an = analyse(res)
     sep = an.separation
@@ -117,20 +136,7 @@ def tables(store: str, runs: list[str], other: str | None, budget: float = 1.10)
     out["fewshot"] = fewshot_choices(res)
     out["pooled"] = pooled(an, budget)
     if other:
-        ob = analyse(load_results(store, other))
-        rows = []
-        for a, b in an.pairs:
-            pair = f"{a} / {b}"
-            for baseline, condition in BASELINE_CONDITIONS.items():
-                mine = an.scores.get((pair, baseline, 0.0, condition))
-                theirs = ob.scores.get((pair, baseline, 0.0, condition))
-                if mine is None or theirs is None:
-                    continue
-                v = compare(mine, theirs)
-                rows.append({"pair": pair, "baseline": baseline, "this": _f(mine.separation()),
-                             "other": _f(theirs.separation()), "difference": _f(v.difference.value),
-                             "lo": _f(v.difference.lo), "hi": _f(v.difference.hi), "verdict": v.verdict})
-        out["baselines_vs_other_run"] = {"other": other, "pairs": rows}
+        out["baselines_vs_other_run"] = {"other": " + ".join(other), "pairs": baselines_vs(an, analyse(load_runs(store, other)))}
     return out
 
 
@@ -179,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", help="run ids (results/run=<id>/ in the store); several: pooled as one")
     ap.add_argument("--store", default="./persona-store-learned")
-    ap.add_argument("--other-run", default=None, help="a run whose baselines this run's are compared with (those both scored)")
+    ap.add_argument("--other-run", nargs="+", default=None,
+                    help="runs (pooled) whose baselines this run's are compared with (those both scored)")
     ap.add_argument("--budget", type=float, default=1.10, help="perplexity ratio bound for within_budget_on_test")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of JSON")
     return ap

@@ -208,24 +208,21 @@ def test_learner_initial_scores_follow_the_models_device():
 # ---------------------------------------------------------------------------- benchmarks/study_learned.py
 
 
-def test_study_learned_pools_pairs_into_the_issue26_target_figures():
-    """Three pairs: the mask beats every baseline on two; on the second few-shot is as good as the mask.
-    The third mask is over the budget on the test text. Pooled: 2/3 beat all, W/T/L 2/1/0 against few-shot."""
+def _study_rows(pairs, learned_steer: float = 0.3, seed: int = 0):
+    """A synthetic issue-26 results table: per pair (a, b, mask shift, few-shot shift, mask test ppl) every
+    condition's statement-preference items (shifted normal scores, 60 per pole) and test perplexity."""
     import numpy as np
     import pyarrow as pa
 
     from persona_core.eval.schema import RESULT_SCHEMA
-    from persona_core.report.analysis import analyse
 
-    study = load("study_learned")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = 60
     rows = []
-    pairs = [("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 1.5, 1.05), ("e", "f", 1.5, 0.3, 1.2)]
     for a, b, mask, fewshot, ppl in pairs:
         noise = {p: rng.normal(0, 1, n) for p in (a, b)}
         shifts = {"dense": 0.0, "dense+prompt": 0.0, "dense+fewshot": fewshot, "dense+steer": 0.1,
-                  "dense+steer-learned": 0.3, "masked": mask}
+                  "dense+steer-learned": learned_steer, "masked": mask}
         for p, o in ((a, b), (b, a)):
             for cond, shift in shifts.items():
                 items = list(noise[p] + shift) + list(noise[o])
@@ -236,7 +233,17 @@ def test_study_learned_pools_pairs_into_the_issue26_target_figures():
                     np.asarray(items[:n])[:, None] > np.asarray(items[n:])[None, :])), "items": items, "items_own": n})
                 rows.append({**base, "metric": "perplexity-ratio:wikitext-2-test",
                              "value": ppl if cond == "masked" else 1.0})
-    an = analyse(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def test_study_learned_pools_pairs_into_the_issue26_target_figures():
+    """Three pairs: the mask beats every baseline on two; on the second few-shot is as good as the mask.
+    The third mask is over the budget on the test text. Pooled: 2/3 beat all, W/T/L 2/1/0 against few-shot."""
+    from persona_core.report.analysis import analyse
+
+    study = load("study_learned")
+    pairs = [("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 1.5, 1.05), ("e", "f", 1.5, 0.3, 1.2)]
+    an = analyse(_study_rows(pairs))
     (row,) = study.pooled(an, budget=1.10)
     assert (row["method"], row["condition"], row["pairs"]) == ("learned-contrastive", "masked", 3)
     assert row["beats_all"] == 2
@@ -252,6 +259,23 @@ def test_study_learned_pools_pairs_into_the_issue26_target_figures():
     text = study.markdown({"run": "r1 + r2", "pairs": ["a / b", "c / d", "e / f"], "verdicts": [], "separation": [],
                            "pooled": [row]})
     assert "| learned-contrastive (masked) | 2/3 |" in text and "(fewshot)" in text
+
+
+def test_study_learned_compares_baselines_with_other_runs_on_the_same_statements():
+    """Learned steering shifted 1.2 in this run and 0.3 in the other, on the same statements: a win for
+    this run's; every other baseline is the same items in both (difference 0, a tie)."""
+    from persona_core.report.analysis import analyse
+
+    study = load("study_learned")
+    pairs = [("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 1.5, 1.05)]
+    rows = study.baselines_vs(analyse(_study_rows(pairs, learned_steer=1.2)), analyse(_study_rows(pairs)))
+    assert {(r["pair"], r["baseline"]) for r in rows} == {
+        (p, b) for p in ("a / b", "c / d") for b in ("prompt", "fewshot", "steer", "steer-learned")}
+    for r in rows:
+        if r["baseline"] == "steer-learned":
+            assert r["verdict"] == "win" and r["lo"] > 0 and r["this"] > r["other"]
+        else:
+            assert r["verdict"] == "tie" and r["difference"] == 0 and r["this"] == r["other"]
 
 
 @pytest.mark.slow

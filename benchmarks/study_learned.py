@@ -97,13 +97,16 @@ def pooled(an, budget: float) -> list[dict]:
 
 def baselines_vs(an, ob) -> list[dict]:
     """Per pair of `an` and baseline both analyses scored: this one's separation against the other's on the
-    same statements (paired bootstrap: difference, 95% interval, verdict)."""
+    same statements (paired bootstrap: difference, 95% interval, verdict). A pair is matched whichever pole
+    each analysis names first (that follows the order its rows were read in)."""
     rows = []
     for a, b in an.pairs:
         pair = f"{a} / {b}"
         for baseline, condition in BASELINE_CONDITIONS.items():
             mine = an.scores.get((pair, baseline, 0.0, condition))
             theirs = ob.scores.get((pair, baseline, 0.0, condition))
+            if theirs is None and (flipped := ob.scores.get((f"{b} / {a}", baseline, 0.0, condition))) is not None:
+                theirs = flipped.swapped()
             if mine is None or theirs is None:
                 continue
             v = compare(mine, theirs)

@@ -276,6 +276,11 @@ def test_study_learned_compares_baselines_with_other_runs_on_the_same_statements
             assert r["verdict"] == "win" and r["lo"] > 0 and r["this"] > r["other"]
         else:
             assert r["verdict"] == "tie" and r["difference"] == 0 and r["this"] == r["other"]
+    # the other run read its rows B first, so it names its pairs the other way round: the same comparisons
+    other = _study_rows(pairs)
+    other = analyse(other.take(list(range(other.num_rows - 1, -1, -1))))
+    assert other.pairs == [("d", "c"), ("b", "a")]
+    assert study.baselines_vs(analyse(_study_rows(pairs, learned_steer=1.2)), other) == rows
 
 
 @pytest.mark.slow

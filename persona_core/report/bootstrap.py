@@ -59,6 +59,10 @@ class PairScores:
     def sizes(self) -> tuple[int, int]:
         return len(self.a_own), len(self.b_own)
 
+    def swapped(self) -> "PairScores":
+        """The same scores with B as the first pole (another analysis may name the pair the other way round)."""
+        return PairScores(self.b_own, self.b_other, self.a_own, self.a_other)
+
     def matrices(self) -> tuple[np.ndarray, np.ndarray]:
         return win_matrix(self.a_own, self.a_other), win_matrix(self.b_own, self.b_other)  # (nA, nB), (nB, nA)
 

@@ -32,24 +32,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core.catalog import load_catalog  # noqa: E402
-from persona_core.catalog.personas import SplitConfig  # noqa: E402
 from persona_core.eval.config import EvalConfig  # noqa: E402
 from persona_core.eval.engine import Evaluator  # noqa: E402
 from persona_core.eval.steered import LEARNED_STEER, learned_choice  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
 from persona_core.run.config import load_config  # noqa: E402
-from persona_core.run.plan import eval_config  # noqa: E402
-
-log = logging.getLogger("sweep.steer_learned")
-
+from persona_core.run.plan import eval_config, split_config  # noqa: E402
 
 def setting(args):
     """(model, catalog, EvalConfig) from the study config, or the defaults."""
     if args.config is None:
         return args.model or DEFAULT_MODEL, load_catalog(args.catalog), EvalConfig(val_text=args.val_text)
     cfg = load_config(args.config)
-    split = SplitConfig(cfg.split.eval_fraction, cfg.split.seed, cfg.split.max_calibration, cfg.split.max_evaluation)
-    return args.model or cfg.model, load_catalog(cfg.catalog, split), eval_config(cfg)[0]
+    return args.model or cfg.model, load_catalog(cfg.catalog, split_config(cfg)), eval_config(cfg)[0]
 
 
 def parser() -> argparse.ArgumentParser:

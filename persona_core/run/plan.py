@@ -113,9 +113,8 @@ class Plan:
 def make_plan(cfg: PipelineConfig, selection: Selection | None = None,
               placement: Placement | None = None) -> Plan:
     """Resolve everything that needs no cluster and no model weights; bad input raises UserError."""
-    split = SplitConfig(cfg.split.eval_fraction, cfg.split.seed, cfg.split.max_calibration, cfg.split.max_evaluation)
     try:
-        full = load_catalog(cfg.catalog, split)
+        full = load_catalog(cfg.catalog, split_config(cfg))
         ids = list(cfg.personas or [])
         for pid in list(ids):  # opposites come along: contrastive masks need both sides
             opp = full[pid].opposite if pid in full else None
@@ -147,6 +146,11 @@ def make_plan(cfg: PipelineConfig, selection: Selection | None = None,
     inputs = runs.RunInputs(cfg.model, key, cfg.catalog, personas, work)
     return Plan(cfg, open_store(cfg.store), catalog, inputs, calib, specs, evaluation, pool, learn, data,
                 selection, placement or Placement())
+
+
+def split_config(cfg: PipelineConfig) -> SplitConfig:
+    """How the config's catalog splits statements into calibration and evaluation."""
+    return SplitConfig(cfg.split.eval_fraction, cfg.split.seed, cfg.split.max_calibration, cfg.split.max_evaluation)
 
 
 def calib_config(cfg: PipelineConfig) -> CalibConfig:

@@ -59,14 +59,15 @@ def stats_for(ev, people, store, config: CalibConfig) -> dict:
     return out
 
 
-def setup(model: str, catalog, pairs, store, attribution: bool = False):
-    """(evaluator, a copy of the prunable weights, the pairs' and general statistics, calibration config)."""
+def setup(model: str, catalog, pairs, store, attribution: bool = False, config: CalibConfig | None = None):
+    """(evaluator, a copy of the prunable weights, the pairs' and general statistics, calibration config:
+    `config`, default `CalibConfig` with `attribution`)."""
     from persona_core.eval.engine import Evaluator
 
     ev = Evaluator(model, device="cpu")
     lw = LinearWeights.from_model(ev.loaded)
     weights = LinearWeights(lw.groups, {k: v.detach().clone() for k, v in lw.tensors.items()})  # never the live ones
-    config = CalibConfig(attribution=attribution)
+    config = config or CalibConfig(attribution=attribution)
     people = [reference_persona()] + [catalog[x] for pair in pairs for x in pair]
     return ev, weights, stats_for(ev, people, store, config), config
 

@@ -18,7 +18,15 @@ on WikiText-2 ``valid.txt`` by default) for both:
 * ``learned_vs_free``: learned seconds per pair over training-free seconds per pair (issue 26's
   target: <= 1).
 
+Each pair's ``path`` lists every point the learner judged (sparsity, validation perplexity ratio,
+validation separation). ``--setting K=V,K=V`` (repeatable) runs the learner once per setting of its
+knobs (`persona-jobs methods` lists them): a knob sweep on validation data only, ``learned`` then maps
+each setting to its figures and ``mean_val_separation`` compares them. ``--config`` takes a study
+config's model, catalog and split, calibration options and budget.
+
     python benchmarks/learned_budget.py [--model smollm2-135m] [--pairs introvert,extrovert] [--threads 2]
+    python benchmarks/learned_budget.py --config configs/study-learned-anthropic-gemma.yaml --skip-free \
+        --pairs high-discount-rate,not-high-discount-rate --setting "" --setting steps=4,warmup=16
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from persona_core.calib.config import CalibConfig  # noqa: E402
 from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.eval.objective import Objective, draw, pad_sequences  # noqa: E402
 from persona_core.learn.contrastive import learn_pair  # noqa: E402
@@ -42,6 +52,8 @@ from persona_core.masks.budget import Budget  # noqa: E402
 from persona_core.masks.methods import METHODS  # noqa: E402
 from persona_core.masks.spec import MaskSpec  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
+from persona_core.run.config import load_config  # noqa: E402
+from persona_core.run.plan import calib_config, split_config  # noqa: E402
 
 log = logging.getLogger("bench.learned_budget")
 LEARNED = "learned-contrastive"
@@ -105,12 +117,15 @@ def time_learned(ev, weights, catalog, pairs, stats, budget: Budget, config, par
         ref_s += plain_forward_backward(ev.model, sample, ln.objectives[0].pad, reps)
         chosen = res.result.to_dict()["chosen"] if res.result is not None else {"sparsity": res.spec.sparsity,
                                                                                  "separation": None}
+        path = res.result.points if res.result is not None else []
         out[f"{a_id}/{b_id}"] = {
             "sparsity": chosen["sparsity"], "val_ppl_ratio": round(res.final_ratio, 4),
             "val_separation": chosen["separation"],
             "within_budget": res.result.within_budget if res.result is not None else None,
-            "points": len(res.result.points) if res.result is not None else 1, "steps": ln.state.step,
-            "learn_s": round(ln.seconds, 1), "seconds": round(seconds, 1)}
+            "points": len(path) or 1, "steps": ln.state.step,
+            "learn_s": round(ln.seconds, 1), "seconds": round(seconds, 1),
+            "path": [[p.setting.sparsity, round(p.perplexity_ratio, 4),
+                      None if p.separation is None else round(p.separation, 4)] for p in path]}
     per = [v["seconds"] for v in out.values()]
     out["seconds_per_pair"] = round(sum(per) / len(per), 1) if per else None
     out["learner_tokens_per_s"] = round(tokens / learn_s, 1) if learn_s else None
@@ -122,27 +137,61 @@ def time_learned(ev, weights, catalog, pairs, stats, budget: Budget, config, par
 
 # The smallest run, on the tiny random model: tests/test_benchmarks.py runs it (make test), so a benchmark
 # cannot rot unseen between studies.
-SMOKE = ["--model", "tiny-random-llama", "--grid-steps", "3", "--learn-steps", "1", "--warmup", "1",
+SMOKE = ["--model", "tiny-random-llama", "--grid-steps", "3", "--setting", "steps=1,warmup=1", "--setting", "steps=1,warmup=1,lr=0",
          "--val-text", "builtin:general", "--reference-reps", "1", "--threads", "1", "--store", "{tmp}/learned-budget"]
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--catalog", default="builtin")
+    ap.add_argument("--config", default=None,
+                    help="a study config: its model, catalog and split, calibration options and budget "
+                         "(--model and --budget still override)")
+    ap.add_argument("--model", default=None, help=f"default: the config's, else {DEFAULT_MODEL}")
+    ap.add_argument("--catalog", default="builtin", help="without --config")
     ap.add_argument("--pairs", nargs="+", default=["introvert,extrovert"], help="A,B pairs of the catalog")
-    ap.add_argument("--budget", type=float, default=1.10, help="perplexity ratio bound on the validation text")
-    ap.add_argument("--val-text", default="wikitext-2-valid",
-                    help="the budget's validation text (a general-text spec; see docs/evaluation.md)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="perplexity ratio bound on the validation text (default: the config's, else 1.10)")
+    ap.add_argument("--val-text", default=None,
+                    help="the budget's validation text (a general-text spec; see docs/evaluation.md; "
+                         "default: the config's, else wikitext-2-valid)")
     ap.add_argument("--grid-steps", type=int, default=None, help="points of the budget's grid (default: Budget's)")
     ap.add_argument("--free-method", default="contrastive-penalty", help="the training-free method timed beside it")
-    ap.add_argument("--learn-steps", type=int, default=None, help="learned-contrastive steps per point (default)")
-    ap.add_argument("--warmup", type=int, default=None, help="learned-contrastive warm-up steps (default)")
+    ap.add_argument("--setting", action="append", default=None, metavar="K=V,K=V",
+                    help="learned-contrastive knobs for one run of the learner (repeatable: a knob sweep; "
+                         "\"\" is the defaults; default: the config's, else the method's defaults)")
     ap.add_argument("--reference-reps", type=int, default=3, help="plain forward+backward repetitions (best of)")
     ap.add_argument("--skip-free", action="store_true", help="time only the learner")
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-learned-budget"))
     ap.add_argument("--threads", type=int, default=2)
     return ap
+
+
+def parse_setting(text: str) -> dict:
+    """``steps=4,lr=0.1`` -> {"steps": 4, "lr": 0.1} (values read as JSON where they parse, as --param does)."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not (eq and key):
+            raise SystemExit(f"--setting {text!r}: expected K=V,K=V, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    METHODS[LEARNED].resolve(out)  # an unknown knob fails here, before any model loads
+    return out
+
+
+def setting(args) -> tuple[str, object, Budget, CalibConfig, dict]:
+    """(model, catalog, budget, calibration config, the config's learned-contrastive params)."""
+    if args.config is None:
+        budget = Budget(perplexity_ratio=args.budget or 1.10, ppl_text=args.val_text or "wikitext-2-valid")
+        return args.model or DEFAULT_MODEL, load_catalog(args.catalog), budget, CalibConfig(), {}
+    cfg = load_config(args.config)
+    budget = Budget.from_value(cfg.masks.budget if cfg.masks.budget is not None else args.budget or 1.10)
+    overrides = {k: v for k, v in (("perplexity_ratio", args.budget), ("ppl_text", args.val_text)) if v is not None}
+    params = dict(dict(cfg.masks.options.params).get(LEARNED, {}))
+    return (args.model or cfg.model, load_catalog(cfg.catalog, split_config(cfg)), replace(budget, **overrides),
+            calib_config(cfg), params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,24 +201,37 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from frontier import setup, time_searches  # the sibling benchmark's setup and timed training-free search
 
-    catalog = load_catalog(args.catalog)
+    model, catalog, budget, calib, base = setting(args)
+    if args.grid_steps:
+        budget = replace(budget, steps=args.grid_steps)
+    settings = {text: {**base, **parse_setting(text)} for text in (args.setting or [""])}
     pairs = [tuple(p.split(",")) for p in args.pairs]
+    for a, b in pairs:
+        if a not in catalog or b not in catalog:
+            raise SystemExit(f"--pairs {a},{b}: not in the catalog ({', '.join(x for x in (a, b) if x not in catalog)})")
     t0 = time.time()
-    ev, weights, stats, config = setup(args.model, catalog, pairs, args.store)
+    ev, weights, stats, config = setup(model, catalog, pairs, args.store, config=calib)
     setup_s = time.time() - t0
-    budget = Budget(perplexity_ratio=args.budget, ppl_text=args.val_text,
-                    **({"steps": args.grid_steps} if args.grid_steps else {}))
-    params = {k: v for k, v in (("steps", args.learn_steps), ("warmup", args.warmup)) if v is not None}
     free = None if args.skip_free else time_searches(ev, weights, catalog, pairs, [args.free_method], stats,
                                                      budget, config)
-    learned = time_learned(ev, weights, catalog, pairs, stats, budget, config, params, args.reference_reps)
+    learned = {}
+    for text, params in settings.items():
+        learned[text] = time_learned(ev, weights, catalog, pairs, stats, budget, config, params, args.reference_reps)
+        log.info("setting %r: %s", text, json.dumps(learned[text]))
     free_s = free["seconds_per_pair"] if free else None
+    first = next(iter(learned.values()))
     print(json.dumps({
         "benchmark": "learned_budget", "model": ev.model_key, "threads": torch.get_num_threads(), "budget": budget.perplexity_ratio,
         "val_text": budget.ppl_text, "grid": list(budget.grid()), "setup_s": round(setup_s, 1),
-        "training_free": free, "learned": learned,
-        "learned_vs_free": round(learned["seconds_per_pair"] / free_s, 2) if free_s else None}))
+        "training_free": free, "learned": first if len(learned) == 1 else learned,
+        "mean_val_separation": {text: mean_separation(out) for text, out in learned.items()},
+        "learned_vs_free": round(first["seconds_per_pair"] / free_s, 2) if free_s else None}))
 
+
+def mean_separation(out: dict) -> float | None:
+    """Mean over pairs of the chosen point's validation separation (None where a pair has none)."""
+    seps = [v["val_separation"] for v in out.values() if isinstance(v, dict)]
+    return round(sum(seps) / len(seps), 4) if seps and None not in seps else None
 
 if __name__ == "__main__":
     main()

@@ -301,3 +301,32 @@ def test_sweep_steer_learned_reports_each_step_size_choice(tmp_path):
         assert t[2:] == pytest.approx([r["val_separation"], r["val_ppl_ratio"]], abs=1e-3)
     assert summary["mean_val_separation"] == {"0.05": round(moved["val_separation"], 4),
                                               "0.0": round(still["val_separation"], 4)}
+
+
+def test_learned_budget_rejects_an_unknown_knob_before_loading_a_model(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "learned_budget.py"), "--model", "tiny-random-llama",
+                           "--skip-free", "--setting", "steps=1,nope=3", "--store", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "nope" in done.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_learned_budget_knob_sweep_reports_each_setting_and_its_chosen_point(tmp_path):
+    """Two settings (lr 0 is the training-free start): each pair's chosen point is the path's point with
+    the largest validation separation within the budget, and the per-setting means are those points'."""
+    env = {**os.environ, "PERSONA_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / "learned_budget.py"), "--model", "tiny-random-llama",
+                           "--skip-free", "--grid-steps", "3", "--val-text", "builtin:general", "--threads", "1",
+                           "--reference-reps", "1", "--setting", "steps=1,warmup=1",
+                           "--setting", "steps=1,warmup=1,lr=0", "--store", str(tmp_path / "store")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout)
+    assert list(out["learned"]) == ["steps=1,warmup=1", "steps=1,warmup=1,lr=0"]
+    for name, per in out["learned"].items():
+        pair = per["introvert/extrovert"]
+        assert [p[0] for p in pair["path"]] == out["grid"][:len(pair["path"])]
+        within = [p for p in pair["path"] if p[1] <= out["budget"]]
+        best = max(within, key=lambda p: p[2])
+        assert pair["sparsity"] == best[0] and pair["val_separation"] == pytest.approx(best[2], abs=1e-4)
+        assert out["mean_val_separation"][name] == round(pair["val_separation"], 4)

@@ -74,22 +74,30 @@ def step_sequences(objectives: tuple[Objective, Objective], step: int) -> list[l
     return seqs
 
 
-def plain_forward_backward(model, seqs: list[list[int]], pad: int, reps: int) -> float:
+def plain_forward_backward(model, seqs: list[list[int]], pad: int, reps: int, max_logits: int = 2 ** 28) -> float:
     """Best seconds of one forward+backward of `seqs` (padded as the learner pads them), gradients to
-    every weight: what training the model itself would cost per token."""
+    every weight: what training the model itself would cost per token. The sequences go through in
+    chunks whose logits stay under `max_logits` floats (a 262k-token vocabulary makes one batch's
+    logits, their log-softmax and its gradient tens of GB); the chunks' seconds add up."""
     params = [p for p in model.parameters()]
     before = [p.requires_grad for p in params]
-    ids, att = pad_sequences(seqs, pad, next(model.parameters()).device)
+    width = max(map(len, seqs)) * model.config.get_text_config().vocab_size
+    size = max(1, max_logits // width)
+    chunks = [pad_sequences(seqs[i:i + size], pad, next(model.parameters()).device) for i in range(0, len(seqs), size)]
     best = float("inf")
     try:
         for p in params:
             p.requires_grad_(True)
         for _ in range(reps):
             model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            logits = model(input_ids=ids, attention_mask=att).logits
-            torch.log_softmax(logits.float(), -1).mean().backward()
-            best = min(best, time.perf_counter() - t0)
+            total = 0.0
+            for ids, att in chunks:
+                t0 = time.perf_counter()
+                logits = model(input_ids=ids, attention_mask=att).logits
+                torch.log_softmax(logits.float(), -1).mean().backward()
+                total += time.perf_counter() - t0
+                del logits
+            best = min(best, total)
     finally:
         model.zero_grad(set_to_none=True)
         for p, rg in zip(params, before):
@@ -113,8 +121,9 @@ def time_learned(ev, weights, catalog, pairs, stats, budget: Budget, config, par
         tokens += pair_tokens
         learn_s += ln.seconds
         sample = step_sequences(ln.objectives, 0)
-        ref_tokens += sum(len(s) for s in sample)
-        ref_s += plain_forward_backward(ev.model, sample, ln.objectives[0].pad, reps)
+        if reps > 0:
+            ref_tokens += sum(len(s) for s in sample)
+            ref_s += plain_forward_backward(ev.model, sample, ln.objectives[0].pad, reps)
         chosen = res.result.to_dict()["chosen"] if res.result is not None else {"sparsity": res.spec.sparsity,
                                                                                  "separation": None}
         path = res.result.points if res.result is not None else []
@@ -159,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--setting", action="append", default=None, metavar="K=V,K=V",
                     help="learned-contrastive knobs for one run of the learner (repeatable: a knob sweep; "
                          "\"\" is the defaults; default: the config's, else the method's defaults)")
-    ap.add_argument("--reference-reps", type=int, default=3, help="plain forward+backward repetitions (best of)")
+    ap.add_argument("--reference-reps", type=int, default=3, help="plain forward+backward repetitions (best of; 0: none)")
     ap.add_argument("--skip-free", action="store_true", help="time only the learner")
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-learned-budget"))
     ap.add_argument("--threads", type=int, default=2)

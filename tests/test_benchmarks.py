@@ -330,3 +330,15 @@ def test_learned_budget_knob_sweep_reports_each_setting_and_its_chosen_point(tmp
         best = max(within, key=lambda p: p[2])
         assert pair["sparsity"] == best[0] and pair["val_separation"] == pytest.approx(best[2], abs=1e-4)
         assert out["mean_val_separation"][name] == round(pair["val_separation"], 4)
+
+
+def test_learned_budget_reference_runs_in_chunks_and_leaves_the_weights_frozen(tiny):
+    """Logits bounded to one sequence's worth: every sequence its own chunk; grads gone, flags restored."""
+    plain = load("learned_budget").plain_forward_backward
+    model = tiny.model
+    before = [p.requires_grad for p in model.parameters()]
+    seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    seconds = plain(model, seqs, 0, reps=1, max_logits=4 * model.config.vocab_size)
+    assert seconds > 0
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())

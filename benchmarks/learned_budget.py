@@ -26,7 +26,7 @@ config's model, catalog and split, calibration options and budget.
 
     python benchmarks/learned_budget.py [--model smollm2-135m] [--pairs introvert,extrovert] [--threads 2]
     python benchmarks/learned_budget.py --config configs/study-learned-anthropic-gemma.yaml --skip-free \
-        --pairs high-discount-rate,not-high-discount-rate --setting "" --setting steps=4,warmup=16
+        --pairs high-discount-rate,not-high-discount-rate --setting steps=2,warmup=8 --setting steps=4,warmup=16
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from persona_core.catalog import load_catalog  # noqa: E402
 from persona_core.eval.objective import Objective, draw, pad_sequences  # noqa: E402
 from persona_core.learn.contrastive import learn_pair  # noqa: E402
 from persona_core.masks.budget import Budget  # noqa: E402
-from persona_core.masks.methods import METHODS  # noqa: E402
+from persona_core.errors import UserError  # noqa: E402
+from persona_core.masks.methods import METHODS, parse_params  # noqa: E402
 from persona_core.masks.spec import MaskSpec  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
 from persona_core.run.config import load_config  # noqa: E402
@@ -167,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--free-method", default="contrastive-penalty", help="the training-free method timed beside it")
     ap.add_argument("--setting", action="append", default=None, metavar="K=V,K=V",
                     help="learned-contrastive knobs for one run of the learner (repeatable: a knob sweep; "
-                         "\"\" is the defaults; default: the config's, else the method's defaults)")
+                         "\"\": the config's params, else the method's defaults; K=V changes one knob on top)")
     ap.add_argument("--reference-reps", type=int, default=3, help="plain forward+backward repetitions (best of; 0: none)")
     ap.add_argument("--skip-free", action="store_true", help="time only the learner")
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "persona-bench-learned-budget"))
@@ -176,18 +177,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_setting(text: str) -> dict:
-    """``steps=4,lr=0.1`` -> {"steps": 4, "lr": 0.1} (values read as JSON where they parse, as --param does)."""
-    out: dict = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not (eq and key):
-            raise SystemExit(f"--setting {text!r}: expected K=V,K=V, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    METHODS[LEARNED].resolve(out)  # an unknown knob fails here, before any model loads
-    return out
+    """``steps=4,lr=0.1`` -> {"steps": 4, "lr": 0.1}: `--param`'s parser, one method's keys; an unknown
+    knob fails here, before any model loads."""
+    items = [f"{LEARNED}.{t.strip()}" for t in text.split(",") if t.strip()]
+    try:
+        params = parse_params(items).get(LEARNED, {})
+        METHODS[LEARNED].resolve(params)
+    except (UserError, ValueError) as err:
+        raise SystemExit(f"--setting {text!r}: {err}") from None
+    return params
 
 
 def setting(args) -> tuple[str, object, Budget, CalibConfig, dict]:
@@ -196,7 +194,7 @@ def setting(args) -> tuple[str, object, Budget, CalibConfig, dict]:
         budget = Budget(perplexity_ratio=args.budget or 1.10, ppl_text=args.val_text or "wikitext-2-valid")
         return args.model or DEFAULT_MODEL, load_catalog(args.catalog), budget, CalibConfig(), {}
     cfg = load_config(args.config)
-    budget = Budget.from_value(cfg.masks.budget if cfg.masks.budget is not None else args.budget or 1.10)
+    budget = Budget.from_value(cfg.masks.budget if cfg.masks.budget is not None else 1.10)
     overrides = {k: v for k, v in (("perplexity_ratio", args.budget), ("ppl_text", args.val_text)) if v is not None}
     params = dict(dict(cfg.masks.options.params).get(LEARNED, {}))
     return (args.model or cfg.model, load_catalog(cfg.catalog, split_config(cfg)), replace(budget, **overrides),
@@ -241,6 +239,7 @@ def mean_separation(out: dict) -> float | None:
     """Mean over pairs of the chosen point's validation separation (None where a pair has none)."""
     seps = [v["val_separation"] for v in out.values() if isinstance(v, dict)]
     return round(sum(seps) / len(seps), 4) if seps and None not in seps else None
+
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,7 @@ from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
 from persona_core.run.config import load_config  # noqa: E402
 from persona_core.run.plan import eval_config, split_config  # noqa: E402
 
+
 def setting(args):
     """(model, catalog, EvalConfig) from the study config, or the defaults."""
     if args.config is None:

@@ -17,9 +17,7 @@ harmless.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from typing import Iterable
 
 from persona_core.calib.stored import read_persona_stats
 from persona_core.catalog import REFERENCE_PERSONA_ID, Catalog, CatalogError, reference_persona
@@ -30,7 +28,7 @@ from persona_core.masks.budgeted_build import PairSearch, stored_calib_config
 from persona_core.masks.build import build_pair_masks
 from persona_core.masks.codec import write_mask
 from persona_core.masks.inputs import LinearWeights, WeightSource
-from persona_core.masks.methods import METHODS, OPPOSITE
+from persona_core.masks.methods import METHODS, OPPOSITE, parse_params
 from persona_core.masks.spec import ALLOCATIONS, GRANULARITIES, MaskSpec
 from persona_core.models.loading import DEFAULT_MODEL
 from persona_core.run.plan import Plan, Selection, make_plan
@@ -239,21 +237,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None, metavar="RATIO",
                    help="capability budget: search each pair's sparsity (and strength) for the largest validation "
                         "separation with WikiText-2 validation perplexity <= RATIO x dense (replaces --sparsity)")
-
-
-def parse_params(items: Iterable[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        lhs, eq, value = item.partition("=")
-        method, dot, key = lhs.partition(".")
-        if not (eq and dot and method and key):
-            raise UserError(f"--param {item!r}: expected METHOD.KEY=VALUE")
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        out.setdefault(method, {})[key] = parsed
-    return out
 
 
 def plan_from_args(args) -> Plan:

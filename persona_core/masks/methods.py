@@ -20,13 +20,15 @@ lists the known ones).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from persona_core.calib.stats import GroupStats
+from persona_core.errors import UserError
 from persona_core.masks.select import keep_top, n_pruned
 from persona_core.registry import Registry
 
@@ -69,6 +71,23 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("mask method")
+
+
+def parse_params(items: Iterable[str]) -> dict[str, dict]:
+    """``METHOD.KEY=VALUE`` items -> {method: {key: value}}, values read as JSON where they parse
+    (``0.5`` a number, ``softplus`` a string); a malformed item raises `UserError`."""
+    out: dict[str, dict] = {}
+    for item in items:
+        lhs, eq, value = item.partition("=")
+        method, dot, key = lhs.partition(".")
+        if not (eq and dot and method and key):
+            raise UserError(f"--param {item!r}: expected METHOD.KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
 
 
 def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequence[float]] | None = None,

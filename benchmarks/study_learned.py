@@ -10,7 +10,8 @@ beat every baseline, per baseline W/T/L and the mean difference with a 95% inter
 setting's mean over the strongest baseline's, pairs within the budget on the test text). With
 ``--other-run`` (one or more runs, pooled): every baseline both scored, this run's against the other's
 on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering with
-``steer_refine`` against its grid). ``--markdown`` prints the tables instead (for results/).
+``steer_refine`` against its grid), and every subnetwork setting of this run against the other's
+baselines, with the pairs that beat every baseline of both runs. ``--markdown`` prints the tables instead (for results/).
 
     python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID ...] [--markdown]
 """
@@ -95,25 +96,58 @@ def pooled(an, budget: float) -> list[dict]:
     return out
 
 
+def _theirs(ob, a: str, b: str, key: tuple):
+    """`ob`'s scores of pair (a, b) at (method, sparsity, condition) `key`, whichever pole `ob` names first
+    (that follows the order its rows were read in); None where it has none."""
+    theirs = ob.scores.get((f"{a} / {b}", *key))
+    if theirs is None and (flipped := ob.scores.get((f"{b} / {a}", *key))) is not None:
+        theirs = flipped.swapped()
+    return theirs
+
+
+def _versus(pair: str, mine, theirs) -> dict:
+    v = compare(mine, theirs)
+    return {"pair": pair, "this": _f(mine.separation()), "other": _f(theirs.separation()),
+            "difference": _f(v.difference.value), "lo": _f(v.difference.lo), "hi": _f(v.difference.hi),
+            "verdict": v.verdict}
+
+
 def baselines_vs(an, ob) -> list[dict]:
     """Per pair of `an` and baseline both analyses scored: this one's separation against the other's on the
-    same statements (paired bootstrap: difference, 95% interval, verdict). A pair is matched whichever pole
-    each analysis names first (that follows the order its rows were read in)."""
+    same statements (paired bootstrap: difference, 95% interval, verdict)."""
     rows = []
     for a, b in an.pairs:
         pair = f"{a} / {b}"
         for baseline, condition in BASELINE_CONDITIONS.items():
             mine = an.scores.get((pair, baseline, 0.0, condition))
-            theirs = ob.scores.get((pair, baseline, 0.0, condition))
-            if theirs is None and (flipped := ob.scores.get((f"{b} / {a}", baseline, 0.0, condition))) is not None:
-                theirs = flipped.swapped()
-            if mine is None or theirs is None:
-                continue
-            v = compare(mine, theirs)
-            rows.append({"pair": pair, "baseline": baseline, "this": _f(mine.separation()),
-                         "other": _f(theirs.separation()), "difference": _f(v.difference.value),
-                         "lo": _f(v.difference.lo), "hi": _f(v.difference.hi), "verdict": v.verdict})
+            theirs = _theirs(ob, a, b, (baseline, 0.0, condition))
+            if mine is not None and theirs is not None:
+                rows.append({**_versus(pair, mine, theirs), "baseline": baseline})
     return rows
+
+
+def settings_vs(an, ob) -> dict:
+    """Every subnetwork setting of `an` against every baseline of `ob` on the same statements (e.g. the
+    masks against learned steering bisected at the budget's edge in a side run), and per setting the pairs
+    that beat every baseline of both runs (where a baseline is in both, the mask must win against each)."""
+    rows, beats, compared = [], {}, {}
+    ver = an.verdicts
+    for (pair, method, sparsity, condition), mine in sorted(an.scores.items(), key=lambda kv: kv[0][:2]):
+        if method in BASELINE_CONDITIONS or method == "dense":
+            continue
+        a, b = pair.split(" / ")
+        setting = method + ("" if condition == "masked" else f" ({condition})")
+        against = [{**_versus(pair, mine, theirs), "setting": setting, "baseline": baseline}
+                   for baseline, cond in BASELINE_CONDITIONS.items()
+                   if (theirs := _theirs(ob, a, b, (baseline, 0.0, cond))) is not None]
+        if not against:
+            continue
+        rows += against
+        own = ver[(ver.pair == pair) & (ver.method == method) & (ver.condition == condition)].verdict
+        compared[setting] = compared.get(setting, 0) + 1
+        beats[setting] = beats.get(setting, 0) + int(len(own) > 0 and (own == "win").all()
+                                                     and all(r["verdict"] == "win" for r in against))
+    return {"pairs": rows, "beats_all_both": beats, "compared": compared}
 
 
 def tables(store: str, runs: list[str], other: list[str] | None, budget: float = 1.10) -> dict:
@@ -139,7 +173,9 @@ def tables(store: str, runs: list[str], other: list[str] | None, budget: float =
     out["fewshot"] = fewshot_choices(res)
     out["pooled"] = pooled(an, budget)
     if other:
-        out["baselines_vs_other_run"] = {"other": " + ".join(other), "pairs": baselines_vs(an, analyse(load_runs(store, other)))}
+        ob = analyse(load_runs(store, other))
+        out["baselines_vs_other_run"] = {"other": " + ".join(other), "pairs": baselines_vs(an, ob)}
+        out["settings_vs_other_run"] = {"other": " + ".join(other), **settings_vs(an, ob)}
     return out
 
 
@@ -175,6 +211,15 @@ def markdown(t: dict) -> str:
         for r in t["baselines_vs_other_run"]["pairs"]:
             lines.append(f"| {r['pair']} | {r['baseline']} | {r['this']:.3f} | {r['other']:.3f} | {r['difference']:+.3f} "
                          f"[{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |")
+    sv = t.get("settings_vs_other_run")
+    if sv and sv["pairs"]:
+        lines += ["", "| pair | setting (this run) | baseline (other run) | this run | other run | difference [95% CI] | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sv["pairs"]:
+            lines.append(f"| {r['pair']} | {r['setting']} | {r['baseline']} | {r['this']:.3f} | {r['other']:.3f} | "
+                         f"{r['difference']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |")
+        lines += ["", *(f"- {s}: beats every baseline of both runs on {n}/{sv['compared'][s]} pairs"
+                        for s, n in sv["beats_all_both"].items())]
     return "\n".join(lines)
 
 

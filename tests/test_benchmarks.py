@@ -283,6 +283,31 @@ def test_study_learned_compares_baselines_with_other_runs_on_the_same_statements
     assert study.baselines_vs(analyse(_study_rows(pairs, learned_steer=1.2)), other) == rows
 
 
+def test_study_learned_scores_masks_against_another_runs_baselines():
+    """The masks (shift 1.5) beat this run's four baselines on both pairs. Against another run whose learned
+    steering is stronger than the masks (2.5) they lose that comparison and no pair beats every baseline of
+    both runs; against a run with the same baselines both pairs still do."""
+    from persona_core.report.analysis import analyse
+
+    study = load("study_learned")
+    pairs = [("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 0.3, 1.05)]
+    an = analyse(_study_rows(pairs))
+    (row,) = study.pooled(an, budget=1.10)
+    assert row["beats_all"] == 2
+    strong = study.settings_vs(an, analyse(_study_rows(pairs, learned_steer=2.5)))
+    assert {(r["pair"], r["baseline"]) for r in strong["pairs"]} == {
+        (p, b) for p in ("a / b", "c / d") for b in ("prompt", "fewshot", "steer", "steer-learned")}
+    for r in strong["pairs"]:
+        assert r["setting"] == "learned-contrastive"
+        assert r["verdict"] == ("loss" if r["baseline"] == "steer-learned" else "win"), r
+    assert strong["beats_all_both"] == {"learned-contrastive": 0} and strong["compared"] == {"learned-contrastive": 2}
+    same = study.settings_vs(an, analyse(_study_rows(pairs)))
+    assert same["beats_all_both"] == {"learned-contrastive": 2}
+    text = study.markdown({"run": "r", "pairs": ["a / b", "c / d"], "verdicts": [], "separation": [],
+                           "settings_vs_other_run": {"other": "o", **strong}})
+    assert "beats every baseline of both runs on 0/2 pairs" in text
+
+
 @pytest.mark.slow
 def test_sweep_steer_learned_reports_each_step_size_choice(tmp_path):
     """lr 0 leaves the vector at zero (the dense model at every alpha: ratio 1); lr 0.05 moves it."""

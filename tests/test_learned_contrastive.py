@@ -125,6 +125,28 @@ def test_learning_reaches_the_scores_only(setup, monkeypatch):
     assert segments(setup[1], "ffn-channels") and not torch.equal(out.learner.state.scores.cpu(), start)
 
 
+def test_bf16_steps_run_on_a_bf16_copy_and_leave_the_model_in_fp32(setup, monkeypatch):
+    from persona_core.learn.contrastive import Knobs
+
+    ev = setup[0]
+    before = {k: v.clone() for k, v in ev.model.state_dict().items()}
+    start = learn(setup, monkeypatch, spec_of(0.5, lr=0.0)).learner.state.scores
+    fp32 = learn(setup, monkeypatch, spec_of(0.5, lr=0.5))
+    bf16 = learn(setup, monkeypatch, spec_of(0.5, lr=0.5, precision="bf16"))
+    moved = [(out.learner.state.scores - start).flatten() for out in (fp32, bf16)]
+    assert moved[1].abs().sum() > 0  # the gate sits on the copy the steps run on: the scores learn
+    assert torch.nn.functional.cosine_similarity(*moved, dim=0) > 0.9  # and learn what fp32 learns
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in ev.model.state_dict().items())
+    assert fp32.learner.model is ev.model and bf16.learner.model is not ev.model
+    assert {p.dtype for p in bf16.learner.model.parameters()} == {torch.bfloat16}
+    for a, b in zip(fp32.learner.history, bf16.learner.history):
+        for key in ("loss_0", "loss_1", "margin_0", "margin_1"):
+            assert a[key] != b[key]  # bf16 arithmetic did run
+            assert b[key] == pytest.approx(a[key], abs=0.05 * max(1.0, abs(a[key])))  # the same objective
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Knobs.of({"precision": "fp16"})
+
+
 @pytest.mark.parametrize("unit", ["ffn-channels", "input-channels"])
 def test_exact_k_per_layer_and_group_for_each_unit(setup, monkeypatch, unit):
     from persona_core.learn.contrastive import segments

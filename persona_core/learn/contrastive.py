@@ -41,6 +41,7 @@ arithmetic on one tensor, so a learner resumed from a checkpoint ends bit-identi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ from persona_core.models.layers import LinearGroup
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "persona-contrastive-learner/v1"
+PRECISIONS = ("fp32", "bf16")
 
 
 # ---------------------------------------------------------------------------- units
@@ -202,6 +204,7 @@ class Knobs:
     general_batch: int = 2  # general windows per step
     temperature: float = 0.5
     seed: int = 0
+    precision: str = "fp32"  # the steps' arithmetic: fp32 (the model's), or a bf16 copy (`learning_model`)
 
     @classmethod
     def of(cls, params: Mapping) -> "Knobs":
@@ -213,6 +216,8 @@ class Knobs:
                 raise ValueError(f"learned-contrastive: {f} must be an integer >= 0, got {getattr(k, f)!r}")
         if not isinstance(k.batch, int) or k.batch < 1:
             raise ValueError(f"learned-contrastive: batch must be an integer >= 1, got {k.batch!r}")
+        if k.precision not in PRECISIONS:
+            raise ValueError(f"learned-contrastive: precision {k.precision!r} (use {', '.join(PRECISIONS)})")
         if k.lr < 0 or k.general_weight < 0 or k.temperature <= 0:
             raise ValueError("learned-contrastive: lr and general_weight must be >= 0, temperature > 0")
         return k
@@ -249,6 +254,16 @@ class PathState:
                    tensors["snapshots"].to(torch.uint8), figures)
 
 
+def learning_model(model: nn.Module, precision: str) -> nn.Module:
+    """The model the Adam steps run on: `model` itself, or for ``precision: bf16`` a bf16 copy of it on the
+    same device (unless it is bf16 already). A copy, not autocast: autocast recasts every frozen weight
+    at every call (Gemma's 168M-parameter tied head several times a step), which ate most of its gain.
+    The caller's model, which the path's validation figures and the evaluation read, stays as it is."""
+    if precision != "bf16" or next(model.parameters()).dtype == torch.bfloat16:
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
 class LearnerNaN(FloatingPointError):
     """The learner's loss or gradient stopped being finite."""
 
@@ -262,7 +277,7 @@ class PairLearner:
     def __init__(self, model: nn.Module, lw: LinearWeights, objectives: tuple[Objective, Objective],
                  scores: torch.Tensor, tiebreak: torch.Tensor, knobs: Knobs, points: Sequence[float],
                  name: str = "learned-contrastive", state: PathState | None = None):
-        self.model, self.lw, self.objectives, self.knobs = model, lw, objectives, knobs
+        self.model, self.lw, self.objectives, self.knobs = learning_model(model, knobs.precision), lw, objectives, knobs
         self.segs = segments(lw, knobs.unit)
         self.points = [float(p) for p in points]
         if not self.points or any(b <= a for a, b in zip(self.points, self.points[1:])):
@@ -278,7 +293,7 @@ class PairLearner:
                               torch.zeros((len(self.points), 2, self.n), dtype=torch.uint8))
         self.state = PathState(state.step, state.scores.to(device), state.m.to(device), state.v.to(device),
                                state.snapshots.clone(), dict(state.figures))
-        self.gate = UnitGate(model, self.segs)
+        self.gate = UnitGate(self.model, self.segs)
         self.history: list[dict] = []
         self.seconds = 0.0
 

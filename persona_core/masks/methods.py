@@ -274,7 +274,7 @@ def learned_granularity(params: Mapping) -> str:
 
 @register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-importance",
           unit="ffn-channels", steps=2, warmup=8, lr=0.05, batch=8, general_weight=1.0, general_batch=2, temperature=0.5,
-          seed=0)
+          seed=0, precision="fp32")
 def learned_contrastive(absw, stats, p):
     """One mask per pole learned with the weights frozen: the statement-preference margin (own calibration
     statements over the opposite's) plus a general-text KL to the dense model, straight-through top-k over

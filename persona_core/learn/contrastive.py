@@ -286,16 +286,20 @@ class PairLearner:
         if tuple(scores.shape) != (2, self.n):
             raise ValueError(f"scores of shape {tuple(scores.shape)}, the unit {knobs.unit} has (2, {self.n})")
         self.tiebreak, self.name = tiebreak.cpu(), name
-        device = next(model.parameters()).device
         if state is None:
             z = torch.zeros((2, self.n), dtype=torch.float64)
             state = PathState(0, scores.double().clone(), z, z.clone(),
                               torch.zeros((len(self.points), 2, self.n), dtype=torch.uint8))
-        self.state = PathState(state.step, state.scores.to(device), state.m.to(device), state.v.to(device),
-                               state.snapshots.clone(), dict(state.figures))
+        self.resume(state)
         self.gate = UnitGate(self.model, self.segs)
         self.history: list[dict] = []
         self.seconds = 0.0
+
+    def resume(self, state: PathState) -> None:
+        """Carry on from `state` (a checkpoint's, or the start), its tensors on the model's device."""
+        device = next(self.model.parameters()).device
+        self.state = PathState(state.step, state.scores.to(device), state.m.to(device), state.v.to(device),
+                               state.snapshots.clone(), dict(state.figures))
 
     def end_of(self, point: int) -> int:
         """The step count at which `point` is finished."""
@@ -468,7 +472,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     if data is not None:
         try:
             state = PathState.from_bytes(data, owner, learner.n, len(points), learner.total_steps)
-            learner = PairLearner(ev.model, lw, objectives, scores, tiebreak, knobs, points, name, state)
+            learner.resume(state)  # the same learner: its bf16 copy of the model is made once
             resumed_from = state.step
             log.info("%s: resuming from step %d", name, state.step)
         except CheckpointError as err:  # ours: delete it and start over

@@ -107,26 +107,6 @@ def test_budget_path_search_stops_at_the_first_point_over_and_picks_the_best_sep
     assert not none.within_budget and none.chosen == Setting(0.1) and "unreachable" in none.message
 
 
-def test_refine_bisects_the_gap_at_the_budgets_edge_and_nothing_else():
-    seen = []
-
-    def ppl(s: Setting) -> float:  # grows with sparsity: x1.10 is crossed at 0.3375
-        seen.append(s.sparsity)
-        return 1.0 + 0.1 * s.sparsity / 0.3375
-
-    res = search_path([0.1, 0.2, 0.3, 0.4, 0.5], 1.1, ppl, lambda s: s.sparsity, refine=3)
-    # 0.4 is over: 0.35 over, 0.325 within, 0.3375 within (to the rounding: 1.1 exactly)
-    assert seen == [0.1, 0.2, 0.3, 0.4, 0.35, 0.325, 0.3375]
-    assert res.chosen == Setting(0.3375) and res.within_budget
-    assert search_path([0.1, 0.2, 0.3, 0.4], 1.1, ppl, lambda s: s.sparsity).chosen == Setting(0.3)  # refine 0
-    # nothing to bisect: every grid point within, or none
-    assert len(search_path([0.1, 0.2], 9.0, ppl, lambda s: 1.0, refine=3).points) == 2
-    assert len(search_path([0.1, 0.2], 1.0, lambda s: 1.5, lambda s: 1.0, refine=3).points) == 1
-    # a gap below the rounding stops the bisection
-    tight = search_path([0.1, 0.100001], 1.1, lambda s: 1.0 if s.sparsity < 0.1000005 else 2.0, lambda s: 1.0, refine=5)
-    assert [p.setting.sparsity for p in tight.points] == [0.1, 0.100001]
-
-
 # ---------------------------------------------------------------------------- the learner
 
 
@@ -317,60 +297,6 @@ def test_resume_after_a_kill_is_bit_identical(setup, monkeypatch):
     assert resumed.spec == straight.spec and resumed.result.to_dict() == straight.result.to_dict()
     for x, y in zip(resumed.masks, straight.masks):
         assert all(torch.equal(x[n], y[n]) for n in y)
-
-
-def test_refined_path_learns_its_midpoints_in_order_and_resumes_bit_identical(setup, monkeypatch):
-    """refine: the walk stops at the first point over the budget, the learner then learns the gap's midpoints
-    (`steps` each, from where it stands), the chosen point may be one, and a kill at a midpoint resumes
-    bit-identical (the checkpoint records the path)."""
-    from persona_core.masks.methods import METHODS
-    from persona_core.store.hashing import content_hash
-    from persona_core.versions import MASKS_VERSION
-
-    wide = replace(SMALL_BUDGET, steps=4)
-    grid = wide.grid()
-    probe = learn(setup, monkeypatch, spec_of(budget=replace(wide, perplexity_ratio=1e6), lr=0.5))
-    ratios = [p.perplexity_ratio for p in probe.result.points]
-    assert len(ratios) == len(grid) == 4 and ratios[1] < ratios[2] and ratios[2] > 1
-    # the walk stops at grid[2]; the midpoints take grid[3]'s place on the path
-    budget = replace(wide, perplexity_ratio=max(1.0, (ratios[1] + ratios[2]) / 2))
-    spec = spec_of(budget=budget, lr=0.5, refine=2)
-    saved: dict[str, bytes] = {}
-    io = dict(owner={"identity": "u1"}, read_checkpoint=lambda: saved.get("c"),
-              write_checkpoint=lambda data: saved.__setitem__("c", data), drop_checkpoint=lambda: saved.pop("c", None))
-
-    def die_at_the_first_midpoint(state):
-        if state.path is not None and not saved.get("died"):
-            saved["died"] = b"1"
-            raise Killed
-
-    with pytest.raises(Killed):
-        learn(setup, monkeypatch, spec, on_point=die_at_the_first_midpoint, **io)
-    resumed = learn(setup, monkeypatch, spec, **io)
-    straight = learn(setup, monkeypatch, spec)
-    mid = round((grid[1] + grid[2]) / 2, 6)
-    path = straight.learner.points
-    assert path[:3] == list(grid[:3]) and path[3] == mid and len(path) == 5 and grid[1] < path[4] < grid[2]
-    assert [p.setting.sparsity for p in straight.result.points] == path
-    assert straight.learner.state.step == straight.learner.end_of(4)  # steps at each midpoint
-    assert straight.metadata()["learn"]["path"] == path
-    assert resumed.resumed_from > 0 and resumed.learner.points == path
-    assert torch.equal(resumed.learner.state.scores, straight.learner.state.scores)
-    assert resumed.spec == straight.spec and resumed.result.to_dict() == straight.result.to_dict()
-    # the chosen mask is its point's snapshot, at its own sparsity: exact k per segment
-    i = path.index(straight.spec.sparsity)
-    for side in (0, 1):
-        keep = straight.learner.state.snapshots[i, side].bool()
-        for seg in straight.learner.segs:
-            assert int(keep[seg.offset: seg.offset + seg.width].sum()) == seg.k(path[i])
-    # refine 0 keeps the keys of masks stored before the parameter existed; refine 3 is another mask
-    assert "refine" not in METHODS["learned-contrastive"].key_params(FAST)
-    old = content_hash(MASKS_VERSION, "learned-contrastive", METHODS["learned-contrastive"].resolve(FAST),
-                       "budget", budget.hash, "ffn-channels")
-    unset = {k: v for k, v in METHODS["learned-contrastive"].resolve(FAST).items() if k != "refine"}
-    assert spec_of(budget=budget).hash == spec_of(budget=budget, refine=0).hash == content_hash(
-        MASKS_VERSION, "learned-contrastive", unset, "budget", budget.hash, "ffn-channels") != old
-    assert spec.hash != spec_of(budget=budget).hash
 
 
 # ---------------------------------------------------------------------------- checkpoints (issue 24, finding 4)

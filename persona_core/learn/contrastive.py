@@ -25,10 +25,7 @@ previous point stopped (k shrinks, the scores carry over). After each point the 
 snapshotted (the checkpoint holds every snapshot) and `persona_core.masks.budget.search_path`
 judges it: validation perplexity ratio (the larger of the two poles') and validation separation;
 the walk stops at the first point over the budget, and the point with the largest validation
-separation within it is the mask. With ``refine`` N > 0 the gap between the last point within the budget
-and the first one over it is then bisected N times (`search_path`), each midpoint learned for ``steps``
-more steps from where the path stands: the path is the grid up to the stop, then the midpoints in the
-order learned (the checkpoint records it). The masks of successive points are **not nested**: a later
+separation within it is the mask. The masks of successive points are **not nested**: a later
 point's scores moved, so a unit kept at a larger sparsity may have been dropped at a smaller one
 (the snapshots are stored per point, never derived from one another).
 
@@ -208,14 +205,13 @@ class Knobs:
     temperature: float = 0.5
     seed: int = 0
     precision: str = "fp32"  # the steps' arithmetic: fp32 (the model's), or a bf16 copy (`learning_model`)
-    refine: int = 0  # bisections of the gap between the path's last point within the budget and the first over it
 
     @classmethod
     def of(cls, params: Mapping) -> "Knobs":
         k = cls(**{f: params[f] for f in cls.__dataclass_fields__ if f in params})
         if k.unit not in LEARNED_UNITS:
             raise ValueError(f"learned-contrastive: unit {k.unit!r} (use {', '.join(LEARNED_UNITS)})")
-        for f in ("steps", "warmup", "general_batch", "refine"):
+        for f in ("steps", "warmup", "general_batch"):
             if not isinstance(getattr(k, f), int) or getattr(k, f) < 0:
                 raise ValueError(f"learned-contrastive: {f} must be an integer >= 0, got {getattr(k, f)!r}")
         if not isinstance(k.batch, int) or k.batch < 1:
@@ -230,9 +226,7 @@ class Knobs:
 @dataclass
 class PathState:
     """A learner's resumable state: scores and Adam's moments of both poles, the step, and the
-    snapshots (keep bits, both poles) and figures of every finished point of the path; `path`: the
-    sparsities of the path's points in the order learned (None: the grid; refinement midpoints
-    replace the grid's tail where the walk stopped)."""
+    snapshots (keep bits, both poles) and figures of every finished point of the path."""
 
     step: int
     scores: torch.Tensor  # [2, N] float64
@@ -240,32 +234,24 @@ class PathState:
     v: torch.Tensor
     snapshots: torch.Tensor  # [P, 2, N] uint8 (rows of points not reached: zeros)
     figures: dict[int, dict] = field(default_factory=dict)  # point -> {"ppl": ..., "separation": ...}
-    path: list[float] | None = None
 
     def to_bytes(self, owner: Mapping[str, str]) -> bytes:
-        meta = {"figures": json.dumps({str(k): v for k, v in sorted(self.figures.items())})}
-        if self.path is not None:
-            meta["path"] = json.dumps(self.path)
         return save_checkpoint({"scores": self.scores, "m": self.m, "v": self.v, "snapshots": self.snapshots},
-                               self.step, CHECKPOINT_FORMAT, owner, meta)
+                               self.step, CHECKPOINT_FORMAT, owner,
+                               {"figures": json.dumps({str(k): v for k, v in sorted(self.figures.items())})})
 
     @classmethod
     def from_bytes(cls, data: bytes, owner: Mapping[str, str], n: int, points: int, max_step: int) -> "PathState":
-        """`points`: the path's slots (the grid's points plus ``refine``)."""
         tensors, meta, step = load_checkpoint(data, CHECKPOINT_FORMAT, owner, {
             "scores": (2, n), "m": (2, n), "v": (2, n), "snapshots": (points, 2, n)}, max_step)
         try:
             figures = {int(k): dict(v) for k, v in json.loads(meta.get("figures") or "{}").items()}
-            path = json.loads(meta["path"]) if meta.get("path") else None
         except (ValueError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"figures or path unreadable ({err})") from None
+            raise CheckpointError(f"figures unreadable ({err})") from None
         if any(not 0 <= k < points for k in figures):
             raise CheckpointError("figures name points outside the path")
-        if path is not None and (not isinstance(path, list) or not 0 < len(path) <= points or not all(
-                isinstance(x, (int, float)) and 0 < x < 1 for x in path)):
-            raise CheckpointError(f"path is not a list of at most {points} sparsities in (0, 1)")
         return cls(step, tensors["scores"].double(), tensors["m"].double(), tensors["v"].double(),
-                   tensors["snapshots"].to(torch.uint8), figures, [float(x) for x in path] if path else None)
+                   tensors["snapshots"].to(torch.uint8), figures)
 
 
 def learning_model(model: nn.Module, precision: str) -> nn.Module:
@@ -283,8 +269,7 @@ class LearnerNaN(FloatingPointError):
 
 
 class PairLearner:
-    """Both poles' scores along one k path (`points`: sparsities, increasing; ``knobs.refine`` more slots
-    for the midpoints `place` adds). See the module docstring.
+    """Both poles' scores along one k path (`points`: sparsities, increasing). See the module docstring.
 
     `objectives`: (pole A's, pole B's). The model's parameters must be frozen (requires_grad False).
     """
@@ -297,7 +282,6 @@ class PairLearner:
         self.points = [float(p) for p in points]
         if not self.points or any(b <= a for a, b in zip(self.points, self.points[1:])):
             raise ValueError(f"k path: sparsities must be non-empty and increasing, got {self.points}")
-        self.slots = len(self.points) + knobs.refine
         self.n = self.segs[-1].offset + self.segs[-1].width
         if tuple(scores.shape) != (2, self.n):
             raise ValueError(f"scores of shape {tuple(scores.shape)}, the unit {knobs.unit} has (2, {self.n})")
@@ -305,7 +289,7 @@ class PairLearner:
         if state is None:
             z = torch.zeros((2, self.n), dtype=torch.float64)
             state = PathState(0, scores.double().clone(), z, z.clone(),
-                              torch.zeros((self.slots, 2, self.n), dtype=torch.uint8))
+                              torch.zeros((len(self.points), 2, self.n), dtype=torch.uint8))
         self.resume(state)
         self.gate = UnitGate(self.model, self.segs)
         self.history: list[dict] = []
@@ -314,25 +298,8 @@ class PairLearner:
     def resume(self, state: PathState) -> None:
         """Carry on from `state` (a checkpoint's, or the start), its tensors on the model's device."""
         device = next(self.model.parameters()).device
-        if state.path is not None:
-            self.points = list(state.path)
         self.state = PathState(state.step, state.scores.to(device), state.m.to(device), state.v.to(device),
-                               state.snapshots.clone(), dict(state.figures), state.path and list(state.path))
-
-    def place(self, sparsity: float) -> int:
-        """The path index of `sparsity`: where the path has it up to its next point not learned yet, else
-        that next point, which becomes `sparsity` (a refinement midpoint: the walk along the grid has
-        stopped, so the grid's unlearned tail is dropped from the path)."""
-        s = float(sparsity)
-        nxt = next((i for i in range(len(self.points)) if not self.done(i)), len(self.points))
-        for i in range(min(nxt + 1, len(self.points))):
-            if self.points[i] == s:
-                return i
-        if nxt >= self.slots:
-            raise ValueError(f"{self.name}: no slot left on the path for sparsity {s:g} ({self.slots} slots)")
-        self.points[nxt:] = [s]
-        self.state.path = list(self.points)
-        return nxt
+                               state.snapshots.clone(), dict(state.figures))
 
     def end_of(self, point: int) -> int:
         """The step count at which `point` is finished."""
@@ -340,8 +307,7 @@ class PairLearner:
 
     @property
     def total_steps(self) -> int:
-        """The most steps a path can take (every slot learned): a checkpoint's step bound."""
-        return self.end_of(self.slots - 1)
+        return self.end_of(len(self.points) - 1)
 
     def point_of(self, step: int) -> int:
         """The path point whose sparsity step `step` (0-based) learns at."""
@@ -505,7 +471,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     data = read_checkpoint() if read_checkpoint else None
     if data is not None:
         try:
-            state = PathState.from_bytes(data, owner, learner.n, learner.slots, learner.total_steps)
+            state = PathState.from_bytes(data, owner, learner.n, len(points), learner.total_steps)
             learner.resume(state)  # the same learner: its bf16 copy of the model is made once
             resumed_from = state.step
             log.info("%s: resuming from step %d", name, state.step)
@@ -520,14 +486,16 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
         if on_point is not None:
             on_point(st)
 
+    index = {p: i for i, p in enumerate(points)}
+
     def at(setting: Setting) -> tuple[dict, dict]:
-        i = learner.place(setting.sparsity)
+        i = index[setting.sparsity]
         if not learner.done(i) or not learner.snapshotted(i):
             learner.advance(i, checkpoint)
         return learner.masks_at(i)
 
     def ppl(setting: Setting) -> float:
-        i = learner.place(setting.sparsity)
+        i = index[setting.sparsity]
         fig = learner.state.figures.setdefault(i, {})
         if "ppl" not in fig:
             fig["ppl"] = search.ratio(at(setting))
@@ -536,7 +504,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
         return fig["ppl"]
 
     def separation(setting: Setting) -> float:
-        i = learner.place(setting.sparsity)
+        i = index[setting.sparsity]
         fig = learner.state.figures.setdefault(i, {})
         if "separation" not in fig:
             ma, mb = at(setting)
@@ -548,7 +516,7 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
 
     result = None
     if budget is not None:
-        result = search_path(points, budget.perplexity_ratio, ppl, separation, refine=knobs.refine)
+        result = search_path(points, budget.perplexity_ratio, ppl, separation)
         chosen = result.chosen
     else:
         chosen = Setting(points[0])
@@ -556,4 +524,4 @@ def learn_pair(evaluator, weights: LinearWeights, spec: MaskSpec, roles: Sequenc
     final = ppl(chosen)
     ev.masks.restore()
     return PairOutcome(spec.with_setting(chosen.sparsity), masks, result, final, time.perf_counter() - t0, learner,
-                       resumed_from, list(learner.points), search.val_text)
+                       resumed_from, points, search.val_text)

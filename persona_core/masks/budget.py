@@ -275,45 +275,25 @@ def _nan_last(x: float) -> float:
 
 
 def search_path(grid: Sequence[float], budget: float, perplexity_ratio: Callable[[Setting], float],
-                separation: Callable[[Setting], float], refine: int = 0) -> SearchResult:
+                separation: Callable[[Setting], float]) -> SearchResult:
     """The budget search along a learned k path (`persona_core.learn.contrastive`): the grid's points
     are visited in increasing order (a learner reaches a point only through the ones before it), the
     walk stops at the first point over `budget`, and among the points within it the one with the
     largest separation wins (ties: the smaller sparsity). Every visited point gets both figures, so
     no monotonicity of separation is assumed; perplexity is assumed to grow along the path (the walk
-    stops at the first point over). None within: the first point, marked over budget.
-
-    `refine` > 0: when the walk stopped between a point within the budget and the next one over it,
-    that gap is bisected `refine` times (midpoints rounded to 6 places; a midpoint within the budget
-    gets its separation and becomes the gap's lower end, one over it the upper end), so the path reaches
-    the budget's edge rather than the grid's last point before it (as `steer_refine` does for the
-    steering baselines' alpha). The midpoints are visited after the grid's points, in that order."""
+    stops at the first point over). None within: the first point, marked over budget."""
     grid = [float(s) for s in grid]
     if not grid or any(b <= a for a, b in zip(grid, grid[1:])):
         raise ValueError(f"grid must be non-empty and strictly increasing, got {grid}")
     points: list[Point] = []
-
-    def visit(s: float) -> bool:
-        """Both figures of sparsity `s` (separation only within the budget); True: within."""
+    for s in grid:
         setting = Setting(s)
         r = float(perplexity_ratio(setting))
         point = Point(setting, r)
         points.append(point)
         if math.isnan(r) or r > budget:
-            return False
-        point.separation = float(separation(setting))
-        return True
-
-    for s in grid:
-        if not visit(s):
             break
-    if refine > 0 and len(points) >= 2 and points[-2].separation is not None and points[-1].separation is None:
-        lo, hi = points[-2].setting.sparsity, points[-1].setting.sparsity
-        for _ in range(refine):
-            mid = round((lo + hi) / 2, 6)
-            if not lo < mid < hi:
-                break  # the gap is below the rounding: nothing left between its ends
-            lo, hi = (mid, hi) if visit(mid) else (lo, mid)
+        point.separation = float(separation(setting))
     feasible = [p for p in points if p.separation is not None]
     if not feasible:
         first = points[0]

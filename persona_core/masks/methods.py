@@ -50,7 +50,6 @@ class Method:
     strength: tuple[str, tuple[float, ...]] | None = None  # (parameter, values a budget search tries)
     reads: str | None = None  # a per-channel statistics group scored instead of module inputs (ffn-channels only)
     learned: bool = False  # its masks are learned (`persona_core.learn.contrastive`); `fn` gives the starting scores
-    later: tuple[str, ...] = ()  # parameters added after masks were stored: in a key only when not at their default
 
     @property
     def sides(self) -> int:
@@ -69,12 +68,6 @@ class Method:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise ValueError(f"method {self.name!r}: unknown parameter(s) {', '.join(unknown)} (known: {known})")
         return {**self.defaults, **params}
-
-    def key_params(self, params: Mapping | None) -> dict:
-        """The resolved parameters a mask's key hashes: those in `later` count only when set to something
-        other than their default, so adding a parameter keeps the keys of the masks already stored."""
-        resolved = self.resolve(params)
-        return {k: v for k, v in resolved.items() if k not in self.later or v != self.defaults[k]}
 
 
 METHODS: Registry[Method] = Registry("mask method")
@@ -98,8 +91,7 @@ def parse_params(items: Iterable[str]) -> dict[str, dict]:
 
 
 def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequence[float]] | None = None,
-             reads: str | None = None, learned: bool = False, later: tuple[str, ...] = (),
-             **defaults) -> Callable[[ScoreFn], ScoreFn]:
+             reads: str | None = None, learned: bool = False, **defaults) -> Callable[[ScoreFn], ScoreFn]:
     """Register a scoring function under `name` in `METHODS` (see the module docstring).
 
     `strength` names the parameter that sets how hard the method contrasts, and the values a
@@ -109,19 +101,16 @@ def register(name: str, needs: tuple[str, ...] = (), strength: tuple[str, Sequen
     score per channel and side), so it builds ``ffn-channels`` masks only.
     `learned` marks a method whose masks a learner optimises (weights frozen) from the scores its
     function gives: build-masks hands its units to the learner pool (`persona_jobs.learn_masks`).
-    `later` names parameters added after masks of the method were stored (`Method.key_params`).
     """
     bad = [r for r in needs if r not in (PERSONA, OPPOSITE, GENERAL)]
     if bad or (OPPOSITE in needs and needs[:2] != (PERSONA, OPPOSITE)):
         raise ValueError(f"method {name!r}: needs must be drawn from persona, opposite, general (got {needs})")
     if strength is not None and (strength[0] not in defaults or not strength[1]):
         raise ValueError(f"method {name!r}: strength parameter {strength[0]!r} needs a default and values")
-    if set(later) - set(defaults):
-        raise ValueError(f"method {name!r}: later parameter(s) {sorted(set(later) - set(defaults))} need a default")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         st = (strength[0], tuple(float(v) for v in strength[1])) if strength else None
-        METHODS.add(name, Method(name, fn, tuple(needs), dict(defaults), st, reads, learned, tuple(later)))
+        METHODS.add(name, Method(name, fn, tuple(needs), dict(defaults), st, reads, learned))
         return fn
 
     return deco
@@ -285,7 +274,7 @@ def learned_granularity(params: Mapping) -> str:
 
 @register("learned-contrastive", needs=(PERSONA, OPPOSITE), learned=True, init="contrastive-importance",
           unit="ffn-channels", steps=2, warmup=8, lr=0.05, batch=8, general_weight=1.0, general_batch=2, temperature=0.5,
-          seed=0, precision="fp32", refine=0, later=("refine",))
+          seed=0, precision="fp32")
 def learned_contrastive(absw, stats, p):
     """One mask per pole learned with the weights frozen: the statement-preference margin (own calibration
     statements over the opposite's) plus a general-text KL to the dense model, straight-through top-k over

@@ -90,11 +90,10 @@ class MaskSpec:
         """What was asked for; an OWL allocation's resolved layer sparsities do not count."""
         layers = list(self.layer_sparsity) if self.layer_sparsity and self.allocation == "uniform" else None
         extra = [] if self.allocation == "uniform" else [self.allocation]  # uniform keeps the older hashes
-        params = METHODS[self.method].key_params(self.params)
         if self.budget is not None:  # the sparsity is the search's answer, not part of the question
-            return content_hash(MASKS_VERSION, self.method, params, "budget", self.budget.hash,
+            return content_hash(MASKS_VERSION, self.method, self.resolved_params, "budget", self.budget.hash,
                                 self.granularity, *extra)
-        return content_hash(MASKS_VERSION, self.method, params, round(self.sparsity, 6),
+        return content_hash(MASKS_VERSION, self.method, self.resolved_params, round(self.sparsity, 6),
                             self.granularity, layers, *extra)
 
     def with_setting(self, sparsity: float, params: Mapping | None = None) -> MaskSpec:

@@ -276,7 +276,7 @@ class PairLearner:
 
     def __init__(self, model: nn.Module, lw: LinearWeights, objectives: tuple[Objective, Objective],
                  scores: torch.Tensor, tiebreak: torch.Tensor, knobs: Knobs, points: Sequence[float],
-                 name: str = "learned-contrastive", state: PathState | None = None):
+                 name: str = "learned-contrastive"):
         self.model, self.lw, self.objectives, self.knobs = learning_model(model, knobs.precision), lw, objectives, knobs
         self.segs = segments(lw, knobs.unit)
         self.points = [float(p) for p in points]
@@ -286,11 +286,9 @@ class PairLearner:
         if tuple(scores.shape) != (2, self.n):
             raise ValueError(f"scores of shape {tuple(scores.shape)}, the unit {knobs.unit} has (2, {self.n})")
         self.tiebreak, self.name = tiebreak.cpu(), name
-        if state is None:
-            z = torch.zeros((2, self.n), dtype=torch.float64)
-            state = PathState(0, scores.double().clone(), z, z.clone(),
-                              torch.zeros((len(self.points), 2, self.n), dtype=torch.uint8))
-        self.resume(state)
+        z = torch.zeros((2, self.n), dtype=torch.float64)
+        self.resume(PathState(0, scores.double().clone(), z, z.clone(),
+                              torch.zeros((len(self.points), 2, self.n), dtype=torch.uint8)))
         self.gate = UnitGate(self.model, self.segs)
         self.history: list[dict] = []
         self.seconds = 0.0

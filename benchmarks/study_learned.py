@@ -12,8 +12,12 @@ setting's mean over the strongest baseline's, pairs within the budget on the tes
 on the same statements (e.g. few-shot k chosen on validation against k = 8; learned steering with
 ``steer_refine`` against its grid), and every subnetwork setting of this run against the other's
 baselines, with the pairs that beat every baseline of both runs. ``--markdown`` prints the tables instead (for results/).
+``--archive DIR`` first copies the runs' results (the index and its parts, each verified) into the store at DIR:
+a study that spans several sessions keeps its rows in ``results/data/`` and its tables are recomputed from there
+(``--store results/data/<study>``) after the store that made them is gone.
 
     python benchmarks/study_learned.py --store ./persona-store-learned RUN_ID [RUN_ID ...] [--other-run RUN_ID ...] [--markdown]
+    python benchmarks/study_learned.py --store ./persona-store-learned-gemma RUN_ID --archive results/data/issue26-gemma
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from persona_core.report.analysis import (BASELINE_CONDITIONS, analyse, pareto_points, steering_choices,  # noqa: E402
                                           summary)
 from persona_core.report.bootstrap import compare, mean_interval  # noqa: E402
-from persona_core.report.results import gather, load_results  # noqa: E402
+from persona_core.eval.result_parts import read_result_part  # noqa: E402
+from persona_core.report.results import gather, load_results, read_results_index, write_results_index  # noqa: E402
+from persona_core.store.store import open_store  # noqa: E402
 
 POOL_REPLICATES = 10_000  # bootstrap over pairs for the pooled means (percentile interval, seed 0)
 
@@ -51,6 +57,24 @@ def load_runs(store: str, runs: list[str]):
         return gather(tables)
     except RuntimeError as err:
         raise SystemExit(f"runs {', '.join(runs)} cannot be pooled: {err} (the same pair in two runs?)") from None
+
+
+def archive(store: str, runs: list[str], dest: str) -> int:
+    """Copy each run's result parts (verified against the run's index) and then its index into the store at
+    `dest`; the number of parts copied. Parts are keyed by content, so a part both stores hold is kept."""
+    src, out = open_store(store), open_store(dest)
+    copied = 0
+    for run in runs:
+        index = read_results_index(src, run)
+        if index is None:
+            raise SystemExit(f"{src.uri()}: run {run} has no results index (not evaluated, or from before the index)")
+        for key, digest in sorted(index.items()):
+            read_result_part(src, key, digest)
+            if not out.exists(key):
+                out.write_bytes(key, src.read_bytes(key))
+                copied += 1
+        write_results_index(out, run, index)
+    return copied
 
 
 def _interval(values) -> tuple[dict, float]:
@@ -237,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
                     help="runs (pooled) whose baselines this run's are compared with (those both scored)")
     ap.add_argument("--budget", type=float, default=1.10, help="perplexity ratio bound for within_budget_on_test")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of JSON")
+    ap.add_argument("--archive", default=None, metavar="DIR",
+                    help="first copy the runs' results (index and verified parts) into the store at DIR")
     return ap
 
 
@@ -244,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if not args.runs:
         raise SystemExit("name a run id (persona-jobs results --store STORE lists them)")
+    if args.archive:
+        n = archive(args.store, args.runs, args.archive)
+        print(f"archived {len(args.runs)} run(s), {n} new part(s), into {args.archive}", file=sys.stderr)
     t = tables(args.store, args.runs, args.other_run, args.budget)
     print(markdown(t) if args.markdown else json.dumps({"benchmark": "study_learned", **t}))
 

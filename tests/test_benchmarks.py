@@ -367,3 +367,40 @@ def test_learned_budget_reference_runs_in_chunks_and_leaves_the_weights_frozen(t
     assert seconds > 0
     assert [p.requires_grad for p in model.parameters()] == before
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_study_learned_archives_a_run_whose_tables_it_then_reads_back(tmp_path):
+    """--archive copies a run's verified parts and its index: the archive gives the same tables as the store.
+    A part whose rows were edited after the run indexed them is refused, and nothing of that run is indexed."""
+    import pyarrow as pa
+
+    from persona_core.eval.result_parts import write_result_part
+    from persona_core.report.results import write_results_index
+    from persona_core.store import layout
+    from persona_core.store.store import open_store
+
+    study = load("study_learned")
+    rows = _study_rows([("a", "b", 1.5, 0.3, 1.05), ("c", "d", 1.5, 0.3, 1.05)])
+    src = open_store(str(tmp_path / "store"))
+    parts = {}
+    for persona in ("a", "b", "c", "d"):
+        mine = rows.filter(pa.compute.equal(rows["persona"], persona))
+        key = layout.result_part("m-1", persona, "learned-contrastive-b1.1", f"{ord(persona):016x}")
+        parts[key] = write_result_part(src, key, mine)
+    write_results_index(src, "run-0000000000000001", parts)
+
+    dest = tmp_path / "archive"
+    assert study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(dest)) == 4
+    assert study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(dest)) == 0  # already there
+    before = study.tables(str(tmp_path / "store"), ["run-0000000000000001"], None)
+    after = study.tables(str(dest), ["run-0000000000000001"], None)
+    assert after == before and after["pooled"][0]["pairs"] == 2
+
+    edited = next(iter(parts))
+    table = src.read_parquet(edited)
+    src.write_parquet(edited, table.set_column(table.schema.get_field_index("value"), "value",
+                                               pa.array([0.5] * table.num_rows)).replace_schema_metadata(
+        table.schema.metadata))
+    with pytest.raises(Exception, match="digest|rows"):
+        study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(tmp_path / "other"))
+    assert not (tmp_path / "other" / layout.results_index("run-0000000000000001")).exists()

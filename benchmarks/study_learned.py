@@ -35,7 +35,7 @@ from persona_core.report.analysis import (BASELINE_CONDITIONS, analyse, pareto_p
 from persona_core.report.bootstrap import compare, mean_interval  # noqa: E402
 from persona_core.eval.result_parts import read_result_part  # noqa: E402
 from persona_core.report.results import gather, load_results, read_results_index, write_results_index  # noqa: E402
-from persona_core.store.store import open_store  # noqa: E402
+from persona_core.store.store import StoreError, open_store  # noqa: E402
 
 POOL_REPLICATES = 10_000  # bootstrap over pairs for the pooled means (percentile interval, seed 0)
 
@@ -61,7 +61,7 @@ def load_runs(store: str, runs: list[str]):
 
 def archive(store: str, runs: list[str], dest: str) -> int:
     """Copy each run's result parts (verified against the run's index) and then its index into the store at
-    `dest`; the number of parts copied. Parts are keyed by content, so a part both stores hold is kept."""
+    `dest`; the number of parts copied. Parts are keyed by content: one `dest` holds intact is kept."""
     src, out = open_store(store), open_store(dest)
     copied = 0
     for run in runs:
@@ -70,7 +70,9 @@ def archive(store: str, runs: list[str], dest: str) -> int:
             raise SystemExit(f"{src.uri()}: run {run} has no results index (not evaluated, or from before the index)")
         for key, digest in sorted(index.items()):
             read_result_part(src, key, digest)
-            if not out.exists(key):
+            try:
+                read_result_part(out, key, digest)  # already there, and intact
+            except (FileNotFoundError, StoreError):
                 out.write_bytes(key, src.read_bytes(key))
                 copied += 1
         write_results_index(out, run, index)

@@ -392,6 +392,8 @@ def test_study_learned_archives_a_run_whose_tables_it_then_reads_back(tmp_path):
     dest = tmp_path / "archive"
     assert study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(dest)) == 4
     assert study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(dest)) == 0  # already there
+    (dest / next(iter(parts))).write_bytes(b"truncated")  # a damaged copy is copied again
+    assert study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(dest)) == 1
     before = study.tables(str(tmp_path / "store"), ["run-0000000000000001"], None)
     after = study.tables(str(dest), ["run-0000000000000001"], None)
     assert after == before and after["pooled"][0]["pairs"] == 2

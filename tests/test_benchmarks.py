@@ -406,3 +406,51 @@ def test_study_learned_archives_a_run_whose_tables_it_then_reads_back(tmp_path):
     with pytest.raises(Exception, match="digest|rows"):
         study.archive(str(tmp_path / "store"), ["run-0000000000000001"], str(tmp_path / "other"))
     assert not (tmp_path / "other" / layout.results_index("run-0000000000000001")).exists()
+
+
+# ---------------------------------------------------------------------------- benchmarks/budget_precision.py
+
+
+def test_budget_precision_remeasures_a_stores_budgeted_masks_and_only_those(tiny, tmp_path, capsys):
+    """Each budgeted mask of the store is measured on every text and window count; a fixed-sparsity
+    mask is not. The ratio on N windows is what the pipeline's own check gives on them, and a mask
+    that changes nothing has ratio 1 with no spread."""
+    import math
+
+    import torch
+
+    from persona_core.eval.engine import Evaluator
+    from persona_core.eval.validation import text_windows, window_perplexity
+    from persona_core.masks.codec import write_mask
+    from persona_core.store import layout
+    from persona_core.store.store import open_store
+
+    bench = load("budget_precision")
+    ev = Evaluator(tiny, device="cpu")
+    store = open_store(str(tmp_path / "store"))
+    g = torch.Generator().manual_seed(1)
+    cut = {n: torch.rand(ev.model.get_submodule(n).weight.shape, generator=g) >= 0.4 for n in ev.prunable}
+    whole = {n: torch.ones_like(m) for n, m in cut.items()}
+    for owner, masks, budget in (("a", cut, "ppl1.1-0000abcd"), ("b", whole, "ppl1.1-0000abcd"), ("c", cut, None)):
+        key = layout.mask(ev.model_key, "learned-contrastive@unstructured", 0.4, owner, budget=budget)
+        write_mask(store, key, masks, {"persona": owner, "model_key": ev.model_key})
+
+    bench.main(["--model", "tiny-random-llama", "--store", str(tmp_path / "store"), "--windows", "2", "3",
+                "--texts", "builtin:general", "--threads", "1"])
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["mask"].split()[0]: r for r in out["masks"]}
+    assert set(rows) == {"a", "b"}  # the fixed-sparsity mask of c is not a budget's
+    windows = text_windows(ev.tokenizer, "builtin:general", 128, 3)
+    dense = [window_perplexity(ev, windows), *(window_perplexity(ev, [w]) for w in windows)]
+    with bench.apply_mask(ev, cut):
+        masked = [window_perplexity(ev, windows), *(window_perplexity(ev, [w]) for w in windows)]
+    per = torch.tensor([math.log(m / d) for m, d in zip(masked[1:], dense[1:])])
+    assert rows["a"]["builtin:general@3"]["ratio"] == pytest.approx(masked[0] / dense[0], abs=1e-4)
+    assert rows["a"]["builtin:general@3"]["se_log"] == pytest.approx(float(per.std()) / math.sqrt(3), abs=1e-4)
+    assert rows["a"]["builtin:general@3"]["ratio"] != pytest.approx(1.0, abs=1e-3)
+    assert rows["b"]["builtin:general@3"] == {"ratio": 1.0, "se_log": 0.0, "windows": 3}
+    assert out["summary"]["builtin:general@3"]["max_gap_log_to_most"] == 0.0
+
+    with pytest.raises(SystemExit, match="no budgeted masks"):
+        bench.main(["--model", "tiny-random-llama", "--store", str(tmp_path / "store"), "--method", "wanda",
+                    "--texts", "builtin:general", "--windows", "2", "--threads", "1"])

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from persona_core import apply_mask, list_masks, read_mask  # noqa: E402
 from persona_core.calib.general_text import GeneralTextError, resolve_general_text  # noqa: E402
-from persona_core.eval.validation import lead_ids, text_windows  # noqa: E402
+from persona_core.eval.validation import text_windows, window_nlls  # noqa: E402
 from persona_core.models.loading import DEFAULT_MODEL  # noqa: E402
 
 log = logging.getLogger("bench.budget_precision")
@@ -43,12 +43,14 @@ SMOKE = ["--model", "tiny-random-llama", "--random", "2", "--sparsity", "0.3", "
          "--texts", "builtin:general", "--threads", "1"]
 
 
-def window_nlls(ev, windows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window total NLL and scored tokens (as `window_nll` scores them, kept apart)."""
-    prefix = lead_ids(ev.tokenizer)
-    lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
-    return (torch.tensor([-lp.sum().item() for lp in lps], dtype=torch.float64),
-            torch.tensor([len(lp) for lp in lps], dtype=torch.float64))
+def per_window(ev, windows: list[list[int]], memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's NLL and scored tokens (`window_nlls`), each distinct window scored once per model
+    state: the window counts' sets overlap, and `memo` (one per mask) keeps what was scored."""
+    todo = list(dict.fromkeys(tuple(w) for w in windows if tuple(w) not in memo))
+    memo.update(zip(todo, window_nlls(ev, [list(w) for w in todo])))
+    got = [memo[tuple(w)] for w in windows]
+    return (torch.tensor([nll for nll, _ in got], dtype=torch.float64),
+            torch.tensor([n for _, n in got], dtype=torch.float64))
 
 
 def ratio_and_se(masked: tuple[torch.Tensor, torch.Tensor], dense: tuple[torch.Tensor, torch.Tensor]
@@ -82,14 +84,16 @@ def stored_masks(ev, store: str, method: str):
 def measure(ev, masks, texts: list[str], counts: list[int]) -> tuple[list[dict], dict]:
     most = max(counts)
     windows = {t: {c: text_windows(ev.tokenizer, t, 128, c) for c in counts} for t in texts}
-    dense = {t: {c: window_nlls(ev, w) for c, w in per.items()} for t, per in windows.items()}
+    dense_memo: dict = {}
+    dense = {t: {c: per_window(ev, w, dense_memo) for c, w in per.items()} for t, per in windows.items()}
     rows = []
     for name, sparsity, mask in masks:
         row: dict = {"mask": name, "sparsity": sparsity}
+        memo: dict = {}
         with apply_mask(ev, mask):
             for t, per in windows.items():
                 for c, w in per.items():
-                    ratio, se = ratio_and_se(window_nlls(ev, w), dense[t][c])
+                    ratio, se = ratio_and_se(per_window(ev, w, memo), dense[t][c])
                     row[f"{t}@{c}"] = {"ratio": round(ratio, 4), "se_log": None if se is None else round(se, 4),
                                        "windows": len(w)}
         log.info("%s: %s", name, {k: v["ratio"] for k, v in row.items() if isinstance(v, dict)})

@@ -120,14 +120,20 @@ def lead_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
 
 
-def window_nll(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
-    """Total NLL and scored tokens over the windows (each window's first token is context only,
-    after the tokenizer's leading special tokens); with `system`, its text precedes every window."""
+def window_nlls(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> list[tuple[float, int]]:
+    """(NLL, scored tokens) of each window (its first token is context only, after the tokenizer's
+    leading special tokens); with `system`, its text precedes every window."""
     prefix = lead_ids(ev.tokenizer)
     if system:
         prefix = prefix + ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
     lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
-    return -sum(lp.sum().item() for lp in lps), sum(len(lp) for lp in lps)
+    return [(-lp.sum().item(), len(lp)) for lp in lps]
+
+
+def window_nll(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> tuple[float, int]:
+    """Total NLL and scored tokens over the windows (`window_nlls`, summed)."""
+    per = window_nlls(ev, windows, system)
+    return sum(nll for nll, _ in per), sum(n for _, n in per)
 
 
 def window_perplexity(ev: Scorer, windows: Sequence[list[int]], system: str | None = None) -> float:

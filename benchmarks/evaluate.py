@@ -15,6 +15,9 @@
 * ``fewshot_stmts_per_s_reuse`` / ``_noreuse`` / ``fewshot_reuse_speedup``: statements
   scored per second under the few-shot condition (description + k calibration examples)
   with and without reusing the prefix's key/value cache.
+* ``fewshot_windows_per_s_reuse`` / ``_noreuse`` / ``fewshot_ppl_reuse_speedup``: perplexity
+  windows (128 tokens of general text) scored per second after the same few-shot prompt
+  (the ``dense+fewshot`` / ``masked+fewshot`` perplexity), with and without the reused cache.
 
     python benchmarks/evaluate.py [--model smollm2-135m] [--personas 1] [--masks 2] [--statements 48]
                                   [--skip-units]
@@ -41,7 +44,7 @@ from persona_core.eval.engine import Evaluator  # noqa: E402
 from persona_core.eval.unit import evaluate_unit  # noqa: E402
 from persona_core.eval.fewshot import FewShot  # noqa: E402
 from persona_core.eval.validation import STATEMENT_QUESTION  # noqa: E402
-from persona_core.eval.validation import statement_scores  # noqa: E402
+from persona_core.eval.validation import statement_scores, text_windows, window_nlls  # noqa: E402
 
 
 def magnitude_masks(ev: Evaluator, sparsity: float, jitter: int) -> dict[str, torch.Tensor]:
@@ -67,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--masks", type=int, default=2, help="masks per persona")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--statements", type=int, default=48, help="statements for the scoring throughput")
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows after the few-shot prompt")
     ap.add_argument("--skip-units", action="store_true", help="only the scoring throughput figures")
     return ap
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     personas = [cat[p] for pair in pairs for p in pair][: args.personas]
     masks = [magnitude_masks(ev, 0.5, j) for j in range(args.masks)]
 
-    scoring = scoring_figures(ev, args.statements, args.repeats)
+    scoring = scoring_figures(ev, args.statements, args.repeats, args.windows)
     if args.skip_units:
         print(json.dumps({"benchmark": "evaluate", "model": ev.model_key, "device": str(ev.device),
                           "threads": torch.get_num_threads(), **scoring}))
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     }))
 
 
-def scoring_figures(ev: Evaluator, n: int, repeats: int) -> dict:
+def scoring_figures(ev: Evaluator, n: int, repeats: int, windows: int) -> dict:
     """Statement-preference scoring vs a plain batched forward; few-shot with and without KV reuse."""
     ev.configure(EvalConfig())
     cat = load_catalog("builtin")
@@ -171,13 +175,26 @@ def scoring_figures(ev: Evaluator, n: int, repeats: int) -> dict:
         fresh.append(timed(lambda: statement_scores(ev, stmts, fewshot)))
     ev.reuse_prefix = True
     t_reuse, t_fresh = statistics.median(reuse), statistics.median(fresh)
+
+    windows = text_windows(ev.tokenizer, None, 128, windows)
+    win_reuse, win_fresh = [], []
+    for _ in range(repeats):
+        ev.reuse_prefix = True
+        win_reuse.append(timed(lambda: window_nlls(ev, windows, fewshot)))
+        ev.reuse_prefix = False
+        win_fresh.append(timed(lambda: window_nlls(ev, windows, fewshot)))
+    ev.reuse_prefix = True
+    w_reuse, w_fresh = statistics.median(win_reuse), statistics.median(win_fresh)
     return {"pref_statements": len(stmts), "pref_tokens": tokens, "prefix_tokens": len(prefix),
             "plain_tokens_per_s": round(tokens / t_plain, 1), "pref_tokens_per_s": round(tokens / t_ours, 1),
             "pref_vs_plain": round(t_plain / t_ours, 3), "pref_vs_plain_target": 0.8,
             "fewshot_prefix_tokens": len(ev.encode(ev.prompt(fewshot, STATEMENT_QUESTION))),
             "fewshot_stmts_per_s_reuse": round(len(stmts) / t_reuse, 2),
             "fewshot_stmts_per_s_noreuse": round(len(stmts) / t_fresh, 2),
-            "fewshot_reuse_speedup": round(t_fresh / t_reuse, 2)}
+            "fewshot_reuse_speedup": round(t_fresh / t_reuse, 2),
+            "fewshot_windows": len(windows), "fewshot_windows_per_s_reuse": round(len(windows) / w_reuse, 2),
+            "fewshot_windows_per_s_noreuse": round(len(windows) / w_fresh, 2),
+            "fewshot_ppl_reuse_speedup": round(w_fresh / w_reuse, 2)}
 
 
 if __name__ == "__main__":

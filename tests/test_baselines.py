@@ -19,7 +19,7 @@ from persona_core.models.layers import decoder_layers
 from persona_core.models.loading import load_model
 from persona_core.calib.stats import PersonaStats
 from persona_core.eval.steering import MissingResidualStats, steer
-from persona_core.eval.validation import statement_scores, validation_statements
+from persona_core.eval.validation import statement_scores, validation_statements, window_nlls
 
 CAL_A = tuple(f"I love quiet evening number {i} with a book." for i in range(12))
 CAL_B = tuple(f"Party number {i} is where I shine with friends!" for i in range(12))
@@ -114,6 +114,50 @@ def test_fewshot_prompts_never_contain_an_evaluation_statement():
     fs = FewShot.for_persona(a, b, k=2, seed=0)
     assert fs.examples("What do you drink, tea?")[0] in ("I like tea.", "Tea at noon.")  # retrieval by TF-IDF
     assert fs.examples(None) == fs.examples(None) and len(fs.examples(None)) == 2  # seeded, fixed
+
+
+def test_windows_after_a_long_prompt_score_as_with_the_prompt_refed_for_each_window(ev):
+    """A few-shot prompt before perplexity windows runs once (its cache reused), and where prompt and
+    window exceed max_length the prompt is cut from the left exactly as the plain path cuts a context."""
+    windows = [ev.tokenizer(f"Window {i} of plain general text, long enough.", add_special_tokens=False)["input_ids"]
+               for i in range(5)]
+    system = "You are loud. Things you have said: - Parties! " * 4
+    prefix = ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
+    for max_length in (512, len(prefix) + 20):  # the whole prompt fits; the prompt is cut (windows ~45 tokens)
+        ev.configure(EvalConfig(batch_size=2, max_length=max_length))
+        cached = window_nlls(ev, windows, system)
+        plain = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
+        for (nll, n), lp in zip(cached, plain):
+            assert n == len(lp) and nll == pytest.approx(-lp.sum().item(), rel=1e-4)
+    assert max_length < len(prefix) + len(windows[0])
+    ev.configure(EvalConfig())
+
+
+def test_prefix_cache_matches_the_plain_forward_past_a_sliding_window():
+    """Gemma 3's sliding-window layers keep a window of the prefix's cache: a prompt longer than the window
+    must still score every continuation as the full forward does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from persona_core.models.loading import LoadedModel
+    from persona_core.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Gemma3ForCausalLM(cfg).eval()
+    gem = Evaluator(LoadedModel("tiny-gemma3", "tiny-gemma3-test", model, tok), device="cpu")
+    gem.configure(EvalConfig(batch_size=3))
+    prefix = gem.encode(gem.prompt("A long system prompt, far past the sliding window.", "Describe yourself."))
+    conts = gem.encode_many(["Hi.", "A longer statement about myself.", "x"], continuation=True)
+    assert len(prefix) > 4 * cfg.sliding_window
+    fast = gem.prefix_logprobs(prefix, conts)
+    gem.reuse_prefix = False
+    plain = gem.prefix_logprobs(prefix, conts)
+    for f, p in zip(fast, plain):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4)
 
 
 def test_validation_statements_come_from_calibration_only():

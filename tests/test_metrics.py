@@ -141,14 +141,18 @@ def test_perplexity_windows_open_with_the_tokenizers_bos():
             self.pairs += pairs
             return [torch.zeros(len(cont)) for _, cont in pairs]
 
+        def prefix_logprobs(self, prefix, conts):  # one shared prompt: every window after it
+            self.pairs += [(prefix, c) for c in conts]
+            return [torch.ones(len(c)) for c in conts]
+
     windows = [[10, 11, 12], [20, 21]]
     for tok, lead in ((plain, []), (with_bos, [bos])):
         ev = Recorder(tok)
         assert window_nll(ev, windows) == (0.0, 3)  # the first token of a window is context only
         system = tok("Be kind.\n\n", add_special_tokens=False)["input_ids"]
-        window_nll(ev, windows, "Be kind.")
+        assert window_nll(ev, windows, "Be kind.") == (-3.0, 3)  # ...and its log-prob after the prompt dropped
         assert ev.pairs == [(lead + [10], [11, 12]), (lead + [20], [21]),
-                            (lead + system + [10], [11, 12]), (lead + system + [20], [21])]
+                            (lead + system, [10, 11, 12]), (lead + system, [20, 21])]
 
 
 def test_roleplay_fidelity_by_hand(rigged):

@@ -226,17 +226,31 @@ class Evaluator:
 
         The prefix runs once; its key/value cache is repeated over each batch of
         continuations, so a long few-shot prompt costs one forward pass per
-        (persona, condition) instead of one per statement. Falls back to the plain
-        path when reuse is off, the model has no separable head, or a sequence
-        would exceed ``max_length``.
+        (persona, condition) instead of one per statement or text window. Where a
+        prefix and a continuation exceed ``max_length``, the prefix is cut from the
+        left exactly as `continuation_logprobs` cuts a context, and continuations
+        that keep the same part of it share one cache. Falls back to the plain path
+        when reuse is off, the model has no separable head, or a continuation alone
+        leaves no room for context.
         """
         body, _ = self._split()
-        longest = max((len(c) for c in conts), default=0)
+        cap = self.config_max_length
         if (not self.reuse_prefix or body is None or not prefix or not conts
-                or len(prefix) + longest > self.config_max_length):
+                or max(len(c) for c in conts) >= cap):
             return self.continuation_logprobs([(prefix, c) for c in conts])
         if any(not c for c in conts):
             raise ValueError("empty continuation")
+        kept: dict[int, list[int]] = {}  # prefix tokens kept -> continuations (the plain path's left cut)
+        for i, c in enumerate(conts):
+            kept.setdefault(min(len(prefix), cap - len(c)), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(conts)
+        for keep, idx in kept.items():
+            for i, lp in zip(idx, self._cached_prefix_logprobs(prefix[-keep:], [conts[i] for i in idx])):
+                out[i] = lp
+        return out  # type: ignore[return-value]
+
+    def _cached_prefix_logprobs(self, prefix: list[int], conts: list[list[int]]) -> list[torch.Tensor]:
+        """`prefix_logprobs` of continuations that each fit after the whole prefix (one cache)."""
         dev = self.device
         pre = torch.tensor([prefix], dtype=torch.long, device=dev)
         first = self._hidden(pre, torch.ones_like(pre), use_cache=True)

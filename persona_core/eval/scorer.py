@@ -9,7 +9,8 @@ shaped to what this project's metrics need. Its three requests map onto ours:
   continuations of one shared context (the statement question, a few-shot prompt), whose
   key/value cache an implementation may compute once.
 * ``loglikelihood_rolling(text)``: `continuation_logprobs` over fixed windows of a text
-  (`persona_core.eval.validation.window_nll`): the same tokens under every condition.
+  (`persona_core.eval.validation.window_nll`): the same tokens under every condition
+  (`prefix_logprobs` where a condition's prompt precedes every window).
 * ``generate_until``: `generate`, greedy, a fixed number of new tokens.
 
 plus `next_token_logprobs` (the whole next-token distribution: Yes/No answers read two

@@ -126,7 +126,10 @@ def window_nlls(ev: Scorer, windows: Sequence[list[int]], system: str | None = N
     prefix = lead_ids(ev.tokenizer)
     if system:
         prefix = prefix + ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
-    lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
+    if system:  # one key/value cache of the (long, few-shot) prompt for every window; its first token dropped
+        lps = [lp[1:] for lp in ev.prefix_logprobs(prefix, windows)]
+    else:
+        lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
     return [(-lp.sum().item(), len(lp)) for lp in lps]
 
 

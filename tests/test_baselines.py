@@ -133,6 +133,35 @@ def test_windows_after_a_long_prompt_score_as_with_the_prompt_refed_for_each_win
     ev.configure(EvalConfig())
 
 
+def test_a_context_cut_to_fit_keeps_the_tokenizers_bos():
+    """A few-shot prompt too long for max_length loses its oldest text, never the <bos> it opens with:
+    every scoring path (plain, shared prefix, next token) sees <bos> + the prompt's tail."""
+    from tokenizers import processors
+
+    from persona_core.models.loading import LoadedModel
+    from persona_core.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                 special_tokens=[("<|im_start|>", bos)])
+    base = load_model("tiny-random-llama", device="cpu")
+    gem = Evaluator(LoadedModel("tiny-bos", base.key, base.model, tok), device="cpu")
+    assert gem.lead == [bos]
+    gem.configure(EvalConfig(batch_size=2, max_length=40))
+    prompt = [bos] + tok("An old example nobody reads. A recent example!", add_special_tokens=False)["input_ids"]
+    conts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Window one.", "Another window here.")]
+    want = [gem.continuation_logprobs([([bos] + prompt[len(prompt) - (39 - len(c)):], c)])[0] for c in conts]
+    assert all(len(prompt) + len(c) > 40 for c in conts)
+    for got in (gem.continuation_logprobs([(prompt, c) for c in conts]), gem.prefix_logprobs(prompt, conts)):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    lost = gem.continuation_logprobs([(prompt[len(prompt) - (40 - len(conts[0])):], conts[0])])[0]
+    assert not torch.allclose(lost, want[0], atol=1e-4)  # the plain left cut (no <bos>) scores otherwise
+    torch.testing.assert_close(gem.next_token_logprobs([prompt * 2])[0],
+                               gem.next_token_logprobs([[bos] + (prompt * 2)[-39:]])[0])
+
+
 def test_prefix_cache_matches_the_plain_forward_past_a_sliding_window():
     """Gemma 3's sliding-window layers keep a window of the prefix's cache: a prompt longer than the window
     must still score every continuation as the full forward does."""

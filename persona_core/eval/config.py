@@ -36,7 +36,7 @@ class EvalConfig:
     max_questions: int = 8  # generic questions for role-play answers
     max_new_tokens: int = 40  # length of the dense model's in-role answers (and of sample generations)
     samples: int = 2  # generic questions answered per condition by the sample-generations metric
-    max_length: int = 512  # tokens per sequence (contexts are cut from the left)
+    max_length: int = 512  # tokens per sequence (contexts are cut from the left, keeping a leading <bos>)
     ppl_window: int = 128  # tokens per perplexity window
     ppl_windows: int = 8  # windows per text
     ppl_texts: tuple[str, ...] = ()  # extra text files/datasets (URL or URL::field) for perplexity

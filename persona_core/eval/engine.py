@@ -27,6 +27,7 @@ from persona_core.eval.config import EvalConfig
 from persona_core.eval.fewshot import FewShotChoice
 from persona_core.eval.masked import MaskedModel
 from persona_core.eval.steering import SteerChoice
+from persona_core.eval.validation import lead_ids
 from persona_core.models.layers import body_and_head, linear_groups
 from persona_core.models.loading import DEFAULT_MODEL, LoadedModel, load_model
 
@@ -62,6 +63,18 @@ class Evaluator:
         self.steer_memo: dict[tuple, tuple[dict[int, torch.Tensor], SteerChoice]] = {}
         self.fewshot_memo: dict[tuple, FewShotChoice] = {}  # pair -> few-shot k (`persona_core.eval.fewshot`)
         self.timings: dict[str, float] = {}  # seconds per metric, summed over the conditions scored
+        self.lead = lead_ids(self.tokenizer)  # <bos> or nothing: kept when a context is cut to fit
+
+    def cut(self, ctx: list[int], room: int) -> list[int]:
+        """`ctx` in at most `room` tokens: cut from the left, but a context that opens with the
+        tokenizer's leading special tokens keeps them (Gemma without its <bos> is about twice as
+        perplexed), so a long few-shot prompt loses its oldest text, never its <bos>."""
+        if len(ctx) <= room:
+            return ctx
+        n = len(self.lead)
+        if n and room > n and ctx[:n] == self.lead:
+            return ctx[:n] + ctx[len(ctx) - (room - n):]
+        return ctx[len(ctx) - room:] if room > 0 else []
 
     @staticmethod
     def _load_dispatched(spec: str, device_map: str | dict, dtype: str | None,
@@ -191,7 +204,7 @@ class Evaluator:
             if not cont:
                 raise ValueError(f"item {i}: empty continuation")
             cont = cont[: cap - 1]
-            ctx = ctx[-(cap - len(cont)):] if ctx else []
+            ctx = self.cut(ctx, cap - len(cont))
             if not ctx:  # the first token has nothing to be predicted from
                 ctx, cont = cont[:1], cont[1:]
                 if not cont:
@@ -228,7 +241,7 @@ class Evaluator:
         continuations, so a long few-shot prompt costs one forward pass per
         (persona, condition) instead of one per statement or text window. Where a
         prefix and a continuation exceed ``max_length``, the prefix is cut from the
-        left exactly as `continuation_logprobs` cuts a context, and continuations
+        left exactly as `continuation_logprobs` cuts a context (`cut`), and continuations
         that keep the same part of it share one cache. Falls back to the plain path
         when reuse is off, the model has no separable head, or a continuation alone
         leaves no room for context.
@@ -245,7 +258,7 @@ class Evaluator:
             kept.setdefault(min(len(prefix), cap - len(c)), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(conts)
         for keep, idx in kept.items():
-            for i, lp in zip(idx, self._cached_prefix_logprobs(prefix[-keep:], [conts[i] for i in idx])):
+            for i, lp in zip(idx, self._cached_prefix_logprobs(self.cut(prefix, keep), [conts[i] for i in idx])):
                 out[i] = lp
         return out  # type: ignore[return-value]
 
@@ -285,7 +298,7 @@ class Evaluator:
         rows: dict[int, torch.Tensor] = {}
         for b in range(0, len(order), self.batch_size):
             idx = order[b: b + self.batch_size]
-            seqs = [list(contexts[i])[-cap:] for i in idx]
+            seqs = [self.cut(list(contexts[i]), cap) for i in idx]
             ids, att = self._pad(seqs)
             logits = self._forward(ids, att)
             last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)

@@ -167,24 +167,21 @@ def scoring_figures(ev: Evaluator, n: int, repeats: int, windows: int) -> dict:
 
     persona = cat["introvert"]
     fewshot = FewShot.for_persona(persona, cat[persona.opposite], k=8).system(None)
-    reuse, fresh = [], []
-    for _ in range(repeats):
-        ev.reuse_prefix = True
-        reuse.append(timed(lambda: statement_scores(ev, stmts, fewshot)))
-        ev.reuse_prefix = False
-        fresh.append(timed(lambda: statement_scores(ev, stmts, fewshot)))
-    ev.reuse_prefix = True
-    t_reuse, t_fresh = statistics.median(reuse), statistics.median(fresh)
 
-    windows = text_windows(ev.tokenizer, None, 128, windows)
-    win_reuse, win_fresh = [], []
-    for _ in range(repeats):
+    def with_and_without_reuse(fn) -> tuple[float, float]:
+        """Median seconds of `fn` with the prefix cache reused and without (interleaved)."""
+        reuse, fresh = [], []
+        for _ in range(repeats):
+            ev.reuse_prefix = True
+            reuse.append(timed(fn))
+            ev.reuse_prefix = False
+            fresh.append(timed(fn))
         ev.reuse_prefix = True
-        win_reuse.append(timed(lambda: window_nlls(ev, windows, fewshot)))
-        ev.reuse_prefix = False
-        win_fresh.append(timed(lambda: window_nlls(ev, windows, fewshot)))
-    ev.reuse_prefix = True
-    w_reuse, w_fresh = statistics.median(win_reuse), statistics.median(win_fresh)
+        return statistics.median(reuse), statistics.median(fresh)
+
+    t_reuse, t_fresh = with_and_without_reuse(lambda: statement_scores(ev, stmts, fewshot))
+    windows = text_windows(ev.tokenizer, None, 128, windows)
+    w_reuse, w_fresh = with_and_without_reuse(lambda: window_nlls(ev, windows, fewshot))
     return {"pref_statements": len(stmts), "pref_tokens": tokens, "prefix_tokens": len(prefix),
             "plain_tokens_per_s": round(tokens / t_plain, 1), "pref_tokens_per_s": round(tokens / t_ours, 1),
             "pref_vs_plain": round(t_plain / t_ours, 3), "pref_vs_plain_target": 0.8,

@@ -124,10 +124,9 @@ def window_nlls(ev: Scorer, windows: Sequence[list[int]], system: str | None = N
     """(NLL, scored tokens) of each window (its first token is context only, after the tokenizer's
     leading special tokens); with `system`, its text precedes every window."""
     prefix = lead_ids(ev.tokenizer)
-    if system:
+    if system:  # the prompt (a few-shot one: ~1,000 tokens) runs once, its cache shared by every window
         prefix = prefix + ev.tokenizer(f"{system}\n\n", add_special_tokens=False)["input_ids"]
-    if system:  # one key/value cache of the (long, few-shot) prompt for every window; its first token dropped
-        lps = [lp[1:] for lp in ev.prefix_logprobs(prefix, windows)]
+        lps = [lp[1:] for lp in ev.prefix_logprobs(prefix, windows)]  # a window's first token: context only
     else:
         lps = ev.continuation_logprobs([(prefix + w[:1], w[1:]) for w in windows])
     return [(-lp.sum().item(), len(lp)) for lp in lps]

@@ -74,7 +74,7 @@ class Evaluator:
         n = len(self.lead)
         if n and room > n and ctx[:n] == self.lead:
             return ctx[:n] + ctx[len(ctx) - (room - n):]
-        return ctx[len(ctx) - room:] if room > 0 else []
+        return ctx[len(ctx) - room:]
 
     @staticmethod
     def _load_dispatched(spec: str, device_map: str | dict, dtype: str | None,
